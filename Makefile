@@ -1,0 +1,42 @@
+# Two entry points (README): `make demo` and `make test`. Both set up .venv on first use.
+# On a machine that already has a CUDA torch (the GPU hosts), pass PYTHON=python3 to skip
+# the venv and build against the installed torch.
+VENV        ?= .venv
+PYTHON      ?= $(VENV)/bin/python
+TORCH_PIN   ?= torch==2.13.0
+USE_VENV    := $(filter $(VENV)/bin/python,$(PYTHON))
+SETUP_STAMP := $(if $(USE_VENV),$(VENV)/.setup-done,.setup-system-done)
+PYTEST_ARGS ?=
+
+.PHONY: setup build test test-fast lint demo clean
+
+setup: $(SETUP_STAMP)
+
+$(VENV)/bin/python:
+	python3 -m venv $(VENV)
+
+# Torch is installed only when none is importable: an unpinned torch would pull a CUDA build.
+$(SETUP_STAMP): $(if $(USE_VENV),$(VENV)/bin/python) pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp)
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "$(TORCH_PIN)"
+	$(PYTHON) -m pip install "setuptools>=64" wheel ninja
+	$(PYTHON) -m pip install -e ".[dev]" --no-build-isolation
+	touch $@
+
+build: setup
+	$(PYTHON) setup.py build_ext --inplace
+
+test: setup
+	$(PYTHON) -m ruff check .
+	TRITON_INTERPRET=1 $(PYTHON) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: setup
+	TRITON_INTERPRET=1 $(PYTHON) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+lint: setup
+	$(PYTHON) -m ruff check .
+
+demo: setup
+	$(PYTHON) -m eenet_kernels.demo
+
+clean:
+	rm -rf build *.egg-info eenet_kernels/*.so .setup-system-done $(VENV)

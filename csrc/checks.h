@@ -1,0 +1,242 @@
+// Argument checks shared by every C++/CUDA backend of the eenet ops.
+// Messages mirror eenet_kernels/checks.py: "eenet.<op>: <argument> ...", with
+// TypeError for dtypes, IndexError for out-of-range indices, ValueError otherwise.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
+
+#include <cmath>
+#include <initializer_list>
+#include <optional>
+#include <sstream>
+#include <string>
+
+namespace eenet {
+
+inline std::string dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "float32";
+    case at::kHalf: return "float16";
+    case at::kBFloat16: return "bfloat16";
+    case at::kDouble: return "float64";
+    case at::kInt: return "int32";
+    case at::kLong: return "int64";
+    case at::kShort: return "int16";
+    case at::kChar: return "int8";
+    case at::kByte: return "uint8";
+    case at::kBool: return "bool";
+    default: return c10::toString(t);
+  }
+}
+
+inline std::string shape_str(at::IntArrayRef s) {
+  std::ostringstream o;
+  o << "(";
+  for (size_t i = 0; i < s.size(); ++i) o << (i ? ", " : "") << s[i];
+  o << (s.size() == 1 ? ",)" : ")");
+  return o.str();
+}
+
+inline void check_dtype(const char* op, const char* name, const at::Tensor& t,
+                        std::initializer_list<at::ScalarType> allowed) {
+  for (auto a : allowed)
+    if (t.scalar_type() == a) return;
+  std::string names;
+  for (auto a : allowed) names += (names.empty() ? "" : ", ") + dtype_name(a);
+  TORCH_CHECK_TYPE(false, "eenet.", op, ": ", name, " must have dtype in (", names, "), got ",
+                   dtype_name(t.scalar_type()));
+}
+
+inline void check_same_device(const char* op, const char* name, const at::Tensor& t,
+                              const at::Device& device, const char* ref = "feats") {
+  TORCH_CHECK_VALUE(t.device() == device, "eenet.", op, ": ", name, " is on ", t.device(),
+                    " but ", ref, " is on ", device, "; all tensors must share one device");
+}
+
+inline bool is_policy(const std::string& p) {
+  return p == "max_prob" || p == "entropy" || p == "patience" || p == "eenet";
+}
+
+// Checks shared by exit_score and exit_score_write (metadata only, no host sync).
+inline void check_exit_score_args(const char* op, const at::Tensor& feats,
+                                  const at::Tensor& weight,
+                                  const std::optional<at::Tensor>& bias,
+                                  const std::string& policy, double threshold,
+                                  const std::optional<at::Tensor>& prev_scores,
+                                  const std::optional<at::Tensor>& prev_preds,
+                                  const std::optional<at::Tensor>& sched_weight, bool use_vote) {
+  TORCH_CHECK_VALUE(is_policy(policy), "eenet.", op,
+                    ": policy must be one of ('max_prob', 'entropy', 'patience', 'eenet'), got '",
+                    policy, "'");
+  check_dtype(op, "feats", feats, {at::kFloat, at::kHalf, at::kBFloat16});
+  TORCH_CHECK_VALUE(feats.dim() == 2 || feats.dim() == 3, "eenet.", op,
+                    ": feats must be 2-D (N, D) or 3-D (N, D, S), got a ", feats.dim(),
+                    "-D tensor of shape ", shape_str(feats.sizes()));
+  const int64_t n = feats.size(0), d = feats.size(1);
+  TORCH_CHECK_VALUE(d >= 1, "eenet.", op, ": feats must have D >= 1 features, got D = 0");
+  TORCH_CHECK_VALUE(feats.dim() == 2 || feats.size(2) >= 1, "eenet.", op,
+                    ": feats must have S >= 1 positions to pool over, got S = 0");
+  const auto device = feats.device();
+  check_same_device(op, "weight", weight, device);
+  check_dtype(op, "weight", weight, {feats.scalar_type()});
+  TORCH_CHECK_VALUE(weight.dim() == 2, "eenet.", op, ": weight must be 2-D (C, D), got a ",
+                    weight.dim(), "-D tensor of shape ", shape_str(weight.sizes()));
+  TORCH_CHECK_VALUE(weight.size(1) == d, "eenet.", op, ": weight must have shape (C, ", d,
+                    ") to match feats' D = ", d, ", got ", shape_str(weight.sizes()));
+  const int64_t c = weight.size(0);
+  TORCH_CHECK_VALUE(c >= 2, "eenet.", op, ": weight must have C >= 2 classes, got C = ", c);
+  if (bias) {
+    check_same_device(op, "bias", *bias, device);
+    check_dtype(op, "bias", *bias, {feats.scalar_type()});
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == c, "eenet.", op,
+                      ": bias must have shape (", c, ",) to match weight, got ",
+                      shape_str(bias->sizes()));
+  }
+  TORCH_CHECK_VALUE(std::isfinite(threshold), "eenet.", op, ": threshold must be finite, got ",
+                    threshold);
+  if (policy == "patience") {
+    TORCH_CHECK_VALUE(threshold >= 0, "eenet.", op,
+                      ": threshold must be >= 0 for policy 'patience', got ", threshold);
+  } else {
+    TORCH_CHECK_VALUE(threshold >= 0 && threshold <= 1, "eenet.", op,
+                      ": threshold must lie in [0, 1] for policy '", policy, "', got ",
+                      threshold);
+  }
+  TORCH_CHECK_VALUE(!use_vote || policy == "eenet", "eenet.", op,
+                    ": use_vote applies only to policy 'eenet', got policy '", policy, "'");
+  int64_t history = -1;
+  if (policy == "eenet") {
+    TORCH_CHECK_VALUE(prev_scores.has_value(), "eenet.", op,
+                      ": prev_scores is required for policy 'eenet' (shape (N, k), k earlier "
+                      "exits)");
+    check_same_device(op, "prev_scores", *prev_scores, device);
+    check_dtype(op, "prev_scores", *prev_scores, {at::kFloat});
+    TORCH_CHECK_VALUE(prev_scores->dim() == 2, "eenet.", op,
+                      ": prev_scores must be 2-D (N, k), got a ", prev_scores->dim(),
+                      "-D tensor of shape ", shape_str(prev_scores->sizes()));
+    TORCH_CHECK_VALUE(prev_scores->size(0) == n, "eenet.", op, ": prev_scores must have N = ", n,
+                      " rows to match feats, got ", prev_scores->size(0));
+    history = prev_scores->size(1);
+    TORCH_CHECK_VALUE(sched_weight.has_value(), "eenet.", op,
+                      ": sched_weight is required for policy 'eenet'");
+    check_same_device(op, "sched_weight", *sched_weight, device);
+    check_dtype(op, "sched_weight", *sched_weight, {at::kFloat});
+    const int64_t want = c + 2 + history + (use_vote ? 1 : 0);
+    TORCH_CHECK_VALUE(sched_weight->dim() == 1 && sched_weight->size(0) == want, "eenet.", op,
+                      ": sched_weight must have shape (", want, ",) = C + 2 + k",
+                      use_vote ? " + 1 (vote)" : "", " with C = ", c, ", k = ", history,
+                      ", got ", shape_str(sched_weight->sizes()));
+  }
+  if (policy == "patience" || use_vote) {
+    TORCH_CHECK_VALUE(prev_preds.has_value(), "eenet.", op, ": prev_preds is required for ",
+                      use_vote ? "the vote feature" : "policy patience",
+                      " (shape (N, k), k earlier exits)");
+    check_same_device(op, "prev_preds", *prev_preds, device);
+    check_dtype(op, "prev_preds", *prev_preds, {at::kInt, at::kLong});
+    TORCH_CHECK_VALUE(prev_preds->dim() == 2, "eenet.", op,
+                      ": prev_preds must be 2-D (N, k), got a ", prev_preds->dim(),
+                      "-D tensor of shape ", shape_str(prev_preds->sizes()));
+    TORCH_CHECK_VALUE(prev_preds->size(0) == n, "eenet.", op, ": prev_preds must have N = ", n,
+                      " rows to match feats, got ", prev_preds->size(0));
+    TORCH_CHECK_VALUE(history < 0 || prev_preds->size(1) == history, "eenet.", op,
+                      ": prev_preds must have k = ", history,
+                      " columns to match prev_scores, got ", prev_preds->size(1));
+  }
+}
+
+// Output-buffer checks of exit_score_write (metadata only).
+inline void check_exit_write_args(const at::Tensor& feats, const at::Tensor& weight,
+                                  const at::Tensor& row_index, int64_t exit_index,
+                                  const at::Tensor& out_logits, const at::Tensor& out_score,
+                                  const at::Tensor& out_exit) {
+  const char* op = "exit_score_write";
+  const auto device = feats.device();
+  const int64_t n = feats.size(0), c = weight.size(0);
+  check_same_device(op, "row_index", row_index, device);
+  check_same_device(op, "out_logits", out_logits, device);
+  check_same_device(op, "out_score", out_score, device);
+  check_same_device(op, "out_exit", out_exit, device);
+  check_dtype(op, "row_index", row_index, {at::kInt, at::kLong});
+  TORCH_CHECK_VALUE(row_index.dim() == 1 && row_index.size(0) == n, "eenet.", op,
+                    ": row_index must have shape (", n, ",) to match feats, got ",
+                    shape_str(row_index.sizes()));
+  TORCH_CHECK_VALUE(exit_index >= 0, "eenet.", op, ": exit_index must be >= 0, got ",
+                    exit_index);
+  check_dtype(op, "out_score", out_score, {at::kFloat});
+  TORCH_CHECK_VALUE(out_score.dim() == 1, "eenet.", op,
+                    ": out_score must be 1-D (N0,), got a ", out_score.dim(),
+                    "-D tensor of shape ", shape_str(out_score.sizes()));
+  const int64_t n0 = out_score.size(0);
+  check_dtype(op, "out_exit", out_exit, {at::kInt, at::kLong});
+  TORCH_CHECK_VALUE(out_exit.dim() == 1 && out_exit.size(0) == n0, "eenet.", op,
+                    ": out_exit must have shape (", n0, ",) like out_score, got ",
+                    shape_str(out_exit.sizes()));
+  if (out_logits.dim() == 2) {
+    check_dtype(op, "out_logits", out_logits, {at::kFloat, at::kHalf, at::kBFloat16});
+    TORCH_CHECK_VALUE(out_logits.size(0) == n0 && out_logits.size(1) == c, "eenet.", op,
+                      ": out_logits must have shape (", n0, ", ", c, ") (logits) or (", n0,
+                      ",) (predictions), got ", shape_str(out_logits.sizes()));
+  } else if (out_logits.dim() == 1) {
+    check_dtype(op, "out_logits", out_logits, {at::kInt, at::kLong});
+    TORCH_CHECK_VALUE(out_logits.size(0) == n0, "eenet.", op, ": out_logits must have shape (",
+                      n0, ", ", c, ") (logits) or (", n0, ",) (predictions), got ",
+                      shape_str(out_logits.sizes()));
+  } else {
+    TORCH_CHECK_VALUE(false, "eenet.", op,
+                      ": out_logits must be 2-D (N0, C) logits or 1-D (N0,) predictions, got a ",
+                      out_logits.dim(), "-D tensor");
+  }
+  TORCH_CHECK_VALUE(out_logits.is_contiguous(), "eenet.", op, ": out_logits must be contiguous");
+  TORCH_CHECK_VALUE(out_score.is_contiguous(), "eenet.", op, ": out_score must be contiguous");
+  TORCH_CHECK_VALUE(out_exit.is_contiguous(), "eenet.", op, ": out_exit must be contiguous");
+}
+
+inline void check_compact_args(const char* op, const at::Tensor& keep, at::TensorList src,
+                               const std::optional<at::TensorList>& dst) {
+  check_dtype(op, "keep", keep, {at::kBool});
+  TORCH_CHECK_VALUE(keep.dim() == 1, "eenet.", op, ": keep must be 1-D (N,), got a ", keep.dim(),
+                    "-D tensor of shape ", shape_str(keep.sizes()));
+  const int64_t n = keep.size(0);
+  const auto device = keep.device();
+  for (size_t i = 0; i < src.size(); ++i) {
+    TORCH_CHECK_VALUE(src[i].dim() >= 1 && src[i].size(0) == n, "eenet.", op, ": src[", i,
+                      "] must have N = ", n, " rows like keep, got shape ",
+                      shape_str(src[i].sizes()));
+    TORCH_CHECK_VALUE(src[i].device() == device, "eenet.", op, ": src[", i, "] is on ",
+                      src[i].device(), " but keep is on ", device,
+                      "; all tensors must share one device");
+  }
+  if (!dst) return;
+  TORCH_CHECK_VALUE(dst->size() == src.size(), "eenet.", op,
+                    ": dst must hold one buffer per src tensor: ", src.size(), " src, ",
+                    dst->size(), " dst");
+  for (size_t i = 0; i < src.size(); ++i) {
+    const auto& s = src[i];
+    const auto& d = (*dst)[i];
+    TORCH_CHECK_VALUE(d.device() == device, "eenet.", op, ": dst[", i, "] is on ", d.device(),
+                      " but keep is on ", device, "; all tensors must share one device");
+    TORCH_CHECK_TYPE(d.scalar_type() == s.scalar_type(), "eenet.", op, ": dst[", i,
+                     "] must have the dtype of src[", i, "] (", dtype_name(s.scalar_type()),
+                     "), got ", dtype_name(d.scalar_type()));
+    bool shape_ok = d.dim() == s.dim() && d.size(0) >= n;
+    for (int64_t j = 1; shape_ok && j < s.dim(); ++j) shape_ok = d.size(j) == s.size(j);
+    std::string tail;
+    for (int64_t j = 1; j < s.dim(); ++j) tail += ", " + std::to_string(s.size(j));
+    TORCH_CHECK_VALUE(shape_ok, "eenet.", op, ": dst[", i, "] must have shape (>= ", n, tail,
+                      ") to hold src[", i, "] of shape ", shape_str(s.sizes()), ", got ",
+                      shape_str(d.sizes()));
+    TORCH_CHECK_VALUE(d.is_contiguous(), "eenet.", op, ": dst[", i, "] must be contiguous");
+    for (size_t j = 0; j < src.size(); ++j) {
+      const auto overlap = at::get_overlap_status(d, src[j]);
+      TORCH_CHECK_VALUE(overlap != at::MemOverlapStatus::Full &&
+                            overlap != at::MemOverlapStatus::Partial,
+                        "eenet.",
+                        op, ": dst[", i, "] overlaps src[", j,
+                        "]; compaction into its own source is not supported, pass a separate "
+                        "buffer");
+    }
+  }
+}
+
+}  // namespace eenet

@@ -1,0 +1,252 @@
+// C++ CPU kernels of eenet::exit_score and eenet::exit_score_write.
+//
+// The classifier GEMM goes to ATen's BLAS in fp32 (fp16/bf16 inputs are upcast, as in
+// reference.py); everything after it is one fused pass per row: softmax statistics without
+// materialising probabilities, the policy score, the threshold decision and, for the write
+// variant, the scatter of exiting rows into the caller's output buffers.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <string>
+#include <tuple>
+
+#include "../checks.h"
+
+namespace eenet {
+namespace {
+
+enum class Policy { kMaxProb, kEntropy, kPatience, kEENet };
+
+Policy parse_policy(const std::string& p) {
+  if (p == "max_prob") return Policy::kMaxProb;
+  if (p == "entropy") return Policy::kEntropy;
+  if (p == "patience") return Policy::kPatience;
+  return Policy::kEENet;  // checked beforehand
+}
+
+struct RowDecision {
+  float score;
+  int64_t pred;
+  bool exit;
+};
+
+// Everything the per-row pass reads, as raw pointers into contiguous fp32/int64 tensors.
+struct ScoringInputs {
+  const float* logits;        // (N, C)
+  int64_t classes;
+  Policy policy;
+  float threshold;
+  bool is_last;
+  const float* prev_scores;   // (N, k) or null
+  const int64_t* prev_preds;  // (N, k) or null
+  int64_t history;            // k
+  const float* sched_weight;  // (C + 2 + k [+ 1]) or null
+  float sched_bias;
+  bool use_vote;
+};
+
+RowDecision score_row(const ScoringInputs& in, int64_t i) {
+  const int64_t c = in.classes;
+  const float* z = in.logits + i * c;
+  // torch.argmax semantics: first maximum; a NaN counts as the maximum.
+  float m = z[0];
+  int64_t pred = 0;
+  bool finite = std::isfinite(z[0]);
+  for (int64_t j = 1; j < c; ++j) {
+    finite = finite && std::isfinite(z[j]);
+    if (!std::isnan(m) && (z[j] > m || std::isnan(z[j]))) {
+      m = z[j];
+      pred = j;
+    }
+  }
+  if (!finite) return {std::numeric_limits<float>::quiet_NaN(), pred, in.is_last};
+
+  float sum_e = 0.f, sum_ez = 0.f;
+  for (int64_t j = 0; j < c; ++j) {
+    const float e = std::exp(z[j] - m);
+    sum_e += e;
+    sum_ez += e * z[j];
+  }
+  const float lse = m + std::log(sum_e);
+  const float max_p = 1.f / sum_e;
+  const float entropy = lse - sum_ez / sum_e;
+  const float conf = 1.f - entropy / std::log(static_cast<float>(c));
+
+  const int64_t* prev = in.prev_preds ? in.prev_preds + i * in.history : nullptr;
+  float score = 0.f;
+  switch (in.policy) {
+    case Policy::kMaxProb: score = max_p; break;
+    case Policy::kEntropy: score = conf; break;
+    case Policy::kPatience: {
+      int64_t streak = 0;
+      for (int64_t j = in.history - 1; j >= 0 && prev[j] == pred; --j) ++streak;
+      score = static_cast<float>(streak);
+      break;
+    }
+    case Policy::kEENet: {
+      const float* w = in.sched_weight;
+      float acc = in.sched_bias;
+      for (int64_t j = 0; j < c; ++j) acc += std::exp(z[j] - m) / sum_e * w[j];
+      acc += max_p * w[c] + conf * w[c + 1];
+      const float* q = in.prev_scores + i * in.history;
+      for (int64_t j = 0; j < in.history; ++j) acc += q[j] * w[c + 2 + j];
+      if (in.use_vote && in.history > 0) {
+        int64_t agree = 0;
+        for (int64_t j = 0; j < in.history; ++j) agree += prev[j] == pred;
+        acc += static_cast<float>(agree) / static_cast<float>(in.history) * w[c + 2 + in.history];
+      }
+      score = 1.f / (1.f + std::exp(-acc));
+      break;
+    }
+  }
+  return {score, pred, in.is_last || score >= in.threshold};
+}
+
+struct Prepared {
+  at::Tensor logits, score, exit_mask;
+  at::Tensor prev_scores, prev_preds, sched_weight;  // kept alive for the raw pointers
+  ScoringInputs in;
+};
+
+Prepared prepare(const at::Tensor& feats, const at::Tensor& weight,
+                 const std::optional<at::Tensor>& bias, const std::string& policy,
+                 double threshold, bool is_last, const std::optional<at::Tensor>& prev_scores,
+                 const std::optional<at::Tensor>& prev_preds,
+                 const std::optional<at::Tensor>& sched_weight, double sched_bias,
+                 bool use_vote) {
+  Prepared p;
+  at::Tensor x = feats.to(at::kFloat);
+  if (x.dim() == 3) x = x.mean(2);
+  p.logits = at::mm(x, weight.to(at::kFloat).t());
+  if (bias) p.logits.add_(bias->to(at::kFloat));
+  p.logits = p.logits.contiguous();
+  const int64_t n = feats.size(0);
+  p.score = at::empty({n}, feats.options().dtype(at::kFloat));
+  p.exit_mask = at::empty({n}, feats.options().dtype(at::kBool));
+  const Policy pol = parse_policy(policy);
+  const bool needs_preds = pol == Policy::kPatience || use_vote;
+  if (pol == Policy::kEENet) {
+    p.prev_scores = prev_scores->contiguous();
+    p.sched_weight = sched_weight->contiguous();
+  }
+  if (needs_preds) p.prev_preds = prev_preds->to(at::kLong).contiguous();
+  p.in = ScoringInputs{
+      p.logits.data_ptr<float>(),
+      weight.size(0),
+      pol,
+      static_cast<float>(threshold),
+      is_last,
+      pol == Policy::kEENet ? p.prev_scores.data_ptr<float>() : nullptr,
+      needs_preds ? p.prev_preds.data_ptr<int64_t>() : nullptr,
+      pol == Policy::kEENet ? p.prev_scores.size(1)
+                            : (needs_preds ? p.prev_preds.size(1) : 0),
+      pol == Policy::kEENet ? p.sched_weight.data_ptr<float>() : nullptr,
+      static_cast<float>(sched_bias),
+      use_vote,
+  };
+  return p;
+}
+
+// One fused pass: decide each row, then hand the row to `on_row` (the result writer).
+template <typename OnRow>
+void decide_rows(Prepared& p, const OnRow& on_row) {
+  float* score = p.score.data_ptr<float>();
+  bool* exit_mask = p.exit_mask.data_ptr<bool>();
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, p.in.classes));
+  at::parallel_for(0, p.logits.size(0), grain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const RowDecision r = score_row(p.in, i);
+      score[i] = r.score;
+      exit_mask[i] = r.exit;
+      on_row(i, r);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> exit_score_cpu(
+    const at::Tensor& feats, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    c10::string_view policy_sv, double threshold, bool is_last,
+    const std::optional<at::Tensor>& prev_scores, const std::optional<at::Tensor>& prev_preds,
+    const std::optional<at::Tensor>& sched_weight, double sched_bias, bool use_vote) {
+  const std::string policy(policy_sv);
+  check_exit_score_args("exit_score", feats, weight, bias, policy, threshold, prev_scores,
+                        prev_preds, sched_weight, use_vote);
+  Prepared p = prepare(feats, weight, bias, policy, threshold, is_last, prev_scores, prev_preds,
+                       sched_weight, sched_bias, use_vote);
+  decide_rows(p, [](int64_t, const RowDecision&) {});
+  return {p.logits, p.score, p.exit_mask};
+}
+
+template <typename index_t>
+void check_row_index_values(const at::Tensor& row_index, int64_t n0) {
+  const index_t* rows = row_index.data_ptr<index_t>();
+  for (int64_t i = 0; i < row_index.numel(); ++i) {
+    TORCH_CHECK_INDEX(rows[i] >= 0 && rows[i] < n0, "eenet.exit_score_write: row_index values ",
+                      "must lie in [0, ", n0, "), got ", rows[i], " at position ", i);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> exit_score_write_cpu(
+    const at::Tensor& feats, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    c10::string_view policy_sv, double threshold, bool is_last,
+    const std::optional<at::Tensor>& prev_scores, const std::optional<at::Tensor>& prev_preds,
+    const std::optional<at::Tensor>& sched_weight, double sched_bias, bool use_vote,
+    const at::Tensor& row_index, int64_t exit_index, const at::Tensor& out_logits,
+    const at::Tensor& out_score, const at::Tensor& out_exit) {
+  const std::string policy(policy_sv);
+  check_exit_score_args("exit_score_write", feats, weight, bias, policy, threshold, prev_scores,
+                        prev_preds, sched_weight, use_vote);
+  check_exit_write_args(feats, weight, row_index, exit_index, out_logits, out_score, out_exit);
+  const at::Tensor rows_t = row_index.to(at::kLong).contiguous();
+  check_row_index_values<int64_t>(rows_t, out_score.size(0));
+
+  Prepared p = prepare(feats, weight, bias, policy, threshold, is_last, prev_scores, prev_preds,
+                       sched_weight, sched_bias, use_vote);
+  const int64_t* rows = rows_t.data_ptr<int64_t>();
+  const int64_t c = weight.size(0);
+  const float* logits = p.logits.data_ptr<float>();
+  float* o_score = out_score.data_ptr<float>();
+
+  AT_DISPATCH_INDEX_TYPES(out_exit.scalar_type(), "exit_score_write_exit", [&] {
+    using exit_t = index_t;
+    exit_t* o_exit = out_exit.data_ptr<exit_t>();
+    if (out_logits.dim() == 1) {
+      AT_DISPATCH_INDEX_TYPES(out_logits.scalar_type(), "exit_score_write_pred", [&] {
+        index_t* o_pred = out_logits.data_ptr<index_t>();
+        decide_rows(p, [&](int64_t i, const RowDecision& r) {
+          if (!r.exit) return;
+          o_pred[rows[i]] = static_cast<index_t>(r.pred);
+          o_score[rows[i]] = r.score;
+          o_exit[rows[i]] = static_cast<exit_t>(exit_index);
+        });
+      });
+    } else {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_logits.scalar_type(),
+                                      "exit_score_write_logits", [&] {
+        scalar_t* o_logits = out_logits.data_ptr<scalar_t>();
+        decide_rows(p, [&](int64_t i, const RowDecision& r) {
+          if (!r.exit) return;
+          scalar_t* dst = o_logits + rows[i] * c;
+          for (int64_t j = 0; j < c; ++j) dst[j] = static_cast<scalar_t>(logits[i * c + j]);
+          o_score[rows[i]] = r.score;
+          o_exit[rows[i]] = static_cast<exit_t>(exit_index);
+        });
+      });
+    }
+  });
+  return {p.logits, p.score, p.exit_mask};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(eenet, CPU, m) {
+  m.impl("exit_score", &exit_score_cpu);
+  m.impl("exit_score_write", &exit_score_write_cpu);
+}
+
+}  // namespace eenet

@@ -1,0 +1,243 @@
+"""Argument checks for the Python paths (reference backend, fake kernels, front-end).
+
+They mirror ``csrc/checks.h`` message for message: every error starts with
+``eenet.<op>: `` and names the offending argument, whatever the backend.
+Only metadata is inspected here (shapes, dtypes, devices), so the checks also run on fake
+tensors under ``torch.compile``; value checks live in :func:`check_row_index_values` and
+:func:`check_finite_rows` and are skipped where they would force a host sync.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+POLICIES: tuple[str, ...] = ("max_prob", "entropy", "patience", "eenet")
+FLOAT_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
+INDEX_DTYPES: tuple[torch.dtype, ...] = (torch.int32, torch.int64)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _fail(op: str, message: str, kind: type[Exception] = ValueError) -> None:
+    raise kind(f"eenet.{op}: {message}")
+
+
+def _check_dtype(op: str, name: str, t: torch.Tensor, allowed: Sequence[torch.dtype]) -> None:
+    if t.dtype not in allowed:
+        names = ", ".join(_dtype_name(d) for d in allowed)
+        _fail(op, f"{name} must have dtype in ({names}), got {_dtype_name(t.dtype)}", TypeError)
+
+
+def _check_rank(op: str, name: str, t: torch.Tensor, ranks: Sequence[int], layout: str) -> None:
+    if t.dim() not in ranks:
+        _fail(op, f"{name} must be {layout}, got a {t.dim()}-D tensor of shape {tuple(t.shape)}")
+
+
+def _check_device(op: str, name: str, t: torch.Tensor, device: torch.device) -> None:
+    if t.device != device:
+        _fail(op, f"{name} is on {t.device} but feats is on {device}; all tensors must share one "
+              "device")
+
+
+def check_exit_score(
+    feats: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    policy: str,
+    threshold: float,
+    prev_scores: torch.Tensor | None,
+    prev_preds: torch.Tensor | None,
+    sched_weight: torch.Tensor | None,
+    use_vote: bool,
+    op: str = "exit_score",
+) -> None:
+    """Validate the common arguments of ``exit_score`` and ``exit_score_write``."""
+    if policy not in POLICIES:
+        _fail(op, f"policy must be one of {POLICIES}, got {policy!r}")
+    _check_dtype(op, "feats", feats, FLOAT_DTYPES)
+    _check_rank(op, "feats", feats, (2, 3), "2-D (N, D) or 3-D (N, D, S)")
+    n, d = feats.shape[0], feats.shape[1]
+    if d < 1:
+        _fail(op, "feats must have D >= 1 features, got D = 0")
+    if feats.dim() == 3 and feats.shape[2] < 1:
+        _fail(op, "feats must have S >= 1 positions to pool over, got S = 0")
+    device = feats.device
+    _check_device(op, "weight", weight, device)
+    _check_dtype(op, "weight", weight, (feats.dtype,))
+    _check_rank(op, "weight", weight, (2,), "2-D (C, D)")
+    if weight.shape[1] != d:
+        _fail(op, f"weight must have shape (C, {d}) to match feats' D = {d}, got "
+              f"{tuple(weight.shape)}")
+    c = weight.shape[0]
+    if c < 2:
+        _fail(op, f"weight must have C >= 2 classes, got C = {c}")
+    if bias is not None:
+        _check_device(op, "bias", bias, device)
+        _check_dtype(op, "bias", bias, (feats.dtype,))
+        if bias.dim() != 1 or bias.shape[0] != c:
+            _fail(op, f"bias must have shape ({c},) to match weight, got {tuple(bias.shape)}")
+    if not math.isfinite(threshold):
+        _fail(op, f"threshold must be finite, got {threshold}")
+    if policy == "patience":
+        if threshold < 0:
+            _fail(op, f"threshold must be >= 0 for policy 'patience', got {threshold}")
+    elif not 0.0 <= threshold <= 1.0:
+        _fail(op, f"threshold must lie in [0, 1] for policy {policy!r}, got {threshold}")
+    if use_vote and policy != "eenet":
+        _fail(op, f"use_vote applies only to policy 'eenet', got policy {policy!r}")
+
+    history = None
+    if policy == "eenet":
+        if prev_scores is None:
+            _fail(op, "prev_scores is required for policy 'eenet' (shape (N, k), k earlier exits)")
+        _check_device(op, "prev_scores", prev_scores, device)
+        _check_dtype(op, "prev_scores", prev_scores, (torch.float32,))
+        _check_rank(op, "prev_scores", prev_scores, (2,), "2-D (N, k)")
+        if prev_scores.shape[0] != n:
+            _fail(op, f"prev_scores must have N = {n} rows to match feats, got "
+                  f"{prev_scores.shape[0]}")
+        history = prev_scores.shape[1]
+        if sched_weight is None:
+            _fail(op, "sched_weight is required for policy 'eenet'")
+        _check_device(op, "sched_weight", sched_weight, device)
+        _check_dtype(op, "sched_weight", sched_weight, (torch.float32,))
+        want = c + 2 + history + int(use_vote)
+        if sched_weight.dim() != 1 or sched_weight.shape[0] != want:
+            _fail(op, f"sched_weight must have shape ({want},) = C + 2 + k"
+                  f"{' + 1 (vote)' if use_vote else ''} with C = {c}, k = {history}, got "
+                  f"{tuple(sched_weight.shape)}")
+    if policy == "patience" or use_vote:
+        if prev_preds is None:
+            _fail(op, f"prev_preds is required for {'the vote feature' if use_vote else 'policy'}"
+                  f"{'' if use_vote else ' patience'} (shape (N, k), k earlier exits)")
+        _check_device(op, "prev_preds", prev_preds, device)
+        _check_dtype(op, "prev_preds", prev_preds, INDEX_DTYPES)
+        _check_rank(op, "prev_preds", prev_preds, (2,), "2-D (N, k)")
+        if prev_preds.shape[0] != n:
+            _fail(op, f"prev_preds must have N = {n} rows to match feats, got "
+                  f"{prev_preds.shape[0]}")
+        if history is not None and prev_preds.shape[1] != history:
+            _fail(op, f"prev_preds must have k = {history} columns to match prev_scores, got "
+                  f"{prev_preds.shape[1]}")
+
+
+def check_exit_write(
+    feats: torch.Tensor,
+    weight: torch.Tensor,
+    row_index: torch.Tensor,
+    exit_index: int,
+    out_logits: torch.Tensor,
+    out_score: torch.Tensor,
+    out_exit: torch.Tensor,
+) -> None:
+    """Validate the output-buffer arguments of ``exit_score_write``."""
+    op = "exit_score_write"
+    device = feats.device
+    n, c = feats.shape[0], weight.shape[0]
+    for name, t in (("row_index", row_index), ("out_logits", out_logits),
+                    ("out_score", out_score), ("out_exit", out_exit)):
+        _check_device(op, name, t, device)
+    _check_dtype(op, "row_index", row_index, INDEX_DTYPES)
+    if row_index.dim() != 1 or row_index.shape[0] != n:
+        _fail(op, f"row_index must have shape ({n},) to match feats, got {tuple(row_index.shape)}")
+    if exit_index < 0:
+        _fail(op, f"exit_index must be >= 0, got {exit_index}")
+    _check_dtype(op, "out_score", out_score, (torch.float32,))
+    _check_rank(op, "out_score", out_score, (1,), "1-D (N0,)")
+    n0 = out_score.shape[0]
+    _check_dtype(op, "out_exit", out_exit, INDEX_DTYPES)
+    if out_exit.dim() != 1 or out_exit.shape[0] != n0:
+        _fail(op, f"out_exit must have shape ({n0},) like out_score, got {tuple(out_exit.shape)}")
+    if out_logits.dim() == 2:
+        _check_dtype(op, "out_logits", out_logits, FLOAT_DTYPES)
+        if tuple(out_logits.shape) != (n0, c):
+            _fail(op, f"out_logits must have shape ({n0}, {c}) (logits) or ({n0},) (predictions),"
+                  f" got {tuple(out_logits.shape)}")
+    elif out_logits.dim() == 1:
+        _check_dtype(op, "out_logits", out_logits, INDEX_DTYPES)
+        if out_logits.shape[0] != n0:
+            _fail(op, f"out_logits must have shape ({n0}, {c}) (logits) or ({n0},) (predictions),"
+                  f" got {tuple(out_logits.shape)}")
+    else:
+        _fail(op, f"out_logits must be 2-D (N0, C) logits or 1-D (N0,) predictions, got a "
+              f"{out_logits.dim()}-D tensor")
+    for name, t in (("out_logits", out_logits), ("out_score", out_score), ("out_exit", out_exit)):
+        if not t.is_contiguous():
+            _fail(op, f"{name} must be contiguous")
+
+
+def check_row_index_values(row_index: torch.Tensor, n0: int) -> None:
+    """Value check (one host sync): every row index must address a row of the outputs."""
+    if row_index.numel() and (int(row_index.min()) < 0 or int(row_index.max()) >= n0):
+        _fail("exit_score_write", f"row_index values must lie in [0, {n0}), got range "
+              f"[{int(row_index.min())}, {int(row_index.max())}]", IndexError)
+
+
+def check_finite_rows(op: str, name: str, t: torch.Tensor) -> None:
+    """Value check (one host sync): reject NaN/inf, naming the first offending rows."""
+    bad = ~torch.isfinite(t.reshape(t.shape[0], -1) if t.dim() else t.reshape(1, 1)).all(dim=1)
+    if bool(bad.any()):
+        rows = bad.nonzero().flatten()[:5].tolist()
+        _fail(op, f"{name} has NaN/inf values in rows {rows}"
+              f"{' (first 5 shown)' if int(bad.sum()) > 5 else ''}")
+
+
+def check_compact(
+    keep: torch.Tensor, src: Sequence[torch.Tensor], dst: Sequence[torch.Tensor] | None,
+    op: str = "compact",
+) -> None:
+    """Validate ``compact`` / ``compact_out`` arguments."""
+    _check_dtype(op, "keep", keep, (torch.bool,))
+    _check_rank(op, "keep", keep, (1,), "1-D (N,)")
+    n, device = keep.shape[0], keep.device
+    for i, t in enumerate(src):
+        if t.dim() < 1 or t.shape[0] != n:
+            _fail(op, f"src[{i}] must have N = {n} rows like keep, got shape {tuple(t.shape)}")
+        if t.device != device:
+            _fail(op, f"src[{i}] is on {t.device} but keep is on {device}; all tensors must "
+                  "share one device")
+    if dst is None:
+        return
+    if len(dst) != len(src):
+        _fail(op, f"dst must hold one buffer per src tensor: {len(src)} src, {len(dst)} dst")
+    for i, (s, d) in enumerate(zip(src, dst, strict=True)):
+        if d.device != device:
+            _fail(op, f"dst[{i}] is on {d.device} but keep is on {device}; all tensors must "
+                  "share one device")
+        if d.dtype != s.dtype:
+            _fail(op, f"dst[{i}] must have the dtype of src[{i}] ({_dtype_name(s.dtype)}), got "
+                  f"{_dtype_name(d.dtype)}", TypeError)
+        if d.dim() != s.dim() or d.shape[1:] != s.shape[1:] or d.shape[0] < n:
+            tail = "".join(f", {x}" for x in s.shape[1:])
+            _fail(op, f"dst[{i}] must have shape (>= {n}{tail}) to hold src[{i}] of shape "
+                  f"{tuple(s.shape)}, got {tuple(d.shape)}")
+        if not d.is_contiguous():
+            _fail(op, f"dst[{i}] must be contiguous")
+
+
+def check_compact_no_alias(src: Sequence[torch.Tensor], dst: Sequence[torch.Tensor]) -> None:
+    """dst buffers may not overlap any src tensor (in-place compaction is not race-free)."""
+    spans = [(t.untyped_storage().data_ptr(), t) for t in src if t.numel()]
+    for i, d in enumerate(dst):
+        if not d.numel():
+            continue
+        base = d.untyped_storage().data_ptr()
+        for j, (sbase, s) in enumerate(spans):
+            if base == sbase and _overlaps(d, s):
+                _fail("compact_out", f"dst[{i}] overlaps src[{j}]; compaction into its own "
+                      "source is not supported, pass a separate buffer")
+
+
+def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    def span(t: torch.Tensor) -> tuple[int, int]:
+        start = t.storage_offset() * t.element_size()
+        extent = sum((s - 1) * st for s, st in zip(t.shape, t.stride(), strict=True))
+        return start, start + (extent + 1) * t.element_size()
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1

@@ -1,0 +1,289 @@
+"""The single front-end of the ``eenet`` ops.
+
+Every op exists once in the dispatcher as ``torch.ops.eenet.<name>`` (schemas in
+``csrc/ops.cpp``, or :mod:`eenet_kernels._schemas` when the extension is not built) with a
+fake kernel for ``torch.compile`` / ``torch.export``. The public functions here add the
+backend choice and the convenience arguments:
+
+- ``EENET_BACKEND=auto|reference|cpp`` (or ``backend=`` per call) picks the implementation;
+  ``auto`` takes the compiled C++ kernel for CPU tensors when it is built, else the
+  reference. Devices without a compiled kernel fall back to the reference implementation,
+  registered for them in the dispatcher.
+- ``exit_score(..., check_finite=True)`` rejects NaN/inf feature rows up front (one host
+  sync); the kernels themselves never let a non-finite row exit before the last exit.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+
+from . import checks, reference
+from ._schemas import SCHEMAS
+
+BACKENDS: tuple[str, ...] = ("auto", "reference", "cpp")
+
+
+def _load_extension() -> bool:
+    if os.environ.get("EENET_SKIP_EXT", "0") == "1":
+        return False
+    try:
+        from . import _C  # noqa: F401  (registers the schemas and the C++ kernels)
+    except ImportError as exc:
+        warnings.warn(f"eenet_kernels: compiled extension not loaded ({exc}); using the "
+                      "reference implementation", RuntimeWarning, stacklevel=3)
+        return False
+    return True
+
+
+HAVE_EXTENSION: bool = _load_extension()
+
+if not HAVE_EXTENSION:
+    _def_lib = torch.library.Library("eenet", "DEF")  # kept alive at module level
+    for _schema in SCHEMAS.values():
+        _def_lib.define(_schema)
+
+_REFERENCE_IMPLS = {
+    "exit_score": reference.exit_score,
+    "exit_score_write": reference.exit_score_write,
+    "compact": reference.compact,
+    "compact_out": reference.compact_out,
+}
+
+_COMPILED_KEYS: dict[str, tuple[str, ...]] = {
+    name: tuple(k for k in ("CPU", "CUDA")
+                if torch._C._dispatch_has_kernel_for_dispatch_key(f"eenet::{name}", k))
+    for name in SCHEMAS
+}
+
+# Devices without a compiled kernel run the reference through the dispatcher, so that
+# torch.ops.eenet.* works everywhere.
+_impl_lib = torch.library.Library("eenet", "IMPL")
+for _name, _fn in _REFERENCE_IMPLS.items():
+    for _key in ("CPU", "CUDA"):
+        if _key not in _COMPILED_KEYS[_name]:
+            _impl_lib.impl(_name, _fn, _key)
+
+
+def compiled_backends(name: str) -> tuple[str, ...]:
+    """Dispatch keys (``CPU``, ``CUDA``) served by a compiled kernel for op ``name``."""
+    return _COMPILED_KEYS[name]
+
+
+# ---------------------------------------------------------------------------------------
+# Fake kernels: shapes, dtypes and metadata checks only.
+
+
+@torch.library.register_fake("eenet::exit_score")
+def _exit_score_fake(feats, weight, bias, policy, threshold, is_last=False, prev_scores=None,
+                     prev_preds=None, sched_weight=None, sched_bias=0.0, use_vote=False):
+    checks.check_exit_score(feats, weight, bias, policy, threshold, prev_scores, prev_preds,
+                            sched_weight, use_vote)
+    n, c = feats.shape[0], weight.shape[0]
+    return (feats.new_empty((n, c), dtype=torch.float32),
+            feats.new_empty((n,), dtype=torch.float32),
+            feats.new_empty((n,), dtype=torch.bool))
+
+
+@torch.library.register_fake("eenet::exit_score_write")
+def _exit_score_write_fake(feats, weight, bias, policy, threshold, is_last=False,
+                           prev_scores=None, prev_preds=None, sched_weight=None, sched_bias=0.0,
+                           use_vote=False, *, row_index, exit_index, out_logits, out_score,
+                           out_exit):
+    checks.check_exit_write(feats, weight, row_index, exit_index, out_logits, out_score,
+                            out_exit)
+    return _exit_score_fake(feats, weight, bias, policy, threshold, is_last, prev_scores,
+                            prev_preds, sched_weight, sched_bias, use_vote)
+
+
+@torch.library.register_fake("eenet::compact")
+def _compact_fake(keep, src):
+    checks.check_compact(keep, src, None)
+    kept = [torch.empty_like(s, memory_format=torch.contiguous_format) for s in src]
+    return kept, keep.new_empty((), dtype=torch.int64)
+
+
+@torch.library.register_fake("eenet::compact_out")
+def _compact_out_fake(keep, src, dst):
+    checks.check_compact(keep, src, dst, op="compact_out")
+    return keep.new_empty((), dtype=torch.int64)
+
+
+# ---------------------------------------------------------------------------------------
+# Backend choice.
+
+
+def resolve_backend(device: torch.device, backend: str | None = None) -> str:
+    """The backend that will run an op on ``device``: ``reference`` or ``cpp``.
+
+    ``backend`` (or ``EENET_BACKEND`` when None) may be ``auto``. A backend that cannot run
+    here raises ``RuntimeError`` instead of silently falling back.
+    """
+    choice = backend or os.environ.get("EENET_BACKEND", "auto") or "auto"
+    if choice not in BACKENDS:
+        raise ValueError(f"eenet: backend must be one of {BACKENDS}, got {choice!r} "
+                         "(triton and cuda backends are not part of this build yet)")
+    if choice == "auto":
+        return "cpp" if device.type == "cpu" and HAVE_EXTENSION else "reference"
+    if choice == "cpp" and (device.type != "cpu" or not HAVE_EXTENSION):
+        why = ("the compiled extension is not loaded" if not HAVE_EXTENSION
+               else f"it runs on CPU tensors, not {device.type}")
+        raise RuntimeError(f"eenet: backend 'cpp' was requested but {why}")
+    return choice
+
+
+# ---------------------------------------------------------------------------------------
+# Public functions.
+
+
+class ExitScore(NamedTuple):
+    """Result of :func:`exit_score`: logits (N, C) float32, score (N,) float32, exit_mask (N,)."""
+
+    logits: torch.Tensor
+    score: torch.Tensor
+    exit_mask: torch.Tensor
+
+
+def _check_finite_inputs(op: str, feats: torch.Tensor, weight: torch.Tensor,
+                         bias: torch.Tensor | None) -> None:
+    if torch.compiler.is_compiling():
+        return
+    checks.check_finite_rows(op, "feats", feats)
+    checks.check_finite_rows(op, "weight", weight)
+    if bias is not None:
+        checks.check_finite_rows(op, "bias", bias)
+
+
+def exit_score(
+    feats: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    policy: str = "max_prob",
+    threshold: float = 0.5,
+    is_last: bool = False,
+    prev_scores: torch.Tensor | None = None,
+    prev_preds: torch.Tensor | None = None,
+    sched_weight: torch.Tensor | None = None,
+    sched_bias: float = 0.0,
+    use_vote: bool = False,
+    check_finite: bool = True,
+    backend: str | None = None,
+) -> ExitScore:
+    """Fused exit classifier + confidence + policy score + exit decision.
+
+    Args:
+        feats: (N, D) or (N, D, S) float32/float16/bfloat16; (N, D, S) is mean-pooled over S.
+        weight: (C, D), bias: (C,) or None, same dtype as feats. C >= 2.
+        policy: ``max_prob`` | ``entropy`` | ``patience`` | ``eenet``.
+        threshold: exit when score >= threshold; in [0, 1] (``patience``: a streak length).
+        is_last: every row exits (the last exit of the network).
+        prev_scores: (N, k) float32 scores of the k earlier exits (``eenet``).
+        prev_preds: (N, k) int32/int64 argmax of the earlier exits (``patience``, vote).
+        sched_weight: (C + 2 + k [+ 1 with use_vote],) float32, sched_bias: the EENet
+            scheduler's linear layer on [p, max p, conf, prev_scores, vote].
+        check_finite: raise ``ValueError`` naming the rows when feats/weight/bias hold
+            NaN/inf (costs one host sync; skipped under torch.compile).
+        backend: override ``EENET_BACKEND`` for this call.
+
+    Returns:
+        :class:`ExitScore` (logits (N, C) float32, score (N,) float32, exit_mask (N,) bool).
+    """
+    if check_finite:
+        _check_finite_inputs("exit_score", feats, weight, bias)
+    args = (feats, weight, bias, policy, float(threshold), is_last, prev_scores, prev_preds,
+            sched_weight, float(sched_bias), use_vote)
+    if resolve_backend(feats.device, backend) == "reference":
+        return ExitScore(*reference.exit_score(*args))
+    return ExitScore(*torch.ops.eenet.exit_score(*args))
+
+
+def exit_score_write(
+    feats: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    row_index: torch.Tensor,
+    exit_index: int,
+    out_logits: torch.Tensor,
+    out_score: torch.Tensor,
+    out_exit: torch.Tensor,
+    policy: str = "max_prob",
+    threshold: float = 0.5,
+    is_last: bool = False,
+    prev_scores: torch.Tensor | None = None,
+    prev_preds: torch.Tensor | None = None,
+    sched_weight: torch.Tensor | None = None,
+    sched_bias: float = 0.0,
+    use_vote: bool = False,
+    check_finite: bool = True,
+    backend: str | None = None,
+) -> ExitScore:
+    """:func:`exit_score`, plus the result write of the exiting rows, in the same pass.
+
+    For every exiting row i, at ``r = row_index[i]`` (its position in the original batch):
+    ``out_logits[r]`` = its logits when out_logits is (N0, C) float, or its argmax when it is
+    (N0,) int32/int64; ``out_score[r]`` (float32) = its score; ``out_exit[r]`` (int32/int64)
+    = ``exit_index``. Rows that stay are not written. ``row_index`` (N,) int32/int64 must
+    hold distinct values in [0, N0).
+    """
+    if check_finite:
+        _check_finite_inputs("exit_score_write", feats, weight, bias)
+    args = (feats, weight, bias, policy, float(threshold), is_last, prev_scores, prev_preds,
+            sched_weight, float(sched_bias), use_vote)
+    outs = {"row_index": row_index, "exit_index": int(exit_index), "out_logits": out_logits,
+            "out_score": out_score, "out_exit": out_exit}
+    if resolve_backend(feats.device, backend) == "reference":
+        return ExitScore(*reference.exit_score_write(*args, **outs))
+    return ExitScore(*torch.ops.eenet.exit_score_write(*args, **outs))
+
+
+def compact(
+    keep: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    out: Sequence[torch.Tensor] | None = None,
+    *,
+    backend: str | None = None,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Stable stream compaction of several per-row tensors in one call.
+
+    Args:
+        keep: (N,) bool, the rows to keep.
+        tensors: tensors of shape (N, ...), any dtype.
+        out: optional preallocated buffers, one per tensor, shape (>= N, ...), same dtype,
+            contiguous, not overlapping the inputs. Without it, new (N, ...) buffers are
+            allocated and their rows >= n zero-filled.
+
+    Returns:
+        ``(kept, n)``: the buffers whose first n rows are the kept rows in their original
+        order, and n as a 0-dim int64 tensor on keep's device (no host sync). Rows >= n of
+        caller-provided buffers are left as they were.
+    """
+    src = list(tensors)
+    use_ref = resolve_backend(keep.device, backend) == "reference"
+    if out is None:
+        if use_ref:
+            kept, count = reference.compact(keep, src)
+        else:
+            kept, count = torch.ops.eenet.compact(keep, src)
+        return list(kept), count
+    dst = list(out)
+    fn = reference.compact_out if use_ref else torch.ops.eenet.compact_out
+    return dst, fn(keep, src, dst)
+
+
+def take(kept: Sequence[torch.Tensor], count: torch.Tensor) -> list[torch.Tensor]:
+    """The first ``count`` rows of each compacted buffer: the one host sync of a stage.
+
+    Under ``torch.compile`` the count becomes an unbacked symbolic size (set
+    ``torch._dynamo.config.capture_scalar_outputs = True`` for ``fullgraph=True``).
+    """
+    n = int(count.item())
+    torch._check(n >= 0)
+    for t in kept:
+        torch._check(n <= t.shape[0])
+    return [t[:n] for t in kept]

@@ -1,0 +1,192 @@
+"""Reference semantics of the ``eenet`` ops in plain torch: the oracle every backend matches.
+
+Shapes: N active rows, D features, S pooled positions, C classes, k earlier exits,
+N0 rows of the original batch (output buffers).
+
+All arithmetic happens in float32 whatever the input dtype (fp16/bf16 inputs are upcast),
+so the reference is the "exact" side of every tolerance in the tests.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from . import checks
+
+
+def exit_logits(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+                ) -> torch.Tensor:
+    """Exit classifier in fp32: feats (N, D) or (N, D, S) mean-pooled over S -> (N, C) float32."""
+    x = feats.float()
+    if x.dim() == 3:
+        x = x.mean(dim=2)
+    logits = x @ weight.float().t()
+    if bias is not None:
+        logits = logits + bias.float()
+    return logits
+
+
+def policy_score(
+    logits: torch.Tensor,
+    policy: str,
+    prev_scores: torch.Tensor | None = None,
+    prev_preds: torch.Tensor | None = None,
+    sched_weight: torch.Tensor | None = None,
+    sched_bias: float = 0.0,
+    use_vote: bool = False,
+) -> torch.Tensor:
+    """Per-row score (N,) float32 of a policy, from fp32 logits (N, C).
+
+    - max_prob: max softmax probability.
+    - entropy: 1 - H(p) / log C (1 = certain, 0 = uniform).
+    - patience: length of the streak of earlier exits (k-1, k-2, ...) whose argmax equals
+      this exit's argmax (PABEE's counter); 0 at the first exit.
+    - eenet: sigmoid(w . [p, max p, conf, q_1..q_k, vote] + b) with vote the fraction of
+      earlier exits agreeing with this exit's argmax (only when ``use_vote``).
+    Rows with a NaN/inf logit get a NaN score.
+    """
+    c = logits.shape[1]
+    lse = torch.logsumexp(logits, dim=1)
+    p = torch.softmax(logits, dim=1)
+    max_p = p.max(dim=1).values
+    # H = lse - sum p * logits: no log of zero probabilities
+    entropy = lse - (p * logits).sum(dim=1)
+    conf = 1.0 - entropy / math.log(c)
+    pred = logits.argmax(dim=1)
+
+    if policy == "max_prob":
+        score = max_p
+    elif policy == "entropy":
+        score = conf
+    elif policy == "patience":
+        assert prev_preds is not None
+        score = agreement_streak(pred, prev_preds).float()
+    elif policy == "eenet":
+        assert prev_scores is not None and sched_weight is not None
+        parts = [p, max_p[:, None], conf[:, None], prev_scores]
+        if use_vote:
+            assert prev_preds is not None
+            parts.append(vote_fraction(pred, prev_preds)[:, None])
+        features = torch.cat(parts, dim=1)
+        score = torch.sigmoid(features @ sched_weight + sched_bias)
+    else:
+        raise ValueError(f"unknown policy {policy!r}")
+
+    finite = torch.isfinite(logits).all(dim=1)
+    return torch.where(finite, score, torch.full_like(score, math.nan))
+
+
+def agreement_streak(pred: torch.Tensor, prev_preds: torch.Tensor) -> torch.Tensor:
+    """(N,) int64: how many of the latest earlier exits, counted back from the newest, agree."""
+    agree = prev_preds.long() == pred[:, None]
+    # cumulative product from the newest earlier exit backwards stops at the first mismatch
+    return agree.flip(1).long().cumprod(dim=1).sum(dim=1)
+
+
+def vote_fraction(pred: torch.Tensor, prev_preds: torch.Tensor) -> torch.Tensor:
+    """(N,) float32: fraction of earlier exits whose argmax equals ``pred``; 0 when k = 0."""
+    k = prev_preds.shape[1]
+    if k == 0:
+        return torch.zeros(pred.shape, dtype=torch.float32, device=pred.device)
+    return (prev_preds.long() == pred[:, None]).float().sum(dim=1) / k
+
+
+def exit_score(
+    feats: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    policy: str,
+    threshold: float,
+    is_last: bool = False,
+    prev_scores: torch.Tensor | None = None,
+    prev_preds: torch.Tensor | None = None,
+    sched_weight: torch.Tensor | None = None,
+    sched_bias: float = 0.0,
+    use_vote: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused exit head + confidence + policy score + decision.
+
+    Returns ``logits`` (N, C) float32, ``score`` (N,) float32 and ``exit_mask`` (N,) bool:
+    ``exit_mask = is_last | (score >= threshold)``; a row with NaN/inf logits never exits
+    before the last exit (its score is NaN).
+    """
+    checks.check_exit_score(feats, weight, bias, policy, threshold, prev_scores, prev_preds,
+                            sched_weight, use_vote)
+    logits = exit_logits(feats, weight, bias)
+    score = policy_score(logits, policy, prev_scores, prev_preds, sched_weight, sched_bias,
+                         use_vote)
+    if is_last:
+        exit_mask = torch.ones(score.shape, dtype=torch.bool, device=score.device)
+    else:
+        exit_mask = score >= threshold  # NaN compares False
+    return logits, score, exit_mask
+
+
+def exit_score_write(
+    feats: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    policy: str,
+    threshold: float,
+    is_last: bool = False,
+    prev_scores: torch.Tensor | None = None,
+    prev_preds: torch.Tensor | None = None,
+    sched_weight: torch.Tensor | None = None,
+    sched_bias: float = 0.0,
+    use_vote: bool = False,
+    *,
+    row_index: torch.Tensor,
+    exit_index: int,
+    out_logits: torch.Tensor,
+    out_score: torch.Tensor,
+    out_exit: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`exit_score`, then write the exiting rows' results at their original positions.
+
+    For each row i with ``exit_mask[i]``, at ``r = row_index[i]``: ``out_logits[r]`` gets the
+    logits (cast to its dtype) when it is (N0, C), or the argmax when it is (N0,) integer;
+    ``out_score[r] = score[i]``; ``out_exit[r] = exit_index``. Other rows are not touched.
+    """
+    checks.check_exit_score(feats, weight, bias, policy, threshold, prev_scores, prev_preds,
+                            sched_weight, use_vote, op="exit_score_write")
+    checks.check_exit_write(feats, weight, row_index, exit_index, out_logits, out_score, out_exit)
+    checks.check_row_index_values(row_index, out_score.shape[0])
+    logits, score, exit_mask = exit_score(feats, weight, bias, policy, threshold, is_last,
+                                          prev_scores, prev_preds, sched_weight, sched_bias,
+                                          use_vote)
+    rows = row_index[exit_mask].long()
+    if out_logits.dim() == 2:
+        out_logits[rows] = logits[exit_mask].to(out_logits.dtype)
+    else:
+        out_logits[rows] = logits[exit_mask].argmax(dim=1).to(out_logits.dtype)
+    out_score[rows] = score[exit_mask]
+    out_exit[rows] = exit_index
+    return logits, score, exit_mask
+
+
+def compact_out(keep: torch.Tensor, src: Sequence[torch.Tensor], dst: Sequence[torch.Tensor]
+                ) -> torch.Tensor:
+    """Stable compaction: the rows of every ``src[i]`` where ``keep`` is true, in order, go to
+    the first n rows of ``dst[i]``; later rows of ``dst[i]`` are untouched.
+
+    keep (N,) bool; src[i] (N, ...) any dtype; dst[i] (>= N, ...) same dtype, contiguous.
+    Returns n as a 0-dim int64 tensor on keep's device.
+    """
+    checks.check_compact(keep, src, dst, op="compact_out")
+    checks.check_compact_no_alias(src, dst)
+    rows = keep.nonzero().flatten()
+    n = rows.shape[0]
+    for s, d in zip(src, dst, strict=True):
+        d[:n] = s[rows]
+    return torch.tensor(n, dtype=torch.int64, device=keep.device)
+
+
+def compact(keep: torch.Tensor, src: Sequence[torch.Tensor]
+            ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Functional :func:`compact_out`: new (N, ...) buffers whose rows >= n are zero."""
+    checks.check_compact(keep, src, None)
+    kept = [torch.zeros_like(s, memory_format=torch.contiguous_format) for s in src]
+    return kept, compact_out(keep, src, kept)
