@@ -282,7 +282,7 @@ def take(kept: Sequence[torch.Tensor], count: torch.Tensor) -> list[torch.Tensor
     Under ``torch.compile`` the count becomes an unbacked symbolic size (set
     ``torch._dynamo.config.capture_scalar_outputs = True`` for ``fullgraph=True``).
     """
-    n = int(count.item())
+    n = count.item()
     torch._check(n >= 0)
     for t in kept:
         torch._check(n <= t.shape[0])
