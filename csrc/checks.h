@@ -4,13 +4,13 @@
 #pragma once
 
 #include <ATen/ATen.h>
-#include <ATen/MemoryOverlap.h>
 
 #include <cmath>
 #include <initializer_list>
 #include <optional>
 #include <sstream>
 #include <string>
+#include <utility>
 
 namespace eenet {
 
@@ -192,6 +192,22 @@ inline void check_exit_write_args(const at::Tensor& feats, const at::Tensor& wei
   TORCH_CHECK_VALUE(out_exit.is_contiguous(), "eenet.", op, ": out_exit must be contiguous");
 }
 
+// Conservative aliasing test: same storage and intersecting byte ranges (strided and
+// expanded tensors included, where at::get_overlap_status gives up).
+inline bool byte_spans_overlap(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0) return false;
+  if (a.storage().data() != b.storage().data()) return false;
+  auto span = [](const at::Tensor& t) {
+    int64_t extent = 0;
+    for (int64_t d = 0; d < t.dim(); ++d) extent += (t.size(d) - 1) * t.stride(d);
+    const int64_t start = t.storage_offset() * t.element_size();
+    return std::make_pair(start, start + (extent + 1) * t.element_size());
+  };
+  const auto [a0, a1] = span(a);
+  const auto [b0, b1] = span(b);
+  return a0 < b1 && b0 < a1;
+}
+
 inline void check_compact_args(const char* op, const at::Tensor& keep, at::TensorList src,
                                const std::optional<at::TensorList>& dst) {
   check_dtype(op, "keep", keep, {at::kBool});
@@ -227,16 +243,14 @@ inline void check_compact_args(const char* op, const at::Tensor& keep, at::Tenso
                       ") to hold src[", i, "] of shape ", shape_str(s.sizes()), ", got ",
                       shape_str(d.sizes()));
     TORCH_CHECK_VALUE(d.is_contiguous(), "eenet.", op, ": dst[", i, "] must be contiguous");
-    for (size_t j = 0; j < src.size(); ++j) {
-      const auto overlap = at::get_overlap_status(d, src[j]);
-      TORCH_CHECK_VALUE(overlap != at::MemOverlapStatus::Full &&
-                            overlap != at::MemOverlapStatus::Partial,
-                        "eenet.",
-                        op, ": dst[", i, "] overlaps src[", j,
+  }
+  // after the per-buffer checks, as in eenet_kernels/checks.py
+  for (size_t i = 0; i < dst->size(); ++i)
+    for (size_t j = 0; j < src.size(); ++j)
+      TORCH_CHECK_VALUE(!byte_spans_overlap((*dst)[i], src[j]), "eenet.", op, ": dst[", i,
+                        "] overlaps src[", j,
                         "]; compaction into its own source is not supported, pass a separate "
                         "buffer");
-    }
-  }
 }
 
 }  // namespace eenet

@@ -82,12 +82,12 @@ def check_exit_score(
         if bias.dim() != 1 or bias.shape[0] != c:
             _fail(op, f"bias must have shape ({c},) to match weight, got {tuple(bias.shape)}")
     if not math.isfinite(threshold):
-        _fail(op, f"threshold must be finite, got {threshold}")
+        _fail(op, f"threshold must be finite, got {threshold:g}")
     if policy == "patience":
         if threshold < 0:
-            _fail(op, f"threshold must be >= 0 for policy 'patience', got {threshold}")
+            _fail(op, f"threshold must be >= 0 for policy 'patience', got {threshold:g}")
     elif not 0.0 <= threshold <= 1.0:
-        _fail(op, f"threshold must lie in [0, 1] for policy {policy!r}, got {threshold}")
+        _fail(op, f"threshold must lie in [0, 1] for policy {policy!r}, got {threshold:g}")
     if use_vote and policy != "eenet":
         _fail(op, f"use_vote applies only to policy 'eenet', got policy {policy!r}")
 
@@ -173,13 +173,17 @@ def check_exit_write(
 
 def check_row_index_values(row_index: torch.Tensor, n0: int) -> None:
     """Value check (one host sync): every row index must address a row of the outputs."""
-    if row_index.numel() and (int(row_index.min()) < 0 or int(row_index.max()) >= n0):
-        _fail("exit_score_write", f"row_index values must lie in [0, {n0}), got range "
-              f"[{int(row_index.min())}, {int(row_index.max())}]", IndexError)
+    bad = ((row_index < 0) | (row_index >= n0)).nonzero().flatten()
+    if bad.numel():
+        pos = int(bad[0])
+        _fail("exit_score_write", f"row_index values must lie in [0, {n0}), got "
+              f"{int(row_index[pos])} at position {pos}", IndexError)
 
 
 def check_finite_rows(op: str, name: str, t: torch.Tensor) -> None:
     """Value check (one host sync): reject NaN/inf, naming the first offending rows."""
+    if t.numel() == 0:
+        return
     bad = ~torch.isfinite(t.reshape(t.shape[0], -1) if t.dim() else t.reshape(1, 1)).all(dim=1)
     if bool(bad.any()):
         rows = bad.nonzero().flatten()[:5].tolist()

@@ -1,0 +1,487 @@
+"""Bad inputs: every backend raises the documented exception with the documented message.
+
+Messages start with ``eenet.<op>: `` and name the offending argument; dtype errors are
+``TypeError``, out-of-range indices ``IndexError``, everything else ``ValueError``. The
+reference (Python checks) and the C++ backend (``TORCH_CHECK_VALUE/TYPE/INDEX``) must raise
+the same type with the same first line. Valid empty inputs (N = 0) must not raise.
+
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+
+import eenet_kernels as ek
+
+N, D, C, N0, K = 4, 3, 5, 6, 2
+EXIT_OPS = ("exit_score", "exit_score_write")
+COMPACT_OPS = ("compact", "compact_out")
+
+
+# ---------------------------------------------------------------------------------------
+# Valid defaults; every case overrides a few of them.
+
+
+def exit_defaults(dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """Valid arguments of exit_score_write (exit_score ignores the output ones)."""
+    gen = torch.Generator().manual_seed(0)
+    return {
+        "feats": torch.randn(N, D, generator=gen).to(dtype),
+        "weight": torch.randn(C, D, generator=gen).to(dtype),
+        "bias": torch.randn(C, generator=gen).to(dtype),
+        "policy": "max_prob",
+        "threshold": 0.5,
+        "row_index": torch.tensor([5, 0, 3, 1]),
+        "exit_index": 1,
+        "out_logits": torch.zeros(N0, C),
+        "out_score": torch.zeros(N0),
+        "out_exit": torch.zeros(N0, dtype=torch.int64),
+    }
+
+
+OUT_KEYS = ("row_index", "exit_index", "out_logits", "out_score", "out_exit")
+
+
+def run_exit(op: str, backend: str, **over: Any) -> Any:
+    """Call the public exit_score / exit_score_write with the defaults updated by ``over``."""
+    args = {**exit_defaults(), **over}
+    feats, weight, bias = args.pop("feats"), args.pop("weight"), args.pop("bias")
+    if op == "exit_score":
+        for key in OUT_KEYS:
+            args.pop(key)
+        return ek.exit_score(feats, weight, bias, backend=backend, **args)
+    return ek.exit_score_write(feats, weight, bias, backend=backend, **args)
+
+
+def run_compact(op: str, backend: str, keep: torch.Tensor | None = None,
+                src: list[torch.Tensor] | None = None, dst: list[torch.Tensor] | None = None
+                ) -> Any:
+    """Call the public compact, functional (op 'compact') or out form (op 'compact_out')."""
+    keep = torch.tensor([True, False, True, True]) if keep is None else keep
+    src = [torch.zeros(N, 2), torch.arange(N)] if src is None else src
+    if op == "compact":
+        return ek.compact(keep, src, backend=backend)
+    dst = [torch.zeros(N, 2), torch.zeros(N, dtype=torch.int64)] if dst is None else dst
+    return ek.compact(keep, src, out=dst, backend=backend)
+
+
+# ---------------------------------------------------------------------------------------
+# The cases.
+
+
+@dataclass(frozen=True)
+class Case:
+    """One bad input: ``call(backend)`` must raise ``exc`` whose first line is ``message``
+    (or starts with it when ``exact`` is False)."""
+
+    id: str
+    op: str
+    call: Callable[[str], Any]
+    exc: type[Exception]
+    message: str
+    exact: bool = True
+
+
+def _exit_cases(op: str) -> list[Case]:
+    def case(id_: str, exc: type[Exception], message: str, exact: bool = True,
+             **over: Callable[[], Any]) -> Case:
+        def call(backend: str) -> Any:
+            return run_exit(op, backend, **{k: v() for k, v in over.items()})
+
+        return Case(f"{op}-{id_}", op, call, exc, f"eenet.{op}: {message}", exact)
+
+    def preds(n: int = N, k: int = K, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+        return torch.zeros(n, k, dtype=dtype)
+
+    def half() -> dict[str, torch.Tensor]:
+        return exit_defaults(torch.float16)
+
+    eenet = {"policy": lambda: "eenet", "prev_scores": lambda: torch.rand(N, K),
+             "sched_weight": lambda: torch.randn(C + 2 + K)}
+    vote = {**eenet, "use_vote": lambda: True, "prev_preds": preds,
+            "sched_weight": lambda: torch.randn(C + 3 + K)}
+    patience = {"policy": lambda: "patience", "threshold": lambda: 1.0, "prev_preds": preds}
+    return [
+        case("feats_1d", ValueError,
+             "feats must be 2-D (N, D) or 3-D (N, D, S), got a 1-D tensor of shape (4,)",
+             feats=lambda: torch.randn(N)),
+        case("feats_4d", ValueError,
+             "feats must be 2-D (N, D) or 3-D (N, D, S), got a 4-D tensor of shape (4, 3, 2, 2)",
+             feats=lambda: torch.randn(N, D, 2, 2)),
+        case("feats_int32", TypeError,
+             "feats must have dtype in (float32, float16, bfloat16), got int32",
+             feats=lambda: torch.ones(N, D, dtype=torch.int32)),
+        case("feats_float64", TypeError,
+             "feats must have dtype in (float32, float16, bfloat16), got float64",
+             feats=lambda: torch.randn(N, D, dtype=torch.float64)),
+        case("feats_s0", ValueError, "feats must have S >= 1 positions to pool over, got S = 0",
+             feats=lambda: torch.randn(N, D, 0)),
+        case("weight_d_mismatch", ValueError,
+             "weight must have shape (C, 3) to match feats' D = 3, got (5, 4)",
+             weight=lambda: torch.randn(C, D + 1)),
+        case("weight_1d", ValueError, "weight must be 2-D (C, D), got a 1-D tensor of shape (3,)",
+             weight=lambda: torch.randn(D)),
+        case("weight_float64", TypeError, "weight must have dtype in (float32), got float64",
+             weight=lambda: torch.randn(C, D, dtype=torch.float64)),
+        case("weight_float32_for_half_feats", TypeError,
+             "weight must have dtype in (float16), got float32",
+             feats=lambda: half()["feats"], bias=lambda: half()["bias"]),
+        case("c_1", ValueError, "weight must have C >= 2 classes, got C = 1",
+             weight=lambda: torch.randn(1, D), bias=lambda: None),
+        case("bias_short", ValueError, "bias must have shape (5,) to match weight, got (4,)",
+             bias=lambda: torch.randn(C - 1)),
+        case("bias_2d", ValueError, "bias must have shape (5,) to match weight, got (1, 5)",
+             bias=lambda: torch.randn(1, C)),
+        case("bias_float64", TypeError, "bias must have dtype in (float32), got float64",
+             bias=lambda: torch.randn(C, dtype=torch.float64)),
+        case("threshold_nan", ValueError, "threshold must be finite, got nan",
+             threshold=lambda: math.nan),
+        case("threshold_inf", ValueError, "threshold must be finite, got inf",
+             threshold=lambda: math.inf),
+        case("threshold_entropy_1.5", ValueError,
+             "threshold must lie in [0, 1] for policy 'entropy', got 1.5",
+             policy=lambda: "entropy", threshold=lambda: 1.5),
+        case("threshold_max_prob_neg", ValueError,
+             "threshold must lie in [0, 1] for policy 'max_prob', got -0.5",
+             threshold=lambda: -0.5),
+        case("threshold_max_prob_2", ValueError,
+             "threshold must lie in [0, 1] for policy 'max_prob', got 2",
+             threshold=lambda: 2),
+        case("threshold_max_prob_long", ValueError,
+             "threshold must lie in [0, 1] for policy 'max_prob', got 1.23457",
+             threshold=lambda: 1.23456789),
+        case("threshold_patience_neg", ValueError,
+             "threshold must be >= 0 for policy 'patience', got -1",
+             **{**patience, "threshold": lambda: -1}),
+        case("unknown_policy", ValueError,
+             "policy must be one of ('max_prob', 'entropy', 'patience', 'eenet'), got 'pabee'",
+             policy=lambda: "pabee"),
+        case("use_vote_entropy", ValueError,
+             "use_vote applies only to policy 'eenet', got policy 'entropy'",
+             policy=lambda: "entropy", use_vote=lambda: True, prev_preds=preds),
+        case("eenet_missing_prev_scores", ValueError,
+             "prev_scores is required for policy 'eenet' (shape (N, k), k earlier exits)",
+             **{**eenet, "prev_scores": lambda: None}),
+        case("eenet_prev_scores_wrong_n", ValueError,
+             "prev_scores must have N = 4 rows to match feats, got 3",
+             **{**eenet, "prev_scores": lambda: torch.rand(N - 1, K)}),
+        case("eenet_prev_scores_1d", ValueError,
+             "prev_scores must be 2-D (N, k), got a 1-D tensor of shape (4,)",
+             **{**eenet, "prev_scores": lambda: torch.rand(N)}),
+        case("eenet_prev_scores_float64", TypeError,
+             "prev_scores must have dtype in (float32), got float64",
+             **{**eenet, "prev_scores": lambda: torch.rand(N, K, dtype=torch.float64)}),
+        case("eenet_missing_sched_weight", ValueError,
+             "sched_weight is required for policy 'eenet'",
+             **{**eenet, "sched_weight": lambda: None}),
+        case("eenet_sched_weight_length", ValueError,
+             "sched_weight must have shape (9,) = C + 2 + k with C = 5, k = 2, got (8,)",
+             **{**eenet, "sched_weight": lambda: torch.randn(C + 1 + K)}),
+        case("eenet_vote_sched_weight_length", ValueError,
+             "sched_weight must have shape (10,) = C + 2 + k + 1 (vote) with C = 5, k = 2, "
+             "got (9,)",
+             **{**vote, "sched_weight": lambda: torch.randn(C + 2 + K)}),
+        case("eenet_vote_missing_prev_preds", ValueError,
+             "prev_preds is required for the vote feature (shape (N, k), k earlier exits)",
+             **{**vote, "prev_preds": lambda: None}),
+        case("eenet_vote_prev_preds_k", ValueError,
+             "prev_preds must have k = 2 columns to match prev_scores, got 3",
+             **{**vote, "prev_preds": lambda: preds(k=K + 1)}),
+        case("patience_missing_prev_preds", ValueError,
+             "prev_preds is required for policy patience (shape (N, k), k earlier exits)",
+             **{**patience, "prev_preds": lambda: None}),
+        case("patience_prev_preds_wrong_n", ValueError,
+             "prev_preds must have N = 4 rows to match feats, got 5",
+             **{**patience, "prev_preds": lambda: preds(n=N + 1)}),
+        case("patience_prev_preds_1d", ValueError,
+             "prev_preds must be 2-D (N, k), got a 1-D tensor of shape (4,)",
+             **{**patience, "prev_preds": lambda: torch.zeros(N, dtype=torch.int64)}),
+        case("patience_prev_preds_float", TypeError,
+             "prev_preds must have dtype in (int32, int64), got float32",
+             **{**patience, "prev_preds": lambda: preds(dtype=torch.float32)}),
+    ]
+
+
+def _write_cases() -> list[Case]:
+    op = "exit_score_write"
+
+    def case(id_: str, exc: type[Exception], message: str, exact: bool = True,
+             **over: Callable[[], Any]) -> Case:
+        def call(backend: str) -> Any:
+            return run_exit(op, backend, **{k: v() for k, v in over.items()})
+
+        return Case(f"{op}-{id_}", op, call, exc, f"eenet.{op}: {message}", exact)
+
+    return [
+        case("row_index_short", ValueError, "row_index must have shape (4,) to match feats, "
+             "got (3,)", row_index=lambda: torch.tensor([5, 0, 3])),
+        case("row_index_2d", ValueError, "row_index must have shape (4,) to match feats, "
+             "got (4, 1)", row_index=lambda: torch.tensor([[5], [0], [3], [1]])),
+        case("row_index_float", TypeError, "row_index must have dtype in (int32, int64), got "
+             "float32", row_index=lambda: torch.tensor([5.0, 0.0, 3.0, 1.0])),
+        case("row_index_too_large", IndexError,
+             "row_index values must lie in [0, 6), got 6 at position 2",
+             row_index=lambda: torch.tensor([5, 0, 6, 1], dtype=torch.int32)),
+        case("row_index_negative", IndexError,
+             "row_index values must lie in [0, 6), got -1 at position 2",
+             row_index=lambda: torch.tensor([5, 0, -1, 1])),
+        case("exit_index_negative", ValueError, "exit_index must be >= 0, got -1",
+             exit_index=lambda: -1),
+        case("out_score_float64", TypeError, "out_score must have dtype in (float32), got float64",
+             out_score=lambda: torch.zeros(N0, dtype=torch.float64)),
+        case("out_score_2d", ValueError,
+             "out_score must be 1-D (N0,), got a 2-D tensor of shape (6, 1)",
+             out_score=lambda: torch.zeros(N0, 1)),
+        case("out_logits_wrong_c", ValueError,
+             "out_logits must have shape (6, 5) (logits) or (6,) (predictions), got (6, 6)",
+             out_logits=lambda: torch.zeros(N0, C + 1)),
+        case("out_logits_wrong_n0", ValueError,
+             "out_logits must have shape (6, 5) (logits) or (6,) (predictions), got (5, 5)",
+             out_logits=lambda: torch.zeros(N0 - 1, C)),
+        case("out_preds_wrong_n0", ValueError,
+             "out_logits must have shape (6, 5) (logits) or (6,) (predictions), got (7,)",
+             out_logits=lambda: torch.zeros(N0 + 1, dtype=torch.int64)),
+        case("out_preds_float", TypeError,
+             "out_logits must have dtype in (int32, int64), got float32",
+             out_logits=lambda: torch.zeros(N0)),
+        case("out_logits_int", TypeError,
+             "out_logits must have dtype in (float32, float16, bfloat16), got int64",
+             out_logits=lambda: torch.zeros(N0, C, dtype=torch.int64)),
+        case("out_logits_3d", ValueError,
+             "out_logits must be 2-D (N0, C) logits or 1-D (N0,) predictions, got a 3-D tensor",
+             out_logits=lambda: torch.zeros(N0, C, 1)),
+        case("out_exit_float", TypeError, "out_exit must have dtype in (int32, int64), got "
+             "float32", out_exit=lambda: torch.zeros(N0)),
+        case("out_exit_short", ValueError, "out_exit must have shape (6,) like out_score, got "
+             "(5,)", out_exit=lambda: torch.zeros(N0 - 1, dtype=torch.int64)),
+        case("out_logits_noncontiguous", ValueError, "out_logits must be contiguous",
+             out_logits=lambda: torch.zeros(C, N0).t()),
+        case("out_score_noncontiguous", ValueError, "out_score must be contiguous",
+             out_score=lambda: torch.zeros(2 * N0)[::2]),
+        case("out_exit_noncontiguous", ValueError, "out_exit must be contiguous",
+             out_exit=lambda: torch.zeros(2 * N0, dtype=torch.int32)[::2]),
+    ]
+
+
+def _compact_cases(op: str) -> list[Case]:
+    def case(id_: str, exc: type[Exception], message: str,
+             build: Callable[[], dict[str, Any]]) -> Case:
+        def call(backend: str) -> Any:
+            return run_compact(op, backend, **build())
+
+        return Case(f"{op}-{id_}", op, call, exc, f"eenet.{op}: {message}")
+
+    cases = [
+        case("keep_uint8", TypeError, "keep must have dtype in (bool), got uint8",
+             lambda: {"keep": torch.ones(N, dtype=torch.uint8)}),
+        case("keep_int64", TypeError, "keep must have dtype in (bool), got int64",
+             lambda: {"keep": torch.ones(N, dtype=torch.int64)}),
+        case("keep_2d", ValueError, "keep must be 1-D (N,), got a 2-D tensor of shape (2, 2)",
+             lambda: {"keep": torch.ones(2, 2, dtype=torch.bool)}),
+        case("keep_0d", ValueError, "keep must be 1-D (N,), got a 0-D tensor of shape ()",
+             lambda: {"keep": torch.tensor(True)}),
+        case("src_wrong_n", ValueError, "src[1] must have N = 4 rows like keep, got shape (3, 2)",
+             lambda: {"src": [torch.zeros(N, 2), torch.zeros(N - 1, 2)]}),
+        case("src_0d", ValueError, "src[0] must have N = 4 rows like keep, got shape ()",
+             lambda: {"src": [torch.tensor(1.0)]}),
+    ]
+    if op == "compact":
+        return cases
+
+    def overlap_strided() -> dict[str, Any]:
+        base = torch.zeros(2 * N)
+        return {"src": [base[::2]], "dst": [base]}
+
+    def overlap_partial() -> dict[str, Any]:
+        base = torch.zeros(10, 2)
+        return {"src": [base[:N], torch.zeros(N, 2)], "dst": [torch.zeros(N, 2), base[2:8]]}
+
+    def same() -> dict[str, Any]:
+        src = [torch.zeros(N, 2), torch.arange(N)]
+        return {"src": src, "dst": src}
+
+    return [
+        *cases,
+        case("dst_count", ValueError, "dst must hold one buffer per src tensor: 2 src, 1 dst",
+             lambda: {"dst": [torch.zeros(N, 2)]}),
+        case("dst_dtype", TypeError, "dst[1] must have the dtype of src[1] (int64), got int32",
+             lambda: {"dst": [torch.zeros(N, 2), torch.zeros(N, dtype=torch.int32)]}),
+        case("dst_too_few_rows", ValueError,
+             "dst[0] must have shape (>= 4, 2) to hold src[0] of shape (4, 2), got (3, 2)",
+             lambda: {"dst": [torch.zeros(N - 1, 2), torch.zeros(N, dtype=torch.int64)]}),
+        case("dst_trailing_shape", ValueError,
+             "dst[0] must have shape (>= 4, 2) to hold src[0] of shape (4, 2), got (4, 3)",
+             lambda: {"dst": [torch.zeros(N, 3), torch.zeros(N, dtype=torch.int64)]}),
+        case("dst_rank", ValueError,
+             "dst[1] must have shape (>= 4) to hold src[1] of shape (4,), got (4, 1)",
+             lambda: {"dst": [torch.zeros(N, 2), torch.zeros(N, 1, dtype=torch.int64)]}),
+        case("dst_noncontiguous", ValueError, "dst[0] must be contiguous",
+             lambda: {"dst": [torch.zeros(2, N).t(), torch.zeros(N, dtype=torch.int64)]}),
+        case("dst_is_src", ValueError, "dst[0] overlaps src[0]; compaction into its own source "
+             "is not supported, pass a separate buffer", same),
+        case("dst_partial_overlap", ValueError, "dst[1] overlaps src[0]; compaction into its "
+             "own source is not supported, pass a separate buffer", overlap_partial),
+        case("dst_overlaps_strided_src", ValueError, "dst[0] overlaps src[0]; compaction into "
+             "its own source is not supported, pass a separate buffer", overlap_strided),
+    ]
+
+
+CASES: list[Case] = [
+    *(c for op in EXIT_OPS for c in _exit_cases(op)),
+    *_write_cases(),
+    *(c for op in COMPACT_OPS for c in _compact_cases(op)),
+]
+
+
+def _order_case() -> dict[str, Any]:
+    src = [torch.zeros(N, 2), torch.arange(N)]
+    return {"src": src, "dst": [src[0], torch.zeros(N, dtype=torch.int32)]}
+
+
+# Cases that only make sense as a comparison of the backends (no single right answer).
+CROSS_ONLY: list[Case] = [
+    Case("compact_out-overlap_and_dtype", "compact_out",
+         lambda backend: run_compact("compact_out", backend, **_order_case()), Exception,
+         "eenet.compact_out: ", exact=False),
+]
+
+
+def expected_pattern(case: Case) -> str:
+    """Regex for pytest.raises: the whole first line, or a prefix of it."""
+    tail = r"(?:\n|\Z)" if case.exact else ""
+    return r"\A" + re.escape(case.message) + tail
+
+
+# ---------------------------------------------------------------------------------------
+# Tests.
+
+
+def test_case_ids_unique() -> None:
+    """Guard against a copy-paste case shadowing another."""
+    ids = [c.id for c in CASES + CROSS_ONLY]
+    assert len(ids) == len(set(ids))
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_bad_input_raises(backend: str, case: Case) -> None:
+    """The documented exception type and message, on every backend."""
+    assert case.message.startswith(f"eenet.{case.op}: ")
+    with pytest.raises(case.exc, match=expected_pattern(case)) as info:
+        case.call(backend)
+    assert type(info.value) is case.exc  # not a subclass standing in for it
+
+
+@pytest.mark.skipif(not ek.HAVE_EXTENSION, reason="needs the compiled cpp backend")
+@pytest.mark.parametrize("case", CASES + CROSS_ONLY, ids=lambda c: c.id)
+def test_backends_raise_identically(case: Case) -> None:
+    """reference and cpp raise the same exception type with the same first line."""
+    got: dict[str, tuple[type[BaseException], str] | None] = {}
+    for backend in ("reference", "cpp"):
+        try:
+            case.call(backend)
+        except Exception as exc:
+            got[backend] = (type(exc), str(exc).splitlines()[0])
+        else:
+            got[backend] = None
+    assert got["reference"] is not None, "reference did not raise"
+    assert got["cpp"] == got["reference"]
+
+
+def test_cpp_messages_have_no_extra_text() -> None:
+    """C++ errors reach Python as the bare message: no C++ backtrace or source location."""
+    if not ek.HAVE_EXTENSION:
+        pytest.skip("needs the compiled cpp backend")
+    with pytest.raises(ValueError) as info:
+        run_exit("exit_score", "cpp", feats=torch.randn(N))
+    text = str(info.value)
+    assert "\n" not in text.strip()
+    assert "Exception raised from" not in text
+
+
+# ---------------------------------------------------------------------------------------
+# Valid empty inputs.
+
+
+def _empty_policy_args(policy: str) -> dict[str, Any]:
+    if policy == "eenet":
+        return {"prev_scores": torch.zeros(0, K), "prev_preds": torch.zeros(0, K, dtype=torch.long),
+                "sched_weight": torch.randn(C + 3 + K), "use_vote": True}
+    if policy == "patience":
+        return {"prev_preds": torch.zeros(0, K, dtype=torch.int32), "threshold": 1.0}
+    return {}
+
+
+def _check_empty_exit(op: str, backend: str, policy: str, shape: tuple[int, ...],
+                      check_finite: bool) -> None:
+    """N = 0 feats give (0, C) logits, (0,) score and mask, and leave the outputs untouched."""
+    out_logits = torch.full((N0, C), 3.0)
+    out_score = torch.full((N0,), 4.0)
+    out_exit = torch.full((N0,), 7, dtype=torch.int64)
+    logits, score, mask = run_exit(
+        op, backend, feats=torch.randn(shape), policy=policy, check_finite=check_finite,
+        row_index=torch.zeros(0, dtype=torch.int64), out_logits=out_logits,
+        out_score=out_score, out_exit=out_exit, **_empty_policy_args(policy))
+    assert logits.shape == (0, C) and logits.dtype == torch.float32
+    assert score.shape == (0,) and score.dtype == torch.float32
+    assert mask.shape == (0,) and mask.dtype == torch.bool
+    assert bool((out_logits == 3.0).all() & (out_score == 4.0).all() & (out_exit == 7).all())
+
+
+@pytest.mark.parametrize("shape", [(0, D), (0, D, 2)], ids=["2d", "3d"])
+@pytest.mark.parametrize("policy", ["max_prob", "entropy", "patience", "eenet"])
+@pytest.mark.parametrize("op", EXIT_OPS)
+def test_exit_score_empty_batch(backend: str, op: str, policy: str, shape: tuple[int, ...]
+                                ) -> None:
+    """N = 0 is valid for every policy and feats rank (finite check off)."""
+    _check_empty_exit(op, backend, policy, shape, check_finite=False)
+
+
+@pytest.mark.parametrize("op", EXIT_OPS)
+def test_exit_score_empty_batch_default_finite_check(backend: str, op: str) -> None:
+    """N = 0 is valid with the default check_finite=True too."""
+    _check_empty_exit(op, backend, "max_prob", (0, D), check_finite=True)
+
+
+@pytest.mark.parametrize("op", COMPACT_OPS)
+def test_compact_empty_batch(backend: str, op: str) -> None:
+    """N = 0 compacts to empty buffers and a zero count; out buffers stay untouched."""
+    keep = torch.zeros(0, dtype=torch.bool)
+    src = [torch.zeros(0), torch.zeros(0, 3, dtype=torch.int32),
+           torch.zeros(5, 0, 7, dtype=torch.bfloat16).transpose(0, 1)]
+    dst = [torch.full((2,), 9.0), torch.full((0, 3), 9, dtype=torch.int32),
+           torch.full((1, 5, 7), 9.0, dtype=torch.bfloat16)]
+    kept, count = run_compact(op, backend, keep=keep, src=src, dst=dst)
+    assert count.dim() == 0 and count.dtype == torch.int64 and int(count) == 0
+    if op == "compact":
+        assert [tuple(k.shape) for k in kept] == [(0,), (0, 3), (0, 5, 7)]
+        assert [k.dtype for k in kept] == [s.dtype for s in src]
+    else:
+        assert all(k is d for k, d in zip(kept, dst, strict=True))
+        assert bool((dst[0] == 9).all() & (dst[2] == 9).all())
+
+
+# ---------------------------------------------------------------------------------------
+# Devices (needs CUDA).
+
+
+@pytest.mark.gpu
+def test_tensors_on_different_devices(backend: str) -> None:
+    """A secondary tensor on another device than the primary one is named in a ValueError."""
+    feats, weight = torch.randn(N, D), torch.randn(C, D, device="cuda")
+    with pytest.raises(ValueError, match=re.escape(
+            f"eenet.exit_score: weight is on {weight.device} but feats is on cpu; all tensors "
+            "must share one device")):
+        ek.exit_score(feats, weight, backend=backend)
+    src = torch.zeros(N, 2, device="cuda")
+    for op in COMPACT_OPS:
+        with pytest.raises(ValueError, match=re.escape(
+                f"eenet.{op}: src[0] is on {src.device} but keep is on cpu; all tensors must "
+                "share one device")):
+            run_compact(op, backend, src=[src], dst=[torch.zeros(N, 2)])
