@@ -36,7 +36,7 @@ lint: setup
 	$(PYTHON) -m ruff check .
 
 demo: setup
-	$(PYTHON) -m eenet_kernels.demo
+	$(PYTHON) -m eenet demo
 
 clean:
 	rm -rf build *.egg-info eenet_kernels/*.so .setup-system-done $(VENV)

@@ -1,0 +1,8 @@
+"""eenet: multi-exit networks, exit policies, budget calibration and the batched runtime."""
+
+from __future__ import annotations
+
+from . import budget, nn, policies, runtime, train
+
+__all__ = ["budget", "nn", "policies", "runtime", "train"]
+__version__ = "0.1.0"

@@ -1,0 +1,164 @@
+"""Cost model of a multi-exit network and the budget it is served under.
+
+Costs c_k are cumulative: what it costs a sample to leave at exit k, i.e. to run stages
+0..k and evaluate exit heads 0..k (every earlier exit was evaluated and declined). They are
+either measured (latency in ms per sample at the serving batch size, on the model's
+device) or counted (FLOPs per sample via ``torch.utils.flop_counter``). A budget is an
+average cost per sample, given in the costs' unit or as a fraction of the full model.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+if TYPE_CHECKING:
+    from .nn import MultiExitNetwork
+
+
+@dataclass
+class Costs:
+    """Cumulative per-exit costs (K values, increasing) and their unit (``ms`` or ``flops``)."""
+
+    values: list[float]
+    unit: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.values = [float(v) for v in self.values]
+        if not self.values:
+            raise ValueError("Costs needs one value per exit, got none")
+        if any(v <= 0 for v in self.values):
+            raise ValueError(f"costs must be positive, got {self.values}")
+        if any(b < a for a, b in zip(self.values, self.values[1:], strict=False)):
+            raise ValueError(f"cumulative costs must not decrease along the exits, got "
+                             f"{self.values}")
+
+    @property
+    def full(self) -> float:
+        """Cost of the whole network (the last exit)."""
+        return self.values[-1]
+
+    def tensor(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        return torch.tensor(self.values, dtype=torch.float64, device=device)
+
+    def expected(self, exit_index: torch.Tensor) -> float:
+        """Average cost per sample of the given exit assignment (N,) int."""
+        if exit_index.numel() == 0:
+            return 0.0
+        return float(self.tensor(exit_index.device)[exit_index.long()].mean())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"values": self.values, "unit": self.unit, "meta": self.meta}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Costs:
+        return cls(list(data["values"]), str(data["unit"]), dict(data.get("meta", {})))
+
+
+@dataclass(frozen=True)
+class Budget:
+    """An average cost per sample: ``value`` in ``unit`` (``fraction`` of the full model,
+    or the costs' own unit, ``ms`` / ``flops``)."""
+
+    value: float
+    unit: str = "fraction"
+
+    def absolute(self, costs: Costs) -> float:
+        """The budget in the costs' unit; errors when it cannot be met or is meaningless."""
+        if self.unit == "fraction":
+            if not 0.0 < self.value <= 1.0:
+                raise ValueError(f"a fractional budget must lie in (0, 1], got {self.value}")
+            b = self.value * costs.full
+        elif self.unit == costs.unit:
+            b = self.value
+        else:
+            raise ValueError(f"budget is in {self.unit!r} but the costs are in {costs.unit!r}")
+        if b < costs.values[0] * (1 - 1e-9):
+            raise ValueError(
+                f"budget {b:.4g} {costs.unit} is below the cost of the first exit "
+                f"({costs.values[0]:.4g} {costs.unit}): no policy can meet it")
+        return min(b, costs.full)
+
+
+def as_budget(budget: float | Budget) -> Budget:
+    """A bare number is a fraction of the full model's cost."""
+    return budget if isinstance(budget, Budget) else Budget(float(budget), "fraction")
+
+
+def _prefix_runner(net: MultiExitNetwork, k: int):
+    """What a sample that leaves at exit k has run: stages 0..k and exit heads 0..k."""
+
+    def run(x: torch.Tensor) -> list[torch.Tensor]:
+        h, outs = x, []
+        for stage, head in zip(net.stages[: k + 1], net.heads[: k + 1], strict=True):
+            h = stage(h)
+            outs.append(head(h))
+        return outs
+
+    return run
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def measure(net: MultiExitNetwork, example_batch: torch.Tensor, repeats: int = 10,
+            warmup: int = 3) -> Costs:
+    """Measured cumulative latency per exit, in ms per sample, at the example batch's size.
+
+    Exit k's cost is the median time of running stages 0..k and head k on the whole batch,
+    divided by the batch size, on the batch's device.
+    """
+    was_training = net.training
+    net.eval()
+    device = example_batch.device
+    n = max(1, example_batch.shape[0])
+    values = []
+    for k in range(net.num_exits):
+        run = _prefix_runner(net, k)
+        for _ in range(warmup):
+            run(example_batch)
+        times = []
+        for _ in range(repeats):
+            _sync(device)
+            start = time.perf_counter()
+            run(example_batch)
+            _sync(device)
+            times.append(time.perf_counter() - start)
+        values.append(sorted(times)[len(times) // 2] * 1e3 / n)
+    net.train(was_training)
+    # measurement noise may invert two close exits; costs are cumulative, so keep them sorted
+    for k in range(1, len(values)):
+        values[k] = max(values[k], values[k - 1])
+    return Costs(values, "ms", {"batch_size": n, "device": str(device), "repeats": repeats})
+
+
+@torch.no_grad()
+def count_flops(net: MultiExitNetwork, example_batch: torch.Tensor) -> Costs:
+    """Counted cumulative FLOPs per sample per exit (``torch.utils.flop_counter``)."""
+    was_training = net.training
+    net.eval()
+    n = max(1, example_batch.shape[0])
+    values = []
+    for k in range(net.num_exits):
+        counter = FlopCounterMode(display=False)
+        with counter:
+            _prefix_runner(net, k)(example_batch)
+        values.append(counter.get_total_flops() / n)
+    net.train(was_training)
+    return Costs(values, "flops", {"batch_size": n})
+
+
+def report(costs: Costs, exit_index: torch.Tensor, budget: float | Budget) -> dict[str, float]:
+    """Achieved vs asked cost of an exit assignment: absolute values and their ratio."""
+    asked = as_budget(budget).absolute(costs)
+    achieved = costs.expected(exit_index)
+    return {"asked": asked, "achieved": achieved, "ratio": achieved / asked,
+            "fraction_of_full": achieved / costs.full}

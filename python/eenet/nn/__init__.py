@@ -1,0 +1,15 @@
+"""Multi-exit networks: exit heads, the K-stage network, and adapters adding exits to models."""
+
+from __future__ import annotations
+
+from .heads import ExitHead, FirstToken
+from .multi_exit import ChainStage, FirstTokenIfSequence, MultiExitNetwork, attach_exits
+
+__all__ = [
+    "ChainStage",
+    "ExitHead",
+    "FirstToken",
+    "FirstTokenIfSequence",
+    "MultiExitNetwork",
+    "attach_exits",
+]

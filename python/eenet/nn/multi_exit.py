@@ -1,0 +1,513 @@
+"""Multi-exit networks: K stages and K exit heads, and :func:`attach_exits`, which splits an
+existing model into stages and adds exit heads to it without copying any weight.
+
+Shapes: N rows; C classes. ``net(x)`` returns the K exits' logits, each (N, C), in the
+heads' dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .heads import ExitHead
+
+__all__ = ["ChainStage", "FirstTokenIfSequence", "MultiExitNetwork", "attach_exits"]
+
+HEAD_KINDS: tuple[str, ...] = ("auto", "conv", "token", "linear")
+
+_POOLS: tuple[type[nn.Module], ...] = (
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+    nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
+)
+# shape-preserving (in eval) modules allowed between a ResNet-style pool and its final Linear
+_PASSTHROUGH: tuple[type[nn.Module], ...] = (nn.Dropout, nn.Flatten, nn.Identity)
+
+
+class MultiExitNetwork(nn.Module):
+    """K stages and K exit heads: ``h_k = stages[k](h_{k-1})`` (h_{-1} = x) and exit k's
+    logits are ``heads[k](h_k)``, (N, C).
+
+    ``forward`` returns all K logits, in training and evaluation mode alike; the early-exit
+    runtime (``eenet.runtime``) uses ``stages`` and ``heads`` directly.
+    """
+
+    stages: nn.ModuleList
+    heads: nn.ModuleList
+
+    def __init__(self, stages: Sequence[nn.Module], heads: Sequence[ExitHead]) -> None:
+        super().__init__()
+        for what, seq in (("stages", stages), ("heads", heads)):
+            if isinstance(seq, nn.Module) and not isinstance(seq, nn.ModuleList):
+                raise ValueError(f"{what} must be a sequence of modules (a list or an "
+                                 f"nn.ModuleList), not a single {type(seq).__name__}")
+        stages, heads = list(stages), list(heads)
+        if len(stages) == 0:
+            raise ValueError("a MultiExitNetwork needs at least one stage and one exit head")
+        if len(stages) != len(heads):
+            raise ValueError(f"got {len(stages)} stages but {len(heads)} exit heads: every "
+                             "stage needs exactly one exit head after it")
+        for k, stage in enumerate(stages):
+            if not isinstance(stage, nn.Module):
+                raise TypeError(f"stage {k} must be an nn.Module, got {type(stage).__name__}")
+        for k, head in enumerate(heads):
+            if not isinstance(head, ExitHead):
+                raise TypeError(f"head {k} must be an eenet.nn.ExitHead, got "
+                                f"{type(head).__name__}")
+        classes = [h.classifier.out_features for h in heads]
+        if len(set(classes)) != 1:
+            raise ValueError(f"the exit heads disagree on the number of classes: their "
+                             f"classifiers have out_features {classes}")
+        self.stages = nn.ModuleList(stages)
+        self.heads = nn.ModuleList(heads)
+
+    @property
+    def num_exits(self) -> int:
+        """K, the number of exits (= stages)."""
+        return len(self.heads)
+
+    @property
+    def num_classes(self) -> int:
+        """C, shared by every exit head's classifier."""
+        return self.heads[0].classifier.out_features
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The K exits' logits, each (N, C), for input x (whatever the first stage takes)."""
+        outs: list[torch.Tensor] = []
+        h = x
+        for stage, head in zip(self.stages, self.heads, strict=True):
+            h = stage(h)
+            outs.append(head(h))
+        return outs
+
+
+class ChainStage(nn.Module):
+    """A stage cut out of a backbone: its blocks (the backbone's own module objects, not
+    copies) applied in order. Blocks that are elements of an ``nn.ModuleList`` (transformer
+    layers) may return tuples (HF ``BertLayer`` does); their output is unwrapped to ``[0]``.
+
+    ``names`` are the blocks' dotted paths in the backbone.
+    """
+
+    def __init__(self, blocks: Sequence[nn.Module], names: Sequence[str],
+                 unwrap: Sequence[bool]) -> None:
+        super().__init__()
+        if not (len(blocks) == len(names) == len(unwrap)):
+            raise ValueError("ChainStage needs one name and one unwrap flag per block")
+        self.blocks = nn.ModuleList(blocks)
+        self.names: tuple[str, ...] = tuple(names)
+        self.unwrap: tuple[bool, ...] = tuple(bool(u) for u in unwrap)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        for block, unwrap in zip(self.blocks, self.unwrap, strict=True):
+            h = block(h)
+            if unwrap and isinstance(h, tuple):
+                h = h[0]
+        return h
+
+    def extra_repr(self) -> str:
+        return f"names={list(self.names)}"
+
+
+class FirstTokenIfSequence(nn.Module):
+    """Input of an encoder model's own final classifier: the first ([CLS]) token of a
+    batch-first sequence (N, L, H) -> (N, H); an (N, D) input (already pooled) passes."""
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if h.dim() == 3:
+            return h[:, 0]
+        if h.dim() == 2:
+            return h
+        raise ValueError(f"expected (N, L, H) or (N, D) before the final classifier, got shape "
+                         f"{tuple(h.shape)}")
+
+
+@dataclass
+class _Item:
+    """One block of the backbone's chain: its dotted path, the module, and whether it is an
+    ``nn.ModuleList`` element (tuple outputs unwrapped)."""
+
+    name: str
+    module: nn.Module
+    unwrap: bool = False
+
+
+def _children(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    # _modules, not named_children(): a module registered twice (Sequential(a, a)) runs twice
+    return [(n, m) for n, m in module._modules.items() if m is not None]
+
+
+def _is_plain_sequential(module: nn.Module) -> bool:
+    return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
+
+
+def _is_plain_encoder(module: nn.Module) -> bool:
+    return (isinstance(module, nn.TransformerEncoder)
+            and type(module).forward is nn.TransformerEncoder.forward)
+
+
+def _items_of(prefix: str, module: nn.Module, unwrap_last: bool = False) -> list[_Item]:
+    """The chain of a splittable container's children; ModuleLists become their elements."""
+    items: list[_Item] = []
+    for name, child in _children(module):
+        path = f"{prefix}.{name}" if prefix else name
+        if isinstance(child, nn.ModuleList):
+            for i, layer in enumerate(child):
+                if isinstance(layer, (nn.ModuleList, nn.ModuleDict)):
+                    raise ValueError(f"'{path}.{i}' is a {type(layer).__name__}; attach_exits "
+                                     "needs the elements of a layer list to be callable layers")
+                items.append(_Item(f"{path}.{i}", layer, unwrap=True))
+        elif isinstance(child, nn.ModuleDict):
+            raise ValueError(f"'{path}' is an nn.ModuleDict: its use depends on the model's "
+                             "forward, so attach_exits cannot chain it")
+        else:
+            items.append(_Item(path, child))
+    if items and unwrap_last:
+        items[-1].unwrap = True
+    return items
+
+
+def _splittable(module: nn.Module) -> bool:
+    return _is_plain_sequential(module) or _is_plain_encoder(module)
+
+
+def _expand(items: list[_Item], name: str) -> list[_Item]:
+    """Expand containers until ``name`` is a block or an expanded container of the chain."""
+    while True:
+        names = [it.name for it in items]
+        if name in names or any(n.startswith(name + ".") for n in names):
+            return items
+        idx = next((i for i, it in enumerate(items) if name.startswith(it.name + ".")), None)
+        if idx is None:
+            raise ValueError(f"unknown module name {name!r}: the backbone's blocks are "
+                             f"{_show(names)}")
+        parent = items[idx]
+        if not _splittable(parent.module):
+            raise ValueError(
+                f"cannot place an exit at {name!r}: it lies inside {parent.name!r} "
+                f"({type(parent.module).__name__}), and attach_exits splits only nn.Sequential, "
+                "nn.ModuleList and nn.TransformerEncoder containers (their forward order is known)")
+        sub = _items_of(parent.name, parent.module, unwrap_last=parent.unwrap)
+        items = [*items[:idx], *sub, *items[idx + 1:]]
+
+
+def _show(names: Sequence[str], limit: int = 24) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return f"[{shown}{', ...' if len(names) > limit else ''}]"
+
+
+def _position(items: list[_Item], name: str) -> int:
+    for i, it in enumerate(items):
+        if it.name == name:
+            return i
+    inside = [i for i, it in enumerate(items) if it.name.startswith(name + ".")]
+    return inside[-1]  # an expanded container: the exit goes after its last block
+
+
+def _modules_backwards(items: Sequence[_Item]) -> list[nn.Module]:
+    out: list[nn.Module] = []
+    for it in reversed(items):
+        out.extend(reversed(list(it.module.modules())))
+    return out
+
+
+def _infer_width(items: Sequence[_Item], kind: str) -> int | None:
+    """Width of the activation after ``items`` read from the last module with a known output
+    width (heuristic used only without ``example_input``)."""
+    for m in _modules_backwards(items):
+        if kind == "conv":
+            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+                return m.out_channels
+            if isinstance(m, nn.BatchNorm2d):
+                return m.num_features
+            if isinstance(m, (nn.Linear, nn.LayerNorm, nn.BatchNorm1d)):
+                return None
+        elif kind == "token":
+            if isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1:
+                return m.normalized_shape[0]
+            if isinstance(m, nn.MultiheadAttention):
+                return m.embed_dim
+            if isinstance(m, nn.Linear):
+                return m.out_features
+            if isinstance(m, nn.Embedding):
+                return m.embedding_dim
+            if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)):
+                return None
+        else:  # linear
+            if isinstance(m, nn.Linear):
+                return m.out_features
+            if isinstance(m, nn.BatchNorm1d):
+                return m.num_features
+            if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.LayerNorm, nn.Embedding,
+                              nn.MultiheadAttention, nn.BatchNorm2d)):
+                return None
+    return None
+
+
+def _make_head(kind: str, shape: torch.Size | None, prefix: Sequence[_Item], num_classes: int,
+               where: str, encoder: bool) -> ExitHead:
+    """A new exit head of ``kind`` for the activation (shape, batch first) after ``where``."""
+    if kind == "auto":
+        if shape is None:
+            if not encoder:
+                raise ValueError(
+                    f"head='auto' needs example_input to see the shape of the activation after "
+                    f"{where!r} (or pass head='conv' / 'token' / 'linear')")
+            kind = "token"  # every activation of an encoder stack is (N, L, H)
+        else:
+            rank = len(shape)
+            if rank not in (2, 3, 4):
+                raise ValueError(f"head='auto': the activation after {where!r} has shape "
+                                 f"{tuple(shape)}; only 2-D (linear), 3-D (token) and 4-D "
+                                 "(conv) activations have an automatic head")
+            kind = {4: "conv", 3: "token", 2: "linear"}[rank]
+    need_rank = {"conv": 4, "token": 3}
+    if shape is not None and kind in need_rank and len(shape) != need_rank[kind]:
+        raise ValueError(f"a {kind} head needs a {need_rank[kind]}-D activation, but the one "
+                         f"after {where!r} has shape {tuple(shape)}")
+    if shape is not None:
+        width = int(shape[1]) if kind == "conv" else int(shape[-1]) if kind == "token" else (
+            math.prod(int(s) for s in shape[1:]))
+    else:
+        found = _infer_width(prefix, kind)
+        if found is None:
+            raise ValueError(f"cannot tell the width of the activation after {where!r} for a "
+                             f"{kind} head; pass example_input")
+        width = int(found)
+    if kind == "conv":
+        return ExitHead.conv(width, num_classes)
+    if kind == "token":
+        return ExitHead.token(width, num_classes)
+    return ExitHead.linear(width, num_classes)
+
+
+def _run_chain(items: Sequence[_Item], x: torch.Tensor) -> list[torch.Tensor]:
+    outs = []
+    h = x
+    for it in items:
+        h = it.module(h)
+        if it.unwrap and isinstance(h, tuple):
+            h = h[0]
+        if not isinstance(h, torch.Tensor):
+            raise ValueError(f"block {it.name!r} returned a {type(h).__name__}, not a tensor; "
+                             "attach_exits chains only tensor -> tensor blocks")
+        outs.append(h)
+    return outs
+
+
+def _ends_with_pool_linear(items: Sequence[_Item]) -> bool:
+    if not items or not isinstance(items[-1].module, nn.Linear):
+        return False
+    for it in reversed(items[:-1]):
+        if isinstance(it.module, _POOLS):
+            return True
+        if not isinstance(it.module, _PASSTHROUGH):
+            return False
+    return False
+
+
+def attach_exits(backbone: nn.Module, after: Sequence[str], num_classes: int,
+                 head: str = "auto", example_input: torch.Tensor | None = None
+                 ) -> MultiExitNetwork:
+    """Split ``backbone`` into stages ending at the named modules and add an exit after each.
+
+    The stages hold the backbone's very own module objects (no weight is copied: training
+    the multi-exit network trains the backbone). Exit k (k < len(after)) is a new
+    :class:`ExitHead` after ``after[k]``; the last exit is the backbone's own final
+    classifier when it has one, else a new head after its last block.
+
+    Supported forms (the backbone is treated as a chain of blocks run in order):
+
+    (a) ``nn.Sequential`` (with the stock forward): the blocks are its children, names are
+        the child names (``"2"``). A final ``nn.Linear`` child is the last exit (its input
+        must be (N, D)); without one, a new head of kind ``head`` goes after the last child.
+    (b) ResNet-style: any other module whose forward applies its top-level children in
+        registration order, the children ending with a pooling module and a final
+        ``nn.Linear`` (``nn.Dropout`` / ``nn.Flatten`` / ``nn.Identity`` allowed between),
+        the forward flattening the pooled (N, D, 1, 1) output before the Linear, like
+        torchvision's ResNet (``conv1, bn1, relu, maxpool, layer1..layer4, avgpool, fc``).
+        The last exit is ``ExitHead(Flatten(1), backbone.fc)``.
+    (c) Encoder stacks: a module whose forward applies its top-level children in order and
+        iterates an ``nn.ModuleList`` of transformer layers (``model.layers``), or an
+        ``nn.TransformerEncoder`` itself; names are ``"layers.3"``. Layers are called with
+        the hidden states only (no masks); a tuple output is unwrapped to ``[0]`` (HF
+        ``BertLayer``). Activations are batch-first (N, L, H). If the last child is an
+        ``nn.Linear`` it is the last exit, applied to the first token (or to (N, D) if the
+        block before it already pooled); otherwise a new token head goes after the last block.
+
+    In every form, a name may also be a dotted path into a nested ``nn.Sequential`` /
+    ``nn.ModuleList`` / ``nn.TransformerEncoder`` child (``"layer3.1"``, ``"encoder.layers.2"``),
+    or name such a container (the exit goes after its last block). The final classifier, if
+    any, must have ``out_features == num_classes``.
+
+    Heads: ``head="auto"`` picks :meth:`ExitHead.conv` for 4-D (N, C, H, W) activations,
+    :meth:`ExitHead.token` for 3-D (N, L, H) and :meth:`ExitHead.linear` for 2-D; it reads
+    the shapes by running ``example_input`` (eval mode, no grad), which it therefore needs,
+    except for encoder stacks (every activation is (N, L, H), H read from the layers).
+    ``"conv"`` / ``"token"`` / ``"linear"`` force one kind; without ``example_input`` their
+    width is read from the last module with a known width before the exit (heuristic).
+    With ``example_input``, the function also checks that the chain reproduces
+    ``backbone(example_input)``, which catches a forward that does not run the children in
+    order. New heads get the backbone's device, floating dtype and train/eval mode.
+
+    Raises ValueError for: unknown names, duplicate names or names that land on the same
+    position, names not in forward order, an exit on or right before the final classifier
+    (it would duplicate the last exit), a final classifier with out_features != num_classes,
+    an unsupported model form, a missing ``example_input`` where shapes are needed, and a
+    chain that does not reproduce the backbone's output.
+    """
+    if not isinstance(backbone, nn.Module):
+        raise TypeError(f"backbone must be an nn.Module, got {type(backbone).__name__}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes <= 0:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    if head not in HEAD_KINDS:
+        raise ValueError(f"unknown head kind {head!r}; expected one of {HEAD_KINDS}")
+    if isinstance(after, str):
+        raise ValueError(f"after must be a sequence of module names, got the string {after!r} "
+                         f"(did you mean [{after!r}]?)")
+    after = list(after)
+    for name in after:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"module names must be non-empty strings, got {name!r}")
+    dupes = sorted({n for n in after if after.count(n) > 1})
+    if dupes:
+        raise ValueError(f"duplicate module names in after: {dupes}")
+    if example_input is not None and not isinstance(example_input, torch.Tensor):
+        raise ValueError(f"example_input must be a tensor, got {type(example_input).__name__}")
+
+    # the chain of blocks, containers expanded where the names reach into them
+    items = _items_of("", backbone)
+    if not items:
+        raise ValueError(f"{type(backbone).__name__} has no child modules to split into stages")
+    for name in after:
+        items = _expand(items, name)
+    positions = [_position(items, n) for n in after]
+    for i in range(1, len(after)):
+        if positions[i] <= positions[i - 1]:
+            what = "the same position as" if positions[i] == positions[i - 1] else "before"
+            raise ValueError(
+                f"names are not in forward order: {after[i]!r} (block {positions[i]}) comes "
+                f"{what} {after[i - 1]!r} (block {positions[i - 1]}); list them in the order "
+                "the forward runs them")
+
+    # the form of the model
+    encoder = any(it.unwrap or _is_plain_encoder(it.module) for it in items)
+    if _is_plain_sequential(backbone):
+        form = "sequential"
+    elif _is_plain_encoder(backbone) or (encoder and not _ends_with_pool_linear(items)):
+        form = "encoder"
+    elif _ends_with_pool_linear(items):
+        form = "resnet"
+    else:
+        raise ValueError(
+            f"unsupported backbone {type(backbone).__name__}: attach_exits handles "
+            "nn.Sequential, ResNet-style models whose children end with a pooling module and "
+            "an nn.Linear, and encoder stacks with an nn.ModuleList of layers (see the "
+            f"docstring); its blocks are {_show([it.name for it in items])}")
+
+    last_module = items[-1].module
+    classifier = last_module if isinstance(last_module, nn.Linear) else None
+    own = classifier is not None
+    body_items = items[:-1] if own else items
+    if not body_items:
+        raise ValueError("the backbone has no block before its final classifier")
+    if classifier is not None and classifier.out_features != num_classes:
+        raise ValueError(f"the backbone's final classifier {items[-1].name!r} has "
+                         f"out_features={classifier.out_features}, but num_classes="
+                         f"{num_classes}")
+    last_block = len(body_items) - 1
+    for name, pos in zip(after, positions, strict=True):
+        if pos > last_block:
+            raise ValueError(f"{name!r} is the backbone's final classifier, which is already "
+                             "the last exit; leave it out of after")
+        if pos == last_block:
+            end = (f"the final classifier {items[-1].name!r}" if own
+                   else "the end of the backbone")
+            raise ValueError(f"no block runs between {name!r} and {end}: an exit there would "
+                             "duplicate the last exit; leave it out of after")
+
+    # shapes (and a check of the chain) from example_input
+    shapes: list[torch.Size] | None = None
+    if example_input is not None:
+        shapes = _check_chain(backbone, items, classifier, form, example_input)
+
+    # stages and heads
+    cuts = [*positions, last_block]
+    stages: list[nn.Module] = []
+    heads: list[ExitHead] = []
+    start = 0
+    for k, cut in enumerate(cuts):
+        chunk = body_items[start:cut + 1]
+        stages.append(ChainStage([it.module for it in chunk], [it.name for it in chunk],
+                                 [it.unwrap for it in chunk]))
+        start = cut + 1
+        if k < len(after) or classifier is None:
+            where = after[k] if k < len(after) else body_items[-1].name
+            kind = head
+            shape = shapes[cut] if shapes is not None else None
+            new = _make_head(kind, shape, body_items[:cut + 1], num_classes, where,
+                             encoder=(form == "encoder"))
+            heads.append(_like_backbone(new, backbone))
+        else:
+            body: nn.Module = FirstTokenIfSequence() if form == "encoder" else nn.Flatten(1)
+            heads.append(ExitHead(body, classifier))
+    net = MultiExitNetwork(stages, heads)
+    # the new wrappers follow the backbone's mode; the backbone's modules keep their own
+    own_modules = {id(m) for m in backbone.modules()}
+    for m in net.modules():
+        if id(m) not in own_modules:
+            m.training = backbone.training
+    return net
+
+
+def _like_backbone(head: ExitHead, backbone: nn.Module) -> ExitHead:
+    ref = next((p for p in backbone.parameters() if p.is_floating_point()), None)
+    if ref is not None:
+        head = head.to(device=ref.device, dtype=ref.dtype)
+    head.train(backbone.training)
+    return head
+
+
+@torch.no_grad()
+def _check_chain(backbone: nn.Module, items: list[_Item], classifier: nn.Linear | None,
+                 form: str, x: torch.Tensor) -> list[torch.Size]:
+    """Run the chain on ``x`` in eval mode: the activation shape after every block, and a
+    check that the chain (and the last exit) reproduce ``backbone(x)``."""
+    ref = next((p for p in backbone.parameters()), None)
+    if ref is not None and x.device != ref.device:
+        x = x.to(ref.device)
+    modes = {m: m.training for m in backbone.modules()}
+    backbone.eval()
+    try:
+        if classifier is not None:
+            acts = _run_chain(items[:-1], x)
+            pooled = FirstTokenIfSequence()(acts[-1]) if form == "encoder" else acts[-1].flatten(1)
+            ours = classifier(pooled)
+        else:
+            acts = _run_chain(items, x)
+            ours = acts[-1]
+        expected = backbone(x)
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    if not isinstance(expected, torch.Tensor):
+        raise ValueError(f"backbone(example_input) returned a {type(expected).__name__}; "
+                         "attach_exits needs a model that returns a tensor")
+    if ours.shape != expected.shape:
+        raise ValueError(
+            f"the chain of the backbone's blocks gives shape {tuple(ours.shape)} but "
+            f"backbone(example_input) gives {tuple(expected.shape)}: its forward is not one of "
+            "the forms attach_exits supports (children run in registration order)")
+    tol = 1e-4 * (1.0 + float(expected.abs().max())) if expected.numel() else 0.0
+    diff = float((ours.float() - expected.float()).abs().max()) if expected.numel() else 0.0
+    if not diff <= tol:
+        raise ValueError(
+            f"the chain of the backbone's blocks does not reproduce backbone(example_input) "
+            f"(max abs difference {diff:.3g}): its forward is not one of the forms attach_exits "
+            "supports (children run in registration order)")
+    return [a.shape for a in acts]

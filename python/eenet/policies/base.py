@@ -1,0 +1,150 @@
+"""Exit policies: per-exit rules that map onto the ``exit_score`` op, and their offline oracle.
+
+A policy for a K-exit network is K :class:`ExitRule` s. The runtime feeds rule k to
+``eenet_kernels.exit_score_write`` at exit k (the last exit always takes the rest), and
+:meth:`ExitPolicy.decide` replays the same decisions offline from every exit's logits with
+``eenet_kernels.reference`` (the "simulate" oracle of the EENet authors), so the two agree
+by construction and the tests check that they do.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from eenet_kernels import reference
+
+
+@dataclass
+class ExitRule:
+    """Parameters of one exit's ``exit_score`` call.
+
+    ``sched_weight`` (C + 2 + k [+ 1],) float32 and ``sched_bias`` only for ``eenet``.
+    """
+
+    policy: str
+    threshold: float
+    sched_weight: torch.Tensor | None = None
+    sched_bias: float = 0.0
+    use_vote: bool = False
+
+
+class ExitPolicy:
+    """Base class: a policy kind (the op's policy name) and one threshold per exit."""
+
+    kind: ClassVar[str]
+    registry: ClassVar[dict[str, type[ExitPolicy]]] = {}
+
+    def __init__(self, thresholds: list[float]) -> None:
+        if len(thresholds) < 1:
+            raise ValueError("a policy needs one threshold per exit (at least one exit)")
+        self.thresholds = [float(t) for t in thresholds]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "kind" in cls.__dict__:
+            ExitPolicy.registry[cls.__name__] = cls
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.thresholds)
+
+    @property
+    def needs_scores(self) -> bool:
+        """Whether exit k reads the scores of exits < k (the EENet scheduler does)."""
+        return self.kind == "eenet"
+
+    @property
+    def needs_preds(self) -> bool:
+        """Whether exit k reads the predictions of exits < k (patience, the vote feature)."""
+        return self.kind == "patience" or any(r.use_vote for r in self.rules())
+
+    def rules(self) -> list[ExitRule]:
+        return [ExitRule(self.kind, t) for t in self.thresholds]
+
+    def check_network(self, num_exits: int) -> None:
+        """Raise if this policy was made for a network with another number of exits."""
+        if num_exits != self.num_exits:
+            raise ValueError(f"{type(self).__name__} has {self.num_exits} exit rules but the "
+                             f"network has {num_exits} exits")
+
+    # -- offline oracle -------------------------------------------------------------------
+
+    def scores(self, logits: list[torch.Tensor]) -> torch.Tensor:
+        """(N, K) float32 score of every sample at every exit (reference semantics).
+
+        ``logits``: K tensors (N, C), exit k's logits for all N samples. Exit k sees the
+        scores / argmax of exits < k as its history, as in the runtime.
+        """
+        self.check_network(len(logits))
+        rules = self.rules()
+        n = logits[0].shape[0]
+        scores = torch.empty(n, len(logits), dtype=torch.float32, device=logits[0].device)
+        preds = torch.empty(n, len(logits), dtype=torch.int64, device=logits[0].device)
+        for k, (z, rule) in enumerate(zip(logits, rules, strict=True)):
+            z = z.float()
+            scores[:, k] = reference.policy_score(
+                z, rule.policy, prev_scores=scores[:, :k], prev_preds=preds[:, :k],
+                sched_weight=rule.sched_weight, sched_bias=rule.sched_bias,
+                use_vote=rule.use_vote)
+            preds[:, k] = z.argmax(dim=1)
+        return scores
+
+    def decide(self, logits: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Offline decisions: (exit_index (N,) int64, score at that exit (N,) float32)."""
+        scores = self.scores(logits)
+        return first_exit(scores, self.thresholds)
+
+    # -- persistence ----------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"class": type(self).__name__, "thresholds": self.thresholds}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ExitPolicy:
+        name = data.get("class")
+        if name not in ExitPolicy.registry:
+            raise ValueError(f"unknown policy class {name!r}; known: "
+                             f"{sorted(ExitPolicy.registry)}")
+        target = ExitPolicy.registry[name]
+        if cls is not ExitPolicy and not issubclass(target, cls):
+            raise ValueError(f"file holds a {name} policy, not a {cls.__name__}")
+        return target._from_dict(data)
+
+    @classmethod
+    def _from_dict(cls, data: dict[str, Any]) -> ExitPolicy:
+        return cls(list(data["thresholds"]))
+
+    def save(self, path: str) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+
+    @classmethod
+    def load(cls, path: str) -> ExitPolicy:
+        with open(path) as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path} is not a policy file (invalid JSON: {exc})") from exc
+        if not isinstance(data, dict) or "class" not in data:
+            raise ValueError(f"{path} is not a policy file (no 'class' entry)")
+        return cls.from_dict(data)
+
+    def __repr__(self) -> str:
+        ts = ", ".join(f"{t:.4g}" for t in self.thresholds)
+        return f"{type(self).__name__}(thresholds=[{ts}])"
+
+
+def first_exit(scores: torch.Tensor, thresholds: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """First exit k with scores[:, k] >= thresholds[k] (the last exit takes the rest).
+
+    scores (N, K) float32 -> (exit_index (N,) int64, score (N,) float32). NaN never passes.
+    """
+    t = torch.tensor(thresholds, dtype=scores.dtype, device=scores.device)
+    passes = scores >= t
+    passes[:, -1] = True
+    exit_index = passes.to(torch.uint8).argmax(dim=1)
+    return exit_index, scores.gather(1, exit_index[:, None]).squeeze(1)

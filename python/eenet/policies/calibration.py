@@ -1,0 +1,113 @@
+"""Threshold setting from validation scores: per-exit quantiles and the geometric scan.
+
+Both heuristics (max-prob, entropy, patience) and EENet set thresholds greedily, exit by
+exit, so that a chosen fraction of the whole validation set leaves at each exit (a quantile
+of the scores among the samples still present). The heuristics choose the fractions from a
+geometric family p_k ∝ q^k and scan q until the achieved average cost meets the budget.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..budget import Costs
+
+
+def thresholds_for_fractions(scores: torch.Tensor, fractions: list[float] | torch.Tensor,
+                             never: float) -> list[float]:
+    """Greedy per-exit thresholds so that about ``fractions[k]`` of all N samples exit at k.
+
+    scores (N, K) float32 (NaN never exits); fractions (K,) (the last one is implied).
+    ``never`` is the threshold used where no sample should exit (the top of the score
+    range). Ties at the quantile let every tied sample exit.
+    """
+    n, k_exits = scores.shape
+    remaining = torch.ones(n, dtype=torch.bool, device=scores.device)
+    fr = torch.as_tensor(fractions, dtype=torch.float64).tolist()
+    thresholds: list[float] = []
+    for k in range(k_exits - 1):
+        s = scores[remaining, k]
+        s = s[~torch.isnan(s)]
+        want = min(round(fr[k] * n), s.numel())
+        if want <= 0:
+            t = never
+        else:
+            t = float(torch.sort(s, descending=True).values[want - 1])
+            t = min(t, never)
+        thresholds.append(t)
+        remaining &= ~(scores[:, k] >= t)
+    thresholds.append(0.0)
+    return thresholds
+
+
+def geometric_fractions(q: float, k_exits: int) -> list[float]:
+    """p_k ∝ q^k, k = 0..K-1 (q < 1 favours early exits, q > 1 late ones)."""
+    w = [q**k for k in range(k_exits)]
+    total = sum(w)
+    return [x / total for x in w]
+
+
+def achieved_exits(scores: torch.Tensor, thresholds: list[float]) -> torch.Tensor:
+    """Exit index (N,) of every sample under the thresholds (first passing exit)."""
+    from .base import first_exit
+
+    return first_exit(scores, thresholds)[0]
+
+
+def geometric_scan(scores: torch.Tensor, costs: Costs, budget: float, never: float,
+                   iterations: int = 60) -> list[float]:
+    """Thresholds of the geometric family whose achieved cost on ``scores`` meets ``budget``.
+
+    ``budget`` is absolute (the costs' unit). Bisection on log q; returns the largest-cost
+    thresholds that do not exceed the budget (or the cheapest found if none does).
+    """
+    k_exits = scores.shape[1]
+    if len(costs.values) != k_exits:
+        raise ValueError(f"costs have {len(costs.values)} exits but the scores have {k_exits}")
+
+    def evaluate(log_q: float) -> tuple[list[float], float]:
+        th = thresholds_for_fractions(scores, geometric_fractions(math.exp(log_q), k_exits),
+                                      never)
+        return th, costs.expected(achieved_exits(scores, th))
+
+    lo, hi = -20.0, 20.0
+    best_th, best_cost = evaluate(lo)
+    th_hi, cost_hi = evaluate(hi)
+    if cost_hi <= budget:
+        return th_hi
+    for _ in range(iterations):
+        mid = 0.5 * (lo + hi)
+        th, cost = evaluate(mid)
+        if cost <= budget:
+            lo, best_th, best_cost = mid, th, cost
+        else:
+            hi = mid
+        if abs(best_cost - budget) <= 1e-4 * budget:
+            break
+    return best_th
+
+
+@torch.no_grad()
+def collect_exit_logits(net: torch.nn.Module, loader) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Every exit's logits on a whole loader: (K tensors (N, C) float32, labels (N,) int64).
+
+    ``net(x)`` must return the list of its K exits' logits (``MultiExitNetwork`` does).
+    """
+    was_training = net.training
+    net.eval()
+    per_exit: list[list[torch.Tensor]] = []
+    labels = []
+    for x, y in loader:
+        device = next(net.parameters()).device
+        outs = net(x.to(device))
+        if not per_exit:
+            per_exit = [[] for _ in outs]
+        for k, z in enumerate(outs):
+            per_exit[k].append(z.float().cpu())
+        labels.append(y.cpu())
+    net.train(was_training)
+    if not per_exit:
+        raise ValueError("the loader yielded no batches")
+    return [torch.cat(z) for z in per_exit], torch.cat(labels).long()

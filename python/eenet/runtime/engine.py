@@ -1,0 +1,212 @@
+"""The batched early-exit engine.
+
+Modes (DESIGN.md):
+- ``full``: every stage on every row, decisions afterwards (the offline oracle of the EENet
+  authors; no saving).
+- ``mask``: every stage on every row still in the batch, exited rows frozen: the batch waits
+  for its slowest sample (PABEE-style; stops early only when all rows have exited).
+- ``compact``: our ops: ``exit_score_write`` at each exit, then ``compact`` of the
+  survivors' state, so stage k+1 runs only on the rows still present. One host sync per
+  stage (the survivor count); buffers are allocated once per batch shape.
+
+All modes return results in the input order and agree with :func:`simulate` (tests).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+import eenet_kernels as ek
+
+from ..policies.base import ExitPolicy
+
+MODES: tuple[str, ...] = ("full", "mask", "compact")
+
+
+@dataclass
+class EngineOutput:
+    """Per-sample results in input order: logits (N, C) float32, exit_index (N,) int64,
+    score (N,) float32 (the policy's score at the exit taken)."""
+
+    logits: torch.Tensor
+    exit_index: torch.Tensor
+    score: torch.Tensor
+
+
+@torch.no_grad()
+def simulate(net: torch.nn.Module, policy: ExitPolicy, x: torch.Tensor) -> EngineOutput:
+    """Oracle: run every exit on every sample, then let the policy pick (reference math)."""
+    logits = [z.float() for z in net(x)]
+    exit_index, score = policy.decide(logits)
+    stacked = torch.stack(logits, dim=1)
+    chosen = stacked[torch.arange(x.shape[0], device=x.device), exit_index]
+    return EngineOutput(chosen, exit_index, score)
+
+
+class _Buffers:
+    """Per-batch-shape storage of the compact mode: one buffer per stage output for the
+    activations, and ping-pong pairs for the row index and the policy history."""
+
+    def __init__(self) -> None:
+        self.stage_out: dict[int, torch.Tensor] = {}
+        self.pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def stage(self, k: int, like: torch.Tensor, n0: int) -> torch.Tensor:
+        buf = self.stage_out.get(k)
+        if buf is None:
+            buf = like.new_empty((n0, *like.shape[1:]))
+            self.stage_out[k] = buf
+        return buf
+
+    def pair(self, name: str, like: torch.Tensor, n0: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if name not in self.pairs:
+            shape = (n0, *like.shape[1:])
+            self.pairs[name] = (like.new_empty(shape), like.new_empty(shape))
+        return self.pairs[name]
+
+
+class Engine:
+    """Batched early-exit inference of a multi-exit network under an exit policy.
+
+    ``net`` has ``stages`` and ``heads`` (``eenet.nn.MultiExitNetwork``); head k exposes
+    ``features(h)`` ((N, D) or (N, D, S)) and ``classifier`` (the Linear the fused kernel
+    consumes). ``engine(x)`` returns an :class:`EngineOutput`.
+    """
+
+    def __init__(self, net: torch.nn.Module, policy: ExitPolicy, mode: str = "compact",
+                 backend: str | None = None) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if len(net.stages) != len(net.heads):
+            raise ValueError(f"the network has {len(net.stages)} stages but {len(net.heads)} "
+                             "exit heads")
+        policy.check_network(len(net.heads))
+        self.net = net.eval()
+        self.policy = policy
+        self.mode = mode
+        self.backend = backend
+        self._rules = policy.rules()
+        self._buffers: dict[tuple, _Buffers] = {}
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.net.heads)
+
+    def __call__(self, x: torch.Tensor) -> EngineOutput:
+        with torch.no_grad():
+            if self.mode == "full":
+                return simulate(self.net, self.policy, x)
+            if self.mode == "mask":
+                return self._run_mask(x)
+            return self._run_compact(x)
+
+    # -- shared pieces ----------------------------------------------------------------------
+
+    def _rule_args(self, k: int, prev_scores: torch.Tensor | None,
+                   prev_preds: torch.Tensor | None) -> dict:
+        rule = self._rules[k]
+        sched_weight = rule.sched_weight
+        if sched_weight is not None:
+            sched_weight = sched_weight.to(device=self.net.heads[k].classifier.weight.device,
+                                           dtype=torch.float32)
+        return {
+            "policy": rule.policy, "threshold": rule.threshold, "is_last": k == self.num_exits - 1,
+            "prev_scores": prev_scores, "prev_preds": prev_preds, "sched_weight": sched_weight,
+            "sched_bias": rule.sched_bias, "use_vote": rule.use_vote,
+            "check_finite": False, "backend": self.backend,
+        }
+
+    def _outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        n = x.shape[0]
+        c = self.net.heads[-1].classifier.out_features
+        return (torch.zeros(n, c, dtype=torch.float32, device=x.device),
+                torch.zeros(n, dtype=torch.float32, device=x.device),
+                torch.full((n,), -1, dtype=torch.int64, device=x.device))
+
+    def _history(self, n: int, device: torch.device) -> tuple[torch.Tensor | None,
+                                                               torch.Tensor | None]:
+        k = self.num_exits
+        scores = (torch.zeros(n, k, dtype=torch.float32, device=device)
+                  if self.policy.needs_scores else None)
+        preds = (torch.zeros(n, k, dtype=torch.int64, device=device)
+                 if self.policy.needs_preds else None)
+        return scores, preds
+
+    # -- mask mode --------------------------------------------------------------------------
+
+    def _run_mask(self, x: torch.Tensor) -> EngineOutput:
+        out_logits, out_score, out_exit = self._outputs(x)
+        hist_scores, hist_preds = self._history(x.shape[0], x.device)
+        active = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+        h = x
+        for k, (stage, head) in enumerate(zip(self.net.stages, self.net.heads, strict=True)):
+            h = stage(h)
+            res = ek.exit_score(head.features(h), head.classifier.weight, head.classifier.bias,
+                                **self._rule_args(k, _cols(hist_scores, k), _cols(hist_preds, k)))
+            leaving = res.exit_mask & active
+            out_logits[leaving] = res.logits[leaving]
+            out_score[leaving] = res.score[leaving]
+            out_exit[leaving] = k
+            active &= ~leaving
+            if hist_scores is not None:
+                hist_scores[:, k] = res.score
+            if hist_preds is not None:
+                hist_preds[:, k] = res.logits.argmax(dim=1)
+            if not bool(active.any()):  # the batch waits for its slowest row
+                break
+        return EngineOutput(out_logits, out_exit, out_score)
+
+    # -- compact mode -----------------------------------------------------------------------
+
+    def _run_compact(self, x: torch.Tensor) -> EngineOutput:
+        n0 = x.shape[0]
+        out_logits, out_score, out_exit = self._outputs(x)
+        if n0 == 0:
+            return EngineOutput(out_logits, out_exit, out_score)
+        buffers = self._buffers.setdefault((tuple(x.shape), x.dtype, x.device), _Buffers())
+        idx = torch.arange(n0, device=x.device)
+        hist_scores, hist_preds = self._history(n0, x.device)
+        h = x
+        for k, (stage, head) in enumerate(zip(self.net.stages, self.net.heads, strict=True)):
+            h = stage(h)
+            res = ek.exit_score_write(
+                head.features(h), head.classifier.weight, head.classifier.bias,
+                row_index=idx, exit_index=k, out_logits=out_logits, out_score=out_score,
+                out_exit=out_exit,
+                **self._rule_args(k, _cols(hist_scores, k), _cols(hist_preds, k)))
+            if k == self.num_exits - 1:
+                break
+            state = [idx]
+            names = ["idx"]
+            if hist_scores is not None:
+                hist_scores[:, k] = res.score
+                state.append(hist_scores)
+                names.append("scores")
+            if hist_preds is not None:
+                hist_preds[:, k] = res.logits.argmax(dim=1)
+                state.append(hist_preds)
+                names.append("preds")
+            dst = [buffers.stage(k, h, n0)]
+            for name, t in zip(names, state, strict=True):
+                a, b = buffers.pair(name, t, n0)
+                dst.append(b if _same_storage(t, a) else a)
+            kept, count = ek.compact(~res.exit_mask, [h, *state], out=dst,
+                                     backend=self.backend)
+            survivors = ek.take(kept, count)  # the stage's one host sync
+            h, state = survivors[0], survivors[1:]
+            idx = state[0]
+            hist_scores = state[names.index("scores")] if "scores" in names else None
+            hist_preds = state[names.index("preds")] if "preds" in names else None
+            if h.shape[0] == 0:
+                break
+        return EngineOutput(out_logits, out_exit, out_score)
+
+
+def _cols(history: torch.Tensor | None, k: int) -> torch.Tensor | None:
+    return None if history is None else history[:, :k]
+
+
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()

@@ -1,0 +1,147 @@
+"""Multi-exit training (EENet paper): weighted cross-entropy over the exits plus
+distillation of every earlier exit from the last one.
+
+Optimiser: Adam (L2 ``weight_decay`` added to the gradient, as ``torch.optim.Adam`` does),
+constant learning rate. Adam needs no schedule tuning for the short fine-tuning runs this
+library does (attach heads to a trained backbone, train a few epochs); for long from-scratch
+CNN training, SGD with momentum and a cosine schedule is the usual choice and is easy to run
+with :func:`multi_exit_loss` in one's own loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .nn import MultiExitNetwork
+
+__all__ = ["multi_exit", "multi_exit_loss"]
+
+
+def multi_exit_loss(logits: Sequence[torch.Tensor], target: torch.Tensor,
+                    temperature: float = 3.0, distill_weight: float = 0.5) -> torch.Tensor:
+    """Loss of one batch of a K-exit network, a 0-dim float32 tensor.
+
+    ``logits``: K tensors (N, C), exit 0 first, the last exit last; ``target`` (N,) int64.
+
+    ``L = sum_j (j+1) CE_j / (K(K+1)/2)
+          + distill_weight * T^2 * mean_{j<K-1} KL(softmax(z_last/T) || softmax(z_j/T))``
+
+    CE_j is the mean cross-entropy of exit j; the KL is averaged over the batch, and the
+    last exit's logits are detached in it (the teacher is not pulled towards the students).
+    With K = 1 the distillation term is 0.
+    """
+    logits = list(logits)
+    k_exits = len(logits)
+    if k_exits == 0:
+        raise ValueError("multi_exit_loss needs the logits of at least one exit")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    if not distill_weight >= 0:
+        raise ValueError(f"distill_weight must be non-negative, got {distill_weight}")
+    shape = logits[0].shape
+    for j, z in enumerate(logits):
+        if z.dim() != 2 or z.shape != shape:
+            raise ValueError(f"every exit's logits must be (N, C) with the same shape; exit 0 "
+                             f"has {tuple(shape)}, exit {j} has {tuple(z.shape)}")
+    if target.shape != (shape[0],):
+        raise ValueError(f"target must be (N,) = ({shape[0]},), got {tuple(target.shape)}")
+    target = target.long()
+    zs = [z.float() for z in logits]
+
+    norm = k_exits * (k_exits + 1) / 2
+    ce = torch.stack([(j + 1) * F.cross_entropy(z, target) for j, z in enumerate(zs)]).sum()
+    ce = ce / norm
+    if k_exits == 1 or distill_weight == 0:
+        return ce
+    t = float(temperature)
+    teacher = F.softmax(zs[-1].detach() / t, dim=1)
+    kl = torch.stack([F.kl_div(F.log_softmax(z / t, dim=1), teacher, reduction="batchmean")
+                      for z in zs[:-1]]).mean()
+    return ce + distill_weight * t * t * kl
+
+
+def _device_of(net: torch.nn.Module) -> torch.device:
+    p = next(net.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _length(loader: Iterable[Any]) -> int | None:
+    try:
+        return len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def multi_exit(net: MultiExitNetwork, train_loader: Iterable[Any], epochs: int = 10,
+               lr: float = 1e-3, weight_decay: float = 5e-4, distill_temperature: float = 3.0,
+               distill_weight: float = 0.5, device: str | torch.device | None = None,
+               progress: bool = True, seed: int | None = 0) -> list[dict[str, Any]]:
+    """Train every exit of ``net`` jointly with :func:`multi_exit_loss` (Adam, constant lr).
+
+    ``train_loader`` yields ``(x, y)`` batches: x whatever the first stage takes, y (N,) int
+    labels. ``device``: where to train (default: where ``net``'s parameters are; ``net`` is
+    moved there). ``seed`` seeds torch's RNG for the run (the loader's shuffling, dropout)
+    inside a forked RNG state, so the caller's global RNG is left untouched; ``None`` keeps
+    the current RNG. ``progress`` shows a tqdm bar.
+
+    Returns one dict per epoch: ``{"epoch": int (1-based), "loss": float (mean per sample),
+    "acc_per_exit": [float, ...] (training accuracy of each exit, in train mode)}``.
+    The network is left in eval mode.
+    """
+    if not isinstance(net, MultiExitNetwork):
+        raise TypeError(f"net must be an eenet.nn.MultiExitNetwork, got {type(net).__name__}")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+        raise ValueError(f"epochs must be a non-negative int, got {epochs!r}")
+    if not lr > 0:
+        raise ValueError(f"lr must be positive, got {lr}")
+    dev = torch.device(device) if device is not None else _device_of(net)
+    net.to(dev)
+    forked = [dev.index or 0] if dev.type == "cuda" else []
+    history: list[dict[str, Any]] = []
+    with torch.random.fork_rng(devices=forked, enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=lr,
+                               weight_decay=weight_decay)
+        steps = _length(train_loader)
+        bar = tqdm(total=None if steps is None else steps * epochs, disable=not progress,
+                   desc="multi-exit training", unit="batch")
+        try:
+            net.train()
+            for epoch in range(1, epochs + 1):
+                total_loss, seen = 0.0, 0
+                correct = torch.zeros(net.num_exits, dtype=torch.int64, device=dev)
+                for batch in train_loader:
+                    x, y = batch[0], batch[1]
+                    x, y = x.to(dev), y.to(dev)
+                    outs = net(x)
+                    loss = multi_exit_loss(outs, y, distill_temperature, distill_weight)
+                    if not torch.isfinite(loss):
+                        raise RuntimeError(f"the loss became {loss.item()} at epoch {epoch}; "
+                                           "lower the learning rate")
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    n = y.shape[0]
+                    total_loss += loss.item() * n
+                    seen += n
+                    with torch.no_grad():
+                        correct += torch.stack([(z.argmax(dim=1) == y).sum() for z in outs])
+                    bar.update(1)
+                    bar.set_postfix(epoch=epoch, loss=f"{loss.item():.4f}")
+                if seen == 0:
+                    raise ValueError("train_loader yielded no samples")
+                history.append({
+                    "epoch": epoch,
+                    "loss": total_loss / seen,
+                    "acc_per_exit": [float(c) / seen for c in correct.tolist()],
+                })
+        finally:
+            bar.close()
+            net.eval()
+    return history

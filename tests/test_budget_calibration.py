@@ -1,0 +1,150 @@
+"""Costs, budgets, FLOP counting, threshold quantiles, the geometric scan, heuristic policies."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from eenet.budget import Budget, Costs, count_flops, measure, report
+from eenet.nn import ExitHead, MultiExitNetwork
+from eenet.policies import (
+    Entropy,
+    MaxProb,
+    Patience,
+    first_exit,
+    geometric_scan,
+    thresholds_for_fractions,
+)
+from eenet.policies.calibration import geometric_fractions
+
+
+def _mlp(exits: int = 3, width: int = 10, classes: int = 7) -> MultiExitNetwork:
+    torch.manual_seed(0)
+    stages = [torch.nn.Linear(width, width) for _ in range(exits)]
+    heads = [ExitHead.linear(width, classes) for _ in range(exits)]
+    return MultiExitNetwork(stages, heads).eval()
+
+
+def _synthetic_logits(n: int = 2000, exits: int = 4, classes: int = 10, seed: int = 0
+                      ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Later exits are sharper and more often right."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, classes, (n,), generator=g)
+    logits = []
+    for k in range(exits):
+        z = torch.randn(n, classes, generator=g)
+        z[torch.arange(n), labels] += 0.8 + 0.8 * k
+        logits.append(z)
+    return logits, labels
+
+
+def test_costs_validation() -> None:
+    with pytest.raises(ValueError, match="must not decrease"):
+        Costs([2.0, 1.0], "ms")
+    with pytest.raises(ValueError, match="positive"):
+        Costs([0.0, 1.0], "ms")
+    with pytest.raises(ValueError, match="one value per exit"):
+        Costs([], "ms")
+    costs = Costs([1.0, 2.0, 4.0], "ms")
+    assert costs.expected(torch.tensor([0, 1, 2, 2])) == pytest.approx((1 + 2 + 4 + 4) / 4)
+    assert Costs.from_dict(costs.to_dict()) == costs
+
+
+def test_budget_absolute() -> None:
+    costs = Costs([1.0, 2.0, 4.0], "flops")
+    assert Budget(0.5).absolute(costs) == pytest.approx(2.0)
+    assert Budget(3.0, "flops").absolute(costs) == pytest.approx(3.0)
+    assert Budget(9.0, "flops").absolute(costs) == pytest.approx(4.0)  # capped at the full cost
+    with pytest.raises(ValueError, match="below the cost of the first exit"):
+        Budget(0.2).absolute(costs)
+    with pytest.raises(ValueError, match="costs are in 'flops'"):
+        Budget(1.0, "ms").absolute(costs)
+    with pytest.raises(ValueError, match=r"lie in \(0, 1\]"):
+        Budget(1.5).absolute(costs)
+    r = report(costs, torch.tensor([0, 2]), 0.5)
+    assert r["achieved"] == pytest.approx(2.5) and r["ratio"] == pytest.approx(1.25)
+
+
+def test_count_flops_hand_computed() -> None:
+    """Exit k runs stages 0..k and heads 0..k: (k + 1) * (2*10*10 + 2*10*7) FLOPs/sample."""
+    costs = count_flops(_mlp(), torch.randn(5, 10))
+    assert costs.unit == "flops"
+    assert costs.values == [pytest.approx((k + 1) * (200 + 140)) for k in range(3)]
+
+
+def test_measure_latency_is_cumulative() -> None:
+    costs = measure(_mlp(), torch.randn(32, 10), repeats=3, warmup=1)
+    assert costs.unit == "ms" and len(costs.values) == 3
+    assert all(b >= a for a, b in zip(costs.values, costs.values[1:], strict=False))
+
+
+def test_first_exit_hand_computed() -> None:
+    scores = torch.tensor([[0.9, 0.1, 0.2], [0.1, 0.8, 0.0], [0.1, 0.1, 0.1],
+                           [math.nan, 0.95, 0.3]])
+    exit_index, score = first_exit(scores, [0.5, 0.7, 0.0])
+    assert exit_index.tolist() == [0, 1, 2, 1]
+    torch.testing.assert_close(score, torch.tensor([0.9, 0.8, 0.1, 0.95]))
+
+
+def test_heuristic_scores_hand_computed() -> None:
+    z = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    logits = [z, z.flip(0)]
+    p = torch.softmax(z, 1)
+    max_prob = MaxProb([0.5, 0.0]).scores(logits)
+    torch.testing.assert_close(max_prob[:, 0], p.max(1).values)
+    entropy = Entropy([0.5, 0.0]).scores(logits)
+    h = -(p * p.log()).sum(1)
+    torch.testing.assert_close(entropy[:, 0], 1 - h / math.log(3))
+    assert entropy[1, 0].item() == pytest.approx(0.0, abs=1e-6)  # uniform: no confidence
+    agree = [torch.tensor([[1.0, 0, 0]]), torch.tensor([[2.0, 0, 0]]), torch.tensor([[0, 3.0, 0]])]
+    assert Patience([1, 1, 0]).scores(agree).tolist() == [[0.0, 1.0, 0.0]]
+
+
+def test_thresholds_for_fractions_meet_quantiles() -> None:
+    g = torch.Generator().manual_seed(0)
+    n = 1000
+    scores = torch.rand(n, 4, generator=g)
+    fractions = [0.4, 0.3, 0.2, 0.1]
+    th = thresholds_for_fractions(scores, fractions, never=1.0)
+    exit_index, _ = first_exit(scores, th)
+    counts = torch.bincount(exit_index, minlength=4).tolist()
+    for k in range(3):
+        assert abs(counts[k] - fractions[k] * n) <= 1, counts
+    assert th[-1] == 0.0
+    nobody = thresholds_for_fractions(scores, [0.0, 0.0, 0.0, 1.0], never=1.0)
+    assert nobody[:3] == [1.0, 1.0, 1.0]
+
+
+def test_geometric_fractions() -> None:
+    assert geometric_fractions(1.0, 4) == [0.25] * 4
+    f = geometric_fractions(0.5, 3)
+    assert f == pytest.approx([4 / 7, 2 / 7, 1 / 7])
+
+
+@pytest.mark.parametrize("budget", [0.3, 0.5, 0.7, 0.9])
+@pytest.mark.parametrize("cls", [MaxProb, Entropy], ids=lambda c: c.__name__)
+def test_heuristic_fit_meets_budget(budget: float, cls: type) -> None:
+    logits, _ = _synthetic_logits()
+    costs = Costs([1.0, 2.0, 3.0, 4.0], "flops")
+    policy = cls.fit_logits(logits, costs, budget)
+    achieved = costs.expected(policy.decide(logits)[0]) / costs.full
+    assert achieved <= budget + 1e-9
+    assert achieved >= 0.95 * budget
+
+
+def test_geometric_scan_budget_at_full_cost() -> None:
+    logits, _ = _synthetic_logits(n=200)
+    scores = MaxProb([0.0] * 4).scores(logits)
+    costs = Costs([1.0, 2.0, 3.0, 4.0], "flops")
+    th = geometric_scan(scores, costs, 4.0, never=1.0)
+    assert costs.expected(first_exit(scores, th)[0]) <= 4.0
+
+
+def test_policy_exit_count_mismatch() -> None:
+    logits, _ = _synthetic_logits(n=50)
+    with pytest.raises(ValueError, match="3 exit rules but the network has 4 exits"):
+        MaxProb([0.5, 0.5, 0.0]).decide(logits)
+    with pytest.raises(ValueError, match="costs has 3 values"):
+        MaxProb.fit_logits(logits, Costs([1.0, 2.0, 3.0], "flops"), 0.5)
