@@ -5,10 +5,12 @@ Every op exists once in the dispatcher as ``torch.ops.eenet.<name>`` (schemas in
 fake kernel for ``torch.compile`` / ``torch.export``. The public functions here add the
 backend choice and the convenience arguments:
 
-- ``EENET_BACKEND=auto|reference|cpp`` (or ``backend=`` per call) picks the implementation;
-  ``auto`` takes the compiled C++ kernel for CPU tensors when it is built, else the
-  reference. Devices without a compiled kernel fall back to the reference implementation,
-  registered for them in the dispatcher.
+- ``EENET_BACKEND=auto|reference|cpp|triton`` (or ``backend=`` per call) picks the
+  implementation; ``auto`` takes the compiled C++ kernel for CPU tensors when it is built,
+  else the reference, and the Triton kernels for CUDA tensors when triton imports, else the
+  reference. ``triton`` on CPU tensors runs only under the interpreter (``TRITON_INTERPRET=1``,
+  tests). In the dispatcher, CUDA without a compiled kernel runs the Triton kernels (the
+  reference when triton is missing), other devices without one the reference.
 - ``exit_score(..., check_finite=True)`` rejects NaN/inf feature rows up front (one host
   sync); the kernels themselves never let a non-finite row exit before the last exit.
 """
@@ -17,15 +19,16 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import torch
 
 from . import checks, reference
+from . import triton as _triton
 from ._schemas import SCHEMAS
 
-BACKENDS: tuple[str, ...] = ("auto", "reference", "cpp")
+BACKENDS: tuple[str, ...] = ("auto", "reference", "cpp", "triton")
 
 
 def _load_extension() -> bool:
@@ -60,13 +63,35 @@ _COMPILED_KEYS: dict[str, tuple[str, ...]] = {
     for name in SCHEMAS
 }
 
-# Devices without a compiled kernel run the reference through the dispatcher, so that
-# torch.ops.eenet.* works everywhere.
+
+def _triton_fn(name: str) -> Callable | None:
+    """The Triton entry point of op ``name`` (reference signature); None without triton."""
+    mods = _triton.load()
+    if mods is None:
+        return None
+    exit_mod, compact_mod = mods
+    return getattr(exit_mod if name.startswith("exit_score") else compact_mod, name)
+
+
+def _cuda_fallback(name: str) -> Callable:
+    """CUDA kernel of op ``name`` when none is compiled: Triton (imported on the first call),
+    or the reference when triton cannot be imported."""
+
+    def impl(*args: Any, **kwargs: Any) -> Any:
+        fn = _triton_fn(name) or _REFERENCE_IMPLS[name]
+        return fn(*args, **kwargs)
+
+    return impl
+
+
+# Devices without a compiled kernel run Triton (CUDA) or the reference (CPU) through the
+# dispatcher, so that torch.ops.eenet.* works everywhere.
 _impl_lib = torch.library.Library("eenet", "IMPL")
 for _name, _fn in _REFERENCE_IMPLS.items():
-    for _key in ("CPU", "CUDA"):
-        if _key not in _COMPILED_KEYS[_name]:
-            _impl_lib.impl(_name, _fn, _key)
+    if "CPU" not in _COMPILED_KEYS[_name]:
+        _impl_lib.impl(_name, _fn, "CPU")
+    if "CUDA" not in _COMPILED_KEYS[_name]:
+        _impl_lib.impl(_name, _cuda_fallback(_name), "CUDA")
 
 
 def compiled_backends(name: str) -> tuple[str, ...]:
@@ -118,7 +143,7 @@ def _compact_out_fake(keep, src, dst):
 
 
 def resolve_backend(device: torch.device, backend: str | None = None) -> str:
-    """The backend that will run an op on ``device``: ``reference`` or ``cpp``.
+    """The backend that will run an op on ``device``: ``reference``, ``cpp`` or ``triton``.
 
     ``backend`` (or ``EENET_BACKEND`` when None) may be ``auto``. A backend that cannot run
     here raises ``RuntimeError`` instead of silently falling back.
@@ -126,9 +151,21 @@ def resolve_backend(device: torch.device, backend: str | None = None) -> str:
     choice = backend or os.environ.get("EENET_BACKEND", "auto") or "auto"
     if choice not in BACKENDS:
         raise ValueError(f"eenet: backend must be one of {BACKENDS}, got {choice!r} "
-                         "(triton and cuda backends are not part of this build yet)")
+                         "(the cuda backend is not part of this build yet)")
     if choice == "auto":
-        return "cpp" if device.type == "cpu" and HAVE_EXTENSION else "reference"
+        if device.type == "cpu":
+            return "cpp" if HAVE_EXTENSION else "reference"
+        return "triton" if device.type == "cuda" and _triton.is_available() else "reference"
+    if choice == "triton":
+        why = None
+        if device.type not in ("cpu", "cuda"):
+            why = f"it runs on CUDA tensors, not {device.type}"
+        elif device.type == "cpu" and not _triton.interpreting():
+            why = "CPU tensors need the Triton interpreter (TRITON_INTERPRET=1)"
+        elif not _triton.is_available():
+            why = "triton cannot be imported"
+        if why is not None:
+            raise RuntimeError(f"eenet: backend 'triton' was requested but {why}")
     if choice == "cpp" and (device.type != "cpu" or not HAVE_EXTENSION):
         why = ("the compiled extension is not loaded" if not HAVE_EXTENSION
                else f"it runs on CPU tensors, not {device.type}")
@@ -197,8 +234,11 @@ def exit_score(
         _check_finite_inputs("exit_score", feats, weight, bias)
     args = (feats, weight, bias, policy, float(threshold), is_last, prev_scores, prev_preds,
             sched_weight, float(sched_bias), use_vote)
-    if resolve_backend(feats.device, backend) == "reference":
+    chosen = resolve_backend(feats.device, backend)
+    if chosen == "reference":
         return ExitScore(*reference.exit_score(*args))
+    if chosen == "triton":
+        return ExitScore(*_triton_fn("exit_score")(*args))
     return ExitScore(*torch.ops.eenet.exit_score(*args))
 
 
@@ -237,8 +277,11 @@ def exit_score_write(
             sched_weight, float(sched_bias), use_vote)
     outs = {"row_index": row_index, "exit_index": int(exit_index), "out_logits": out_logits,
             "out_score": out_score, "out_exit": out_exit}
-    if resolve_backend(feats.device, backend) == "reference":
+    chosen = resolve_backend(feats.device, backend)
+    if chosen == "reference":
         return ExitScore(*reference.exit_score_write(*args, **outs))
+    if chosen == "triton":
+        return ExitScore(*_triton_fn("exit_score_write")(*args, **outs))
     return ExitScore(*torch.ops.eenet.exit_score_write(*args, **outs))
 
 
@@ -264,16 +307,18 @@ def compact(
         caller-provided buffers are left as they were.
     """
     src = list(tensors)
-    use_ref = resolve_backend(keep.device, backend) == "reference"
+    chosen = resolve_backend(keep.device, backend)
+    if chosen == "reference":
+        functional, into = reference.compact, reference.compact_out
+    elif chosen == "triton":
+        functional, into = _triton_fn("compact"), _triton_fn("compact_out")
+    else:
+        functional, into = torch.ops.eenet.compact, torch.ops.eenet.compact_out
     if out is None:
-        if use_ref:
-            kept, count = reference.compact(keep, src)
-        else:
-            kept, count = torch.ops.eenet.compact(keep, src)
+        kept, count = functional(keep, src)
         return list(kept), count
     dst = list(out)
-    fn = reference.compact_out if use_ref else torch.ops.eenet.compact_out
-    return dst, fn(keep, src, dst)
+    return dst, into(keep, src, dst)
 
 
 def take(kept: Sequence[torch.Tensor], count: torch.Tensor) -> list[torch.Tensor]:

@@ -1,0 +1,445 @@
+"""Triton kernel of ``eenet::exit_score`` / ``eenet::exit_score_write``.
+
+One program per tile of ``BLOCK_N`` rows does everything the op needs for those rows:
+
+1. logits: feats (N, D) or (N, D, S) (mean-pooled over S on the fly) times weight (C, D)^T
+   plus bias, with fp32 accumulation (``tl.dot`` over D tiles), one (BLOCK_N, BLOCK_C) tile
+   of classes at a time; each tile is written to the (N, C) float32 logits output;
+2. softmax statistics, online across the C tiles (running max m, sum of e = exp(z - m),
+   sum of e * (z - m), and for EENet the sum of e * w_c): no probability is ever stored;
+3. argmax with ``torch.argmax`` semantics (first maximum, a NaN counts as the maximum) and
+   the row's finiteness;
+4. the policy score (``POLICY`` is a constexpr: one body for all policies), the decision
+   ``is_last or score >= threshold`` (non-finite rows: NaN score, exit only at the last exit);
+5. for ``exit_score_write``, the scatter of the exiting rows' logits (or argmax), score and
+   exit index to their original positions ``row_index[i]``.
+
+The semantics are those of :mod:`eenet_kernels.reference`; arithmetic is fp32 throughout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+from triton.runtime.interpreter import InterpretedFunction
+
+from .. import checks
+
+POLICY_IDS: dict[str, int] = {"max_prob": 0, "entropy": 1, "patience": 2, "eenet": 3}
+# out_logits kinds of the write variant
+_WRITE_NONE, _WRITE_LOGITS, _WRITE_PREDS = 0, 1, 2
+
+
+@triton.jit
+def _bf16_rtne(x):
+    """fp32 -> bf16 rounded to nearest even, as the GPU casts; the interpreter's own cast
+    does not round that way. NaN stays a quiet NaN."""
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    rounded = tl.where(x != x, 0x7FC0, rounded)
+    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _exit_score_kernel(
+    feats_ptr, stride_fn, stride_fd, stride_fs,
+    w_ptr, stride_wc, stride_wd,
+    bias_ptr,
+    logits_ptr, score_ptr, exit_ptr,
+    prev_scores_ptr, stride_qn, stride_qk,
+    prev_preds_ptr, stride_pn, stride_pk,
+    sched_w_ptr, sched_bias,
+    row_index_ptr, out_logits_ptr, out_score_ptr, out_exit_ptr, exit_index, n0,
+    threshold, inv_s, inv_log_c,
+    N, D, C, S, K,
+    POLICY: tl.constexpr, IS_LAST: tl.constexpr, HAS_BIAS: tl.constexpr, POOL: tl.constexpr,
+    USE_VOTE: tl.constexpr, WRITE: tl.constexpr, UPCAST: tl.constexpr, ROUND_BF16: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    rows64 = rows.to(tl.int64)
+    cols0 = tl.arange(0, BLOCK_C)
+    ds0 = tl.arange(0, BLOCK_D)
+    NEG_INF: tl.constexpr = float("-inf")
+    BIG: tl.constexpr = 2**30
+
+    m = tl.full([BLOCK_N], NEG_INF, tl.float32)      # running max of the finite logits
+    sum_e = tl.zeros([BLOCK_N], tl.float32)           # sum exp(z - m)
+    sum_et = tl.zeros([BLOCK_N], tl.float32)          # sum exp(z - m) * (z - m)
+    sum_ew = tl.zeros([BLOCK_N], tl.float32)          # sum exp(z - m) * sched_w[c] (eenet)
+    best = tl.full([BLOCK_N], NEG_INF, tl.float32)    # argmax state: value, index, saw NaN
+    best_idx = tl.zeros([BLOCK_N], tl.int32)
+    best_nan = tl.zeros([BLOCK_N], tl.int32)
+    finite = tl.full([BLOCK_N], 1, tl.int32)
+
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + cols0
+        col_ok = cols < C
+        acc = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            ds = d0 + ds0
+            d_ok = ds < D
+            x_ptrs = feats_ptr + rows64[:, None] * stride_fn + ds[None, :] * stride_fd
+            x_mask = row_ok[:, None] & d_ok[None, :]
+            w = tl.load(w_ptr + cols[None, :] * stride_wc + ds[:, None] * stride_wd,
+                        mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+            if POOL:
+                x = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+                for s in range(0, S):
+                    x += tl.load(x_ptrs + s * stride_fs, mask=x_mask, other=0.0).to(tl.float32)
+                # the pooled mean stays fp32 (as in the reference), so the product is fp32 too
+                acc = tl.dot(x * inv_s, w.to(tl.float32), acc, input_precision="ieee")
+            else:
+                x = tl.load(x_ptrs, mask=x_mask, other=0.0)
+                if UPCAST:
+                    # the interpreter's dot cannot multiply bf16 operands (stored as uint16)
+                    acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(x, w, acc, input_precision="ieee")
+        z = acc
+        if HAS_BIAS:
+            z += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(logits_ptr + rows64[:, None] * C + cols[None, :], z,
+                 mask=row_ok[:, None] & col_ok[None, :])
+
+        # finiteness and argmax (first maximum; the first NaN wins over everything)
+        is_nan = z != z
+        is_fin = tl.abs(z) < float("inf")
+        finite = tl.minimum(finite, tl.min(tl.where(col_ok[None, :], is_fin.to(tl.int32), 1),
+                                           axis=1))
+        nan_idx = tl.min(tl.where(is_nan & col_ok[None, :], cols[None, :], BIG), axis=1)
+        z_num = tl.where(col_ok[None, :] & ~is_nan, z, NEG_INF)
+        t_max = tl.max(z_num, axis=1)
+        max_idx = tl.min(tl.where((z_num == t_max[:, None]) & col_ok[None, :], cols[None, :],
+                                  BIG), axis=1)
+        t_nan = nan_idx < BIG
+        take = (best_nan == 0) & (t_nan | (t_max > best))
+        best_idx = tl.where(take, tl.where(t_nan, nan_idx, max_idx), best_idx)
+        best = tl.where(take, t_max, best)
+        best_nan = best_nan | t_nan.to(tl.int32)
+
+        # online softmax statistics over the finite entries; non-finite rows are discarded
+        # at the end, the guards only keep their intermediate values free of NaN
+        use = col_ok[None, :] & is_fin
+        z_f = tl.where(use, z, NEG_INF)
+        m_new = tl.maximum(m, tl.max(z_f, axis=1))
+        m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
+        alpha = tl.exp(m - m_safe)
+        shift = tl.where(sum_e > 0, m - m_safe, 0.0)
+        zd = tl.where(use, z - m_safe[:, None], 0.0)
+        e = tl.where(use, tl.exp(zd), 0.0)
+        sum_et = alpha * (sum_et + shift * sum_e) + tl.sum(e * zd, axis=1)
+        sum_e = alpha * sum_e + tl.sum(e, axis=1)
+        if POLICY == 3:
+            sw = tl.load(sched_w_ptr + cols, mask=col_ok, other=0.0)
+            sum_ew = alpha * sum_ew + tl.sum(e * sw[None, :], axis=1)
+        m = m_new
+
+    ok_e = sum_e > 0
+    sum_e_safe = tl.where(ok_e, sum_e, 1.0)
+    max_p = 1.0 / sum_e_safe
+    # H = logsumexp(z) - sum p z = log(sum_e) - sum e (z - m) / sum_e
+    conf = 1.0 - (tl.log(sum_e_safe) - sum_et / sum_e_safe) * inv_log_c
+
+    if POLICY == 2 or USE_VOTE:
+        streak = tl.zeros([BLOCK_N], tl.int32)
+        alive = tl.full([BLOCK_N], 1, tl.int32)
+        agree = tl.zeros([BLOCK_N], tl.int32)
+        for j in range(0, K):
+            # newest earlier exit first: the streak stops at the first disagreement
+            q = tl.load(prev_preds_ptr + rows64 * stride_pn + (K - 1 - j) * stride_pk,
+                        mask=row_ok, other=-1)
+            same = (q == best_idx.to(q.dtype)).to(tl.int32)
+            alive = alive & same
+            streak += alive
+            agree += same
+
+    if POLICY == 0:
+        score = max_p
+    elif POLICY == 1:
+        score = conf
+    elif POLICY == 2:
+        score = streak.to(tl.float32)
+    else:
+        acc_s = sum_ew / sum_e_safe + sched_bias
+        acc_s += max_p * tl.load(sched_w_ptr + C) + conf * tl.load(sched_w_ptr + C + 1)
+        for j in range(0, K):
+            q_s = tl.load(prev_scores_ptr + rows64 * stride_qn + j * stride_qk, mask=row_ok,
+                          other=0.0)
+            acc_s += q_s * tl.load(sched_w_ptr + C + 2 + j)
+        if USE_VOTE:  # noqa: SIM102  (constexpr test apart from the runtime one)
+            if K > 0:
+                acc_s += agree.to(tl.float32) / K * tl.load(sched_w_ptr + C + 2 + K)
+        score = 1.0 / (1.0 + tl.exp(-acc_s))
+    score = tl.where((finite != 0) & ok_e, score, float("nan"))
+    exits = row_ok if IS_LAST else row_ok & (score >= threshold)
+    tl.store(score_ptr + rows, score, mask=row_ok)
+    tl.store(exit_ptr + rows, exits.to(tl.uint8), mask=row_ok)
+
+    if WRITE != 0:
+        r = tl.load(row_index_ptr + rows, mask=exits, other=0).to(tl.int64)
+        w_ok = exits & (r >= 0) & (r < n0)  # row_index values are checked by the launcher
+        tl.store(out_score_ptr + r, score, mask=w_ok)
+        k_exit = tl.zeros([BLOCK_N], tl.int64) + exit_index
+        tl.store(out_exit_ptr + r, k_exit.to(out_exit_ptr.dtype.element_ty), mask=w_ok)
+        if WRITE == 2:
+            tl.store(out_logits_ptr + r, best_idx.to(out_logits_ptr.dtype.element_ty),
+                     mask=w_ok)
+        else:
+            # the decision needed every C tile: read this program's own logits back
+            tl.debug_barrier()
+            for c0 in range(0, C, BLOCK_C):
+                cols = c0 + cols0
+                wm = w_ok[:, None] & (cols < C)[None, :]
+                z = tl.load(logits_ptr + rows64[:, None] * C + cols[None, :], mask=wm)
+                if ROUND_BF16:
+                    z = _bf16_rtne(z)
+                tl.store(out_logits_ptr + r[:, None] * C + cols[None, :],
+                         z.to(out_logits_ptr.dtype.element_ty), mask=wm)
+
+
+def _interpreted() -> bool:
+    """True when ``TRITON_INTERPRET=1`` turned the kernel into an interpreted function."""
+    return isinstance(_exit_score_kernel, InterpretedFunction)
+
+
+def _quiet_interpreter(interpreted: bool) -> contextlib.AbstractContextManager:
+    """The interpreter computes with numpy, which warns about the NaN/inf that non-finite
+    rows legitimately produce; compiled kernels are silent about them."""
+    if not interpreted:
+        return contextlib.nullcontext()
+    import numpy as np
+
+    return np.errstate(invalid="ignore", over="ignore", divide="ignore")
+
+
+def _pow2_clamp(x: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(1, x))))
+
+
+def block_sizes(n: int, d: int, c: int, dtype: torch.dtype, pooled: bool
+                ) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_C, BLOCK_D, num_warps) for a problem; every block is >= 16 (tl.dot).
+
+    Not timed on hardware yet. Chosen from sm_90 compiles of every policy / dtype / pooling
+    variant: none of these spills registers. BLOCK_C covers C <= 128 in one tile (larger C
+    loops over tiles, re-reading the row tile's feats from L2).
+    """
+    if _interpreted():  # few, large tiles: every interpreted op costs Python overhead
+        return _pow2_clamp(n, 16, 64), _pow2_clamp(c, 16, 64), _pow2_clamp(d, 16, 64), 1
+    block_c = _pow2_clamp(c, 16, 128)
+    block_n = 16 if n <= 16 else 32
+    block_d = 32 if dtype == torch.float32 or pooled else 64
+    num_warps = 8 if block_n * block_c >= 4096 else 4
+    return block_n, block_c, block_d, num_warps
+
+
+def launch(
+    feats: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    policy: str,
+    threshold: float,
+    is_last: bool = False,
+    prev_scores: torch.Tensor | None = None,
+    prev_preds: torch.Tensor | None = None,
+    sched_weight: torch.Tensor | None = None,
+    sched_bias: float = 0.0,
+    use_vote: bool = False,
+    *,
+    write: tuple[torch.Tensor, int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Allocate the outputs and launch the kernel; no argument or value checks.
+
+    Args: as :func:`exit_score`; ``write`` = (row_index (N,), exit_index, out_logits (N0, C)
+    float or (N0,) int, out_score (N0,) float32, out_exit (N0,) int) for the write variant.
+    Block sizes come from :func:`block_sizes` (tests patch it to force several tiles).
+
+    Returns: logits (N, C) float32, score (N,) float32, exit_mask (N,) bool.
+    Traceable by ``make_fx`` (no host syncs, no data-dependent branches), as ``triton_op``
+    requires.
+    """
+    n, d = feats.shape[0], feats.shape[1]
+    c = weight.shape[0]
+    logits = feats.new_empty((n, c), dtype=torch.float32)
+    score = feats.new_empty((n,), dtype=torch.float32)
+    exit_mask = feats.new_empty((n,), dtype=torch.bool)
+    if n == 0:
+        return logits, score, exit_mask
+    pooled = feats.dim() == 3
+    s = feats.shape[2] if pooled else 1
+    stride_fs = feats.stride(2) if pooled else 0
+    pol = POLICY_IDS[policy]
+    k = 0
+    if pol == POLICY_IDS["eenet"]:
+        assert prev_scores is not None and sched_weight is not None
+        k = prev_scores.shape[1]
+        sched_weight = sched_weight.contiguous()
+    elif prev_preds is not None:
+        k = prev_preds.shape[1]
+    if pol != POLICY_IDS["patience"] and not use_vote:
+        prev_preds = None
+    if pol != POLICY_IDS["eenet"]:
+        prev_scores = sched_weight = None
+    if write is None:
+        row_index, exit_index, out_logits, out_score, out_exit = None, 0, None, None, None
+        n0, write_kind = 0, _WRITE_NONE
+    else:
+        row_index, exit_index, out_logits, out_score, out_exit = write
+        n0 = out_score.shape[0]
+        write_kind = _WRITE_LOGITS if out_logits.dim() == 2 else _WRITE_PREDS
+        row_index = row_index.contiguous()
+    block_n, block_c, block_d, num_warps = block_sizes(n, d, c, feats.dtype, pooled)
+    grid = (triton.cdiv(n, block_n),)
+    interpreted = _interpreted()
+    with _quiet_interpreter(interpreted):
+        wrap_triton(_exit_score_kernel)[grid](
+            feats, feats.stride(0), feats.stride(1), stride_fs,
+            weight, weight.stride(0), weight.stride(1),
+            bias,
+            logits, score, exit_mask.view(torch.uint8),
+            prev_scores, prev_scores.stride(0) if prev_scores is not None else 0,
+            prev_scores.stride(1) if prev_scores is not None else 0,
+            prev_preds, prev_preds.stride(0) if prev_preds is not None else 0,
+            prev_preds.stride(1) if prev_preds is not None else 0,
+            sched_weight, float(sched_bias),
+            row_index, out_logits, out_score, out_exit, int(exit_index), n0,
+            float(threshold), 1.0 / s, 1.0 / math.log(c),
+            n, d, c, s, k,
+            POLICY=pol, IS_LAST=bool(is_last), HAS_BIAS=bias is not None, POOL=pooled,
+            USE_VOTE=bool(use_vote), WRITE=write_kind,
+            UPCAST=interpreted and feats.dtype == torch.bfloat16,
+            ROUND_BF16=(interpreted and out_logits is not None
+                        and out_logits.dtype == torch.bfloat16),
+            BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=num_warps,
+        )
+    return logits, score, exit_mask
+
+
+# ---------------------------------------------------------------------------------------
+# Custom ops: what torch.compile sees (triton_op lets Inductor trace into the launch).
+
+
+@triton_op("eenet_triton::exit_score", mutates_args=())
+def exit_score_op(
+    feats: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    policy: str,
+    threshold: float,
+    is_last: bool = False,
+    prev_scores: torch.Tensor | None = None,
+    prev_preds: torch.Tensor | None = None,
+    sched_weight: torch.Tensor | None = None,
+    sched_bias: float = 0.0,
+    use_vote: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Metadata checks + launch (the value check of row_index needs a host sync: eager only)."""
+    checks.check_exit_score(feats, weight, bias, policy, threshold, prev_scores, prev_preds,
+                            sched_weight, use_vote)
+    return launch(feats, weight, bias, policy, threshold, is_last, prev_scores, prev_preds,
+                  sched_weight, sched_bias, use_vote)
+
+
+@triton_op("eenet_triton::exit_score_write",
+           mutates_args=("out_logits", "out_score", "out_exit"))
+def exit_score_write_op(
+    feats: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    policy: str,
+    threshold: float,
+    is_last: bool,
+    prev_scores: torch.Tensor | None,
+    prev_preds: torch.Tensor | None,
+    sched_weight: torch.Tensor | None,
+    sched_bias: float,
+    use_vote: bool,
+    row_index: torch.Tensor,
+    exit_index: int,
+    out_logits: torch.Tensor,
+    out_score: torch.Tensor,
+    out_exit: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`exit_score_op` plus the scatter of the exiting rows into the out buffers."""
+    checks.check_exit_score(feats, weight, bias, policy, threshold, prev_scores, prev_preds,
+                            sched_weight, use_vote, op="exit_score_write")
+    checks.check_exit_write(feats, weight, row_index, exit_index, out_logits, out_score,
+                            out_exit)
+    return launch(feats, weight, bias, policy, threshold, is_last, prev_scores, prev_preds,
+                  sched_weight, sched_bias, use_vote,
+                  write=(row_index, exit_index, out_logits, out_score, out_exit))
+
+
+# ---------------------------------------------------------------------------------------
+# Entry points with the reference's signatures (front-end and dispatcher CUDA kernels).
+
+
+def exit_score(
+    feats: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    policy: str,
+    threshold: float,
+    is_last: bool = False,
+    prev_scores: torch.Tensor | None = None,
+    prev_preds: torch.Tensor | None = None,
+    sched_weight: torch.Tensor | None = None,
+    sched_bias: float = 0.0,
+    use_vote: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton :func:`eenet_kernels.reference.exit_score`: logits (N, C) float32, score (N,)
+    float32, exit_mask (N,) bool. Under torch.compile this is the ``eenet_triton`` custom op."""
+    args = (feats, weight, bias, policy, threshold, is_last, prev_scores, prev_preds,
+            sched_weight, sched_bias, use_vote)
+    if torch.compiler.is_compiling():
+        return torch.ops.eenet_triton.exit_score(*args)
+    checks.check_exit_score(feats, weight, bias, policy, threshold, prev_scores, prev_preds,
+                            sched_weight, use_vote)
+    return launch(*args)
+
+
+def exit_score_write(
+    feats: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    policy: str,
+    threshold: float,
+    is_last: bool = False,
+    prev_scores: torch.Tensor | None = None,
+    prev_preds: torch.Tensor | None = None,
+    sched_weight: torch.Tensor | None = None,
+    sched_bias: float = 0.0,
+    use_vote: bool = False,
+    *,
+    row_index: torch.Tensor,
+    exit_index: int,
+    out_logits: torch.Tensor,
+    out_score: torch.Tensor,
+    out_exit: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton :func:`eenet_kernels.reference.exit_score_write` (same arguments and results).
+
+    ``row_index`` values are range-checked first only on CPU tensors (the interpreter, as in
+    the other CPU backends): on CUDA the check would cost a host sync per stage, so there, as
+    under torch.compile, the kernel skips out-of-range rows instead of writing out of bounds.
+    """
+    args = (feats, weight, bias, policy, threshold, is_last, prev_scores, prev_preds,
+            sched_weight, sched_bias, use_vote)
+    if torch.compiler.is_compiling():
+        return torch.ops.eenet_triton.exit_score_write(
+            *args, row_index, exit_index, out_logits, out_score, out_exit)
+    checks.check_exit_score(feats, weight, bias, policy, threshold, prev_scores, prev_preds,
+                            sched_weight, use_vote, op="exit_score_write")
+    checks.check_exit_write(feats, weight, row_index, exit_index, out_logits, out_score,
+                            out_exit)
+    if not feats.is_cuda:
+        checks.check_row_index_values(row_index, out_score.shape[0])
+    return launch(*args, write=(row_index, exit_index, out_logits, out_score, out_exit))

@@ -1,0 +1,748 @@
+"""The Triton backend (``eenet_kernels.triton``) against ``eenet_kernels.reference``.
+
+CPU section: the kernels run in the Triton interpreter on CPU tensors, which needs
+``TRITON_INTERPRET=1`` in the environment before triton is imported (``make test`` sets it);
+without it those tests skip. Shapes are small so that the interpreter stays fast.
+
+- The backend-parametrised tests of ``test_exit_score``, ``test_compact`` and
+  ``test_bad_inputs`` whose shapes are small are imported below and re-run here with
+  ``backend="triton"`` (this module's ``backend`` fixture overrides conftest's): hand-computed
+  scores, NaN/inf rows, argmax ties, the write variant's sentinels, every compaction form and
+  property, every bad-input message.
+- The tests defined here add the random parity sweep at interpreter-friendly sizes, forced
+  small blocks (several C, D, row and scan tiles at small shapes), argmax edge cases across C
+  tiles, the custom ops and the backend resolution.
+
+GPU section (marker ``gpu``): the compiled kernels on CUDA tensors at full sizes, plus
+opcheck, torch.compile and CUDA-graph capture. Run it with TRITON_INTERPRET unset
+(``pytest -m gpu tests/test_triton.py``): under the interpreter those tests skip.
+
+Tolerances are those of ``test_exit_score`` (logits: ``conftest.logit_tolerance``, scores:
+absolute 1e-4, decisions: ``conftest.assert_decisions_agree``); compaction is bit-exact.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+pytest.importorskip("triton")
+
+import torch
+from conftest import DTYPES, assert_decisions_agree, logit_tolerance
+from test_bad_inputs import (  # noqa: F401  (re-run with backend="triton")
+    test_bad_input_raises,
+    test_compact_empty_batch,
+    test_exit_score_empty_batch,
+    test_exit_score_empty_batch_default_finite_check,
+)
+from test_compact import (  # noqa: F401  (re-run with backend="triton")
+    make_mask,
+    mixed_tensors,
+    test_empty_tensor_list,
+    test_functional_matches_torch_and_reference,
+    test_many_chunks,
+    test_noncontiguous_keep,
+    test_out_form_preserves_tail,
+    test_out_form_same_dst_reused,
+    test_property_composition,
+    test_property_idempotent,
+    test_property_matches_reference,
+    test_property_stable_and_count,
+    test_zero_width_rows,
+)
+from test_exit_score import (  # noqa: F401  (re-run with backend="triton")
+    FEATS_FOR_OUT,
+    POLICY_CASES,
+    SCORE_ATOL,
+    WRITE_CASES,
+    Case,
+    _single_thread,  # one intra-op thread for this module too (thousands of tiny torch ops)
+    ambiguous_rows,
+    check_against_reference,
+    dtype_id,
+    make_head,
+    pick_threshold,
+    policy_kwargs,
+    run_policy_case,
+    run_write_case,
+    test_check_finite_empty_batch,
+    test_eenet_hand_computed,
+    test_exit_score_write_none_exit,
+    test_exit_score_write_nonfinite_rows,
+    test_exit_score_write_prediction_ties,
+    test_known_scores_and_decisions,
+    test_nonfinite_rows,
+    test_patience_hand_computed,
+    test_threshold_zero_everyone_exits_known,
+)
+
+import eenet_kernels as ek
+from eenet_kernels import ops
+from eenet_kernels import reference as ref
+from eenet_kernels import triton as etriton
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+NEEDS_INTERPRETER = "needs TRITON_INTERPRET=1 (set before triton is imported; make test does)"
+NS = (0, 1, 7, 64)
+
+
+def _modules() -> tuple[Any, Any]:
+    mods = etriton.load()
+    assert mods is not None, "triton imports (importorskip) but the backend does not load"
+    return mods
+
+
+@pytest.fixture
+def backend() -> str:
+    """The backend of the imported tests: triton, on CPU tensors under the interpreter."""
+    if not INTERPRET:
+        pytest.skip(NEEDS_INTERPRETER)
+    return "triton"
+
+
+@pytest.fixture
+def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small blocks: N = 64 takes two programs, C = 37 three tiles and D = 33 two tiles."""
+    es, _ = _modules()
+
+    def tiny(n: int, d: int, c: int, dtype: torch.dtype, pooled: bool
+             ) -> tuple[int, int, int, int]:
+        return 32, 16, 32, 1
+
+    monkeypatch.setattr(es, "block_sizes", tiny)
+
+
+# ---------------------------------------------------------------------------------------
+# CPU (interpreter): exit_score.
+
+
+@pytest.mark.parametrize("pooled", (None, 3), ids=("2d", "3d"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("c", (2, 5, 37), ids=lambda v: f"C{v}")
+@pytest.mark.parametrize("d", (1, 33), ids=lambda v: f"D{v}")
+@pytest.mark.parametrize("n", NS, ids=lambda v: f"N{v}")
+def test_exit_score_matches_reference(backend: str, n: int, d: int, c: int, dtype: torch.dtype,
+                                      pooled: int | None) -> None:
+    """Every policy configuration at a random threshold; bias on half of the shapes."""
+    torch.manual_seed(7919 * n + 101 * d + c)
+    feats, weight, bias = make_head(n, d, c, dtype, pooled, (n + d + c) % 2 == 0)
+    for case in POLICY_CASES:
+        run_policy_case(backend, feats, weight, bias, case, "[triton]")
+
+
+@pytest.mark.usefixtures("small_blocks")
+@pytest.mark.parametrize("with_bias", (False, True), ids=("nobias", "bias"))
+@pytest.mark.parametrize("pooled", (None, 3), ids=("2d", "3d"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_exit_score_small_blocks(backend: str, dtype: torch.dtype, pooled: int | None,
+                                 with_bias: bool) -> None:
+    """Several programs, C tiles and D tiles (online softmax statistics and argmax across C
+    tiles, the EENet sum across C tiles, fp32 accumulation across D tiles)."""
+    torch.manual_seed(17 + int(with_bias))
+    feats, weight, bias = make_head(64, 33, 37, dtype, pooled, with_bias)
+    for case in POLICY_CASES:
+        run_policy_case(backend, feats, weight, bias, case, "[triton small blocks]")
+
+
+@pytest.mark.parametrize("case", POLICY_CASES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_all_none_and_last_exit(backend: str, dtype: torch.dtype, case: Case) -> None:
+    """Threshold 0 (everyone exits where scores are >= 0), threshold above every score (nobody
+    exits), is_last (everyone exits), each against the reference."""
+    torch.manual_seed(13)
+    feats, weight, bias = make_head(64, 33, 5, dtype, None, True)
+    kw = policy_kwargs(case, ref.exit_logits(feats, weight, bias))
+    top = float(case.k + 1) if case.policy == "patience" else 1.0
+    for threshold, is_last in ((0.0, False), (top, False), (top, True)):
+        expect = ref.exit_score(feats, weight, bias, case.policy, threshold, is_last, **kw)
+        out = ek.exit_score(feats, weight, bias, policy=case.policy, threshold=threshold,
+                            is_last=is_last, backend=backend, **kw)
+        ctx = f"{case} threshold={threshold} is_last={is_last}"
+        check_against_reference(out, expect, feats, weight, bias, case, threshold, ctx)
+        if is_last or (threshold == 0.0 and case.policy != "entropy"):
+            assert bool(out.exit_mask.all()), ctx
+        elif threshold == top and case.policy == "patience":
+            assert not bool(out.exit_mask.any()), ctx
+
+
+@pytest.mark.parametrize("tiles", ("default", "small"), ids=("blocks-default", "blocks-small"))
+@pytest.mark.parametrize("out_kind", tuple(FEATS_FOR_OUT), ids=dtype_id)
+@pytest.mark.parametrize("n", NS, ids=lambda v: f"N{v}")
+def test_exit_score_write(backend: str, request: pytest.FixtureRequest, n: int,
+                          out_kind: torch.dtype, tiles: str) -> None:
+    """Exiting rows land at row_index (logits cast, or argmax); other positions untouched.
+    out_exit / row_index dtypes alternate (int32, int64) / (int64, int32) over out_kind;
+    small blocks: the logits of the write come back from several C tiles."""
+    if tiles == "small":
+        request.getfixturevalue("small_blocks")
+    torch.manual_seed(31 * n + len(tiles))
+    dtype = FEATS_FOR_OUT[out_kind]
+    kinds = tuple(FEATS_FOR_OUT)
+    exit_dtype, index_dtype = ((torch.int32, torch.int64) if kinds.index(out_kind) % 2
+                               else (torch.int64, torch.int32))
+    for c, pooled in ((2, None), (37, 3)):
+        feats, weight, bias = make_head(n, 33, c, dtype, pooled, pooled is None)
+        last_case = WRITE_CASES[(n + c) % len(WRITE_CASES)]
+        for case, is_last in [(case, False) for case in WRITE_CASES] + [(last_case, True)]:
+            kw = policy_kwargs(case, ref.exit_logits(feats, weight, bias))
+            _, probe, _ = ref.exit_score(feats, weight, bias, case.policy, 0.0, **kw)
+            threshold = pick_threshold(case, probe)
+            ctx = f"[triton {tiles}] C{c} {case} threshold={threshold:.6g} is_last={is_last}"
+            run_write_case(backend, feats, weight, bias, case, kw, threshold, is_last,
+                           out_kind, exit_dtype, index_dtype, ctx)
+
+
+def argmax_rows(c: int) -> torch.Tensor:
+    """(10, c) logits with ties, NaNs and infinities placed across several C tiles of 16."""
+    nan, inf = math.nan, math.inf
+    z = torch.linspace(-3.0, 3.0, c).repeat(10, 1)
+    z[0, :] = 1.0                          # all tied: 0
+    z[1, [3, 20, c - 1]] = 9.0             # tie across tiles: 3
+    z[2, [c - 1, 17]] = 9.0                # tie, later tile first in storage order: 17
+    z[3, 25] = nan                         # NaN in the second tile beats the maximum
+    z[3, c - 1] = 99.0
+    z[4, [30, 5]] = nan                    # first NaN: 5
+    z[5, 18] = inf                         # +inf: 18
+    z[5, 33] = inf
+    z[6, :] = -inf                         # all -inf: 0
+    z[7, 16:] = -inf                       # -inf tail
+    z[8, [2, 19]] = inf                    # +inf then NaN later: the NaN
+    z[8, 34] = nan
+    z[9, c - 1] = 3.5                      # plain maximum in the last (partial) tile
+    return z
+
+
+@pytest.mark.parametrize("out_kind", (torch.int64, torch.int32), ids=dtype_id)
+@pytest.mark.parametrize("tiles", ("default", "small"), ids=("blocks-default", "blocks-small"))
+def test_argmax_semantics_across_tiles(backend: str, request: pytest.FixtureRequest,
+                                       tiles: str, out_kind: torch.dtype) -> None:
+    """Written predictions equal torch.argmax (first maximum, NaN wins) on every row, finite
+    or not, also when the maxima sit in different C tiles; non-finite rows score NaN."""
+    if tiles == "small":
+        request.getfixturevalue("small_blocks")
+    c = 37
+    z = argmax_rows(c)
+    n = z.shape[0]
+    weight = torch.eye(c)  # logits = feats (inf * 0 would give NaN: inf rows use the bias)
+    feats = torch.where(torch.isfinite(z), z, torch.zeros_like(z))
+    bias = torch.where(torch.isfinite(z), torch.zeros_like(z), z)
+    out_logits = torch.full((n,), -1, dtype=out_kind)
+    out_score, out_exit = torch.zeros(n), torch.zeros(n, dtype=torch.int64)
+    outs = []
+    for r in range(n):  # bias is per class, not per row: one row per call
+        outs.append(ek.exit_score_write(
+            feats[r:r + 1], weight, bias[r], row_index=torch.tensor([r]), exit_index=0,
+            out_logits=out_logits, out_score=out_score, out_exit=out_exit,
+            policy="max_prob", threshold=1.0, is_last=True, check_finite=False,
+            backend=backend))
+    logits = torch.cat([o.logits for o in outs])
+    assert torch.equal(logits.isnan(), z.isnan())
+    assert out_logits.tolist() == z.argmax(dim=1).tolist()
+    finite = torch.isfinite(z).all(dim=1)
+    assert bool(out_score[~finite].isnan().all()) and bool(out_score[finite].isfinite().all())
+
+
+def test_nan_rows_never_exit_early_patience_int32(backend: str) -> None:
+    """A NaN row with a matching streak still scores NaN and stays (patience, int32 preds)."""
+    feats = torch.tensor([[0.0, 5.0], [math.nan, 1.0]])
+    prev = torch.tensor([[1, 1], [0, 0]], dtype=torch.int32)  # NaN row's argmax is 0
+    out = ek.exit_score(feats, torch.eye(2), policy="patience", threshold=1.0, prev_preds=prev,
+                        check_finite=False, backend=backend)
+    assert out.score[0].item() == 2.0 and math.isnan(out.score[1].item())
+    assert out.exit_mask.tolist() == [True, False]
+
+
+# ---------------------------------------------------------------------------------------
+# CPU (interpreter): compact.
+
+
+@pytest.mark.parametrize("form", ("functional", "out"))
+@pytest.mark.parametrize(("block_r", "block_scan", "rows_per_prog"),
+                         [(4, 4, 8), (2, 8, 2), (8, 2, 24)],
+                         ids=("r4-s4-p8", "r2-s8-p2", "r8-s2-p24"))
+@pytest.mark.parametrize("kind", ("all_true", "random", "single"))
+@pytest.mark.parametrize("n", (7, 64), ids=lambda v: f"N{v}")
+def test_compact_programs_and_tiles(backend: str, n: int, kind: str, block_r: int,
+                                    block_scan: int, rows_per_prog: int, form: str) -> None:
+    """Forced small tiles: several programs, several row tiles per program and several scan
+    steps per prefix, so every path of the in-kernel prefix sum runs at small N."""
+    _, cp = _modules()
+    src = mixed_tensors(n, seed=n + 5)
+    keep = make_mask(n, kind, seed=n)
+    ref_dst = ([torch.zeros_like(s, memory_format=torch.contiguous_format) for s in src]
+               if form == "functional" else [torch.full((n + 2, *s.shape[1:]), 3, dtype=s.dtype)
+                                             for s in src])
+    dst = ([torch.full(s.shape, 5, dtype=s.dtype) for s in src] if form == "functional"
+           else [d.clone() for d in ref_dst])
+    ref_count = ref.compact_out(keep, src, ref_dst)
+    count = torch.full((), -1, dtype=torch.int64)
+    cp.launch(keep, src, dst, count, zero_tail=form == "functional", block_r=block_r,
+              block_scan=block_scan, rows_per_prog=rows_per_prog)
+    assert int(count) == int(ref_count)
+    for i, (got, want) in enumerate(zip(dst, ref_dst, strict=True)):
+        assert torch.equal(got, want), f"tensor {i} ({got.dtype}, {tuple(got.shape)})"
+
+
+@pytest.mark.parametrize("count", (1, 8, 9, 19))
+def test_compact_many_tensors(backend: str, count: int) -> None:
+    """More tensors than one launch's slots (8): several launches, same results, one count."""
+    gen = torch.Generator().manual_seed(count)
+    n = 23
+    keep = torch.rand(n, generator=gen) < 0.4
+    dtypes = (torch.float32, torch.int64, torch.bfloat16, torch.bool, torch.int32)
+    src = [torch.randn(n, i % 4 + 1, generator=gen).mul(100).to(dtypes[i % len(dtypes)])
+           for i in range(count)]
+    kept, n_kept = ek.compact(keep, src, backend=backend)
+    ref_kept, ref_n = ref.compact(keep, src)
+    assert int(n_kept) == int(ref_n)
+    for got, want in zip(kept, ref_kept, strict=True):
+        assert torch.equal(got, want)
+
+
+def test_compact_word_views() -> None:
+    """Rows are copied as the widest word that divides row size, row stride and offset."""
+    _, cp = _modules()
+    x = torch.zeros(6, 4)                        # 16-byte rows, aligned: int64 words
+    s, d = cp.as_words(x, torch.empty_like(x))
+    assert s.dtype == torch.int64 and s.shape == (6, 2) and d.shape == (6, 2)
+    y = torch.zeros(6, 3, dtype=torch.float16)   # 6-byte rows: int16
+    assert cp.as_words(y, torch.empty_like(y))[0].dtype == torch.int16
+    z = torch.zeros(12, 2)[1::2]                 # strided rows, 8-byte: int64 view, stride 2
+    s, _ = cp.as_words(z, torch.empty_like(z))
+    assert s.dtype == torch.int64 and s.stride(0) == 2
+    b = torch.zeros(7, 5, dtype=torch.bool)      # 5-byte rows: bytes
+    assert cp.as_words(b, torch.empty_like(b))[0].dtype == torch.uint8
+    t = torch.zeros(3, 6).t()                    # rows not contiguous: a contiguous copy
+    s, _ = cp.as_words(t, torch.empty(6, 3))
+    assert s.is_contiguous()
+
+
+def test_compact_out_rejects_overlap(backend: str) -> None:
+    """compact_out into (part of) its own source raises the common message."""
+    src = torch.arange(10)
+    with pytest.raises(ValueError, match=r"eenet\.compact_out: dst\[0\] overlaps src\[0\]"):
+        ek.compact(torch.ones(10, dtype=torch.bool), [src], out=[src], backend=backend)
+
+
+# ---------------------------------------------------------------------------------------
+# CPU (interpreter): custom ops, dispatcher routing and backend choice.
+
+
+def test_triton_ops_match_entry_points(backend: str) -> None:
+    """torch.ops.eenet_triton.* (what torch.compile sees) give the same results eagerly."""
+    torch.manual_seed(3)
+    feats, weight, bias = make_head(7, 33, 5, torch.bfloat16, 3, True)
+    case = Case("eenet", 2, torch.int64, use_vote=True)
+    kw = policy_kwargs(case, ref.exit_logits(feats, weight, bias))
+    args = (feats, weight, bias, "eenet", 0.4, False, kw["prev_scores"], kw["prev_preds"],
+            kw["sched_weight"], kw["sched_bias"], True)
+    got = torch.ops.eenet_triton.exit_score(*args)
+    want = ek.exit_score(*args[:3], policy="eenet", threshold=0.4, backend="triton", **kw)
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
+    bufs = (torch.zeros(9, 5), torch.zeros(9), torch.zeros(9, dtype=torch.int32))
+    rows = torch.tensor([8, 0, 3, 1, 2, 7, 5])
+    torch.ops.eenet_triton.exit_score_write(*args, rows, 2, *bufs)
+    exits = rows[want.exit_mask]
+    assert torch.equal(bufs[0][exits], want.logits[want.exit_mask])
+    assert bool((bufs[2][exits] == 2).all())
+
+    keep = make_mask(7, "random")
+    src = mixed_tensors(7)
+    kept, count = torch.ops.eenet_triton.compact(keep, src)
+    ref_kept, ref_count = ref.compact(keep, src)
+    assert int(count) == int(ref_count)
+    assert all(torch.equal(a, b) for a, b in zip(kept, ref_kept, strict=True))
+    dst = [torch.zeros_like(k) for k in ref_kept]
+    assert int(torch.ops.eenet_triton.compact_out(keep, src, dst)) == int(ref_count)
+    assert all(torch.equal(a, b) for a, b in zip(dst, ref_kept, strict=True))
+
+
+def test_cuda_dispatch_fallback_routes_to_triton(backend: str,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA kernels registered for torch.ops.eenet.* (no compiled CUDA build) call the
+    Triton entry points, and the reference when triton does not load."""
+    calls: list[str] = []
+    es, cp = _modules()
+    real = cp.compact
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        calls.append("triton")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cp, "compact", spy)
+    keep = torch.tensor([True, False, True])
+    kept, count = ops._cuda_fallback("compact")(keep, [torch.arange(3)])
+    assert calls == ["triton"] and int(count) == 2 and kept[0].tolist() == [0, 2, 0]
+    monkeypatch.setattr(etriton, "load", lambda: None)
+    kept, count = ops._cuda_fallback("compact")(keep, [torch.arange(3)])
+    assert calls == ["triton"] and int(count) == 2 and kept[0].tolist() == [0, 2, 0]
+    del es
+
+
+def test_backend_resolution(backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu = torch.device("cpu")
+    assert "triton" in ek.BACKENDS
+    assert ek.resolve_backend(cpu, "triton") == "triton"
+    monkeypatch.setenv("EENET_BACKEND", "triton")
+    assert ek.resolve_backend(cpu) == "triton"
+    monkeypatch.setenv("EENET_BACKEND", "auto")
+    assert ek.resolve_backend(cpu) == ("cpp" if ek.HAVE_EXTENSION else "reference")
+    with pytest.raises(RuntimeError, match="backend 'triton' was requested but it runs on CUDA"):
+        ek.resolve_backend(torch.device("meta"), "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match=r"CPU tensors need the Triton interpreter"):
+        ek.resolve_backend(cpu, "triton")
+    with pytest.raises(RuntimeError, match=r"CPU tensors need the Triton interpreter"):
+        ek.compact(torch.ones(2, dtype=torch.bool), [], backend="triton")
+
+
+def test_triton_import_is_lazy() -> None:
+    """``import eenet_kernels`` does not import triton (it costs startup time)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, eenet_kernels\n"
+            "assert 'triton' not in sys.modules, 'triton imported eagerly'\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+
+
+# ---------------------------------------------------------------------------------------
+# Compiled kernels without a GPU: ahead-of-time compilation for NVIDIA targets.
+
+_FLOAT_ARGS = {"sched_bias", "threshold", "inv_s", "inv_log_c"}
+
+
+def _signature(kernel: Any, pointers: dict[str, str | None], constexprs: dict[str, Any]
+               ) -> tuple[dict[str, str], dict[str, Any]]:
+    """Triton signature of ``kernel``: pointer element types by name (None: a None argument),
+    fp32 for the float scalars, i32 for the other scalars, the given constexprs."""
+    sig: dict[str, str] = {}
+    consts = dict(constexprs)
+    for name in kernel.arg_names:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name in pointers:
+            elt = pointers[name]
+            sig[name] = "constexpr" if elt is None else f"*{elt}"
+            if elt is None:
+                consts[name] = None
+        else:
+            sig[name] = "fp32" if name in _FLOAT_ARGS else "i32"
+    return sig, consts
+
+
+def nvidia_resource_usage(arch: int) -> list[tuple[str, int, int]]:
+    """Compile both kernels for ``sm_<arch>`` with the block sizes the launchers pick, over
+    policies, dtypes, pooling and write kinds; (config, registers, stack bytes) for each.
+    Needs triton's bundled ptxas / cuobjdump, no GPU; run without TRITON_INTERPRET."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    es, cp = _modules()
+    target = GPUTarget("cuda", arch, 32)
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
+    results = []
+
+    def build(kernel: Any, pointers: dict[str, str | None], constexprs: dict[str, Any],
+              warps: int, label: str) -> None:
+        sig, consts = _signature(kernel, pointers, constexprs)
+        src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=consts)
+        compiled = triton.compile(src, target=target, options={"num_warps": warps})
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(compiled.asm["cubin"])
+            f.flush()
+            out = subprocess.run([cuobjdump, "--dump-resource-usage", f.name],
+                                 capture_output=True, text=True, check=True).stdout
+        m = re.search(r"REG:(\d+) STACK:(\d+)", out)
+        assert m is not None, out
+        results.append((label, int(m.group(1)), int(m.group(2))))
+
+    names = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+    variants = [(0, torch.float16, False, 0, False), (1, torch.bfloat16, True, 1, False),
+                (2, torch.float32, True, 2, False), (3, torch.bfloat16, False, 1, True),
+                (3, torch.float32, False, 1, True)]
+    for n, c in ((8, 10), (64, 100), (4096, 1000)):
+        for policy, dtype, pooled, write, vote in variants:
+            block_n, block_c, block_d, warps = es.block_sizes(n, 768, c, dtype, pooled)
+            dt = names[dtype]
+            pointers = {
+                "feats_ptr": dt, "w_ptr": dt, "bias_ptr": dt, "logits_ptr": "fp32",
+                "score_ptr": "fp32", "exit_ptr": "u8",
+                "prev_scores_ptr": "fp32" if policy == 3 else None,
+                "prev_preds_ptr": "i64" if policy == 2 or vote else None,
+                "sched_w_ptr": "fp32" if policy == 3 else None,
+                "row_index_ptr": "i64" if write else None,
+                "out_logits_ptr": ({1: dt, 2: "i32"}.get(write)),
+                "out_score_ptr": "fp32" if write else None,
+                "out_exit_ptr": "i64" if write else None}
+            constexprs = {"POLICY": policy, "IS_LAST": False, "HAS_BIAS": True, "POOL": pooled,
+                          "USE_VOTE": vote, "WRITE": write, "UPCAST": False,
+                          "ROUND_BF16": False, "BLOCK_N": block_n, "BLOCK_C": block_c,
+                          "BLOCK_D": block_d}
+            build(es._exit_score_kernel, pointers, constexprs, warps,
+                  f"exit_score N{n} C{c} policy{policy} {dt} pooled={pooled} write={write}")
+    for widths, words in (([192] * 8, ["i64"] * 8), ([96, 1, 3, 5], ["i64", "i64", "i32", "u8"]),
+                          ([1], ["i32"]), ([], [])):
+        block_r, block_scan, _, bws, warps = cp.launch_config(8192, widths, 132)
+        pointers = {"keep_ptr": "u8", "count_ptr": "i64"}
+        constexprs = {"NUM_T": len(widths), "ZERO_TAIL": True, "WRITE_COUNT": True,
+                      "BLOCK_R": block_r, "BLOCK_SCAN": block_scan}
+        for i in range(cp.MAX_SLOTS):
+            used = i < len(widths)
+            pointers[f"s{i}"] = pointers[f"d{i}"] = words[i] if used else None
+            constexprs[f"BW{i}"] = bws[i] if used else 1
+            if not used:
+                constexprs[f"ss{i}"] = constexprs[f"w{i}"] = 0
+        build(cp._compact_kernel, pointers, constexprs, warps, f"compact widths={widths}")
+    return results
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", (80, 90))
+def test_kernels_compile_for_nvidia_without_spills(arch: int) -> None:
+    """Without a GPU, the real compiler still checks the kernels: every variant lowers to a
+    cubin for sm_80 / sm_90 at the launchers' block sizes, without register spills (a few
+    bytes of stack are tolerated). Runs in a subprocess without TRITON_INTERPRET."""
+    import subprocess
+    import sys
+
+    import triton
+
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin")
+    if not all(os.path.exists(os.path.join(bin_dir, t)) for t in ("ptxas", "cuobjdump")):
+        pytest.skip("triton's NVIDIA toolchain (ptxas, cuobjdump) is not bundled here")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("import test_triton as t\n"
+            f"for label, regs, stack in t.nvidia_resource_usage({arch}):\n"
+            "    print(f'{label}|{regs}|{stack}')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=os.path.dirname(__file__), env=env, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split("|") for line in result.stdout.splitlines() if line.count("|") == 2]
+    assert len(rows) == 19, result.stdout
+    spills = [(label, stack) for label, _, stack in rows if int(stack) > 16]
+    assert not spills, spills
+
+
+# ---------------------------------------------------------------------------------------
+# GPU: compiled kernels on CUDA tensors at full sizes.
+
+
+@pytest.fixture
+def cuda_backend() -> str:
+    if INTERPRET:
+        pytest.skip("GPU tests need compiled kernels: run them with TRITON_INTERPRET unset")
+    return "triton"
+
+
+def _to_cuda(kw: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+
+
+@pytest.fixture
+def _deterministic_matmul() -> Iterator[None]:
+    """The fp32 reference on CUDA must not use TF32."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+GPU_SHAPES = ((1, 768, 1000), (64, 256, 10), (512, 2048, 100), (4096, 768, 1000))
+
+
+def gpu_case(case: Case, feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
+             ) -> tuple[dict[str, Any], float, tuple[torch.Tensor, ...], float]:
+    """History inputs, a random threshold, the fp32 reference result and the logit tolerance,
+    all computed on the GPU (CUDA inputs; a CPU reference at these sizes takes minutes)."""
+    logits = ref.exit_logits(feats, weight, bias)
+    kw = _to_cuda(policy_kwargs(case, logits.cpu()))
+    _, probe, _ = ref.exit_score(feats, weight, bias, case.policy, 0.0, **kw)
+    threshold = pick_threshold(case, probe)
+    expect = ref.exit_score(feats, weight, bias, case.policy, threshold, **kw)
+    return kw, threshold, expect, logit_tolerance(feats, weight, bias, expect[0])
+
+
+def check_gpu_result(out: ek.ExitScore, expect: tuple[torch.Tensor, ...], tol: float,
+                     case: Case, threshold: float, ctx: str) -> torch.Tensor:
+    """``check_against_reference`` for finite CUDA results with a precomputed tolerance;
+    returns the rows whose argmax is certain."""
+    ref_logits, ref_score, ref_mask = expect
+    err = float((out.logits - ref_logits).abs().max())
+    assert err <= tol, f"{ctx}: logits differ by {err} > {tol}"
+    stable = (~ambiguous_rows(ref_logits, tol) if case.uses_preds
+              else torch.ones_like(ref_mask))
+    torch.testing.assert_close(out.score[stable], ref_score[stable], atol=SCORE_ATOL, rtol=0,
+                               msg=lambda m: f"{ctx}: scores: {m}")
+    assert_decisions_agree(out.exit_mask[stable], ref_mask[stable], ref_score[stable],
+                           threshold, SCORE_ATOL)
+    return stable
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("_deterministic_matmul")
+@pytest.mark.parametrize("pooled", (None, 4), ids=("2d", "3d"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize(("n", "d", "c"), GPU_SHAPES, ids=lambda v: str(v))
+def test_gpu_exit_score_matches_reference(cuda_backend: str, n: int, d: int, c: int,
+                                          dtype: torch.dtype, pooled: int | None) -> None:
+    """Every policy on CUDA at serving sizes, against the fp32 reference."""
+    torch.manual_seed(n + d + c)
+    feats, weight, bias = (t.cuda() for t in make_head(n, d, c, dtype, pooled, True))
+    for case in POLICY_CASES:
+        kw, threshold, expect, tol = gpu_case(case, feats, weight, bias)
+        out = ek.exit_score(feats, weight, bias, policy=case.policy, threshold=threshold,
+                            backend=cuda_backend, **kw)
+        check_gpu_result(out, expect, tol, case, threshold,
+                         f"[cuda] {case} threshold={threshold:.6g}")
+        assert torch.equal(out.exit_mask, out.score >= threshold)
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("_deterministic_matmul")
+@pytest.mark.parametrize("out_kind", tuple(FEATS_FOR_OUT), ids=dtype_id)
+@pytest.mark.parametrize("n", (64, 4096), ids=lambda v: f"N{v}")
+def test_gpu_exit_score_write(cuda_backend: str, n: int, out_kind: torch.dtype) -> None:
+    """The write variant on CUDA: the reference write's buffers, the kernel's own logits."""
+    torch.manual_seed(n)
+    feats, weight, bias = (t.cuda() for t in make_head(n, 768, 1000, FEATS_FOR_OUT[out_kind],
+                                                       None, True))
+    n0 = 2 * n
+    rows = torch.randperm(n0)[:n].cuda()
+    case = WRITE_CASES[-1]
+    kw, threshold, _, tol = gpu_case(case, feats, weight, bias)
+    bufs = [torch.full((n0, 1000), -7.0, dtype=out_kind) if out_kind.is_floating_point
+            else torch.full((n0,), -1, dtype=out_kind), torch.full((n0,), -5.0),
+            torch.full((n0,), -1, dtype=torch.int64)]
+    bufs = [b.cuda() for b in bufs]
+    ref_bufs = [b.clone() for b in bufs]
+    out = ek.exit_score_write(feats, weight, bias, row_index=rows, exit_index=1,
+                              out_logits=bufs[0], out_score=bufs[1], out_exit=bufs[2],
+                              policy=case.policy, threshold=threshold, backend=cuda_backend,
+                              **kw)
+    expect = ref.exit_score_write(feats, weight, bias, case.policy, threshold, **kw,
+                                  row_index=rows, exit_index=1, out_logits=ref_bufs[0],
+                                  out_score=ref_bufs[1], out_exit=ref_bufs[2])
+    stable = check_gpu_result(out, expect, tol, case, threshold, f"[cuda write] {out_kind}")
+    # buffers agree at the rows decided alike whose argmax is certain
+    agree = rows[stable & (out.exit_mask == expect[2])]
+    assert torch.equal(bufs[2][agree], ref_bufs[2][agree])
+    torch.testing.assert_close(bufs[1][agree], ref_bufs[1][agree], atol=SCORE_ATOL, rtol=0)
+    # the written logits / predictions are the kernel's own, at every exiting row
+    written = rows[out.exit_mask]
+    own = out.logits[out.exit_mask]
+    want = own.to(out_kind) if out_kind.is_floating_point else own.argmax(dim=1).to(out_kind)
+    assert torch.equal(bufs[0][written], want)
+    untouched = torch.ones(n0, dtype=torch.bool, device="cuda")
+    untouched[written] = False
+    assert bool((bufs[2][untouched] == -1).all())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ("all_true", "all_false", "random", "single"))
+@pytest.mark.parametrize("n", (1, 256, 8192, 100_003), ids=lambda v: f"N{v}")
+def test_gpu_compact_matches_reference(cuda_backend: str, n: int, kind: str) -> None:
+    """Both forms on CUDA, wide and narrow rows of several dtypes, bit-exact."""
+    keep = make_mask(n, kind, seed=n).cuda()
+    gen = torch.Generator().manual_seed(n)
+    src = [torch.randn(n, 256, generator=gen).half().cuda(), torch.arange(n).cuda(),
+           torch.randn(n, 3, generator=gen).cuda(), torch.randint(0, 2, (n, 5)).bool().cuda(),
+           torch.randn(n, 2, 7, generator=gen).bfloat16().cuda()]
+    kept, count = ek.compact(keep, src, backend=cuda_backend)
+    ref_kept, ref_count = ref.compact(keep, src)
+    assert int(count) == int(ref_count)
+    for got, want in zip(kept, ref_kept, strict=True):
+        assert torch.equal(got, want)
+    dst = [torch.full((n + 5, *s.shape[1:]), 3, dtype=s.dtype, device="cuda") for s in src]
+    ref_dst = [d.clone() for d in dst]
+    _, count = ek.compact(keep, src, out=dst, backend=cuda_backend)
+    ref.compact_out(keep, src, ref_dst)
+    assert int(count) == int(ref_count)
+    for got, want in zip(dst, ref_dst, strict=True):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.gpu
+def test_gpu_dispatcher_routes_to_triton(cuda_backend: str) -> None:
+    """torch.ops.eenet.* on CUDA tensors (no compiled CUDA kernel) match the reference."""
+    keep = (torch.arange(1000) % 3 == 0).cuda()
+    src = [torch.arange(1000).cuda()]
+    kept, count = torch.ops.eenet.compact(keep, src)
+    assert int(count) == 334 and torch.equal(kept[0][:334].cpu(), torch.arange(0, 1000, 3))
+    feats, weight, bias = make_head(64, 768, 1000, torch.float16, None, True)
+    logits, _, _ = torch.ops.eenet.exit_score(feats.cuda(), weight.cuda(), bias.cuda(),
+                                              "max_prob", 0.5)
+    want = ref.exit_logits(feats, weight, bias)
+    assert float((logits.cpu() - want).abs().max()) < 1e-2
+
+
+@pytest.mark.gpu
+def test_gpu_opcheck_triton_ops(cuda_backend: str) -> None:
+    """Schema, fake kernel and functionalization of the eenet_triton custom ops."""
+    feats, weight, bias = make_head(7, 33, 5, torch.float16, 3, True)
+    args = (feats.cuda(), weight.cuda(), bias.cuda(), "entropy", 0.3)
+    torch.library.opcheck(torch.ops.eenet_triton.exit_score.default, args)
+    bufs = (torch.zeros(9, 5, device="cuda"), torch.zeros(9, device="cuda"),
+            torch.zeros(9, dtype=torch.int64, device="cuda"))
+    rows = torch.tensor([8, 0, 3, 1, 2, 7, 5], device="cuda")
+    torch.library.opcheck(torch.ops.eenet_triton.exit_score_write.default,
+                          (*args, False, None, None, None, 0.0, False, rows, 1, *bufs))
+    keep = (torch.arange(9) % 2 == 0).cuda()
+    src = [torch.arange(9).cuda(), torch.randn(9, 4).cuda()]
+    torch.library.opcheck(torch.ops.eenet_triton.compact.default, (keep, src))
+    dst = [torch.zeros_like(s) for s in src]
+    torch.library.opcheck(torch.ops.eenet_triton.compact_out.default, (keep, src, dst))
+
+
+@pytest.mark.gpu
+def test_gpu_torch_compile_fullgraph(cuda_backend: str) -> None:
+    """A stage (exit_score + compact) compiles with fullgraph=True and matches eager."""
+    torch.manual_seed(0)
+    feats, weight, bias = (t.cuda() for t in make_head(256, 768, 100, torch.bfloat16, None,
+                                                       True))
+
+    def stage(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = ek.exit_score(x, weight, bias, policy="entropy", threshold=0.2,
+                            check_finite=False, backend="triton")
+        kept, count = ek.compact(~out.exit_mask, [x, out.logits], backend="triton")
+        return out.score, kept[0], kept[1], count
+
+    eager = stage(feats)
+    compiled = torch.compile(stage, fullgraph=True)(feats)
+    for e, c in zip(eager, compiled, strict=True):
+        assert torch.equal(e, c)
+
+
+@pytest.mark.gpu
+def test_gpu_compact_cuda_graph_replay(cuda_backend: str) -> None:
+    """compact_out needs no scratch state: a captured launch replays correctly with new masks."""
+    n = 4096
+    src = [torch.randn(n, 128, device="cuda"), torch.arange(n, device="cuda")]
+    dst = [torch.empty_like(s) for s in src]
+    keep = torch.zeros(n, dtype=torch.bool, device="cuda")
+    ek.compact(keep, src, out=dst, backend=cuda_backend)  # warm-up: compile outside capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        _, count = ek.compact(keep, src, out=dst, backend=cuda_backend)
+    for seed in range(3):
+        gen = torch.Generator().manual_seed(seed)
+        keep.copy_(torch.rand(n, generator=gen) < 0.5)
+        graph.replay()
+        m = int(keep.sum())
+        assert int(count) == m
+        assert torch.equal(dst[1][:m], keep.nonzero().flatten())
+        assert torch.equal(dst[0][:m], src[0][keep])
