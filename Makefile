@@ -38,5 +38,15 @@ lint: setup
 demo: setup
 	$(PYTHON) -m eenet demo
 
+# Benchmarks (bench/README.md): results go to bench/results/<device>/ (md, csv, png).
+.PHONY: bench bench-gpu
+bench: setup
+	$(PYTHON) -m bench.micro
+	$(PYTHON) -m bench.e2e
+
+bench-gpu: setup
+	$(PYTHON) -m bench.micro --device cuda
+	$(PYTHON) -m bench.e2e --device cuda
+
 clean:
 	rm -rf build *.egg-info eenet_kernels/*.so .setup-system-done $(VENV)

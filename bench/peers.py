@@ -1,0 +1,333 @@
+"""The execution modes users run today, implemented from their descriptions (PAPERS.md,
+"Systems around them"), next to ours; and the "ideal" every mode is measured against.
+
+Every mode is a callable ``runner(x) -> EngineOutput`` with the per-sample results in input
+order (logits (N, C) float32 of the exit taken, exit_index (N,) int64, score (N,) float32),
+so the tests check each one against the oracle :func:`eenet.runtime.simulate`.
+
+- ``full``: every stage and exit on every row, decisions afterwards (Engine ``full``).
+- ``mask``: all rows run every stage until all have exited; exited rows are frozen (Engine
+  ``mask``; PABEE-style: the batch waits for its slowest sample).
+- ``bool_index``: FastBERT / bert-squeeze: after each exit, ``h = h[~exit]`` (and the row
+  index and policy history likewise): boolean indexing, a ``nonzero`` (host sync) per index.
+- ``batchcond``: BatchCond's ABR (adaptive batch reorganisation), see :class:`BatchCond`:
+  per stage, keep masking or drop the exited rows by boolean indexing, chosen at run time
+  from a profiled cost table.
+- ``batch1``: DeeBERT / SDN / BranchyNet serving: one sample at a time, each stops at its
+  exit (one host sync per stage per sample).
+- ``compact``: ours, Engine ``compact`` (fused ``exit_score_write`` + ``compact``, one host
+  sync per stage).
+
+The peers run exit heads as the peers' code does, in plain torch: ``head(h)`` then the
+policy's score from :func:`eenet_kernels.reference.policy_score` (softmax, max, entropy,
+patience streak or the EENet scheduler), ``score >= threshold``; ``mask`` and ``compact``
+use the library's engine (the fused ``exit_score`` op).
+
+The ideal (:func:`ideal_segments`): the sum over stages of each stage's standalone time
+(stage + exit head forward) at its survivor batch size, with no scoring, bookkeeping,
+compaction or sync.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from eenet.policies import ExitPolicy
+from eenet.runtime import Engine, EngineOutput
+from eenet_kernels import reference
+
+from .runner import time_fn
+
+MODES: tuple[str, ...] = ("full", "mask", "bool_index", "batchcond", "batch1", "compact")
+PEERS: tuple[str, ...] = ("full", "mask", "bool_index", "batchcond", "batch1")
+OURS = "compact"
+
+Runner = Callable[[torch.Tensor], EngineOutput]
+
+
+class _PlainHeads:
+    """Exit decisions as the peers compute them: plain-torch head and policy score."""
+
+    def __init__(self, net: torch.nn.Module, policy: ExitPolicy) -> None:
+        if len(net.stages) != len(net.heads):
+            raise ValueError(f"the network has {len(net.stages)} stages but {len(net.heads)} "
+                             "exit heads")
+        policy.check_network(len(net.heads))
+        self.net = net.eval()
+        self.policy = policy
+        self.rules = policy.rules()
+        self.num_exits = len(net.heads)
+        self.num_classes = net.heads[-1].classifier.out_features
+
+    def decide(self, k: int, h: torch.Tensor, prev_scores: torch.Tensor,
+               prev_preds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Exit k on activation h: (logits (n, C) float32, score (n,), exit (n,) bool)."""
+        rule = self.rules[k]
+        z = self.net.heads[k](h).float()
+        sw = rule.sched_weight
+        if sw is not None:
+            sw = sw.to(device=z.device, dtype=torch.float32)
+        score = reference.policy_score(z, rule.policy, prev_scores=prev_scores,
+                                       prev_preds=prev_preds, sched_weight=sw,
+                                       sched_bias=rule.sched_bias, use_vote=rule.use_vote)
+        if k == self.num_exits - 1:
+            leave = torch.ones(score.shape, dtype=torch.bool, device=score.device)
+        else:
+            leave = score >= rule.threshold  # NaN never passes
+        return z, score, leave
+
+    def outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        n = x.shape[0]
+        return (torch.zeros(n, self.num_classes, dtype=torch.float32, device=x.device),
+                torch.full((n,), -1, dtype=torch.int64, device=x.device),
+                torch.zeros(n, dtype=torch.float32, device=x.device))
+
+    def history(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        k = self.num_exits
+        return (torch.zeros(n, k, dtype=torch.float32, device=device),
+                torch.zeros(n, k, dtype=torch.int64, device=device))
+
+
+class BoolIndex(_PlainHeads):
+    """FastBERT / bert-squeeze: drop the exited rows after every exit with ``x[~exit]``."""
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> EngineOutput:
+        out_logits, out_exit, out_score = self.outputs(x)
+        idx = torch.arange(x.shape[0], device=x.device)
+        scores, preds = self.history(x.shape[0], x.device)
+        h = x
+        for k, stage in enumerate(self.net.stages):
+            if h.shape[0] == 0:
+                break
+            h = stage(h)
+            z, s, leave = self.decide(k, h, scores[:, :k], preds[:, :k])
+            rows = idx[leave]
+            out_logits[rows] = z[leave]
+            out_score[rows] = s[leave]
+            out_exit[rows] = k
+            if k == self.num_exits - 1:
+                break
+            scores[:, k] = s
+            preds[:, k] = z.argmax(dim=1)
+            stay = ~leave
+            h, idx, scores, preds = h[stay], idx[stay], scores[stay], preds[stay]
+        return EngineOutput(out_logits, out_exit, out_score)
+
+
+class Batch1(_PlainHeads):
+    """DeeBERT / SDN / BranchyNet serving: samples one at a time; each runs stages until its
+    exit takes it (one ``.item()`` per stage per sample)."""
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> EngineOutput:
+        out_logits, out_exit, out_score = self.outputs(x)
+        for i in range(x.shape[0]):
+            h = x[i:i + 1]
+            scores, preds = self.history(1, x.device)
+            for k, stage in enumerate(self.net.stages):
+                h = stage(h)
+                z, s, leave = self.decide(k, h, scores[:, :k], preds[:, :k])
+                if bool(leave.item()):
+                    out_logits[i] = z[0]
+                    out_score[i] = s[0]
+                    out_exit[i] = k
+                    break
+                scores[:, k] = s
+                preds[:, k] = z.argmax(dim=1)
+        return EngineOutput(out_logits, out_exit, out_score)
+
+
+@dataclass
+class CostTable:
+    """BatchCond's hardware profile: per stage k, the time (s) of stage k + its exit at a few
+    batch sizes, and the time of dropping rows (boolean indexing of the stage's output and the
+    per-row state at 50% keep) at the same sizes; linear interpolation in between, 0 at 0."""
+
+    sizes: list[int]
+    stage: list[list[float]]
+    drop: list[list[float]]
+
+    def stage_time(self, k: int, n: int) -> float:
+        return _interp(n, self.sizes, self.stage[k])
+
+    def drop_time(self, k: int, n: int) -> float:
+        return _interp(n, self.sizes, self.drop[k])
+
+    def rest(self, k: int, n: int) -> float:
+        """Time of the stages after k at n rows."""
+        return sum(self.stage_time(j, n) for j in range(k + 1, len(self.stage)))
+
+
+def _interp(n: int, sizes: Sequence[int], values: Sequence[float]) -> float:
+    if n <= 0:
+        return 0.0
+    xs = [0, *sizes]
+    ys = [0.0, *values]
+    if n >= xs[-1]:  # extrapolate linearly from the last two points
+        slope = (ys[-1] - ys[-2]) / max(1, xs[-1] - xs[-2])
+        return ys[-1] + slope * (n - xs[-1])
+    return float(np.interp(n, xs, ys))
+
+
+def profile_sizes(batch: int) -> list[int]:
+    """The batch sizes BatchCond profiles for serving batches of ``batch``: 1, B/4, B/2, B."""
+    return sorted({max(1, batch // 4), max(1, batch // 2), 1, max(1, batch)})
+
+
+@torch.no_grad()
+def profile_costs(net: torch.nn.Module, policy: ExitPolicy, x: torch.Tensor,
+                  sizes: Sequence[int] | None = None, *, warmup: int = 1, repeats: int = 3,
+                  device: str | torch.device = "cpu") -> CostTable:
+    """Measure BatchCond's table on example input ``x`` (at least max(sizes) rows): stage k
+    plus its exit (head and decision) at each size, and the drop (``t[keep]`` of the stage
+    output, row index and history) at each size, medians of ``repeats`` runs."""
+    plain = _PlainHeads(net, policy)
+    sizes = sorted(set(sizes or profile_sizes(x.shape[0])))
+    if x.shape[0] < sizes[-1]:
+        raise ValueError(f"profiling needs {sizes[-1]} example rows, got {x.shape[0]}")
+    stage_t: list[list[float]] = []
+    drop_t: list[list[float]] = []
+    h = x[:sizes[-1]]
+    for k, stage in enumerate(net.stages):
+        scores, preds = plain.history(h.shape[0], h.device)
+        row_s, row_d = [], []
+        for n in sizes:
+            inp = h[:n].contiguous()
+
+            def run_stage(inp: torch.Tensor = inp, k: int = k,
+                          prev_s: torch.Tensor = scores[:n, :k],
+                          prev_p: torch.Tensor = preds[:n, :k]) -> None:
+                plain.decide(k, net.stages[k](inp), prev_s, prev_p)
+
+            row_s.append(time_fn(run_stage, warmup=warmup, repeats=repeats,
+                                 device=device).median)
+            out = stage(inp)
+            keep = torch.arange(n, device=out.device) % 2 == 0
+            idx = torch.arange(n, device=out.device)
+
+            def run_drop(state: tuple[torch.Tensor, ...] = (out, idx, scores[:n], preds[:n]),
+                         keep: torch.Tensor = keep) -> None:
+                for t in state:
+                    t[keep]
+
+            row_d.append(time_fn(run_drop, warmup=warmup, repeats=repeats,
+                                 device=device).median)
+        stage_t.append(row_s)
+        drop_t.append(row_d)
+        h = stage(h)
+    return CostTable(sizes, stage_t, drop_t)
+
+
+class BatchCond(_PlainHeads):
+    """BatchCond's ABR, from its description: the batch runs masked (exited rows frozen,
+    still computed) until the profiled table says that dropping them pays.
+
+    Rule, after exit k (k < K-1), with n rows in the batch of which m are still active
+    (one ``.item()``): stop if m = 0; if m < n, drop the inactive rows (boolean indexing)
+    when ``drop(k, n) + sum_{j>k} T_j(m) < sum_{j>k} T_j(n)``, i.e. when running the rest of
+    the network on m rows plus the cost of the drop beats running it masked on n rows
+    (dropped rows never come back, so the saving counts for every later stage).
+    ``decisions`` records (k, n, m, dropped) of the last call.
+    """
+
+    def __init__(self, net: torch.nn.Module, policy: ExitPolicy, table: CostTable) -> None:
+        super().__init__(net, policy)
+        if len(table.stage) != self.num_exits:
+            raise ValueError(f"the cost table has {len(table.stage)} stages, the network "
+                             f"{self.num_exits}")
+        self.table = table
+        self.decisions: list[tuple[int, int, int, bool]] = []
+
+    def should_drop(self, k: int, n: int, m: int) -> bool:
+        if m >= n:
+            return False
+        t = self.table
+        return t.drop_time(k, n) + t.rest(k, m) < t.rest(k, n)
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> EngineOutput:
+        out_logits, out_exit, out_score = self.outputs(x)
+        idx = torch.arange(x.shape[0], device=x.device)
+        active = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+        scores, preds = self.history(x.shape[0], x.device)
+        self.decisions = []
+        h = x
+        for k, stage in enumerate(self.net.stages):
+            if h.shape[0] == 0:
+                break
+            h = stage(h)
+            z, s, leave = self.decide(k, h, scores[:, :k], preds[:, :k])
+            leave = leave & active
+            rows = idx[leave]
+            out_logits[rows] = z[leave]
+            out_score[rows] = s[leave]
+            out_exit[rows] = k
+            if k == self.num_exits - 1:
+                break
+            scores[:, k] = s
+            preds[:, k] = z.argmax(dim=1)
+            active &= ~leave
+            n, m = h.shape[0], int(active.sum().item())
+            if m == 0:
+                break
+            drop = self.should_drop(k, n, m)
+            self.decisions.append((k, n, m, drop))
+            if drop:
+                h, idx, scores, preds = h[active], idx[active], scores[active], preds[active]
+                active = torch.ones(m, dtype=torch.bool, device=x.device)
+        return EngineOutput(out_logits, out_exit, out_score)
+
+
+def make_runner(mode: str, net: torch.nn.Module, policy: ExitPolicy, *,
+                table: CostTable | None = None, backend: str | None = None) -> Runner:
+    """The runner of ``mode`` (:data:`MODES`); ``batchcond`` needs its cost ``table``."""
+    if mode in ("full", "mask", "compact"):
+        return Engine(net, policy, mode=mode, backend=backend)
+    if mode == "bool_index":
+        return BoolIndex(net, policy)
+    if mode == "batch1":
+        return Batch1(net, policy)
+    if mode == "batchcond":
+        if table is None:
+            raise ValueError("mode 'batchcond' needs a profiled CostTable (profile_costs)")
+        return BatchCond(net, policy, table)
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+@torch.no_grad()
+def stage_activations(net: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """The activation entering every stage (x for stage 0) on all rows of x."""
+    acts = []
+    h = x
+    for stage in net.stages:
+        acts.append(h)
+        h = stage(h)
+    return acts
+
+
+def survivor_inputs(acts: Sequence[torch.Tensor], exit_index: torch.Tensor
+                    ) -> list[torch.Tensor]:
+    """The ideal's inputs: stage k's input restricted to the rows whose exit is >= k
+    (contiguous copies; possibly empty)."""
+    return [a[exit_index >= k].contiguous() for k, a in enumerate(acts)]
+
+
+def ideal_segments(net: torch.nn.Module, inputs: Sequence[torch.Tensor]
+                   ) -> list[Callable[[], object]]:
+    """One callable per non-empty stage: stage k + exit head k on its survivors' input."""
+    segs: list[Callable[[], object]] = []
+    for k, inp in enumerate(inputs):
+        if inp.shape[0] == 0:
+            continue
+
+        def seg(k: int = k, inp: torch.Tensor = inp) -> object:
+            with torch.no_grad():
+                return net.heads[k](net.stages[k](inp))
+
+        segs.append(seg)
+    return segs

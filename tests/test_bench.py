@@ -1,0 +1,302 @@
+"""The benchmark suite's machinery (no timings asserted): the runner's statistics on a fake
+timer, host-sync counting, the results writer's stamp, and that every peer execution mode
+returns exactly the oracle's exits and logits."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root holds bench/
+
+from bench import peers, runner
+from bench.e2e import ForcedRate
+from eenet.nn import ExitHead, MultiExitNetwork
+from eenet.policies import ExitPolicy, MaxProb, Patience
+from eenet.runtime import simulate
+
+C = 6
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# -- runner ----------------------------------------------------------------------------------
+
+
+class ScriptedTimer:
+    """A fake timer: call i 'takes' durations[i] seconds."""
+
+    def __init__(self, durations: list[float]) -> None:
+        self.durations = iter(durations)
+        self.calls = 0
+
+    def start(self) -> int:
+        return 0
+
+    def stop(self, token: int) -> float:
+        self.calls += 1
+        return next(self.durations)
+
+
+def test_stats_drop_warmup_and_interpolate_percentiles() -> None:
+    timed = [float(v) for v in range(1, 21)]  # 1..20
+    timer = ScriptedTimer([100.0, 100.0, *timed])
+    calls: list[str] = []
+    stats = runner.time_fn(lambda: calls.append("fn"), warmup=2, repeats=20, timer=timer,
+                           setup=lambda i: calls.append(f"setup{i}"),
+                           flush=lambda: calls.append("flush"))
+    assert timer.calls == 22
+    assert stats.runs == 20 and stats.samples == tuple(timed)
+    assert stats.median == pytest.approx(10.5)
+    assert stats.p10 == pytest.approx(2.9)  # linear interpolation, as numpy
+    assert stats.p90 == pytest.approx(18.1)
+    assert stats.p99 == pytest.approx(19.81)
+    assert stats.mean == pytest.approx(10.5) and stats.min == 1.0 and stats.max == 20.0
+    assert calls[:3] == ["setup0", "flush", "fn"] and len(calls) == 66
+
+
+def test_time_segments_sums_the_segments() -> None:
+    timer = ScriptedTimer([1.0, 2.0, 3.0] * 4)
+    stats = runner.time_segments(lambda: [lambda: None] * 3, warmup=1, repeats=3, timer=timer)
+    assert stats.samples == (6.0, 6.0, 6.0)
+
+
+def test_time_many_interleaves_and_groups_segments() -> None:
+    order: list[str] = []
+    # run = a: one call; b: two groups (2 calls, 1 call); warm-up run discarded
+    timer = ScriptedTimer([9.0, 9.0, 9.0, 9.0] + [1.0, 2.0, 3.0, 4.0] * 2)
+    per_item: dict[str, list[float]] = {}
+    stats = runner.time_many(
+        {"a": lambda: order.append("a"),
+         "b": runner.Segmented(lambda: [[lambda: order.append("b1"), lambda: None],
+                                        lambda: order.append("b2")])},
+        warmup=1, repeats=2, timer=timer, setup=lambda i: order.append(f"s{i}"),
+        item_samples=per_item)
+    assert order[:4] == ["s0", "a", "b1", "b2"]
+    assert stats["a"].samples == (1.0, 1.0)
+    assert stats["b"].samples == (9.0, 9.0)
+    assert per_item == {"b": [5.0, 4.0, 5.0, 4.0]}
+
+
+def test_stats_reject_empty_and_bad_counts() -> None:
+    with pytest.raises(ValueError):
+        runner.Stats.from_samples([])
+    with pytest.raises(ValueError):
+        runner.time_fn(lambda: None, repeats=0)
+
+
+def test_count_syncs_on_cpu() -> None:
+    x = torch.randn(16, 4)
+    mask = torch.arange(16) % 3 == 0
+    assert runner.count_syncs(lambda: x + 1)[0].total == 0
+    one, _ = runner.count_syncs(lambda: x.sum().item())
+    assert one.total == 1 and one.by_name["aten::_local_scalar_dense"] == 1
+    assert runner.count_syncs(lambda: x[mask])[0].total == 1
+    assert runner.count_syncs(lambda: bool(mask.any()))[0].total == 1
+    static = runner.count_syncs(lambda: torch.nonzero_static(mask, size=16))[0]
+    assert static.total == 0
+    syncs, result = runner.count_syncs(lambda: 7)
+    assert result == 7 and syncs.total == 0
+
+
+def test_cache_flusher_and_llc() -> None:
+    assert runner.last_level_cache_bytes("cpu") > 0
+    flush = runner.CacheFlusher("cpu", nbytes=1 << 20)
+    flush()
+    assert flush.nbytes == 1 << 20
+
+
+def test_results_writer_stamps_every_file(tmp_path: Path) -> None:
+    stamp = runner.environment("cpu")
+    for key in ("device", "driver", "torch", "triton", "cuda", "commit"):
+        assert stamp[key], key
+    assert stamp["device"].startswith("CPU: ")
+    assert stamp["torch"] == torch.__version__
+    assert re.fullmatch(r"([0-9a-f]{4,40}(-dirty)?|unknown)", stamp["commit"])
+    rows = [{"n": 1, "t": 0.5}, {"n": 2, "t": 0.25, "extra": "x"}]
+    cols = [runner.Column("n", "N"), runner.Column("t", "time", "{:.2f}"),
+            runner.Column("extra", "extra")]
+
+    def plot(fig) -> None:
+        ax = fig.add_subplot(1, 1, 1)
+        ax.plot([r["n"] for r in rows], [r["t"] for r in rows])
+
+    paths = runner.write_results("unit", "cpu", title="Unit", root=tmp_path, csv_rows=rows,
+                                 sections=[runner.Section("Table", "text", rows, cols)],
+                                 notes=["a note"], plot=plot, stamp=stamp)
+    assert paths["md"] == tmp_path / "cpu" / "unit.md"
+    md = paths["md"].read_text()
+    for key, value in stamp.items():
+        assert f"**{key}**: {value}" in md
+    assert "| 2 | 0.25 | x |" in md and "| 1 | 0.50 | - |" in md and "a note" in md
+    lines = paths["csv"].read_text().splitlines()
+    comments = [ln for ln in lines if ln.startswith("# ")]
+    assert {c.split(":", 1)[0][2:] for c in comments} == set(stamp)
+    data = list(csv.DictReader(ln for ln in lines if not ln.startswith("# ")))
+    assert [d["n"] for d in data] == ["1", "2"] and data[1]["extra"] == "x"
+    assert paths["png"].stat().st_size > 1000
+
+
+# -- peer modes ------------------------------------------------------------------------------
+
+
+def _mlp_net(seed: int = 0, exits: int = 4) -> MultiExitNetwork:
+    torch.manual_seed(seed)
+    stages = [torch.nn.Sequential(torch.nn.Linear(12, 12), torch.nn.Tanh())
+              for _ in range(exits)]
+    heads = [ExitHead.linear(12, C) for _ in range(exits)]
+    return MultiExitNetwork(stages, heads).eval()
+
+
+def _conv_net(seed: int = 0) -> MultiExitNetwork:
+    torch.manual_seed(seed)
+    chans = [3, 8, 12, 16]
+    stages = [torch.nn.Sequential(torch.nn.Conv2d(a, b, 3, padding=1), torch.nn.ReLU())
+              for a, b in itertools.pairwise(chans)]
+    heads = [ExitHead.conv(b, C, width=6) for b in chans[1:]]
+    return MultiExitNetwork(stages, heads).eval()
+
+
+def _policy(kind: type[ExitPolicy], net: MultiExitNetwork, x_cal: torch.Tensor) -> ExitPolicy:
+    """Median thresholds on a calibration batch (not the test batch: no exact ties)."""
+    k = len(net.heads)
+    if kind is Patience:
+        return Patience([1.0] * k)
+    with torch.no_grad():
+        scores = kind([0.0] * k).scores([z.float() for z in net(x_cal)])
+    return kind([float(scores[:, j].median()) for j in range(k)])
+
+
+def _tables(net: MultiExitNetwork, policy: ExitPolicy, x: torch.Tensor
+            ) -> dict[str, peers.CostTable]:
+    k = len(net.stages)
+    sizes = peers.profile_sizes(x.shape[0])
+    flat = [[1.0] * len(sizes) for _ in range(k)]
+    return {
+        "profiled": peers.profile_costs(net, policy, x, warmup=0, repeats=1),
+        "always_drop": peers.CostTable(sizes, [[float(n) for n in sizes]] * k,
+                                       [[0.0] * len(sizes)] * k),
+        "never_drop": peers.CostTable(sizes, flat, [[1e9] * len(sizes)] * k),
+    }
+
+
+@pytest.mark.parametrize("kind", [MaxProb, Patience], ids=lambda p: p.__name__)
+@pytest.mark.parametrize("make_net", [_mlp_net, _conv_net], ids=["mlp", "conv"])
+@pytest.mark.parametrize("n", [1, 5, 33])
+def test_every_mode_matches_the_oracle(kind: type[ExitPolicy], make_net, n: int) -> None:
+    net = make_net()
+    shape = (12,) if make_net is _mlp_net else (3, 6, 6)
+    g = torch.Generator().manual_seed(n)
+    x_cal, x = torch.randn(64, *shape, generator=g), torch.randn(n, *shape, generator=g)
+    policy = _policy(kind, net, x_cal)
+    oracle = simulate(net, policy, x)
+    runners = {m: peers.make_runner(m, net, policy) for m in peers.MODES if m != "batchcond"}
+    for name, table in _tables(net, policy, x_cal[:8]).items():
+        runners[f"batchcond/{name}"] = peers.make_runner("batchcond", net, policy, table=table)
+    for name, run in runners.items():
+        out = run(x)
+        assert torch.equal(out.exit_index, oracle.exit_index), name
+        torch.testing.assert_close(out.logits, oracle.logits, rtol=1e-5, atol=1e-5, msg=name)
+        torch.testing.assert_close(out.score, oracle.score, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_batchcond_follows_its_table() -> None:
+    net = _mlp_net()
+    x = torch.randn(64, 12)
+    policy = _policy(MaxProb, net, torch.randn(64, 12))
+    tables = _tables(net, policy, x[:8])
+    drop = peers.BatchCond(net, policy, tables["always_drop"])
+    keep = peers.BatchCond(net, policy, tables["never_drop"])
+    drop(x)
+    keep(x)
+    assert drop.decisions and all(d[3] for d in drop.decisions)
+    assert keep.decisions and not any(d[3] for d in keep.decisions)
+    assert all(d[1] == 64 for d in keep.decisions)  # masked: the batch keeps its 64 rows
+
+
+def test_compact_syncs_at_most_once_per_stage_and_peers_more() -> None:
+    net = _mlp_net()
+    x = torch.randn(64, 12)
+    policy = _policy(MaxProb, net, torch.randn(64, 12))
+    counts = {m: runner.count_syncs(lambda m=m: peers.make_runner(m, net, policy)(x))[0].total
+              for m in ("compact", "bool_index", "full")}
+    assert counts["compact"] <= len(net.stages) - 1
+    assert counts["bool_index"] > counts["compact"]
+
+
+def test_ideal_inputs_are_the_survivors() -> None:
+    net = _mlp_net()
+    x = torch.randn(20, 12)
+    policy = _policy(MaxProb, net, torch.randn(64, 12))
+    exits = simulate(net, policy, x).exit_index
+    acts = peers.stage_activations(net, x)
+    inputs = peers.survivor_inputs(acts, exits)
+    assert [t.shape[0] for t in inputs] == [int((exits >= k).sum()) for k in range(4)]
+    assert len(peers.ideal_segments(net, inputs)) == sum(t.shape[0] > 0 for t in inputs)
+    stats = runner.time_segments(lambda: peers.ideal_segments(net, inputs), warmup=0,
+                                 repeats=2)
+    assert stats.runs == 2
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.25, 0.5, 0.9])
+def test_forced_rate_policy_leaves_the_given_fraction(rate: float) -> None:
+    net = _mlp_net(exits=3)
+    x = torch.randn(400, 12)
+    with torch.no_grad():
+        logits = [z.float() for z in net(x)]
+    policy = ForcedRate.calibrate(logits, rate)
+    assert isinstance(policy, MaxProb) and policy.rate == rate
+    exits = policy.decide(logits)[0]
+    counts = torch.bincount(exits, minlength=3).double()
+    present = 400.0
+    for k in range(2):
+        assert counts[k] / present == pytest.approx(rate, abs=0.01)
+        present -= float(counts[k])
+
+
+# -- benchmark drivers (smoke: tiny sizes, one run, nothing written) -------------------------
+
+
+def test_micro_drivers_smoke(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench import micro
+
+    monkeypatch.setattr(micro, "COMPACT_N", (64,))
+    monkeypatch.setattr(micro, "ROW_BYTES", (16,))
+    monkeypatch.setattr(micro, "CacheFlusher", lambda device: (lambda: None))
+    rows = micro.bench_compact(torch.device("cpu"), repeats=1, warmup=0)
+    assert {r["method"] for r in rows} == set(micro.COMPACT_METHODS)
+    assert next(r for r in rows if r["method"] == "nonzero_static")["syncs"] == 0
+    rows = micro.bench_exit_score(torch.device("cpu"), repeats=1, warmup=0,
+                                  sizes=[(16, 8, 4, torch.float32)], use_compile=False)
+    assert {r["method"] for r in rows} == set(micro.EXIT_METHODS)
+    ours = next(r for r in rows if r["method"] == "ours_write")
+    assert ours["exit_agree"] == 1.0 and ours["max_logit_diff"] < 1e-5 and ours["syncs"] == 0
+    assert next(r for r in rows if r["method"] == "compile")["error"] == "not run"
+
+
+def test_e2e_driver_smoke() -> None:
+    from bench import e2e
+
+    w = e2e.Workload("tiny", "tiny MLP", _mlp_net(), torch.randn(16, 12), batches=(1, 8),
+                     repeats={1: 1, 8: 1}, stream=4, warmup=1, profile_repeats=1)
+    rows = e2e.measure_workload(w, torch.device("cpu"), rates=(0.0, 0.5))
+    modes = {r["mode"] for r in rows}
+    assert modes == {*peers.MODES, "ideal"}
+    assert all(r["agree"] == 1.0 for r in rows if r["agree"] is not None)
+    assert all(r["syncs"] <= 3 for r in rows if r["mode"] == "compact")
+    assert {r["stream"] for r in rows} == {4, 8}
+    sections = e2e.sections_for(rows, [w])
+    assert sections[0].rows and "ours/ideal" in [c.header for c in sections[0].columns]
