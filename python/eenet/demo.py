@@ -11,6 +11,7 @@ check that both give the same exits. Seeds are fixed: the numbers repeat.
 from __future__ import annotations
 
 import os
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -66,15 +67,20 @@ def evaluate(policy: ExitPolicy, logits: list[torch.Tensor], labels: torch.Tenso
     return float(correct.float().mean()), low, high, costs.expected(exit_index) / costs.full
 
 
-def _throughput(engine: Engine, x: torch.Tensor, batch: int, repeats: int = 5) -> float:
-    """Samples per second over x in batches, best of ``repeats`` passes."""
-    best = float("inf")
+def _throughputs(engines: dict[str, Engine], x: torch.Tensor, batch: int, repeats: int = 9
+                 ) -> dict[str, float]:
+    """Samples per second of each engine over x in batches: median of ``repeats`` passes,
+    the engines' passes interleaved so that a change of machine load hits them alike."""
+    times: dict[str, list[float]] = {name: [] for name in engines}
+    for engine in engines.values():  # warm-up: first-call allocations, kernel selection
+        engine(x[:batch])
     for _ in range(repeats):
-        start = time.perf_counter()
-        for i in range(0, x.shape[0], batch):
-            engine(x[i:i + batch])
-        best = min(best, time.perf_counter() - start)
-    return x.shape[0] / best
+        for name, engine in engines.items():
+            start = time.perf_counter()
+            for i in range(0, x.shape[0], batch):
+                engine(x[i:i + batch])
+            times[name].append(time.perf_counter() - start)
+    return {name: x.shape[0] / statistics.median(t) for name, t in times.items()}
 
 
 def run_dataset(name: str, epochs: int, seed: int, budgets: tuple[float, ...],
@@ -115,8 +121,8 @@ def run_dataset(name: str, epochs: int, seed: int, budgets: tuple[float, ...],
     agree = float((served.exit_index == oracle.exit_index).float().mean())
     speed = {"agreement": agree}
     for batch in sorted({min(256, len(x)), len(x)}):
-        speed[f"compact@{batch}"] = _throughput(compact, x, batch)
-        speed[f"full@{batch}"] = _throughput(full, x, batch)
+        for mode, rate in _throughputs({"compact": compact, "full": full}, x, batch).items():
+            speed[f"{mode}@{batch}"] = rate
     return rows, speed
 
 
