@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from eenet.policies import ExitPolicy
-from eenet.runtime import Engine, EngineOutput
+from eenet.runtime import Engine, EngineOutput, check_network
 from eenet_kernels import reference
 
 from .runner import time_fn
@@ -53,10 +53,7 @@ class _PlainHeads:
     """Exit decisions as the peers compute them: plain-torch head and policy score."""
 
     def __init__(self, net: torch.nn.Module, policy: ExitPolicy) -> None:
-        if len(net.stages) != len(net.heads):
-            raise ValueError(f"the network has {len(net.stages)} stages but {len(net.heads)} "
-                             "exit heads")
-        policy.check_network(len(net.heads))
+        check_network(net, policy)
         self.net = net.eval()
         self.policy = policy
         self.rules = policy.rules()

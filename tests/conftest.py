@@ -12,6 +12,9 @@ Tolerance (README, "How tolerance is defined"): every backend is compared with
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -33,6 +36,25 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@contextmanager
+def intra_op_threads(count: int) -> Iterator[None]:
+    """Run the block with ``count`` intra-op threads, then restore the previous setting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One intra-op thread for tiny models: OpenMP barriers only add synchronisation there
+    (20x slower on a busy 2-core machine). Use with ``pytest.mark.usefixtures``."""
+    with intra_op_threads(1):
+        yield
 
 
 @pytest.fixture(params=CPU_BACKENDS)

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 import torch
-from conftest import DTYPES, assert_decisions_agree, logit_tolerance
+from conftest import DTYPES, assert_decisions_agree, intra_op_threads, logit_tolerance
 
 import eenet_kernels as ek
 from eenet_kernels import reference as ref
@@ -34,17 +33,6 @@ LOGIT_SENTINEL = -1000.0  # exact in float16 and bfloat16
 INDEX_SENTINEL = -1
 SCORE_SENTINEL = -5.0
 DEFAULT_THREADS = torch.get_num_threads()  # before the module fixture pins it to 1
-
-
-@contextmanager
-def intra_op_threads(count: int) -> Iterator[None]:
-    """Run the block with ``count`` intra-op threads, then restore the previous setting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True, scope="module")

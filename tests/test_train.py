@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -14,14 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from eenet.nn import MultiExitNetwork, attach_exits
 from eenet.train import multi_exit, multi_exit_loss
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models: intra-op threads only add synchronisation (20x slower on a busy CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _softmax(row: list[float], t: float = 1.0) -> list[float]:

@@ -1,6 +1,6 @@
 """The batched early-exit runtime: :class:`Engine` (modes full / mask / compact) and the
 offline oracle :func:`simulate`."""
 
-from .engine import MODES, Engine, EngineOutput, simulate
+from .engine import MODES, Engine, EngineOutput, check_network, simulate
 
-__all__ = ["MODES", "Engine", "EngineOutput", "simulate"]
+__all__ = ["MODES", "Engine", "EngineOutput", "check_network", "simulate"]

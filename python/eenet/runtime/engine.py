@@ -45,6 +45,15 @@ def simulate(net: torch.nn.Module, policy: ExitPolicy, x: torch.Tensor) -> Engin
     return EngineOutput(chosen, exit_index, score)
 
 
+def check_network(net: torch.nn.Module, policy: ExitPolicy) -> None:
+    """Raise ``ValueError`` unless ``net`` has one exit head per stage and ``policy`` one
+    rule per exit."""
+    if len(net.stages) != len(net.heads):
+        raise ValueError(f"the network has {len(net.stages)} stages but {len(net.heads)} "
+                         "exit heads")
+    policy.check_network(len(net.heads))
+
+
 class _Buffers:
     """Per-batch-shape storage of the compact mode: one buffer per stage output for the
     activations, and ping-pong pairs for the row index and the policy history."""
@@ -79,10 +88,7 @@ class Engine:
                  backend: str | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if len(net.stages) != len(net.heads):
-            raise ValueError(f"the network has {len(net.stages)} stages but {len(net.heads)} "
-                             "exit heads")
-        policy.check_network(len(net.heads))
+        check_network(net, policy)
         self.net = net.eval()
         self.policy = policy
         self.mode = mode
