@@ -29,7 +29,6 @@ import argparse
 import functools
 import math
 import os
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -49,6 +48,7 @@ from .runner import (
     Segmented,
     Stats,
     count_syncs,
+    cuda_missing,
     environment,
     load_note,
     set_cpu_threads,
@@ -589,9 +589,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="2 timed runs each (smoke test)")
     ap.add_argument("--name", default=None, help="results name (default e2e, e2e_quick)")
     args = ap.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("bench.e2e: --device cuda needs a CUDA device and a CUDA build of torch; none "
-              "here (torch.cuda.is_available() is False)", file=sys.stderr)
+    if cuda_missing("bench.e2e", args.device):
         return 2
     device = torch.device(args.device)
     set_cpu_threads(args.threads, device)

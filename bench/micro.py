@@ -42,6 +42,7 @@ from .runner import (
     Column,
     Section,
     count_syncs,
+    cuda_missing,
     environment,
     load_note,
     set_cpu_threads,
@@ -371,9 +372,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--backend", default="auto", choices=ek.BACKENDS,
                     help="backend of ours (results get a _<backend> suffix unless auto)")
     args = ap.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("bench.micro: --device cuda needs a CUDA device and a CUDA build of torch; none "
-              "here (torch.cuda.is_available() is False)", file=sys.stderr)
+    if cuda_missing("bench.micro", args.device):
         return 2
     device = torch.device(args.device)
     set_cpu_threads(args.threads, device)

@@ -77,6 +77,20 @@ class _PlainHeads:
             leave = score >= rule.threshold  # NaN never passes
         return z, score, leave
 
+    def record(self, k: int, idx: torch.Tensor, leave: torch.Tensor, z: torch.Tensor,
+               s: torch.Tensor, outs: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+               scores: torch.Tensor, preds: torch.Tensor) -> None:
+        """Write the leaving rows' results at their original positions ``idx[leave]``, and
+        (before the last exit) exit k's scores and argmax into the history."""
+        out_logits, out_exit, out_score = outs
+        rows = idx[leave]
+        out_logits[rows] = z[leave]
+        out_score[rows] = s[leave]
+        out_exit[rows] = k
+        if k < self.num_exits - 1:
+            scores[:, k] = s
+            preds[:, k] = z.argmax(dim=1)
+
     def outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n = x.shape[0]
         return (torch.zeros(n, self.num_classes, dtype=torch.float32, device=x.device),
@@ -103,14 +117,9 @@ class BoolIndex(_PlainHeads):
                 break
             h = stage(h)
             z, s, leave = self.decide(k, h, scores[:, :k], preds[:, :k])
-            rows = idx[leave]
-            out_logits[rows] = z[leave]
-            out_score[rows] = s[leave]
-            out_exit[rows] = k
+            self.record(k, idx, leave, z, s, (out_logits, out_exit, out_score), scores, preds)
             if k == self.num_exits - 1:
                 break
-            scores[:, k] = s
-            preds[:, k] = z.argmax(dim=1)
             stay = ~leave
             h, idx, scores, preds = h[stay], idx[stay], scores[stay], preds[stay]
         return EngineOutput(out_logits, out_exit, out_score)
@@ -260,14 +269,9 @@ class BatchCond(_PlainHeads):
             h = stage(h)
             z, s, leave = self.decide(k, h, scores[:, :k], preds[:, :k])
             leave = leave & active
-            rows = idx[leave]
-            out_logits[rows] = z[leave]
-            out_score[rows] = s[leave]
-            out_exit[rows] = k
+            self.record(k, idx, leave, z, s, (out_logits, out_exit, out_score), scores, preds)
             if k == self.num_exits - 1:
                 break
-            scores[:, k] = s
-            preds[:, k] = z.argmax(dim=1)
             active &= ~leave
             n, m = h.shape[0], int(active.sum().item())
             if m == 0:

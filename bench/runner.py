@@ -144,6 +144,15 @@ def synchronize(device: str | torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def cuda_missing(program: str, device: str) -> bool:
+    """True (after printing why to stderr) when ``device`` is cuda but none is usable."""
+    if device == "cuda" and not torch.cuda.is_available():
+        print(f"{program}: --device cuda needs a CUDA device and a CUDA build of torch; none "
+              "here (torch.cuda.is_available() is False)", file=sys.stderr)
+        return True
+    return False
+
+
 def set_cpu_threads(threads: int, device: str | torch.device) -> int:
     """Intra-op threads for a CPU benchmark: ``threads`` (0 = leave torch's default).
 
