@@ -6,11 +6,12 @@ Workloads (random weights unless said otherwise):
   32x32 inputs with 3 exits: ``ExitHead.conv`` after stages 1 and 2, the backbone's own
   global-average-pool + Linear after stage 3. BatchNorm statistics are set on random data
   (so the activations stay in range).
-- ``bert``: a BERT-base-shaped encoder (not HF ``BertModel``: transformers is not installed):
-  embeddings (30522 x 768, positions, LayerNorm) and 12 ``nn.TransformerEncoderLayer``
-  (d_model 768, 12 heads, FFN 3072, GELU, post-LN, batch_first), sequence length 128, exits
-  (``ExitHead.token``: first token -> Linear -> tanh -> Linear, 2 classes) after layers
-  3/6/9/12.
+- ``bert``: transformers' ``BertModel`` with a random-init BERT-base config (12 layers,
+  hidden 768, 12 heads, FFN 3072, vocabulary 30522; no download), split by
+  :func:`eenet.nn.hf_encoder_exits` with exits (``ExitHead.token``: first token -> Linear ->
+  tanh -> Linear, 2 classes) after layers 3/6/9/12, sequence length 128. Without
+  transformers (``pip install -e .[hf]``) the same shape is built from
+  ``nn.TransformerEncoderLayer`` (post-LN, GELU) and the results say so.
 - ``mnist``: the demo's trained model (``demo_out/mnist_model.pt``) on the held-out MNIST
   digits, else a fresh ``eenet.models.small_cnn`` on random inputs.
 
@@ -38,7 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from eenet.nn import ExitHead, MultiExitNetwork
+from eenet.nn import ExitHead, MultiExitNetwork, hf_encoder_exits
 from eenet.policies import MaxProb, thresholds_for_fractions
 
 from . import peers
@@ -175,7 +176,8 @@ def calibrate_batchnorm(net: nn.Module, inputs: Sequence[torch.Tensor]) -> None:
 
 
 class BertEmbeddings(nn.Module):
-    """BERT's embeddings: word + position + token type 0, LayerNorm (eps 1e-12)."""
+    """BERT's embeddings (word + position + token type 0, LayerNorm eps 1e-12), for the
+    encoder built without transformers."""
 
     def __init__(self, vocab: int = 30522, hidden: int = 768, max_len: int = 512) -> None:
         super().__init__()
@@ -190,9 +192,25 @@ class BertEmbeddings(nn.Module):
         return self.norm(h)
 
 
-def bert_base_exits(num_classes: int = 2, exits_after: Sequence[int] = (3, 6, 9, 12),
-                    hidden: int = 768, heads: int = 12, ffn: int = 3072) -> MultiExitNetwork:
-    """BERT-base-shaped encoder from ``nn.TransformerEncoderLayer`` with token exit heads."""
+def bert_base_exits(num_classes: int = 2, exits_after: Sequence[int] = (3, 6, 9, 12)
+                    ) -> tuple[MultiExitNetwork, str]:
+    """BERT-base with token exits after the given layers, and a description of the model:
+    transformers' ``BertModel`` (random init) when transformers is installed, else the same
+    shape from ``nn.TransformerEncoderLayer``."""
+    try:
+        from transformers import BertConfig, BertModel
+    except ImportError:
+        return _bert_without_transformers(num_classes, exits_after), (
+            "BERT-base-shaped encoder from nn.TransformerEncoderLayer (transformers is not "
+            "installed)")
+    model = BertModel(BertConfig(num_hidden_layers=exits_after[-1]), add_pooling_layer=False)
+    return hf_encoder_exits(model, list(exits_after[:-1]), num_classes), (
+        "transformers BertModel, random-init BERT-base config")
+
+
+def _bert_without_transformers(num_classes: int, exits_after: Sequence[int],
+                               hidden: int = 768, heads: int = 12, ffn: int = 3072
+                               ) -> MultiExitNetwork:
     def layer() -> nn.Module:
         return nn.TransformerEncoderLayer(hidden, heads, ffn, dropout=0.1, activation="gelu",
                                           layer_norm_eps=1e-12, batch_first=True)
@@ -243,15 +261,14 @@ def _resnet_workload(device: torch.device, gpu: bool, quick: bool) -> Workload:
 
 def _bert_workload(device: torch.device, gpu: bool, quick: bool) -> Workload:
     torch.manual_seed(0)
-    net = bert_base_exits()
+    net, model = bert_base_exits()
     batches = GPU_BATCHES[:-1] if gpu else (1, 4)
     stream = 32 if gpu else 4
     pool = torch.randint(0, 30522, (max(stream, batches[-1]), 128))
     repeats = _gpu_repeats(batches) if gpu else {1: 3, 4: 3}
-    return Workload("bert", "BERT-base-shaped encoder (nn.TransformerEncoderLayer x 12: d_model "
-                    "768, 12 heads, FFN 3072, GELU, post-LN; embeddings 30522 x 768), sequence "
-                    "length 128, exits after layers 3/6/9/12, 2 classes, random weights; NOT "
-                    "HF BertModel (transformers is not installed)", net.to(device).eval(),
+    return Workload("bert", f"{model} (12 layers, hidden 768, 12 heads, FFN 3072), sequence "
+                    "length 128, exits after layers 3/6/9/12, 2 classes, random weights",
+                    net.to(device).eval(),
                     pool.to(device), batches, _quick(repeats, quick), stream, warmup=1,
                     batch1_max=4 if not gpu else 8, profile_repeats=2 if not gpu else 5)
 

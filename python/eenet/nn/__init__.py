@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .heads import ExitHead, FirstToken
+from .hf import hf_encoder_exits
 from .multi_exit import ChainStage, FirstTokenIfSequence, MultiExitNetwork, attach_exits
 
 __all__ = [
@@ -12,4 +13,5 @@ __all__ = [
     "FirstTokenIfSequence",
     "MultiExitNetwork",
     "attach_exits",
+    "hf_encoder_exits",
 ]

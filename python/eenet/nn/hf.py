@@ -1,0 +1,123 @@
+"""Exits for Hugging Face encoder models (BERT, RoBERTa, ELECTRA, ... : every model with
+``model.embeddings`` and a layer list ``model.encoder.layer``), without importing
+``transformers``.
+
+Shapes: input ids (N, L) int64; hidden states (N, L, H) batch first; exit logits (N, C).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .heads import ExitHead
+from .multi_exit import ChainStage, MultiExitNetwork, _like_backbone
+
+__all__ = ["hf_encoder_exits"]
+
+
+def _layers_of(model: nn.Module) -> nn.ModuleList:
+    encoder = getattr(model, "encoder", None)
+    layers = getattr(encoder, "layer", None)
+    if not isinstance(getattr(model, "embeddings", None), nn.Module) or not isinstance(
+            layers, nn.ModuleList):
+        raise ValueError(
+            f"{type(model).__name__} is not a Hugging Face encoder model: hf_encoder_exits "
+            "needs model.embeddings and the layer list model.encoder.layer (BertModel, "
+            "RobertaModel, ...; pass the base model, not a *ForSequenceClassification wrapper)")
+    if len(layers) == 0:
+        raise ValueError("the model's encoder has no layers")
+    return layers
+
+
+def _hidden_size(model: nn.Module) -> int:
+    size = getattr(getattr(model, "config", None), "hidden_size", None)
+    if isinstance(size, int) and size > 0:
+        return size
+    norms = [m for m in model.embeddings.modules() if isinstance(m, nn.LayerNorm)]
+    if norms and len(norms[-1].normalized_shape) == 1:
+        return int(norms[-1].normalized_shape[0])
+    raise ValueError("cannot tell the model's hidden size: it has no config.hidden_size and "
+                     "its embeddings end with no 1-D LayerNorm")
+
+
+def hf_encoder_exits(model: nn.Module, after_layers: Sequence[int], num_classes: int,
+                     example_input: torch.Tensor | None = None) -> MultiExitNetwork:
+    """A :class:`MultiExitNetwork` over a Hugging Face encoder, exits after the given layers.
+
+    Stage 0 is ``model.embeddings`` followed by layers ``0 .. after_layers[0] - 1``; stage k
+    runs the next layers, and the last stage ends with the model's last layer. Every exit is a
+    new :meth:`ExitHead.token` (first token -> Linear -> tanh -> Linear, as BERT's pooler and
+    classifier); the model's own pooler is not used. The stages hold the model's own modules
+    (no weight copied). E.g. BERT-base with ``after_layers=(3, 6, 9)``: exits after layers
+    3, 6, 9 and 12.
+
+    Layers get the hidden states only: no attention mask, so every token attends to every
+    other. That is exact for unpadded (fixed-length) batches; padded batches need their mask
+    to travel with the rows through compaction, which the runtime does not do yet.
+
+    Args:
+        model: the base encoder (``BertModel``, ``RobertaModel``, ...), any mode and dtype.
+        after_layers: strictly increasing layer counts in ``[1, num_layers)``.
+        num_classes: C, the classes of every exit head.
+        example_input: optional (N, L) input ids; if given, the stages' output is checked
+            against ``model(example_input).last_hidden_state``.
+
+    Raises:
+        ValueError: a model without ``embeddings`` / ``encoder.layer``, bad ``after_layers``
+            or ``num_classes``, or stages that do not reproduce the model's hidden states.
+    """
+    layers = _layers_of(model)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes <= 0:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    cuts = list(after_layers)
+    n = len(layers)
+    for c in cuts:
+        if isinstance(c, bool) or not isinstance(c, int) or not 1 <= c < n:
+            raise ValueError(f"after_layers must hold layer counts in [1, {n}) (the last exit "
+                             f"after layer {n} is always there), got {c!r}")
+    if any(b <= a for a, b in itertools.pairwise(cuts)):
+        raise ValueError(f"after_layers must be strictly increasing, got {cuts}")
+
+    stages: list[nn.Module] = []
+    start = 0
+    for end in [*cuts, n]:
+        blocks = [layers[i] for i in range(start, end)]
+        names = [f"encoder.layer.{i}" for i in range(start, end)]
+        unwrap = [True] * len(blocks)
+        if start == 0:
+            blocks, names, unwrap = [model.embeddings, *blocks], ["embeddings", *names], [
+                False, *unwrap]
+        stages.append(ChainStage(blocks, names, unwrap))
+        start = end
+    hidden = _hidden_size(model)
+    heads = [_like_backbone(ExitHead.token(hidden, num_classes), model) for _ in stages]
+    net = MultiExitNetwork(stages, heads)
+    if example_input is not None:
+        _check_stages(model, net, example_input)
+    return net
+
+
+@torch.no_grad()
+def _check_stages(model: nn.Module, net: MultiExitNetwork, ids: torch.Tensor) -> None:
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        expected = model(ids).last_hidden_state
+        h = ids
+        for stage in net.stages:
+            h = stage(h)
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    same_shape = h.shape == expected.shape
+    diff = float((h.float() - expected.float()).abs().max()) if same_shape and h.numel() else 0.0
+    tol = 1e-4 * (1.0 + float(expected.abs().max())) if same_shape and h.numel() else 0.0
+    if not same_shape or not diff <= tol:
+        raise ValueError(
+            f"the stages do not reproduce model(example_input).last_hidden_state (shape "
+            f"{tuple(h.shape)} vs {tuple(expected.shape)}, max abs difference {diff:.3g}): "
+            "the model's forward does more than embeddings followed by its layers")

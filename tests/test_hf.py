@@ -1,0 +1,102 @@
+"""Exits on Hugging Face encoders (tiny random-init configs; no download)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from eenet.nn import MultiExitNetwork, hf_encoder_exits
+from eenet.policies import MaxProb
+from eenet.runtime import Engine, simulate
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB, HIDDEN, LAYERS, C = 100, 32, 4, 3
+
+
+def _tiny(kind: str = "bert") -> torch.nn.Module:
+    torch.manual_seed(0)
+    shape = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+                 num_attention_heads=4, intermediate_size=64, max_position_embeddings=40)
+    if kind == "bert":
+        return transformers.BertModel(transformers.BertConfig(**shape)).eval()
+    return transformers.RobertaModel(transformers.RobertaConfig(**shape)).eval()
+
+
+def _ids(n: int, length: int = 12) -> torch.Tensor:
+    # ids from 3 up: RoBERTa reads id 1 as padding when it numbers the positions
+    return torch.randint(3, VOCAB, (n, length), generator=torch.Generator().manual_seed(n))
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+def test_stages_reproduce_the_encoder(kind: str) -> None:
+    model = _tiny(kind)
+    ids = _ids(5)
+    net = hf_encoder_exits(model, (1, 3), C, example_input=ids)
+    assert isinstance(net, MultiExitNetwork) and net.num_exits == 3
+    assert net.stages[0].names == ("embeddings", "encoder.layer.0")
+    assert net.stages[2].names == ("encoder.layer.3",)
+    # the stages hold the model's own layers: no copies
+    assert net.stages[1].blocks[0] is model.encoder.layer[1]
+    h = ids
+    with torch.no_grad():
+        for stage in net.stages:
+            h = stage(h)
+        torch.testing.assert_close(h, model(ids).last_hidden_state, rtol=1e-5, atol=1e-5)
+        assert [z.shape for z in net(ids)] == [(5, C)] * 3
+
+
+def test_heads_follow_the_model_dtype_and_mode() -> None:
+    model = _tiny().double().train()
+    net = hf_encoder_exits(model, (2,), C)
+    head = net.heads[0]
+    assert head.classifier.weight.dtype == torch.float64 and head.training
+    assert head.classifier.in_features == HIDDEN
+
+
+def test_engine_on_hf_encoder_matches_simulate() -> None:
+    model = _tiny()
+    net = hf_encoder_exits(model, (1, 2), C).eval()
+    ids = _ids(33)
+    with torch.no_grad():
+        scores = MaxProb([0.0] * 3).scores([z.float() for z in net(ids)])
+    policy = MaxProb([float(scores[:, 0].median()), float(scores[:, 1].median()), 0.0])
+    oracle = simulate(net, policy, ids)
+    out = Engine(net, policy, mode="compact")(ids)
+    assert torch.equal(out.exit_index, oracle.exit_index)
+    assert set(out.exit_index.tolist()) >= {0, 2}
+    torch.testing.assert_close(out.logits, oracle.logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("after", "match"), [
+    ((0,), r"layer counts in \[1, 4\)"),
+    ((4,), r"layer counts in \[1, 4\)"),
+    ((2, 2), "strictly increasing"),
+    ((3, 1), "strictly increasing"),
+    ((True,), "layer counts"),
+])
+def test_bad_after_layers(after: tuple, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        hf_encoder_exits(_tiny(), after, C)
+
+
+def test_not_an_hf_encoder_and_bad_classes() -> None:
+    with pytest.raises(ValueError, match="not a Hugging Face encoder model"):
+        hf_encoder_exits(torch.nn.Linear(3, 3), (1,), C)
+    with pytest.raises(ValueError, match="num_classes must be a positive int"):
+        hf_encoder_exits(_tiny(), (1,), 0)
+
+
+def test_forward_that_does_more_is_caught() -> None:
+    model = _tiny()
+    model.pooler = None
+    real = model.forward
+
+    def shifted(*args, **kwargs):  # a forward that is not embeddings -> layers
+        out = real(*args, **kwargs)
+        out.last_hidden_state = out.last_hidden_state + 1.0
+        return out
+
+    model.forward = shifted
+    with pytest.raises(ValueError, match="do not reproduce"):
+        hf_encoder_exits(model, (2,), C, example_input=_ids(2))
