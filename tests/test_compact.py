@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import intra_op_threads
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -196,12 +197,14 @@ def test_noncontiguous_keep(backend: str) -> None:
 
 
 def test_many_chunks(backend: str) -> None:
-    """Enough rows and row bytes that a parallel kernel splits the work into chunks."""
+    """Enough rows and row bytes that a parallel kernel splits the work into chunks, run on
+    two threads."""
     gen = torch.Generator().manual_seed(6)
     n = 4096
     src = [random_values((n, 64), torch.float32, gen), torch.arange(n)]
     keep = torch.rand(n, generator=gen) < 0.3
-    kept, count = ek.compact(keep, src, backend=backend)
+    with intra_op_threads(2):
+        kept, count = ek.compact(keep, src, backend=backend)
     assert_count(count, keep)
     assert_same(kept[0], expected_functional(keep, src[0]), "rows")
     assert_same(kept[1][: int(count)], keep.nonzero().flatten(), "indices")

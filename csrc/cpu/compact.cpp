@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <numeric>
 #include <optional>
@@ -17,16 +18,32 @@
 namespace eenet {
 namespace {
 
+// Copies `rb` bytes: short rows (whole 8-byte words) through an inlined word loop, which
+// beats a memcpy call per row there; longer rows through memcpy.
+inline void copy_row(char* to, const char* from, int64_t rb) {
+  if (rb <= 128 && rb % 8 == 0) {
+    for (int64_t w = 0; w < rb; w += 8) {
+      uint64_t word;
+      std::memcpy(&word, from + w, 8);
+      std::memcpy(to + w, &word, 8);
+    }
+  } else {
+    std::memcpy(to, from, rb);
+  }
+}
+
 // Copies kept rows; returns n. `dst` must be contiguous (checked by the callers).
 int64_t compact_rows(const at::Tensor& keep, at::TensorList src,
                      const std::vector<at::Tensor>& dst) {
   const int64_t n = keep.size(0);
   const at::Tensor keep_c = keep.contiguous();
   const bool* k = keep_c.data_ptr<bool>();
-  std::vector<int64_t> position(n);
+  // the kept rows' indices, gathered without a branch: the copy loop below then has no
+  // data-dependent branch to mispredict (half the rows would, at a 50% keep rate)
+  std::vector<int64_t> kept_rows(n);
   int64_t count = 0;
   for (int64_t i = 0; i < n; ++i) {
-    position[i] = count;
+    kept_rows[count] = i;
     count += k[i];
   }
   if (count == 0) return 0;
@@ -40,14 +57,13 @@ int64_t compact_rows(const at::Tensor& keep, at::TensorList src,
   const int64_t total_row_bytes = std::max<int64_t>(
       1, std::accumulate(row_bytes.begin(), row_bytes.end(), int64_t{0}));
   const int64_t grain = std::max<int64_t>(1, (1 << 16) / total_row_bytes);
-  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, count, grain, [&](int64_t begin, int64_t end) {
     for (size_t t = 0; t < src_c.size(); ++t) {
       const int64_t rb = row_bytes[t];
       if (rb == 0) continue;
       const char* from = static_cast<const char*>(src_c[t].const_data_ptr());
       char* to = static_cast<char*>(dst[t].data_ptr());
-      for (int64_t i = begin; i < end; ++i)
-        if (k[i]) std::memcpy(to + position[i] * rb, from + i * rb, rb);
+      for (int64_t j = begin; j < end; ++j) copy_row(to + j * rb, from + kept_rows[j] * rb, rb);
     }
   });
   return count;
