@@ -56,6 +56,9 @@ EXIT_N: tuple[int, ...] = (64, 512, 4096)
 EXIT_D: tuple[int, ...] = (256, 768)
 EXIT_C: tuple[int, ...] = (10, 100, 1000)
 BF16_SIZE: tuple[int, int, int] = (512, 768, 100)
+# the GPU set (the kernel issue's targets): every N x D x C in half and bfloat16
+GPU_EXIT_D: tuple[int, ...] = (256, 768, 2048)
+GPU_EXIT_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16)
 COMPACT_METHODS: tuple[str, ...] = ("compact", "bool_index", "nonzero_static", "copy")
 EXIT_METHODS: tuple[str, ...] = ("ours_write", "ours_score", "eager", "compile")
 
@@ -132,15 +135,22 @@ def eager_exit(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     return leave
 
 
+def exit_sizes(device: torch.device) -> list[tuple[int, int, int, torch.dtype]]:
+    """(N, D, C, dtype) of the exit_score benchmark: on CUDA the full GPU set, on CPU fp32
+    at D in EXIT_D plus one bfloat16 size (a CPU run of the GPU set would take an hour)."""
+    if device.type == "cuda":
+        return list(itertools.product(EXIT_N, GPU_EXIT_D, EXIT_C, GPU_EXIT_DTYPES))
+    sizes = [(n, d, c, torch.float32) for n, d, c in itertools.product(EXIT_N, EXIT_D, EXIT_C)]
+    return [*sizes, (*BF16_SIZE, torch.bfloat16)]
+
+
 def bench_exit_score(device: torch.device, repeats: int, warmup: int,
                      sizes: Sequence[tuple[int, int, int, torch.dtype]] | None = None,
                      use_compile: bool = True, backend: str | None = None
                      ) -> list[dict[str, Any]]:
     resolved = ek.resolve_backend(device, backend)
     if sizes is None:
-        sizes = [(n, d, c, torch.float32)
-                 for n, d, c in itertools.product(EXIT_N, EXIT_D, EXIT_C)]
-        sizes.append((*BF16_SIZE, torch.bfloat16))
+        sizes = exit_sizes(device)
     rows = []
     g = torch.Generator().manual_seed(0)
     for n, d, c, dtype in sizes:

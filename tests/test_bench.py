@@ -20,8 +20,10 @@ from bench.e2e import ForcedRate
 from eenet.nn import ExitHead, MultiExitNetwork
 from eenet.policies import ExitPolicy, MaxProb, Patience
 from eenet.runtime import simulate
+from eenet_kernels.triton import interpreting
 
 C = 6
+INTERPRET = interpreting()
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -294,3 +296,32 @@ def test_e2e_driver_smoke() -> None:
     assert {r["stream"] for r in rows} == {4, 8}
     sections = e2e.sections_for(rows, [w])
     assert sections[0].rows and "ours/ideal" in [c.header for c in sections[0].columns]
+
+
+def test_tune_candidates_and_cpu_exit() -> None:
+    from bench import tune
+
+    small = tune.exit_candidates(n=10, c=10)
+    assert small and all(bn == 16 and bc == 16 for bn, bc, _, _ in small)
+    big = tune.exit_candidates(n=4096, c=1000)
+    assert {bn for bn, *_ in big} == set(tune.BLOCK_N)
+    assert all(bn * bc <= 16384 for bn, bc, _, _ in big)
+    if not torch.cuda.is_available():
+        assert tune.main([]) == 2  # the sweep needs a GPU and says so
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the sweep runs on CPU tensors only interpreted")
+def test_tune_sweeps_run_interpreted(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench import tune
+
+    monkeypatch.setattr(tune, "BLOCK_N", (16,))
+    monkeypatch.setattr(tune, "BLOCK_C", (16,))
+    monkeypatch.setattr(tune, "BLOCK_D", (16, 32))
+    monkeypatch.setattr(tune, "WARPS", (1,))
+    summary, every = tune.tune_exit_score([(20, 24, 5, torch.float32)], 1, 0, device="cpu")
+    assert summary[0]["best"] in {"16x16x16x1", "16x16x32x1"} and summary[0]["failed"] == 0
+    assert {r["config"] for r in every} == {"builtin", "16x16x16x1", "16x16x32x1"}
+    monkeypatch.setattr(tune, "COMPACT_BLOCK_R", (16, 32))
+    monkeypatch.setattr(tune, "COMPACT_PROGRAMS_PER_SM", (1, 2))
+    summary, every = tune.tune_compact([40], [16], 1, 0, device="cpu")
+    assert summary[0]["best"] in {r["config"] for r in every} - {"builtin"}

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The GPU checks of a session lent a GPU, in device calls that each end well inside 10 minutes.
+# Run from the repository root on the GPU host (its python3 holds a CUDA torch and triton):
+#
+#   bash scripts/gpu_session.sh test    # build, the gpu-marked tests, the whole suite interpreted
+#   bash scripts/gpu_session.sh micro   # bench.micro --device cuda
+#   bash scripts/gpu_session.sh e2e     # bench.e2e --device cuda
+#   bash scripts/gpu_session.sh tune    # bench.tune (launch-configuration sweep)
+#
+# Every step builds the extension first (about a minute on a fresh host) and leaves its log,
+# and for the benchmarks a tarball of bench/results/<gpu>/, under $OUT.
+# Wheels of packages the host lacks (scripts/fetch_gpu_wheels.sh puts them in .whl/) are
+# installed first when .whl/ is there; carry .whl and demo_out (the demo's MNIST model, for
+# the e2e mnist workload) with the call.
+set -uo pipefail
+step=${1:?usage: gpu_session.sh test|micro|e2e|tune}
+OUT=${OUT:-/tmp/eenet-gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+log="$OUT/$step.log"
+
+{
+  if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  fi
+  python3 -m pip install -q -e . --no-build-isolation --no-deps || exit 1
+  nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv
+  python3 -c "import torch, triton, eenet_kernels as ek; print('torch', torch.__version__, \
+'cuda', torch.version.cuda, 'triton', triton.__version__, 'extension', ek.HAVE_EXTENSION)"
+} 2>&1 | tee "$log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || exit 1
+
+case "$step" in
+  test)
+    python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee -a "$log"
+    status=${PIPESTATUS[0]}
+    # the CPU suite against this host's torch: interpreted Triton, in parallel
+    TRITON_INTERPRET=1 python3 -m pytest -q -m "not gpu" -p no:cacheprovider -n 8 tests \
+      2>&1 | tee -a "$log"
+    exit $((status || PIPESTATUS[0]))
+    ;;
+  micro | e2e | tune)
+    args=(--device cuda)
+    [ "$step" = tune ] && args=()  # GPU-only: it takes no --device
+    python3 -m "bench.$step" "${args[@]}" 2>&1 | tee -a "$log"
+    status=${PIPESTATUS[0]}
+    tar czf "$OUT/results-$step.tgz" bench/results --exclude bench/results/cpu
+    exit "$status"
+    ;;
+  *)
+    echo "unknown step $step" >&2
+    exit 2
+    ;;
+esac
