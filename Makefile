@@ -39,10 +39,14 @@ demo: setup
 	$(PYTHON) -m eenet demo
 
 # Benchmarks (bench/README.md): results go to bench/results/<device>/ (md, csv, png).
-.PHONY: bench bench-gpu
+.PHONY: bench bench-gpu bench-pytest
 bench: setup
 	$(PYTHON) -m bench.micro
 	$(PYTHON) -m bench.e2e
+
+# the CPU microbenchmarks under pytest-benchmark (add --benchmark-autosave to keep a run)
+bench-pytest: setup
+	$(PYTHON) -m pytest -q bench/test_pytest_micro.py --benchmark-only $(PYTEST_ARGS)
 
 bench-gpu: setup
 	$(PYTHON) -m bench.micro --device cuda
