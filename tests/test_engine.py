@@ -124,3 +124,59 @@ def test_engine_bad_inputs() -> None:
         Engine(net, MaxProb([0.5] * 4), mode="fast")
     with pytest.raises(ValueError, match="3 exit rules but the network has 4 exits"):
         Engine(net, MaxProb([0.5] * 3))
+
+
+class _ScaledStage(torch.nn.Module):
+    """A stage with a per-row side input: tanh(linear(h) * scale[:, None])."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(10, 10)
+
+    def forward(self, h: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.lin(h) * scale[:, None])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_row_inputs_follow_their_rows(mode: str) -> None:
+    """A per-row side input reaches every stage, compacted with the rows in compact mode."""
+    torch.manual_seed(3)
+    net = MultiExitNetwork([_ScaledStage() for _ in range(4)],
+                           [ExitHead.linear(10, C) for _ in range(4)]).eval()
+    x = torch.randn(97, 10)
+    scale = torch.rand(97) * 4 + 0.1
+    before = scale.clone()
+    with torch.no_grad():
+        scores = MaxProb([0.0] * 4).scores([z.float() for z in net(x, scale=scale)])
+    policy = MaxProb([float(scores[:, k].median()) for k in range(3)] + [0.0])
+    oracle = simulate(net, policy, x, scale=scale)
+    out = Engine(net, policy, mode=mode)(x, scale=scale)
+    assert torch.equal(out.exit_index, oracle.exit_index)
+    assert len(set(out.exit_index.tolist())) == 4
+    torch.testing.assert_close(out.logits, oracle.logits, rtol=1e-5, atol=1e-5)
+    assert torch.equal(scale, before)
+    # the side input matters: a wrong one (not compacted alike) would change the results
+    other = simulate(net, policy, x, scale=scale.flip(0))
+    assert not torch.equal(other.exit_index, oracle.exit_index)
+
+
+def test_bad_row_inputs() -> None:
+    net = _mlp_net()
+    engine = Engine(net, MaxProb([0.5] * 4))
+    x = torch.randn(8, 10)
+    with pytest.raises(ValueError, match=r"row input 'mask' must have one row per input row"):
+        engine(x, mask=torch.ones(7))
+    with pytest.raises(ValueError, match="one row per input row"):
+        engine(x, mask=torch.tensor(1.0))
+    with pytest.raises(TypeError, match="row input 'mask' must be a tensor"):
+        engine(x, mask=[1] * 8)
+
+
+def test_buffer_cache_keeps_the_recent_shapes() -> None:
+    net = _mlp_net()
+    engine = Engine(net, MaxProb([0.5] * 4), cache_shapes=2)
+    for n in (8, 9, 8, 10):
+        engine(torch.randn(n, 10))
+    assert [key[0][0] for key in engine._buffers] == [8, 10]
+    with pytest.raises(ValueError, match="cache_shapes must be a positive int"):
+        Engine(net, MaxProb([0.5] * 4), cache_shapes=0)

@@ -100,3 +100,44 @@ def test_forward_that_does_more_is_caught() -> None:
     model.forward = shifted
     with pytest.raises(ValueError, match="do not reproduce"):
         hf_encoder_exits(model, (2,), C, example_input=_ids(2))
+
+
+def _padded(n: int, length: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = _ids(n, length)
+    lengths = torch.randint(1, length + 1, (n,), generator=torch.Generator().manual_seed(7))
+    mask = (torch.arange(length)[None, :] < lengths[:, None]).long()
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+def test_padded_batch_matches_the_masked_encoder(kind: str) -> None:
+    model = _tiny(kind)
+    ids, mask = _padded(6)
+    net = hf_encoder_exits(model, (2,), C)
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask).last_hidden_state
+        h = ids
+        for stage in net.stages:
+            h = stage(h, attention_mask=mask)
+        unmasked = net.stages[1](net.stages[0](ids))
+    real = mask.bool()
+    torch.testing.assert_close(h[real], want[real], rtol=1e-5, atol=1e-5)
+    # without the mask the padding leaks into the real tokens
+    assert float((unmasked - want)[real].abs().max()) > 1e-3
+
+
+def test_engine_compacts_the_attention_mask() -> None:
+    model = _tiny()
+    net = hf_encoder_exits(model, (1, 2), C).eval()
+    ids, mask = _padded(40)
+    with torch.no_grad():
+        scores = MaxProb([0.0] * 3).scores([z.float() for z in net(ids, attention_mask=mask)])
+    policy = MaxProb([float(scores[:, 0].median()), float(scores[:, 1].median()), 0.0])
+    oracle = simulate(net, policy, ids, attention_mask=mask)
+    out = Engine(net, policy, mode="compact")(ids, attention_mask=mask)
+    assert torch.equal(out.exit_index, oracle.exit_index)
+    torch.testing.assert_close(out.logits, oracle.logits, rtol=1e-5, atol=1e-5)
+    last = out.exit_index == 2
+    with torch.no_grad():
+        full = net.heads[2](model(ids, attention_mask=mask).last_hidden_state).float()
+    torch.testing.assert_close(out.logits[last], full[last], rtol=1e-4, atol=1e-4)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .heads import ExitHead, FirstToken
-from .hf import hf_encoder_exits
+from .hf import HFEncoderStage, hf_encoder_exits
 from .multi_exit import ChainStage, FirstTokenIfSequence, MultiExitNetwork, attach_exits
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "ExitHead",
     "FirstToken",
     "FirstTokenIfSequence",
+    "HFEncoderStage",
     "MultiExitNetwork",
     "attach_exits",
     "hf_encoder_exits",

@@ -16,7 +16,38 @@ from torch import nn
 from .heads import ExitHead
 from .multi_exit import ChainStage, MultiExitNetwork, _like_backbone
 
-__all__ = ["hf_encoder_exits"]
+__all__ = ["HFEncoderStage", "hf_encoder_exits"]
+
+
+def additive_attention_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(N, L) mask, 1 = attend / 0 = padding, to the additive (N, 1, 1, L) form that HF
+    encoder layers take: 0 where attended, the dtype's lowest value where padded."""
+    keep = attention_mask[:, None, None, :].to(dtype)
+    return (1.0 - keep) * torch.finfo(dtype).min
+
+
+class HFEncoderStage(ChainStage):
+    """A stage of a Hugging Face encoder: optionally the embeddings, then encoder layers.
+
+    ``forward(h, attention_mask=None)``: h is (N, L) input ids for the stage holding the
+    embeddings, else (N, L, H) hidden states; ``attention_mask`` (N, L) (1 = token, 0 =
+    padding) reaches every layer in HF's additive form. Without it every token attends to
+    every other, which is exact for unpadded batches.
+    """
+
+    def forward(self, h: torch.Tensor, attention_mask: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        additive = None
+        for block, name, unwrap in zip(self.blocks, self.names, self.unwrap, strict=True):
+            if name == "embeddings":
+                h = block(h)
+                continue
+            if attention_mask is not None and additive is None:
+                additive = additive_attention_mask(attention_mask, h.dtype)
+            h = block(h, additive)
+            if unwrap and isinstance(h, tuple):
+                h = h[0]
+        return h
 
 
 def _layers_of(model: nn.Module) -> nn.ModuleList:
@@ -55,16 +86,17 @@ def hf_encoder_exits(model: nn.Module, after_layers: Sequence[int], num_classes:
     (no weight copied). E.g. BERT-base with ``after_layers=(3, 6, 9)``: exits after layers
     3, 6, 9 and 12.
 
-    Layers get the hidden states only: no attention mask, so every token attends to every
-    other. That is exact for unpadded (fixed-length) batches; padded batches need their mask
-    to travel with the rows through compaction, which the runtime does not do yet.
+    Padded batches: pass the (N, L) ``attention_mask`` as a row input, ``net(ids,
+    attention_mask=mask)`` or ``Engine(net, policy)(ids, attention_mask=mask)`` (the engine
+    compacts it with the rows); every stage (:class:`HFEncoderStage`) hands it to its layers.
+    Without it every token attends to every other, which is exact for unpadded batches.
 
     Args:
         model: the base encoder (``BertModel``, ``RobertaModel``, ...), any mode and dtype.
         after_layers: strictly increasing layer counts in ``[1, num_layers)``.
         num_classes: C, the classes of every exit head.
-        example_input: optional (N, L) input ids; if given, the stages' output is checked
-            against ``model(example_input).last_hidden_state``.
+        example_input: optional (N, L) input ids (unpadded); if given, the stages' output is
+            checked against ``model(example_input).last_hidden_state``.
 
     Raises:
         ValueError: a model without ``embeddings`` / ``encoder.layer``, bad ``after_layers``
@@ -91,7 +123,7 @@ def hf_encoder_exits(model: nn.Module, after_layers: Sequence[int], num_classes:
         if start == 0:
             blocks, names, unwrap = [model.embeddings, *blocks], ["embeddings", *names], [
                 False, *unwrap]
-        stages.append(ChainStage(blocks, names, unwrap))
+        stages.append(HFEncoderStage(blocks, names, unwrap))
         start = end
     hidden = _hidden_size(model)
     heads = [_like_backbone(ExitHead.token(hidden, num_classes), model) for _ in stages]

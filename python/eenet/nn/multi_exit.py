@@ -76,12 +76,16 @@ class MultiExitNetwork(nn.Module):
         """C, shared by every exit head's classifier."""
         return self.heads[0].classifier.out_features
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The K exits' logits, each (N, C), for input x (whatever the first stage takes)."""
+    def forward(self, x: torch.Tensor, **row_inputs: torch.Tensor) -> list[torch.Tensor]:
+        """The K exits' logits, each (N, C), for input x (whatever the first stage takes).
+
+        ``row_inputs``: per-row side inputs, each (N, ...), passed to every stage as keyword
+        arguments (``attention_mask`` for :func:`eenet.nn.hf_encoder_exits` stages).
+        """
         outs: list[torch.Tensor] = []
         h = x
         for stage, head in zip(self.stages, self.heads, strict=True):
-            h = stage(h)
+            h = stage(h, **row_inputs)
             outs.append(head(h))
         return outs
 

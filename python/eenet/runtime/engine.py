@@ -14,6 +14,7 @@ All modes return results in the input order and agree with :func:`simulate` (tes
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -36,9 +37,12 @@ class EngineOutput:
 
 
 @torch.no_grad()
-def simulate(net: torch.nn.Module, policy: ExitPolicy, x: torch.Tensor) -> EngineOutput:
-    """Oracle: run every exit on every sample, then let the policy pick (reference math)."""
-    logits = [z.float() for z in net(x)]
+def simulate(net: torch.nn.Module, policy: ExitPolicy, x: torch.Tensor,
+             **row_inputs: torch.Tensor) -> EngineOutput:
+    """Oracle: run every exit on every sample, then let the policy pick (reference math).
+    ``row_inputs`` go to ``net`` as keyword arguments (see :class:`Engine`)."""
+    _check_row_inputs(x, row_inputs)
+    logits = [z.float() for z in net(x, **row_inputs)]
     exit_index, score = policy.decide(logits)
     stacked = torch.stack(logits, dim=1)
     chosen = stacked[torch.arange(x.shape[0], device=x.device), exit_index]
@@ -82,31 +86,45 @@ class Engine:
     ``net`` has ``stages`` and ``heads`` (``eenet.nn.MultiExitNetwork``); head k exposes
     ``features(h)`` ((N, D) or (N, D, S)) and ``classifier`` (the Linear the fused kernel
     consumes). ``engine(x)`` returns an :class:`EngineOutput`.
+
+    Row inputs: ``engine(x, name=t, ...)`` passes per-row side inputs t, each (N, ...) on x's
+    device, to every stage as ``stage(h, name=t)`` (e.g. the ``attention_mask`` of padded
+    transformer batches); in compact mode they are compacted with the rows.
+
+    Buffers: compact mode keeps one set of stage buffers per input shape (batch size
+    included), for the ``cache_shapes`` shapes used last; a server that pads its batches to a
+    few sizes reuses them and allocates nothing per batch. An engine is not thread-safe:
+    give each worker thread (or CUDA stream) its own.
     """
 
     def __init__(self, net: torch.nn.Module, policy: ExitPolicy, mode: str = "compact",
-                 backend: str | None = None) -> None:
+                 backend: str | None = None, cache_shapes: int = 8) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if isinstance(cache_shapes, bool) or not isinstance(cache_shapes, int) or (
+                cache_shapes < 1):
+            raise ValueError(f"cache_shapes must be a positive int, got {cache_shapes!r}")
         check_network(net, policy)
         self.net = net.eval()
         self.policy = policy
         self.mode = mode
         self.backend = backend
         self._rules = policy.rules()
-        self._buffers: dict[tuple, _Buffers] = {}
+        self._cache_shapes = cache_shapes
+        self._buffers: OrderedDict[tuple, _Buffers] = OrderedDict()
 
     @property
     def num_exits(self) -> int:
         return len(self.net.heads)
 
-    def __call__(self, x: torch.Tensor) -> EngineOutput:
+    def __call__(self, x: torch.Tensor, **row_inputs: torch.Tensor) -> EngineOutput:
+        _check_row_inputs(x, row_inputs)
         with torch.no_grad():
             if self.mode == "full":
-                return simulate(self.net, self.policy, x)
+                return simulate(self.net, self.policy, x, **row_inputs)
             if self.mode == "mask":
-                return self._run_mask(x)
-            return self._run_compact(x)
+                return self._run_mask(x, row_inputs)
+            return self._run_compact(x, row_inputs)
 
     # -- shared pieces ----------------------------------------------------------------------
 
@@ -142,13 +160,13 @@ class Engine:
 
     # -- mask mode --------------------------------------------------------------------------
 
-    def _run_mask(self, x: torch.Tensor) -> EngineOutput:
+    def _run_mask(self, x: torch.Tensor, row_inputs: dict[str, torch.Tensor]) -> EngineOutput:
         out_logits, out_score, out_exit = self._outputs(x)
         hist_scores, hist_preds = self._history(x.shape[0], x.device)
         active = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
         h = x
         for k, (stage, head) in enumerate(zip(self.net.stages, self.net.heads, strict=True)):
-            h = stage(h)
+            h = stage(h, **row_inputs)
             res = ek.exit_score(head.features(h), head.classifier.weight, head.classifier.bias,
                                 **self._rule_args(k, _cols(hist_scores, k), _cols(hist_preds, k)))
             leaving = res.exit_mask & active
@@ -166,17 +184,23 @@ class Engine:
 
     # -- compact mode -----------------------------------------------------------------------
 
-    def _run_compact(self, x: torch.Tensor) -> EngineOutput:
+    def _run_compact(self, x: torch.Tensor, row_inputs: dict[str, torch.Tensor]
+                     ) -> EngineOutput:
         n0 = x.shape[0]
         out_logits, out_score, out_exit = self._outputs(x)
         if n0 == 0:
             return EngineOutput(out_logits, out_exit, out_score)
-        buffers = self._buffers.setdefault((tuple(x.shape), x.dtype, x.device), _Buffers())
+        key = (tuple(x.shape), x.dtype, x.device,
+               tuple((name, tuple(t.shape), t.dtype) for name, t in row_inputs.items()))
+        buffers = self._buffers.pop(key, None) or _Buffers()
+        self._buffers[key] = buffers  # most recently used last
+        while len(self._buffers) > self._cache_shapes:
+            self._buffers.popitem(last=False)
         idx = torch.arange(n0, device=x.device)
         hist_scores, hist_preds = self._history(n0, x.device)
         h = x
         for k, (stage, head) in enumerate(zip(self.net.stages, self.net.heads, strict=True)):
-            h = stage(h)
+            h = stage(h, **row_inputs)
             res = ek.exit_score_write(
                 head.features(h), head.classifier.weight, head.classifier.bias,
                 row_index=idx, exit_index=k, out_logits=out_logits, out_score=out_score,
@@ -194,6 +218,9 @@ class Engine:
                 hist_preds[:, k] = res.logits.argmax(dim=1)
                 state.append(hist_preds)
                 names.append("preds")
+            for name, t in row_inputs.items():
+                state.append(t)
+                names.append(f"input:{name}")
             dst = [buffers.stage(k, h, n0)]
             for name, t in zip(names, state, strict=True):
                 a, b = buffers.pair(name, t, n0)
@@ -205,9 +232,21 @@ class Engine:
             idx = state[0]
             hist_scores = state[names.index("scores")] if "scores" in names else None
             hist_preds = state[names.index("preds")] if "preds" in names else None
+            row_inputs = {name: state[names.index(f"input:{name}")] for name in row_inputs}
             if h.shape[0] == 0:
                 break
         return EngineOutput(out_logits, out_exit, out_score)
+
+
+def _check_row_inputs(x: torch.Tensor, row_inputs: dict[str, object]) -> None:
+    for name, t in row_inputs.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"row input {name!r} must be a tensor, got {type(t).__name__}")
+        if t.dim() == 0 or t.shape[0] != x.shape[0]:
+            raise ValueError(f"row input {name!r} must have one row per input row, shape "
+                             f"({x.shape[0]}, ...), got {tuple(t.shape)}")
+        if t.device != x.device:
+            raise ValueError(f"row input {name!r} is on {t.device}, the input on {x.device}")
 
 
 def _cols(history: torch.Tensor | None, k: int) -> torch.Tensor | None:
