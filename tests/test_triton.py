@@ -498,7 +498,7 @@ def nvidia_resource_usage(arch: int) -> list[tuple[str, int, int]]:
         block_r, block_scan, _, bws, warps = cp.launch_config(8192, widths, 132)
         pointers = {"keep_ptr": "u8", "count_ptr": "i64"}
         constexprs = {"NUM_T": len(widths), "ZERO_TAIL": True, "WRITE_COUNT": True,
-                      "BLOCK_R": block_r, "BLOCK_SCAN": block_scan}
+                      "BLOCK_R": block_r, "BLOCK_SCAN": block_scan, "SCAN_WORDS": True}
         for i in range(cp.MAX_SLOTS):
             used = i < len(widths)
             pointers[f"s{i}"] = pointers[f"d{i}"] = words[i] if used else None
