@@ -42,6 +42,7 @@ demo: setup
 .PHONY: bench bench-gpu bench-pytest
 bench: setup
 	$(PYTHON) -m bench.micro
+	$(PYTHON) -m bench.micro --backend reference --no-compile
 	$(PYTHON) -m bench.e2e
 
 # the CPU microbenchmarks under pytest-benchmark (add --benchmark-autosave to keep a run)
@@ -50,6 +51,7 @@ bench-pytest: setup
 
 bench-gpu: setup
 	$(PYTHON) -m bench.micro --device cuda
+	$(PYTHON) -m bench.micro --device cuda --backend reference --no-compile
 	$(PYTHON) -m bench.e2e --device cuda
 
 clean:
