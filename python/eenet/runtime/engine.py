@@ -60,11 +60,19 @@ def check_network(net: torch.nn.Module, policy: ExitPolicy) -> None:
 
 class _Buffers:
     """Per-batch-shape storage of the compact mode: one buffer per stage output for the
-    activations, and ping-pong pairs for the row index and the policy history."""
+    activations, ping-pong pairs for the per-row state (row index, policy history, row
+    inputs; stage k compacts into member k % 2, so source and destination always differ),
+    and the row numbers 0..N0-1."""
 
     def __init__(self) -> None:
         self.stage_out: dict[int, torch.Tensor] = {}
         self.pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.rows: torch.Tensor | None = None
+
+    def row_numbers(self, n0: int, device: torch.device) -> torch.Tensor:
+        if self.rows is None:
+            self.rows = torch.arange(n0, device=device)
+        return self.rows
 
     def stage(self, k: int, like: torch.Tensor, n0: int) -> torch.Tensor:
         buf = self.stage_out.get(k)
@@ -112,6 +120,7 @@ class Engine:
         self._rules = policy.rules()
         self._cache_shapes = cache_shapes
         self._buffers: OrderedDict[tuple, _Buffers] = OrderedDict()
+        self._rule_kwargs: dict[torch.device, list[dict]] = {}
 
     @property
     def num_exits(self) -> int:
@@ -128,19 +137,24 @@ class Engine:
 
     # -- shared pieces ----------------------------------------------------------------------
 
-    def _rule_args(self, k: int, prev_scores: torch.Tensor | None,
-                   prev_preds: torch.Tensor | None) -> dict:
-        rule = self._rules[k]
-        sched_weight = rule.sched_weight
-        if sched_weight is not None:
-            sched_weight = sched_weight.to(device=self.net.heads[k].classifier.weight.device,
-                                           dtype=torch.float32)
-        return {
-            "policy": rule.policy, "threshold": rule.threshold, "is_last": k == self.num_exits - 1,
-            "prev_scores": prev_scores, "prev_preds": prev_preds, "sched_weight": sched_weight,
-            "sched_bias": rule.sched_bias, "use_vote": rule.use_vote,
-            "check_finite": False, "backend": self.backend,
-        }
+    def _stage_kwargs(self, device: torch.device) -> list[dict]:
+        """Per exit, the op's keyword arguments that do not change from batch to batch (the
+        rule, its scheduler weights on ``device``, the backend), built once per device."""
+        kwargs = self._rule_kwargs.get(device)
+        if kwargs is None:
+            backend = ek.resolve_backend(device, self.backend)
+            kwargs = []
+            for k, rule in enumerate(self._rules):
+                sched_weight = rule.sched_weight
+                if sched_weight is not None:
+                    sched_weight = sched_weight.to(device=device, dtype=torch.float32)
+                kwargs.append({
+                    "policy": rule.policy, "threshold": rule.threshold,
+                    "is_last": k == len(self._rules) - 1, "sched_weight": sched_weight,
+                    "sched_bias": rule.sched_bias, "use_vote": rule.use_vote,
+                    "check_finite": False, "backend": backend})
+            self._rule_kwargs[device] = kwargs
+        return kwargs
 
     def _outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n = x.shape[0]
@@ -162,13 +176,15 @@ class Engine:
 
     def _run_mask(self, x: torch.Tensor, row_inputs: dict[str, torch.Tensor]) -> EngineOutput:
         out_logits, out_score, out_exit = self._outputs(x)
+        stage_kwargs = self._stage_kwargs(x.device)
         hist_scores, hist_preds = self._history(x.shape[0], x.device)
         active = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
         h = x
         for k, (stage, head) in enumerate(zip(self.net.stages, self.net.heads, strict=True)):
             h = stage(h, **row_inputs)
             res = ek.exit_score(head.features(h), head.classifier.weight, head.classifier.bias,
-                                **self._rule_args(k, _cols(hist_scores, k), _cols(hist_preds, k)))
+                                prev_scores=_cols(hist_scores, k), prev_preds=_cols(hist_preds, k),
+                                **stage_kwargs[k])
             leaving = res.exit_mask & active
             out_logits[leaving] = res.logits[leaving]
             out_score[leaving] = res.score[leaving]
@@ -190,52 +206,51 @@ class Engine:
         out_logits, out_score, out_exit = self._outputs(x)
         if n0 == 0:
             return EngineOutput(out_logits, out_exit, out_score)
+        buffers = self._buffers_for(x, row_inputs)
+        stage_kwargs = self._stage_kwargs(x.device)
+        # the per-row state that travels with the survivors
+        state: dict[str, torch.Tensor] = {"idx": buffers.row_numbers(n0, x.device)}
+        hist_scores, hist_preds = self._history(n0, x.device)
+        if hist_scores is not None:
+            state["scores"] = hist_scores
+        if hist_preds is not None:
+            state["preds"] = hist_preds
+        state.update({f"input:{name}": t for name, t in row_inputs.items()})
+        last = len(stage_kwargs) - 1
+        h = x
+        for k, (stage, head) in enumerate(zip(self.net.stages, self.net.heads, strict=True)):
+            h = stage(h, **row_inputs)
+            res = ek.exit_score_write(
+                head.features(h), head.classifier.weight, head.classifier.bias,
+                row_index=state["idx"], exit_index=k, out_logits=out_logits,
+                out_score=out_score, out_exit=out_exit,
+                prev_scores=_cols(state.get("scores"), k), prev_preds=_cols(state.get("preds"), k),
+                **stage_kwargs[k])
+            if k == last:
+                break
+            if "scores" in state:
+                state["scores"][:, k] = res.score
+            if "preds" in state:
+                state["preds"][:, k] = res.logits.argmax(dim=1)
+            dst = [buffers.stage(k, h, n0),
+                   *(buffers.pair(name, t, n0)[k % 2] for name, t in state.items())]
+            kept, count = ek.compact(~res.exit_mask, [h, *state.values()], out=dst,
+                                     backend=stage_kwargs[k]["backend"])
+            h, *rest = ek.take(kept, count)  # the stage's one host sync
+            state = dict(zip(state, rest, strict=True))
+            row_inputs = {name: state[f"input:{name}"] for name in row_inputs}
+            if h.shape[0] == 0:
+                break
+        return EngineOutput(out_logits, out_exit, out_score)
+
+    def _buffers_for(self, x: torch.Tensor, row_inputs: dict[str, torch.Tensor]) -> _Buffers:
         key = (tuple(x.shape), x.dtype, x.device,
                tuple((name, tuple(t.shape), t.dtype) for name, t in row_inputs.items()))
         buffers = self._buffers.pop(key, None) or _Buffers()
         self._buffers[key] = buffers  # most recently used last
         while len(self._buffers) > self._cache_shapes:
             self._buffers.popitem(last=False)
-        idx = torch.arange(n0, device=x.device)
-        hist_scores, hist_preds = self._history(n0, x.device)
-        h = x
-        for k, (stage, head) in enumerate(zip(self.net.stages, self.net.heads, strict=True)):
-            h = stage(h, **row_inputs)
-            res = ek.exit_score_write(
-                head.features(h), head.classifier.weight, head.classifier.bias,
-                row_index=idx, exit_index=k, out_logits=out_logits, out_score=out_score,
-                out_exit=out_exit,
-                **self._rule_args(k, _cols(hist_scores, k), _cols(hist_preds, k)))
-            if k == self.num_exits - 1:
-                break
-            state = [idx]
-            names = ["idx"]
-            if hist_scores is not None:
-                hist_scores[:, k] = res.score
-                state.append(hist_scores)
-                names.append("scores")
-            if hist_preds is not None:
-                hist_preds[:, k] = res.logits.argmax(dim=1)
-                state.append(hist_preds)
-                names.append("preds")
-            for name, t in row_inputs.items():
-                state.append(t)
-                names.append(f"input:{name}")
-            dst = [buffers.stage(k, h, n0)]
-            for name, t in zip(names, state, strict=True):
-                a, b = buffers.pair(name, t, n0)
-                dst.append(b if _same_storage(t, a) else a)
-            kept, count = ek.compact(~res.exit_mask, [h, *state], out=dst,
-                                     backend=self.backend)
-            survivors = ek.take(kept, count)  # the stage's one host sync
-            h, state = survivors[0], survivors[1:]
-            idx = state[0]
-            hist_scores = state[names.index("scores")] if "scores" in names else None
-            hist_preds = state[names.index("preds")] if "preds" in names else None
-            row_inputs = {name: state[names.index(f"input:{name}")] for name in row_inputs}
-            if h.shape[0] == 0:
-                break
-        return EngineOutput(out_logits, out_exit, out_score)
+        return buffers
 
 
 def _check_row_inputs(x: torch.Tensor, row_inputs: dict[str, object]) -> None:
@@ -252,6 +267,3 @@ def _check_row_inputs(x: torch.Tensor, row_inputs: dict[str, object]) -> None:
 def _cols(history: torch.Tensor | None, k: int) -> torch.Tensor | None:
     return None if history is None else history[:, :k]
 
-
-def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
