@@ -49,11 +49,12 @@ def policy_score(
     Rows with a NaN/inf logit get a NaN score.
     """
     c = logits.shape[1]
-    lse = torch.logsumexp(logits, dim=1)
+    # logits shifted by their row max: H = logsumexp(t) - sum p t is exact for logits of any
+    # magnitude (unshifted, both terms are ~max z and cancel), and has no log of a zero p
+    shifted = logits - logits.amax(dim=1, keepdim=True)
     p = torch.softmax(logits, dim=1)
     max_p = p.max(dim=1).values
-    # H = lse - sum p * logits: no log of zero probabilities
-    entropy = lse - (p * logits).sum(dim=1)
+    entropy = torch.logsumexp(shifted, dim=1) - (p * shifted).sum(dim=1)
     conf = 1.0 - entropy / math.log(c)
     pred = logits.argmax(dim=1)
 

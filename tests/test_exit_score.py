@@ -458,6 +458,26 @@ def test_nonfinite_rows(backend: str, dtype: torch.dtype, pooled: int | None,
                **kw, **extra)
 
 
+@pytest.mark.parametrize("policy", ("entropy", "max_prob"))
+def test_scores_exact_for_logits_of_any_magnitude(backend: str, policy: str) -> None:
+    """Huge offsets (1e4 .. 1e30) and spreads (down to -3e38) of finite logits: the scores
+    equal a float64 computation on the same fp32 logits (softmax statistics must be taken on
+    logits shifted by their max; unshifted, the entropy's two terms cancel)."""
+    z = torch.tensor([[0.0, -3e38, 1.0, 2.0, -1e30, 0.5],
+                      [1e30, 1e30 - 5e23, 3e29, -3e38, 1e30, 0.0],
+                      [1e4, 1e4 - 3, 1e4 - 80, 1e4 - 90, 1e4 - 200, 1e4 - 1],
+                      [-1e6, -1e6 + 0.5, -1e6 - 2, -1e6 + 1, -1e6, -1e6 - 0.25],
+                      [3.0, 3.0, 3.0, 3.0, 3.0, 3.0]])
+    out = ek.exit_score(z, torch.eye(6), None, policy=policy, threshold=0.5,
+                        check_finite=False, backend=backend)
+    p = torch.softmax(z.double(), dim=1)
+    if policy == "max_prob":
+        truth = p.amax(dim=1)
+    else:
+        truth = 1 + (p * p.log().nan_to_num(neginf=0.0)).sum(dim=1) / math.log(6)
+    torch.testing.assert_close(out.score.double(), truth, rtol=0, atol=2e-6)
+
+
 def sentinel_buffers(n0: int, c: int, out_kind: torch.dtype, exit_dtype: torch.dtype
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """out_logits (N0, C) float or (N0,) int, out_score (N0,), out_exit (N0,) at sentinels."""

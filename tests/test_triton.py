@@ -78,6 +78,7 @@ from test_exit_score import (  # noqa: F401  (re-run with backend="triton")
     test_known_scores_and_decisions,
     test_nonfinite_rows,
     test_patience_hand_computed,
+    test_scores_exact_for_logits_of_any_magnitude,
     test_threshold_zero_everyone_exits_known,
 )
 

@@ -52,17 +52,17 @@ struct ScoringInputs {
   bool use_vote;
 };
 
-// exp(x) for finite x <= 0 (every argument here is z - max z), written branch-free so that
-// the loops over it vectorise, which std::exp prevents. x = n ln2 + r with |r| <= ln2 / 2
-// (ln2 split in two for an exact n ln2), exp(r) by its degree-6 Taylor polynomial (relative
-// error below 2e-7), 2^n put straight into the exponent bits. x is clamped at -87 so that
-// 2^n stays a normal float: there the result is ~1e-38 instead of 0, nothing next to the 1
-// that every softmax sum holds.
+// exp(x) for x <= 0 (every argument here is z - max z), written branch-free so that the
+// loops over it vectorise, which std::exp prevents. x = n ln2 + r with |r| <= ln2 / 2 (ln2
+// split in two for an exact n ln2), exp(r) by its degree-6 Taylor polynomial (relative error
+// below 2e-7), 2^n put straight into the exponent bits. Below -87, where exp(x) < 2^-125,
+// the result is 0 (what fp32 exp gives from about -104 on): next to the 1 that every softmax
+// sum holds it is nothing, and a zero keeps e * x terms exactly zero for x down to -inf.
 inline float exp_nonpositive(float x) {
   constexpr float kRound = 12582912.f;  // 1.5 * 2^23: adding and subtracting it rounds to int
-  x = x > -87.f ? x : -87.f;
-  const float n = (x * 1.44269504f + kRound) - kRound;
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  const float xc = x > -87.f ? x : -87.f;
+  const float n = (xc * 1.44269504f + kRound) - kRound;
+  const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
   float p = 1.f / 720.f;
   p = p * r + 1.f / 120.f;
   p = p * r + 1.f / 24.f;
@@ -73,7 +73,7 @@ inline float exp_nonpositive(float x) {
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
+  return x > -87.f ? p * scale : 0.f;
 }
 
 // torch.argmax of a row with a NaN or inf: first maximum, a NaN counting as the maximum.
@@ -113,16 +113,18 @@ EENET_X86_64_V3_CLONE RowDecision score_row(const ScoringInputs& in, int64_t i) 
   int64_t pred = 0;
   while (z[pred] != m) ++pred;  // the first maximum, as torch.argmax
 
-  float sum_e = 0.f, sum_ez = 0.f;
-#pragma omp simd reduction(+ : sum_e, sum_ez)
+  // sums over the shifted logits z - m: H = log(sum e) - sum e (z - m) / sum e stays exact
+  // however large |m| is (the unshifted form cancels catastrophically)
+  float sum_e = 0.f, sum_et = 0.f;
+#pragma omp simd reduction(+ : sum_e, sum_et)
   for (int64_t j = 0; j < c; ++j) {
-    const float e = exp_nonpositive(z[j] - m);
+    const float t = z[j] - m;
+    const float e = exp_nonpositive(t);
     sum_e += e;
-    sum_ez += e * z[j];
+    sum_et += e * t;
   }
-  const float lse = m + std::log(sum_e);
   const float max_p = 1.f / sum_e;
-  const float entropy = lse - sum_ez / sum_e;
+  const float entropy = std::log(sum_e) - sum_et / sum_e;
   const float conf = 1.f - entropy / std::log(static_cast<float>(c));
 
   const int64_t* prev = in.prev_preds ? in.prev_preds + i * in.history : nullptr;
