@@ -29,6 +29,19 @@ def exit_logits(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return logits
 
 
+def softmax_stats(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(p (N, C), max p (N,), conf = 1 - H(p) / log C (N,)) of fp32 logits (N, C).
+
+    H is taken on the logits shifted by their row max, H = logsumexp(t) - sum p t: exact for
+    logits of any magnitude (unshifted, both terms are ~max z and cancel), and no log of a
+    zero probability. Rows with a NaN/inf logit give NaN conf.
+    """
+    shifted = logits - logits.amax(dim=1, keepdim=True)
+    p = torch.softmax(logits, dim=1)
+    entropy = torch.logsumexp(shifted, dim=1) - (p * shifted).sum(dim=1)
+    return p, p.max(dim=1).values, 1.0 - entropy / math.log(logits.shape[1])
+
+
 def policy_score(
     logits: torch.Tensor,
     policy: str,
@@ -48,14 +61,7 @@ def policy_score(
       earlier exits agreeing with this exit's argmax (only when ``use_vote``).
     Rows with a NaN/inf logit get a NaN score.
     """
-    c = logits.shape[1]
-    # logits shifted by their row max: H = logsumexp(t) - sum p t is exact for logits of any
-    # magnitude (unshifted, both terms are ~max z and cancel), and has no log of a zero p
-    shifted = logits - logits.amax(dim=1, keepdim=True)
-    p = torch.softmax(logits, dim=1)
-    max_p = p.max(dim=1).values
-    entropy = torch.logsumexp(shifted, dim=1) - (p * shifted).sum(dim=1)
-    conf = 1.0 - entropy / math.log(c)
+    p, max_p, conf = softmax_stats(logits)
     pred = logits.argmax(dim=1)
 
     if policy == "max_prob":

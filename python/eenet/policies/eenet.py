@@ -514,12 +514,7 @@ class _Data:
 
 def exit_features(logits: torch.Tensor) -> torch.Tensor:
     """[p (C), max p, conf] (N, C + 2) float32 from logits (N, C), as the reference does."""
-    z = logits.float()
-    c = z.shape[1]
-    lse = torch.logsumexp(z, dim=1)
-    p = torch.softmax(z, dim=1)
-    max_p = p.max(dim=1).values
-    conf = 1.0 - (lse - (p * z).sum(dim=1)) / math.log(c)
+    p, max_p, conf = reference.softmax_stats(logits.float())
     return torch.cat([p, max_p[:, None], conf[:, None]], dim=1)
 
 
