@@ -2,9 +2,10 @@
 (``eenet_kernels.triton.exit_score.block_sizes``, ``...compact.launch_config``) are from the
 best of a grid of candidates, size by size, measured in one run.
 
-exit_score: (BLOCK_N, BLOCK_C, BLOCK_D, num_warps) over a grid, at the micro benchmark's GPU
-sizes (or ``--quick``: a few of them), max-prob policy with the result write, the dtype's
-feats. compact: BLOCK_R and rows per program for 50% kept rows of 64 / 512 / 4096 bytes.
+exit_score: (BLOCK_N, BLOCK_C, BLOCK_D, num_warps, class-split chunk) over a grid, at the
+micro benchmark's GPU sizes (or ``--quick``: a few of them), max-prob policy with the result
+write, the dtype's feats. compact: BLOCK_R and rows per program for 50% kept rows of 64 /
+512 / 4096 bytes.
 
 Every candidate of one size is timed interleaved with the built-in choice
 (``bench.runner.time_many``, CUDA events); results in ``bench/results/<gpu>/tune_*.md`` /
@@ -43,6 +44,7 @@ BLOCK_N = (16, 32, 64, 128)
 BLOCK_C = (16, 32, 64, 128, 256)
 BLOCK_D = (32, 64, 128)
 WARPS = (4, 8)
+CHUNK_TILES = (0, 1, 2, 4)
 COMPACT_BLOCK_R = (16, 32, 64, 128, 256)
 COMPACT_PROGRAMS_PER_SM = (1, 2, 4, 8)
 QUICK_EXIT_SIZES = ((64, 768, 1000), (512, 768, 100), (4096, 2048, 1000), (4096, 256, 10))
@@ -51,27 +53,32 @@ Config = tuple[int, ...]
 
 
 def exit_candidates(n: int, c: int) -> list[Config]:
-    """(BLOCK_N, BLOCK_C, BLOCK_D, warps) worth trying: no tile wider than the problem."""
+    """(BLOCK_N, BLOCK_C, BLOCK_D, warps, chunk tiles) worth trying: no tile wider than the
+    problem; chunk tiles 0 = all classes in one launch, k = the classes split into chunks of k
+    BLOCK_C tiles (two launches), only where that makes more than one chunk."""
     cap_c = max(16, 1 << (c - 1).bit_length())
     cap_n = max(16, 1 << (n - 1).bit_length())
-    return [cfg for cfg in itertools.product(BLOCK_N, BLOCK_C, BLOCK_D, WARPS)
-            if cfg[0] <= cap_n and cfg[1] <= cap_c and cfg[0] * cfg[1] <= 16384]
+    return [(*cfg, k) for cfg in itertools.product(BLOCK_N, BLOCK_C, BLOCK_D, WARPS)
+            if cfg[0] <= cap_n and cfg[1] <= cap_c and cfg[0] * cfg[1] <= 16384
+            for k in CHUNK_TILES if k == 0 or k * cfg[1] < c]
 
 
 def _exit_call(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                threshold: float, bufs: Sequence[torch.Tensor], rows: torch.Tensor,
                cfg: Config | None) -> Callable[[], object]:
     """One write-variant launch with ``cfg`` forced (None: the built-in choice)."""
-    builtin = triton_exit.block_sizes
+    builtin_blocks, builtin_chunk = triton_exit.block_sizes, triton_exit.class_chunk
 
     def call() -> object:
         if cfg is not None:
-            triton_exit.block_sizes = lambda *a, **k: cfg
+            triton_exit.block_sizes = lambda *a, **k: cfg[:4]
+            triton_exit.class_chunk = lambda row_tiles, c, block_c, sms: (
+                cfg[4] * block_c if cfg[4] else c)
         try:
             return triton_exit.launch(feats, weight, bias, "max_prob", threshold,
                                       write=(rows, 0, *bufs))
         finally:
-            triton_exit.block_sizes = builtin
+            triton_exit.block_sizes, triton_exit.class_chunk = builtin_blocks, builtin_chunk
     return call
 
 
@@ -89,7 +96,11 @@ def tune_exit_score(sizes: Sequence[tuple[int, int, int, torch.dtype]], repeats:
         rows = torch.randperm(n, generator=g).to(device)
         bufs = (torch.zeros(n, c, device=device), torch.zeros(n, device=device),
                 torch.zeros(n, dtype=torch.int64, device=device))
-        builtin = triton_exit.block_sizes(n, d, c, dtype, False)
+        blocks = triton_exit.block_sizes(n, d, c, dtype, False)
+        chunk = triton_exit.class_chunk(-(-n // blocks[0]), c, blocks[1],
+                                        torch.cuda.get_device_properties(device)
+                                        .multi_processor_count if device == "cuda" else None)
+        builtin = (*blocks, 0 if chunk >= c else chunk // blocks[1])
         fns: dict[str, Callable[[], object]] = {"builtin": _exit_call(
             feats, weight, bias, 0.5, bufs, rows, None)}
         errors: dict[str, str] = {}
@@ -188,7 +199,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary, every = tune_exit_score(sizes, args.repeats, args.warmup)
         write_results("tune_exit_score", device, title="exit_score launch-config sweep",
                       sections=[Section("Built-in choice vs best candidate", "config = "
-                                        "BLOCK_N x BLOCK_C x BLOCK_D x num_warps.", summary, [
+                                        "BLOCK_N x BLOCK_C x BLOCK_D x num_warps x chunk "
+                                        "tiles (0: one launch, k: classes split in chunks "
+                                        "of k BLOCK_C tiles, two launches).", summary, [
                           Column("n", "N"), Column("d", "D"), Column("c", "C"),
                           Column("dtype", "dtype"), Column("builtin", "built-in"),
                           Column("builtin_us", "built-in us", "{:.1f}"),

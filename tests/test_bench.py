@@ -302,10 +302,11 @@ def test_tune_candidates_and_cpu_exit() -> None:
     from bench import tune
 
     small = tune.exit_candidates(n=10, c=10)
-    assert small and all(bn == 16 and bc == 16 for bn, bc, _, _ in small)
+    assert small and all(bn == 16 and bc == 16 and k == 0 for bn, bc, _, _, k in small)
     big = tune.exit_candidates(n=4096, c=1000)
     assert {bn for bn, *_ in big} == set(tune.BLOCK_N)
-    assert all(bn * bc <= 16384 for bn, bc, _, _ in big)
+    assert all(bn * bc <= 16384 and k * bc < 1000 for bn, bc, _, _, k in big)
+    assert {k for *_, k in big} == set(tune.CHUNK_TILES)
     if not torch.cuda.is_available():
         assert tune.main([]) == 2  # the sweep needs a GPU and says so
 
@@ -318,9 +319,11 @@ def test_tune_sweeps_run_interpreted(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tune, "BLOCK_C", (16,))
     monkeypatch.setattr(tune, "BLOCK_D", (16, 32))
     monkeypatch.setattr(tune, "WARPS", (1,))
-    summary, every = tune.tune_exit_score([(20, 24, 5, torch.float32)], 1, 0, device="cpu")
-    assert summary[0]["best"] in {"16x16x16x1", "16x16x32x1"} and summary[0]["failed"] == 0
-    assert {r["config"] for r in every} == {"builtin", "16x16x16x1", "16x16x32x1"}
+    summary, every = tune.tune_exit_score([(20, 24, 37, torch.float32)], 1, 0, device="cpu")
+    configs = {"16x16x16x1x0", "16x16x32x1x0", "16x16x16x1x1", "16x16x32x1x1",
+               "16x16x16x1x2", "16x16x32x1x2"}
+    assert summary[0]["best"] in configs and summary[0]["failed"] == 0
+    assert {r["config"] for r in every} == {"builtin", *configs}
     monkeypatch.setattr(tune, "COMPACT_BLOCK_R", (16, 32))
     monkeypatch.setattr(tune, "COMPACT_PROGRAMS_PER_SM", (1, 2))
     summary, every = tune.tune_compact([40], [16], 1, 0, device="cpu")

@@ -118,6 +118,14 @@ def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(es, "block_sizes", tiny)
 
 
+@pytest.fixture
+def split_classes(monkeypatch: pytest.MonkeyPatch, small_blocks: None) -> None:
+    """Small blocks, and the classes split into chunks of one 16-class tile: C = 37 takes
+    three chunk programs per row tile and the second (merge) launch."""
+    es, _ = _modules()
+    monkeypatch.setattr(es, "class_chunk", lambda row_tiles, c, block_c, num_sms: block_c)
+
+
 # ---------------------------------------------------------------------------------------
 # CPU (interpreter): exit_score.
 
@@ -136,14 +144,17 @@ def test_exit_score_matches_reference(backend: str, n: int, d: int, c: int, dtyp
         run_policy_case(backend, feats, weight, bias, case, "[triton]")
 
 
-@pytest.mark.usefixtures("small_blocks")
+@pytest.mark.parametrize("tiles", ("small_blocks", "split_classes"))
 @pytest.mark.parametrize("with_bias", (False, True), ids=("nobias", "bias"))
 @pytest.mark.parametrize("pooled", (None, 3), ids=("2d", "3d"))
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-def test_exit_score_small_blocks(backend: str, dtype: torch.dtype, pooled: int | None,
-                                 with_bias: bool) -> None:
+def test_exit_score_small_blocks(backend: str, request: pytest.FixtureRequest,
+                                 dtype: torch.dtype, pooled: int | None, with_bias: bool,
+                                 tiles: str) -> None:
     """Several programs, C tiles and D tiles (online softmax statistics and argmax across C
-    tiles, the EENet sum across C tiles, fp32 accumulation across D tiles)."""
+    tiles, the EENet sum across C tiles, fp32 accumulation across D tiles); split: the same
+    statistics merged across the chunk programs by the second launch."""
+    request.getfixturevalue(tiles)
     torch.manual_seed(17 + int(with_bias))
     feats, weight, bias = make_head(64, 33, 37, dtype, pooled, with_bias)
     for case in POLICY_CASES:
@@ -171,16 +182,18 @@ def test_all_none_and_last_exit(backend: str, dtype: torch.dtype, case: Case) ->
             assert not bool(out.exit_mask.any()), ctx
 
 
-@pytest.mark.parametrize("tiles", ("default", "small"), ids=("blocks-default", "blocks-small"))
+@pytest.mark.parametrize("tiles", ("default", "small", "split"),
+                         ids=("blocks-default", "blocks-small", "classes-split"))
 @pytest.mark.parametrize("out_kind", tuple(FEATS_FOR_OUT), ids=dtype_id)
 @pytest.mark.parametrize("n", NS, ids=lambda v: f"N{v}")
 def test_exit_score_write(backend: str, request: pytest.FixtureRequest, n: int,
                           out_kind: torch.dtype, tiles: str) -> None:
     """Exiting rows land at row_index (logits cast, or argmax); other positions untouched.
     out_exit / row_index dtypes alternate (int32, int64) / (int64, int32) over out_kind;
-    small blocks: the logits of the write come back from several C tiles."""
-    if tiles == "small":
-        request.getfixturevalue("small_blocks")
+    small blocks: the logits of the write come back from several C tiles; split: from the
+    first launch's chunk programs."""
+    if tiles != "default":
+        request.getfixturevalue({"small": "small_blocks", "split": "split_classes"}[tiles])
     torch.manual_seed(31 * n + len(tiles))
     dtype = FEATS_FOR_OUT[out_kind]
     kinds = tuple(FEATS_FOR_OUT)
@@ -219,13 +232,15 @@ def argmax_rows(c: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("out_kind", (torch.int64, torch.int32), ids=dtype_id)
-@pytest.mark.parametrize("tiles", ("default", "small"), ids=("blocks-default", "blocks-small"))
+@pytest.mark.parametrize("tiles", ("default", "small", "split"),
+                         ids=("blocks-default", "blocks-small", "classes-split"))
 def test_argmax_semantics_across_tiles(backend: str, request: pytest.FixtureRequest,
                                        tiles: str, out_kind: torch.dtype) -> None:
     """Written predictions equal torch.argmax (first maximum, NaN wins) on every row, finite
-    or not, also when the maxima sit in different C tiles; non-finite rows score NaN."""
-    if tiles == "small":
-        request.getfixturevalue("small_blocks")
+    or not, also when the maxima sit in different C tiles or chunks; non-finite rows score
+    NaN."""
+    if tiles != "default":
+        request.getfixturevalue({"small": "small_blocks", "split": "split_classes"}[tiles])
     c = 37
     z = argmax_rows(c)
     n = z.shape[0]
@@ -492,8 +507,14 @@ def nvidia_resource_usage(arch: int) -> list[tuple[str, int, int]]:
                           "USE_VOTE": vote, "WRITE": write, "UPCAST": False,
                           "ROUND_BF16": False, "BLOCK_N": block_n, "BLOCK_C": block_c,
                           "BLOCK_D": block_d}
-            build(es._exit_score_kernel, pointers, constexprs, warps,
-                  f"exit_score N{n} C{c} policy{policy} {dt} pooled={pooled} write={write}")
+            label = f"exit_score N{n} C{c} policy{policy} {dt} pooled={pooled} write={write}"
+            # one launch; at C = 1000 also the two launches of the class split
+            phases = (0, 1, 2) if c == 1000 else (0,)
+            for phase in phases:
+                split = {"stats_ptr": "fp32" if phase else None,
+                         "istats_ptr": "i32" if phase else None}
+                build(es._exit_score_kernel, {**pointers, **split},
+                      {**constexprs, "PHASE": phase}, warps, f"{label} phase={phase}")
     for widths, words in (([192] * 8, ["i64"] * 8), ([96, 1, 3, 5], ["i64", "i64", "i32", "u8"]),
                           ([1], ["i32"]), ([], [])):
         block_r, block_scan, _, bws, warps = cp.launch_config(8192, widths, 132)
@@ -513,9 +534,10 @@ def nvidia_resource_usage(arch: int) -> list[tuple[str, int, int]]:
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", (80, 90))
 def test_kernels_compile_for_nvidia_without_spills(arch: int) -> None:
-    """Without a GPU, the real compiler still checks the kernels: every variant lowers to a
-    cubin for sm_80 / sm_90 at the launchers' block sizes, without register spills (a few
-    bytes of stack are tolerated). Runs in a subprocess without TRITON_INTERPRET."""
+    """Without a GPU, the real compiler still checks the kernels: every variant (and both
+    launches of the class split) lowers to a cubin for sm_80 / sm_90 at the launchers' block
+    sizes, without register spills (a few bytes of stack are tolerated). Runs in a subprocess
+    without TRITON_INTERPRET."""
     import subprocess
     import sys
 
@@ -532,7 +554,7 @@ def test_kernels_compile_for_nvidia_without_spills(arch: int) -> None:
                             cwd=os.path.dirname(__file__), env=env, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line.split("|") for line in result.stdout.splitlines() if line.count("|") == 2]
-    assert len(rows) == 19, result.stdout
+    assert len(rows) == 29, result.stdout
     spills = [(label, stack) for label, _, stack in rows if int(stack) > 16]
     assert not spills, spills
 

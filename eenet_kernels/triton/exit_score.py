@@ -14,6 +14,12 @@ One program per tile of ``BLOCK_N`` rows does everything the op needs for those 
 5. for ``exit_score_write``, the scatter of the exiting rows' logits (or argmax), score and
    exit index to their original positions ``row_index[i]``.
 
+With few row tiles for the GPU's SMs (small N) and several C tiles, the classes are split
+instead (:func:`class_chunk`): a first launch runs one program per (row tile, chunk of C
+tiles) doing steps 1-3 for its classes and storing the chunk's statistics (N, chunks, 8),
+a second runs one program per row tile that merges them in chunk order (the same merge as
+across tiles) and does steps 4-5. Both forms come from one kernel body (``PHASE``).
+
 The semantics are those of :mod:`eenet_kernels.reference`; arithmetic is fp32 throughout.
 """
 
@@ -46,6 +52,31 @@ def _bf16_rtne(x):
 
 
 @triton.jit
+def _merge_stats(m, s, t, w, best, idx, nan, fin, m2, s2, t2, w2, best2, idx2, nan2, fin2):
+    """Merge softmax statistics of two disjoint class ranges, the second after the first.
+
+    Per row: m the max of the finite logits (-inf if none), s = sum e, t = sum e (z - m), w =
+    sum e sched_w with e = exp(z - m) over the finite logits; best / idx / nan the argmax state
+    (value, index, saw a NaN: the first NaN, else the first maximum, wins); fin = 1 while every
+    logit is finite. Empty ranges (s = 0) contribute nothing and never make a NaN.
+    """
+    m_new = tl.maximum(m, m2)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    d1 = tl.where(s > 0, m - m_safe, 0.0)
+    d2 = tl.where(s2 > 0, m2 - m_safe, 0.0)
+    a1 = tl.where(s > 0, tl.exp(d1), 0.0)
+    a2 = tl.where(s2 > 0, tl.exp(d2), 0.0)
+    t_new = a1 * (t + d1 * s) + a2 * (t2 + d2 * s2)
+    s_new = a1 * s + a2 * s2
+    w_new = a1 * w + a2 * w2
+    take = (nan == 0) & ((nan2 != 0) | (best2 > best))
+    idx_new = tl.where(take, idx2, idx)
+    best_new = tl.where(take, best2, best)
+    return (m_new, s_new, t_new, w_new, best_new, idx_new, nan | nan2,
+            tl.minimum(fin, fin2))
+
+
+@triton.jit
 def _exit_score_kernel(
     feats_ptr, stride_fn, stride_fd, stride_fs,
     w_ptr, stride_wc, stride_wd,
@@ -55,12 +86,20 @@ def _exit_score_kernel(
     prev_preds_ptr, stride_pn, stride_pk,
     sched_w_ptr, sched_bias,
     row_index_ptr, out_logits_ptr, out_score_ptr, out_exit_ptr, exit_index, n0,
+    stats_ptr, istats_ptr, n_chunks, chunk_c,
     threshold, inv_s, inv_log_c,
     N, D, C, S, K,
     POLICY: tl.constexpr, IS_LAST: tl.constexpr, HAS_BIAS: tl.constexpr, POOL: tl.constexpr,
     USE_VOTE: tl.constexpr, WRITE: tl.constexpr, UPCAST: tl.constexpr, ROUND_BF16: tl.constexpr,
+    PHASE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    # PHASE 0: one program per row tile does everything, all classes in turn.
+    # PHASE 1 (split over classes, for parallelism): program (row tile, chunk) computes the
+    # logits and softmax statistics of classes [chunk * chunk_c, ...) and stores the
+    # statistics to stats (N, n_chunks, 5) fp32 / istats (N, n_chunks, 3) int32.
+    # PHASE 2 (the second launch of a split): one program per row tile merges the chunks'
+    # statistics, then scores, decides and writes as PHASE 0 does.
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
@@ -79,69 +118,112 @@ def _exit_score_kernel(
     best_nan = tl.zeros([BLOCK_N], tl.int32)
     finite = tl.full([BLOCK_N], 1, tl.int32)
 
-    for c0 in range(0, C, BLOCK_C):
-        cols = c0 + cols0
-        col_ok = cols < C
-        acc = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            ds = d0 + ds0
-            d_ok = ds < D
-            x_ptrs = feats_ptr + rows64[:, None] * stride_fn + ds[None, :] * stride_fd
-            x_mask = row_ok[:, None] & d_ok[None, :]
-            w = tl.load(w_ptr + cols[None, :] * stride_wc + ds[:, None] * stride_wd,
-                        mask=d_ok[:, None] & col_ok[None, :], other=0.0)
-            if POOL:
-                x = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-                for s in range(0, S):
-                    x += tl.load(x_ptrs + s * stride_fs, mask=x_mask, other=0.0).to(tl.float32)
-                # the pooled mean stays fp32 (as in the reference), so the product is fp32 too
-                acc = tl.dot(x * inv_s, w.to(tl.float32), acc, input_precision="ieee")
-            else:
-                x = tl.load(x_ptrs, mask=x_mask, other=0.0)
-                if UPCAST:
-                    # the interpreter's dot cannot multiply bf16 operands (stored as uint16)
-                    acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+    if PHASE == 2:
+        for j in range(0, n_chunks):
+            f = stats_ptr + (rows64 * n_chunks + j) * 5
+            g = istats_ptr + (rows64 * n_chunks + j) * 3
+            m, sum_e, sum_et, sum_ew, best, best_idx, best_nan, finite = _merge_stats(
+                m, sum_e, sum_et, sum_ew, best, best_idx, best_nan, finite,
+                tl.load(f, mask=row_ok, other=NEG_INF), tl.load(f + 1, mask=row_ok, other=0.0),
+                tl.load(f + 2, mask=row_ok, other=0.0), tl.load(f + 3, mask=row_ok, other=0.0),
+                tl.load(f + 4, mask=row_ok, other=NEG_INF), tl.load(g, mask=row_ok, other=0),
+                tl.load(g + 1, mask=row_ok, other=0), tl.load(g + 2, mask=row_ok, other=1))
+    else:
+        c_begin = 0
+        c_end = C
+        if PHASE == 1:
+            c_begin = tl.program_id(1) * chunk_c
+            c_end = tl.minimum(c_begin + chunk_c, C)
+        for c0 in range(c_begin, c_end, BLOCK_C):
+            cols = c0 + cols0
+            col_ok = cols < c_end
+            acc = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                ds = d0 + ds0
+                d_ok = ds < D
+                x_ptrs = feats_ptr + rows64[:, None] * stride_fn + ds[None, :] * stride_fd
+                x_mask = row_ok[:, None] & d_ok[None, :]
+                w = tl.load(w_ptr + cols[None, :] * stride_wc + ds[:, None] * stride_wd,
+                            mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+                if POOL:
+                    x = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+                    for s in range(0, S):
+                        x += tl.load(x_ptrs + s * stride_fs, mask=x_mask,
+                                     other=0.0).to(tl.float32)
+                    # the pooled mean stays fp32 (as in the reference): an fp32 product too
+                    acc = tl.dot(x * inv_s, w.to(tl.float32), acc, input_precision="ieee")
                 else:
-                    acc = tl.dot(x, w, acc, input_precision="ieee")
-        z = acc
-        if HAS_BIAS:
-            z += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(logits_ptr + rows64[:, None] * C + cols[None, :], z,
-                 mask=row_ok[:, None] & col_ok[None, :])
+                    x = tl.load(x_ptrs, mask=x_mask, other=0.0)
+                    if UPCAST:
+                        # the interpreter's dot cannot multiply bf16 operands (uint16 there)
+                        acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc,
+                                     input_precision="ieee")
+                    else:
+                        acc = tl.dot(x, w, acc, input_precision="ieee")
+            z = acc
+            if HAS_BIAS:
+                z += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            tl.store(logits_ptr + rows64[:, None] * C + cols[None, :], z,
+                     mask=row_ok[:, None] & col_ok[None, :])
 
-        # finiteness and argmax (first maximum; the first NaN wins over everything)
-        is_nan = z != z
-        is_fin = tl.abs(z) < float("inf")
-        finite = tl.minimum(finite, tl.min(tl.where(col_ok[None, :], is_fin.to(tl.int32), 1),
-                                           axis=1))
-        nan_idx = tl.min(tl.where(is_nan & col_ok[None, :], cols[None, :], BIG), axis=1)
-        z_num = tl.where(col_ok[None, :] & ~is_nan, z, NEG_INF)
-        t_max = tl.max(z_num, axis=1)
-        max_idx = tl.min(tl.where((z_num == t_max[:, None]) & col_ok[None, :], cols[None, :],
-                                  BIG), axis=1)
-        t_nan = nan_idx < BIG
-        take = (best_nan == 0) & (t_nan | (t_max > best))
-        best_idx = tl.where(take, tl.where(t_nan, nan_idx, max_idx), best_idx)
-        best = tl.where(take, t_max, best)
-        best_nan = best_nan | t_nan.to(tl.int32)
+            # this tile's statistics: argmax (first maximum; the first NaN wins over all),
+            # finiteness, softmax sums over its finite entries relative to its own max
+            is_nan = z != z
+            is_fin = tl.abs(z) < float("inf")
+            t_fin = tl.min(tl.where(col_ok[None, :], is_fin.to(tl.int32), 1), axis=1)
+            nan_idx = tl.min(tl.where(is_nan & col_ok[None, :], cols[None, :], BIG), axis=1)
+            z_num = tl.where(col_ok[None, :] & ~is_nan, z, NEG_INF)
+            t_max = tl.max(z_num, axis=1)
+            max_idx = tl.min(tl.where((z_num == t_max[:, None]) & col_ok[None, :],
+                                      cols[None, :], BIG), axis=1)
+            t_nan = nan_idx < BIG
+            use = col_ok[None, :] & is_fin
+            t_m = tl.max(tl.where(use, z, NEG_INF), axis=1)
+            zd = tl.where(use, z - tl.where(t_m == NEG_INF, 0.0, t_m)[:, None], 0.0)
+            e = tl.where(use, tl.exp(zd), 0.0)
+            t_w = tl.zeros([BLOCK_N], tl.float32)
+            if POLICY == 3:
+                sw = tl.load(sched_w_ptr + cols, mask=col_ok, other=0.0)
+                t_w = tl.sum(e * sw[None, :], axis=1)
+            m, sum_e, sum_et, sum_ew, best, best_idx, best_nan, finite = _merge_stats(
+                m, sum_e, sum_et, sum_ew, best, best_idx, best_nan, finite,
+                t_m, tl.sum(e, axis=1), tl.sum(e * zd, axis=1), t_w, t_max,
+                tl.where(t_nan, nan_idx, max_idx), t_nan.to(tl.int32), t_fin)
 
-        # online softmax statistics over the finite entries; non-finite rows are discarded
-        # at the end, the guards only keep their intermediate values free of NaN
-        use = col_ok[None, :] & is_fin
-        z_f = tl.where(use, z, NEG_INF)
-        m_new = tl.maximum(m, tl.max(z_f, axis=1))
-        m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
-        alpha = tl.exp(m - m_safe)
-        shift = tl.where(sum_e > 0, m - m_safe, 0.0)
-        zd = tl.where(use, z - m_safe[:, None], 0.0)
-        e = tl.where(use, tl.exp(zd), 0.0)
-        sum_et = alpha * (sum_et + shift * sum_e) + tl.sum(e * zd, axis=1)
-        sum_e = alpha * sum_e + tl.sum(e, axis=1)
-        if POLICY == 3:
-            sw = tl.load(sched_w_ptr + cols, mask=col_ok, other=0.0)
-            sum_ew = alpha * sum_ew + tl.sum(e * sw[None, :], axis=1)
-        m = m_new
+    if PHASE == 1:
+        f = stats_ptr + (rows64 * n_chunks + tl.program_id(1)) * 5
+        g = istats_ptr + (rows64 * n_chunks + tl.program_id(1)) * 3
+        tl.store(f, m, mask=row_ok)
+        tl.store(f + 1, sum_e, mask=row_ok)
+        tl.store(f + 2, sum_et, mask=row_ok)
+        tl.store(f + 3, sum_ew, mask=row_ok)
+        tl.store(f + 4, best, mask=row_ok)
+        tl.store(g, best_idx, mask=row_ok)
+        tl.store(g + 1, best_nan, mask=row_ok)
+        tl.store(g + 2, finite, mask=row_ok)
+    else:
+        _score_decide_write(
+            rows, row_ok, rows64, cols0, logits_ptr, score_ptr, exit_ptr,
+            prev_scores_ptr, stride_qn, stride_qk, prev_preds_ptr, stride_pn, stride_pk,
+            sched_w_ptr, sched_bias, row_index_ptr, out_logits_ptr, out_score_ptr,
+            out_exit_ptr, exit_index, n0, threshold, inv_log_c, C, K,
+            sum_e, sum_et, sum_ew, best_idx, finite,
+            POLICY, IS_LAST, USE_VOTE, WRITE, ROUND_BF16, PHASE == 0, BLOCK_N, BLOCK_C)
 
+
+@triton.jit
+def _score_decide_write(
+    rows, row_ok, rows64, cols0, logits_ptr, score_ptr, exit_ptr,
+    prev_scores_ptr, stride_qn, stride_qk, prev_preds_ptr, stride_pn, stride_pk,
+    sched_w_ptr, sched_bias, row_index_ptr, out_logits_ptr, out_score_ptr,
+    out_exit_ptr, exit_index, n0, threshold, inv_log_c, C, K,
+    sum_e, sum_et, sum_ew, best_idx, finite,
+    POLICY: tl.constexpr, IS_LAST: tl.constexpr, USE_VOTE: tl.constexpr,
+    WRITE: tl.constexpr, ROUND_BF16: tl.constexpr, SAME_PROGRAM_LOGITS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """The policy score from the merged statistics, the decision, the score / exit stores
+    and, for the write variant, the scatter of the exiting rows to ``row_index``."""
     ok_e = sum_e > 0
     sum_e_safe = tl.where(ok_e, sum_e, 1.0)
     max_p = 1.0 / sum_e_safe
@@ -193,8 +275,10 @@ def _exit_score_kernel(
             tl.store(out_logits_ptr + r, best_idx.to(out_logits_ptr.dtype.element_ty),
                      mask=w_ok)
         else:
-            # the decision needed every C tile: read this program's own logits back
-            tl.debug_barrier()
+            # the decision needed every class: read the logits back (written earlier by
+            # this program's threads, or by the first launch of a split)
+            if SAME_PROGRAM_LOGITS:
+                tl.debug_barrier()
             for c0 in range(0, C, BLOCK_C):
                 cols = c0 + cols0
                 wm = w_ok[:, None] & (cols < C)[None, :]
@@ -297,30 +381,63 @@ def launch(
         write_kind = _WRITE_LOGITS if out_logits.dim() == 2 else _WRITE_PREDS
         row_index = row_index.contiguous()
     block_n, block_c, block_d, num_warps = block_sizes(n, d, c, feats.dtype, pooled)
-    grid = (triton.cdiv(n, block_n),)
+    row_tiles = triton.cdiv(n, block_n)
     interpreted = _interpreted()
+    chunk_c = class_chunk(row_tiles, c, block_c, None if interpreted else _sm_count(feats))
+    n_chunks = triton.cdiv(c, chunk_c)
+    stats = istats = None
+    if n_chunks > 1:
+        stats = feats.new_empty((n, n_chunks, 5), dtype=torch.float32)
+        istats = feats.new_empty((n, n_chunks, 3), dtype=torch.int32)
+    args = (
+        feats, feats.stride(0), feats.stride(1), stride_fs,
+        weight, weight.stride(0), weight.stride(1),
+        bias,
+        logits, score, exit_mask.view(torch.uint8),
+        prev_scores, prev_scores.stride(0) if prev_scores is not None else 0,
+        prev_scores.stride(1) if prev_scores is not None else 0,
+        prev_preds, prev_preds.stride(0) if prev_preds is not None else 0,
+        prev_preds.stride(1) if prev_preds is not None else 0,
+        sched_weight, float(sched_bias),
+        row_index, out_logits, out_score, out_exit, int(exit_index), n0,
+        stats, istats, n_chunks, chunk_c,
+        float(threshold), 1.0 / s, 1.0 / math.log(c),
+        n, d, c, s, k,
+    )
+    meta = {
+        "POLICY": pol, "IS_LAST": bool(is_last), "HAS_BIAS": bias is not None, "POOL": pooled,
+        "USE_VOTE": bool(use_vote), "WRITE": write_kind,
+        "UPCAST": interpreted and feats.dtype == torch.bfloat16,
+        "ROUND_BF16": (interpreted and out_logits is not None
+                       and out_logits.dtype == torch.bfloat16),
+        "BLOCK_N": block_n, "BLOCK_C": block_c, "BLOCK_D": block_d, "num_warps": num_warps,
+    }
     with _quiet_interpreter(interpreted):
-        wrap_triton(_exit_score_kernel)[grid](
-            feats, feats.stride(0), feats.stride(1), stride_fs,
-            weight, weight.stride(0), weight.stride(1),
-            bias,
-            logits, score, exit_mask.view(torch.uint8),
-            prev_scores, prev_scores.stride(0) if prev_scores is not None else 0,
-            prev_scores.stride(1) if prev_scores is not None else 0,
-            prev_preds, prev_preds.stride(0) if prev_preds is not None else 0,
-            prev_preds.stride(1) if prev_preds is not None else 0,
-            sched_weight, float(sched_bias),
-            row_index, out_logits, out_score, out_exit, int(exit_index), n0,
-            float(threshold), 1.0 / s, 1.0 / math.log(c),
-            n, d, c, s, k,
-            POLICY=pol, IS_LAST=bool(is_last), HAS_BIAS=bias is not None, POOL=pooled,
-            USE_VOTE=bool(use_vote), WRITE=write_kind,
-            UPCAST=interpreted and feats.dtype == torch.bfloat16,
-            ROUND_BF16=(interpreted and out_logits is not None
-                        and out_logits.dtype == torch.bfloat16),
-            BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=num_warps,
-        )
+        if n_chunks == 1:
+            wrap_triton(_exit_score_kernel)[(row_tiles,)](*args, PHASE=0, **meta)
+        else:
+            wrap_triton(_exit_score_kernel)[(row_tiles, n_chunks)](*args, PHASE=1, **meta)
+            wrap_triton(_exit_score_kernel)[(row_tiles,)](*args, PHASE=2, **meta)
     return logits, score, exit_mask
+
+
+def _sm_count(t: torch.Tensor) -> int:
+    return torch.cuda.get_device_properties(t.device).multi_processor_count
+
+
+def class_chunk(row_tiles: int, c: int, block_c: int, num_sms: int | None) -> int:
+    """Classes per program: all C (one launch) when the row tiles alone give the GPU enough
+    programs, else C split in chunks of whole BLOCK_C tiles so that row tiles x chunks fill
+    about two waves (a second launch then merges the chunks' softmax statistics).
+
+    Not timed on hardware yet (``bench.tune`` measures it). ``num_sms`` None: the
+    interpreter, which never splits unless a test patches this function.
+    """
+    tiles = triton.cdiv(c, block_c)
+    if num_sms is None or tiles == 1 or row_tiles >= num_sms:
+        return c
+    chunks = min(tiles, triton.cdiv(2 * num_sms, row_tiles))
+    return triton.cdiv(tiles, chunks) * block_c
 
 
 # ---------------------------------------------------------------------------------------
