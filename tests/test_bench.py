@@ -273,7 +273,8 @@ def test_micro_drivers_smoke(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(micro, "ROW_BYTES", (16,))
     monkeypatch.setattr(micro, "CacheFlusher", lambda device: (lambda: None))
     rows = micro.bench_compact(torch.device("cpu"), repeats=1, warmup=0)
-    assert {r["method"] for r in rows} == set(micro.COMPACT_METHODS)
+    assert {r["method"] for r in rows} == {*micro.COMPACT_METHODS, *micro.LAUNCH_METHODS}
+    assert next(r for r in rows if r["method"] == "trivial")["gbps"] is None
     assert next(r for r in rows if r["method"] == "nonzero_static")["syncs"] == 0
     rows = micro.bench_exit_score(torch.device("cpu"), repeats=1, warmup=0,
                                   sizes=[(16, 8, 4, torch.float32)], use_compile=False)
