@@ -41,8 +41,9 @@ def test_engine_on_cuda_matches_simulate(mode: str, kind: type, dtype: torch.dty
                                          n: int) -> None:
     net = _net(dtype)
     x = torch.randn(n, 64, device="cuda", dtype=dtype)
+    calibration = torch.randn(256, 64, device="cuda", dtype=dtype)  # thresholds off x's scores
     with torch.no_grad():
-        scores = kind([0.0] * 3).scores([z.float() for z in net(x)])
+        scores = kind([0.0] * 3).scores([z.float() for z in net(calibration)])
     policy = Patience([1.0] * 3) if kind is Patience else kind(
         [float(scores[:, 0].median()), float(scores[:, 1].median()), 0.0])
     oracle = simulate(net, policy, x)
