@@ -86,6 +86,15 @@ def compact_fns(src: torch.Tensor, keep: torch.Tensor, dst: torch.Tensor, pad: t
     }
 
 
+def compact_inputs(n: int, row_bytes: int, device: torch.device | str,
+                   g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """src (N, row_bytes / 4) float32 and keep (N,) bool with exactly N // 2 rows kept, at
+    scattered positions."""
+    src = torch.randn(n, row_bytes // 4, generator=g).to(device)
+    keep = (torch.randperm(n, generator=g) < n // 2).to(device)
+    return src, keep
+
+
 def bench_compact(device: torch.device, repeats: int, warmup: int,
                   backend: str | None = None) -> list[dict[str, Any]]:
     flush = CacheFlusher(device)
@@ -93,8 +102,7 @@ def bench_compact(device: torch.device, repeats: int, warmup: int,
     rows = []
     g = torch.Generator().manual_seed(0)
     for n, row_bytes in itertools.product(COMPACT_N, ROW_BYTES):
-        src = torch.randn(n, row_bytes // 4, generator=g).to(device)
-        keep = (torch.randperm(n, generator=g) < n // 2).to(device)  # exactly 50%, scattered
+        src, keep = compact_inputs(n, row_bytes, device, g)
         kept = n // 2
         dst, pad = torch.empty_like(src), torch.empty_like(src)
         fns = compact_fns(src, keep, dst, pad, kept, backend)
@@ -142,6 +150,16 @@ def eager_exit(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     return leave
 
 
+def exit_inputs(n: int, d: int, c: int, dtype: torch.dtype, device: torch.device | str,
+                g: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """feats (N, D), weight (C, D) scaled so that max-prob scores spread, bias (C,), all in
+    ``dtype``, and row_index (N,) int64, a permutation of the rows."""
+    feats = torch.randn(n, d, generator=g).to(device, dtype)
+    weight = (torch.randn(c, d, generator=g) * d ** -0.5 * 4).to(device, dtype)
+    bias = (torch.randn(c, generator=g) * 0.1).to(device, dtype)
+    return feats, weight, bias, torch.randperm(n, generator=g).to(device)
+
+
 def exit_sizes(device: torch.device) -> list[tuple[int, int, int, torch.dtype]]:
     """(N, D, C, dtype) of the exit_score benchmark: on CUDA the full GPU set, on CPU fp32
     at D in EXIT_D plus one bfloat16 size (a CPU run of the GPU set would take an hour)."""
@@ -161,10 +179,7 @@ def bench_exit_score(device: torch.device, repeats: int, warmup: int,
     rows = []
     g = torch.Generator().manual_seed(0)
     for n, d, c, dtype in sizes:
-        feats = torch.randn(n, d, generator=g).to(device, dtype)
-        weight = (torch.randn(c, d, generator=g) * d ** -0.5 * 4).to(device, dtype)
-        bias = (torch.randn(c, generator=g) * 0.1).to(device, dtype)
-        row_index = torch.randperm(n, generator=g).to(device)
+        feats, weight, bias, row_index = exit_inputs(n, d, c, dtype, device, g)
         ref_logits = ek.reference.exit_logits(feats, weight, bias)
         # ~50% exit; the midpoint of the two middle scores, so that no row sits on it
         mid = torch.softmax(ref_logits, 1).amax(1).sort().values[max(0, n // 2 - 1):n // 2 + 1]

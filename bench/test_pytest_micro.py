@@ -18,7 +18,7 @@ import torch
 
 import eenet_kernels as ek
 
-from .micro import compact_fns, eager_exit
+from .micro import compact_fns, compact_inputs, eager_exit, exit_inputs
 
 pytest.importorskip("pytest_benchmark")
 
@@ -38,9 +38,7 @@ def _one_thread() -> Iterator[None]:
 @pytest.mark.parametrize(("n", "row_bytes"), COMPACT_SIZES, ids=lambda v: str(v))
 def test_compact(benchmark: Callable, n: int, row_bytes: int, method: str) -> None:
     benchmark.group = f"compact N={n} row={row_bytes}B"
-    g = torch.Generator().manual_seed(0)
-    src = torch.randn(n, row_bytes // 4, generator=g)
-    keep = torch.randperm(n, generator=g) < n // 2
+    src, keep = compact_inputs(n, row_bytes, "cpu", torch.Generator().manual_seed(0))
     dst, pad = torch.empty_like(src), torch.empty_like(src)
     fn = compact_fns(src, keep, dst, pad, n // 2)[method]
     benchmark(fn)
@@ -52,11 +50,8 @@ def test_compact(benchmark: Callable, n: int, row_bytes: int, method: str) -> No
 @pytest.mark.parametrize(("n", "d", "c"), EXIT_SIZES, ids=lambda v: str(v))
 def test_exit_score(benchmark: Callable, n: int, d: int, c: int, method: str) -> None:
     benchmark.group = f"exit_score {n}x{d}x{c}"
-    g = torch.Generator().manual_seed(0)
-    feats = torch.randn(n, d, generator=g)
-    weight = torch.randn(c, d, generator=g) * d ** -0.5 * 4
-    bias = torch.randn(c, generator=g) * 0.1
-    rows = torch.randperm(n, generator=g)
+    feats, weight, bias, rows = exit_inputs(n, d, c, torch.float32, "cpu",
+                                            torch.Generator().manual_seed(0))
     bufs = (torch.zeros(n, c), torch.zeros(n), torch.full((n,), -1, dtype=torch.int64))
     if method == "ours_write":
         benchmark(lambda: ek.exit_score_write(

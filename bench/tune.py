@@ -90,10 +90,7 @@ def tune_exit_score(sizes: Sequence[tuple[int, int, int, torch.dtype]], repeats:
     summary, every = [], []
     g = torch.Generator().manual_seed(0)
     for n, d, c, dtype in sizes:
-        feats = torch.randn(n, d, generator=g).to(device, dtype)
-        weight = (torch.randn(c, d, generator=g) * d ** -0.5 * 4).to(device, dtype)
-        bias = (torch.randn(c, generator=g) * 0.1).to(device, dtype)
-        rows = torch.randperm(n, generator=g).to(device)
+        feats, weight, bias, rows = micro.exit_inputs(n, d, c, dtype, device, g)
         bufs = (torch.zeros(n, c, device=device), torch.zeros(n, device=device),
                 torch.zeros(n, dtype=torch.int64, device=device))
         blocks = triton_exit.block_sizes(n, d, c, dtype, False)
@@ -150,8 +147,7 @@ def tune_compact(ns: Sequence[int], row_bytes: Sequence[int], repeats: int, warm
     summary, every = [], []
     g = torch.Generator().manual_seed(1)
     for n, rb in itertools.product(ns, row_bytes):
-        src = torch.randn(n, rb // 4, generator=g).to(device)
-        keep = (torch.rand(n, generator=g) < 0.5).to(device)
+        src, keep = micro.compact_inputs(n, rb, device, g)
         dst = torch.empty_like(src)
         count = torch.zeros((), dtype=torch.int64, device=device)
         fns: dict[str, Callable[[], object]] = {
