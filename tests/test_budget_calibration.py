@@ -148,3 +148,66 @@ def test_policy_exit_count_mismatch() -> None:
         MaxProb([0.5, 0.5, 0.0]).decide(logits)
     with pytest.raises(ValueError, match="costs has 3 values"):
         MaxProb.fit_logits(logits, Costs([1.0, 2.0, 3.0], "flops"), 0.5)
+
+
+# -- thresholds between neighbouring scores ---------------------------------------------------
+
+GAP = 1e-7  # far above the 1e-8 by which backends' scores of one input were seen to differ
+
+
+def _gaps(scores: torch.Tensor, thresholds: list[float]) -> list[float]:
+    """Per exit k < K-1: the smallest |score - t_k| over the samples that reach exit k."""
+    exit_index, _ = first_exit(scores, thresholds)
+    gaps = []
+    for k in range(scores.shape[1] - 1):
+        s = scores[exit_index >= k, k]
+        s = s[~torch.isnan(s)]
+        gaps.append(float((s - thresholds[k]).abs().min()) if s.numel() else math.inf)
+    return gaps
+
+
+def _quantile_exits(scores: torch.Tensor, fractions: list[float]) -> torch.Tensor:
+    """Exit index (N,) with every threshold set on the quantile sample's own score."""
+    n, k_exits = scores.shape
+    exit_index = torch.full((n,), k_exits - 1, dtype=torch.int64)
+    remaining = torch.ones(n, dtype=torch.bool)
+    for k in range(k_exits - 1):
+        s = scores[remaining, k]
+        want = min(round(fractions[k] * n), s.numel())
+        if want > 0:
+            v = torch.sort(s, descending=True).values[want - 1]
+            leave = remaining & (scores[:, k] >= v)
+            exit_index[leave] = k
+            remaining &= ~leave
+    return exit_index
+
+
+@pytest.mark.parametrize("duplicates", [False, True], ids=["distinct", "duplicated"])
+def test_thresholds_lie_between_neighbouring_scores(duplicates: bool) -> None:
+    g = torch.Generator().manual_seed(1)
+    scores = torch.rand(600, 4, generator=g)
+    if duplicates:  # every score three times over, and coarse values that tie across samples
+        scores = torch.cat([scores, scores, (scores * 20).round() / 20])
+    fractions = [0.3, 0.25, 0.2, 0.25]
+    th = thresholds_for_fractions(scores, fractions, never=1.0)
+    assert min(_gaps(scores, th)) > GAP, _gaps(scores, th)
+    assert all(float(torch.tensor(t, dtype=torch.float32)) == t for t in th)  # float32 values
+    assert torch.equal(first_exit(scores, th)[0], _quantile_exits(scores, fractions))
+
+
+def test_threshold_below_the_lowest_score_when_every_sample_exits() -> None:
+    scores = torch.tensor([[0.6, 0.0], [0.8, 0.0], [0.7, 0.0]])
+    th = thresholds_for_fractions(scores, [1.0, 0.0], never=1.0)
+    assert th[0] == pytest.approx(0.3) and first_exit(scores, th)[0].tolist() == [0, 0, 0]
+
+
+# (patience scores are whole streak lengths, exact on every backend: a threshold of 0 there
+# lets every sample pass and cannot lie below the lowest streak)
+@pytest.mark.parametrize("cls", [MaxProb, Entropy], ids=lambda c: c.__name__)
+def test_heuristic_thresholds_clear_every_validation_score(cls: type) -> None:
+    logits, _ = _synthetic_logits(n=1000)
+    logits = [torch.cat([z, z[:100]]) for z in logits]  # duplicated samples
+    costs = Costs([1.0, 2.0, 3.0, 4.0], "flops")
+    policy = cls.fit_logits(logits, costs, 0.5)
+    scores = policy.scores(logits)
+    assert min(_gaps(scores, policy.thresholds)) > GAP

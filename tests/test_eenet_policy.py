@@ -182,6 +182,19 @@ def test_decide_reproduces_the_training_time_evaluation(use_vote: bool) -> None:
     torch.testing.assert_close(score, scores[torch.arange(exits.numel()), exits])
 
 
+@pytest.mark.parametrize("use_vote", [False, True], ids=["plain", "vote"])
+def test_thresholds_clear_every_validation_score(use_vote: bool) -> None:
+    """Thresholds lie between neighbouring scores: no sample that reaches exit k (nor a
+    duplicate of one) sits within 1e-7 of t_k, where backends could split on it."""
+    policy = fitted(0.5, use_vote)
+    logits, _ = data("val")
+    scores = policy.scores(logits)
+    exits, _ = policy.decide(logits)
+    for k in range(K - 1):
+        s = scores[exits >= k, k]
+        assert float((s - policy.thresholds[k]).abs().min()) > 1e-7, k
+
+
 @pytest.mark.parametrize("budget", [0.3, 0.7])
 def test_thresholds_meet_the_target_fractions(budget: float) -> None:
     """Greedy quantiles: exit k takes round(f_k N) samples when its threshold is untied."""

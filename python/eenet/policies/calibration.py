@@ -16,12 +16,22 @@ from ..budget import Costs
 
 
 def thresholds_for_fractions(scores: torch.Tensor, fractions: list[float] | torch.Tensor,
-                             never: float) -> list[float]:
+                             never: float, floor: float = 0.0) -> list[float]:
     """Greedy per-exit thresholds so that about ``fractions[k]`` of all N samples exit at k.
 
     scores (N, K) float32 (NaN never exits); fractions (K,) (the last one is implied).
     ``never`` is the threshold used where no sample should exit (the top of the score
-    range). Ties at the quantile let every tied sample exit.
+    range); ``floor`` the bottom of the score range (0 for every policy's score). Ties at
+    the quantile let every tied sample exit.
+
+    No threshold sits on a sample's score: at exit k, with v the score of the last sample
+    taken (the quantile) among those still present, the threshold is the midpoint between v
+    and the next lower distinct score present (``floor`` if there is none), rounded to
+    float32, the dtype the scores are compared in. The samples that exit are the same as with
+    a threshold of v, but a sample equal to (or a duplicate of) the one at the quantile does
+    not tie with the threshold, where backends computing the score to a different last bit
+    could split on it. Only where the two neighbours are adjacent float32 values (nothing lies
+    between them) is the threshold v itself. Thresholds are float32-representable.
     """
     n, k_exits = scores.shape
     remaining = torch.ones(n, dtype=torch.bool, device=scores.device)
@@ -34,12 +44,25 @@ def thresholds_for_fractions(scores: torch.Tensor, fractions: list[float] | torc
         if want <= 0:
             t = never
         else:
-            t = float(torch.sort(s, descending=True).values[want - 1])
-            t = min(t, never)
+            v = float(torch.sort(s, descending=True).values[want - 1])
+            if v >= never:
+                t = never
+            else:
+                lower = s[s < v]
+                t = _between(float(lower.max()) if lower.numel() else floor, v)
         thresholds.append(t)
         remaining &= ~(scores[:, k] >= t)
     thresholds.append(0.0)
     return thresholds
+
+
+def _between(low: float, high: float) -> float:
+    """A float32 value t with low < t <= high, as near their midpoint as float32 allows
+    (``high`` when no float32 lies strictly between them, or when low >= high)."""
+    if not low < high:
+        return high
+    mid = float(torch.tensor(0.5 * (low + high), dtype=torch.float32))
+    return mid if low < mid <= high else high
 
 
 def geometric_fractions(q: float, k_exits: int) -> list[float]:
