@@ -1,16 +1,20 @@
-// Argument checks shared by every C++/CUDA backend of the eenet ops.
-// Messages mirror eenet_kernels/checks.py: "eenet.<op>: <argument> ...", with
-// TypeError for dtypes, IndexError for out-of-range indices, ValueError otherwise.
+// Argument checks of the compiled layer, shared by every C++/CUDA kernel of the eenet ops.
+// The Python layer's copy is eenet_kernels/checks.py; tests/test_bad_inputs.py holds both to
+// the same exception type and message: "eenet.<op>: <argument> ...", with TypeError for
+// dtypes, IndexError for out-of-range indices, ValueError otherwise. Checks run in the same
+// order as there: metadata first (no data read), then values (CPU tensors only).
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <cmath>
 #include <initializer_list>
+#include <limits>
 #include <optional>
 #include <sstream>
 #include <string>
 #include <utility>
+#include <vector>
 
 namespace eenet {
 
@@ -38,8 +42,29 @@ inline std::string shape_str(at::IntArrayRef s) {
   return o.str();
 }
 
+inline std::string layout_name(at::Layout l) {
+  switch (l) {
+    case at::kSparse: return "sparse_coo";
+    case at::kSparseCsr: return "sparse_csr";
+    case at::kSparseCsc: return "sparse_csc";
+    case at::kSparseBsr: return "sparse_bsr";
+    case at::kSparseBsc: return "sparse_bsc";
+    case at::kMkldnn: return "_mkldnn";
+    case at::kJagged: return "jagged";
+    default: return "strided";
+  }
+}
+
+inline void check_dense(const char* op, const std::string& name, const at::Tensor& t) {
+  TORCH_CHECK_VALUE(t.layout() == at::kStrided, "eenet.", op, ": ", name,
+                    " must be a dense (strided) tensor, got layout ", layout_name(t.layout()));
+  TORCH_CHECK_VALUE(!t.is_quantized(), "eenet.", op, ": ", name,
+                    " must be a dense (strided) tensor, got a quantized tensor");
+}
+
 inline void check_dtype(const char* op, const char* name, const at::Tensor& t,
                         std::initializer_list<at::ScalarType> allowed) {
+  check_dense(op, name, t);
   for (auto a : allowed)
     if (t.scalar_type() == a) return;
   std::string names;
@@ -65,7 +90,8 @@ inline void check_exit_score_args(const char* op, const at::Tensor& feats,
                                   const std::string& policy, double threshold,
                                   const std::optional<at::Tensor>& prev_scores,
                                   const std::optional<at::Tensor>& prev_preds,
-                                  const std::optional<at::Tensor>& sched_weight, bool use_vote) {
+                                  const std::optional<at::Tensor>& sched_weight, bool use_vote,
+                                  double sched_bias) {
   TORCH_CHECK_VALUE(is_policy(policy), "eenet.", op,
                     ": policy must be one of ('max_prob', 'entropy', 'patience', 'eenet'), got '",
                     policy, "'");
@@ -127,6 +153,8 @@ inline void check_exit_score_args(const char* op, const at::Tensor& feats,
                       ": sched_weight must have shape (", want, ",) = C + 2 + k",
                       use_vote ? " + 1 (vote)" : "", " with C = ", c, ", k = ", history,
                       ", got ", shape_str(sched_weight->sizes()));
+    TORCH_CHECK_VALUE(std::isfinite(sched_bias), "eenet.", op, ": sched_bias must be finite, got ",
+                      sched_bias);
   }
   if (policy == "patience" || use_vote) {
     TORCH_CHECK_VALUE(prev_preds.has_value(), "eenet.", op, ": prev_preds is required for ",
@@ -146,10 +174,16 @@ inline void check_exit_score_args(const char* op, const at::Tensor& feats,
 }
 
 // Output-buffer checks of exit_score_write (metadata only).
-inline void check_exit_write_args(const at::Tensor& feats, const at::Tensor& weight,
-                                  const at::Tensor& row_index, int64_t exit_index,
-                                  const at::Tensor& out_logits, const at::Tensor& out_score,
-                                  const at::Tensor& out_exit) {
+inline bool byte_spans_overlap(const at::Tensor& a, const at::Tensor& b);
+
+// `inputs`: the op's optional tensor arguments by name (bias, prev_scores, prev_preds,
+// sched_weight), which no output may overlap, as feats, weight, row_index and the other
+// outputs: the kernels read the inputs while they write the outputs.
+inline void check_exit_write_args(
+    const at::Tensor& feats, const at::Tensor& weight, const at::Tensor& row_index,
+    int64_t exit_index, const at::Tensor& out_logits, const at::Tensor& out_score,
+    const at::Tensor& out_exit,
+    std::initializer_list<std::pair<const char*, const std::optional<at::Tensor>*>> inputs) {
   const char* op = "exit_score_write";
   const auto device = feats.device();
   const int64_t n = feats.size(0), c = weight.size(0);
@@ -161,8 +195,6 @@ inline void check_exit_write_args(const at::Tensor& feats, const at::Tensor& wei
   TORCH_CHECK_VALUE(row_index.dim() == 1 && row_index.size(0) == n, "eenet.", op,
                     ": row_index must have shape (", n, ",) to match feats, got ",
                     shape_str(row_index.sizes()));
-  TORCH_CHECK_VALUE(exit_index >= 0, "eenet.", op, ": exit_index must be >= 0, got ",
-                    exit_index);
   check_dtype(op, "out_score", out_score, {at::kFloat});
   TORCH_CHECK_VALUE(out_score.dim() == 1, "eenet.", op,
                     ": out_score must be 1-D (N0,), got a ", out_score.dim(),
@@ -172,6 +204,12 @@ inline void check_exit_write_args(const at::Tensor& feats, const at::Tensor& wei
   TORCH_CHECK_VALUE(out_exit.dim() == 1 && out_exit.size(0) == n0, "eenet.", op,
                     ": out_exit must have shape (", n0, ",) like out_score, got ",
                     shape_str(out_exit.sizes()));
+  const int64_t top = out_exit.scalar_type() == at::kInt
+                          ? std::numeric_limits<int32_t>::max()
+                          : std::numeric_limits<int64_t>::max();
+  TORCH_CHECK_VALUE(exit_index >= 0 && exit_index <= top, "eenet.", op,
+                    ": exit_index must lie in [0, ", top, "] (out_exit is ",
+                    dtype_name(out_exit.scalar_type()), "), got ", exit_index);
   if (out_logits.dim() == 2) {
     check_dtype(op, "out_logits", out_logits, {at::kFloat, at::kHalf, at::kBFloat16});
     TORCH_CHECK_VALUE(out_logits.size(0) == n0 && out_logits.size(1) == c, "eenet.", op,
@@ -190,6 +228,48 @@ inline void check_exit_write_args(const at::Tensor& feats, const at::Tensor& wei
   TORCH_CHECK_VALUE(out_logits.is_contiguous(), "eenet.", op, ": out_logits must be contiguous");
   TORCH_CHECK_VALUE(out_score.is_contiguous(), "eenet.", op, ": out_score must be contiguous");
   TORCH_CHECK_VALUE(out_exit.is_contiguous(), "eenet.", op, ": out_exit must be contiguous");
+  std::vector<std::pair<const char*, const at::Tensor*>> readers{{"feats", &feats},
+                                                                 {"weight", &weight}};
+  for (const auto& [name, t] : inputs)
+    if (t->has_value()) readers.emplace_back(name, &t->value());
+  readers.emplace_back("row_index", &row_index);
+  const std::pair<const char*, const at::Tensor*> outputs[] = {
+      {"out_logits", &out_logits}, {"out_score", &out_score}, {"out_exit", &out_exit}};
+  for (size_t i = 0; i < 3; ++i) {
+    for (const auto& [other, u] : readers)
+      TORCH_CHECK_VALUE(!byte_spans_overlap(*outputs[i].second, *u), "eenet.", op, ": ",
+                        outputs[i].first, " overlaps ", other, "; pass a separate buffer");
+    for (size_t j = 0; j < i; ++j)
+      TORCH_CHECK_VALUE(!byte_spans_overlap(*outputs[i].second, *outputs[j].second), "eenet.",
+                        op, ": ", outputs[i].first, " overlaps ", outputs[j].first,
+                        "; pass a separate buffer");
+  }
+}
+
+// Value checks of the exit ops (CPU tensors): sched_weight finite; row_index values in
+// [0, n0) and distinct. `rows` is row_index as contiguous int64.
+inline void check_exit_values(const char* op, const at::Tensor* sched_weight,
+                              const at::Tensor* rows, int64_t n0) {
+  if (sched_weight != nullptr) {
+    const at::Tensor w = sched_weight->contiguous();
+    const float* p = w.data_ptr<float>();
+    for (int64_t i = 0; i < w.numel(); ++i)
+      TORCH_CHECK_VALUE(std::isfinite(p[i]), "eenet.", op, ": sched_weight must be finite, got ",
+                        p[i], " at position ", i);
+  }
+  if (rows == nullptr) return;
+  const int64_t* r = rows->data_ptr<int64_t>();
+  const int64_t n = rows->numel();
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK_INDEX(r[i] >= 0 && r[i] < n0, "eenet.", op, ": row_index values must lie in [0, ",
+                      n0, "), got ", r[i], " at position ", i);
+  if (n < 2) return;
+  std::vector<int64_t> first(n0, -1);
+  for (int64_t j = 0; j < n; ++j) {
+    TORCH_CHECK_VALUE(first[r[j]] < 0, "eenet.", op, ": row_index values must be distinct, got ",
+                      r[j], " at positions ", first[r[j]], " and ", j);
+    first[r[j]] = j;
+  }
 }
 
 // Conservative aliasing test: same storage and intersecting byte ranges (strided and
@@ -216,6 +296,7 @@ inline void check_compact_args(const char* op, const at::Tensor& keep, at::Tenso
   const int64_t n = keep.size(0);
   const auto device = keep.device();
   for (size_t i = 0; i < src.size(); ++i) {
+    check_dense(op, "src[" + std::to_string(i) + "]", src[i]);
     TORCH_CHECK_VALUE(src[i].dim() >= 1 && src[i].size(0) == n, "eenet.", op, ": src[", i,
                       "] must have N = ", n, " rows like keep, got shape ",
                       shape_str(src[i].sizes()));
@@ -230,6 +311,7 @@ inline void check_compact_args(const char* op, const at::Tensor& keep, at::Tenso
   for (size_t i = 0; i < src.size(); ++i) {
     const auto& s = src[i];
     const auto& d = (*dst)[i];
+    check_dense(op, "dst[" + std::to_string(i) + "]", d);
     TORCH_CHECK_VALUE(d.device() == device, "eenet.", op, ": dst[", i, "] is on ", d.device(),
                       " but keep is on ", device, "; all tensors must share one device");
     TORCH_CHECK_TYPE(d.scalar_type() == s.scalar_type(), "eenet.", op, ": dst[", i,
@@ -244,13 +326,21 @@ inline void check_compact_args(const char* op, const at::Tensor& keep, at::Tenso
                       shape_str(d.sizes()));
     TORCH_CHECK_VALUE(d.is_contiguous(), "eenet.", op, ": dst[", i, "] must be contiguous");
   }
-  // after the per-buffer checks, as in eenet_kernels/checks.py
-  for (size_t i = 0; i < dst->size(); ++i)
+  // after the per-buffer checks, as in eenet_kernels/checks.py: the kernels read keep and
+  // every src while they write
+  for (size_t i = 0; i < dst->size(); ++i) {
+    const auto& d = (*dst)[i];
+    TORCH_CHECK_VALUE(!byte_spans_overlap(d, keep), "eenet.", op, ": dst[", i,
+                      "] overlaps keep; pass a separate buffer");
     for (size_t j = 0; j < src.size(); ++j)
-      TORCH_CHECK_VALUE(!byte_spans_overlap((*dst)[i], src[j]), "eenet.", op, ": dst[", i,
+      TORCH_CHECK_VALUE(!byte_spans_overlap(d, src[j]), "eenet.", op, ": dst[", i,
                         "] overlaps src[", j,
                         "]; compaction into its own source is not supported, pass a separate "
                         "buffer");
+    for (size_t j = 0; j < i; ++j)
+      TORCH_CHECK_VALUE(!byte_spans_overlap(d, (*dst)[j]), "eenet.", op, ": dst[", i,
+                        "] overlaps dst[", j, "]; pass a separate buffer");
+  }
 }
 
 }  // namespace eenet

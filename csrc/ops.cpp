@@ -16,7 +16,8 @@ PyObject* PyInit__C(void) {
   "Tensor feats, Tensor weight, Tensor? bias, str policy, float threshold, "              \
   "bool is_last=False, Tensor? prev_scores=None, Tensor? prev_preds=None, "               \
   "Tensor? sched_weight=None, float sched_bias=0., bool use_vote=False"
-#define EENET_EXIT_SCORE_RETURNS "(Tensor logits, Tensor score, Tensor exit_mask)"
+#define EENET_EXIT_SCORE_RETURNS \
+  "(Tensor logits, Tensor score, Tensor exit_mask, Tensor pred, Tensor keep)"
 
 TORCH_LIBRARY(eenet, m) {
   // Fake (meta) kernels for torch.compile / export live in Python.

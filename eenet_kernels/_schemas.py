@@ -13,7 +13,9 @@ _EXIT_SCORE_ARGS = (
     "bool is_last=False, Tensor? prev_scores=None, Tensor? prev_preds=None, "
     "Tensor? sched_weight=None, float sched_bias=0., bool use_vote=False"
 )
-_EXIT_SCORE_RETURNS = "(Tensor logits, Tensor score, Tensor exit_mask)"
+_EXIT_SCORE_RETURNS = (
+    "(Tensor logits, Tensor score, Tensor exit_mask, Tensor pred, Tensor keep)"
+)
 
 SCHEMAS: dict[str, str] = {
     "exit_score": f"exit_score({_EXIT_SCORE_ARGS}) -> {_EXIT_SCORE_RETURNS}",

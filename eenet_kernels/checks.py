@@ -1,10 +1,16 @@
-"""Argument checks for the Python paths (reference backend, fake kernels, front-end).
+"""Argument checks of the Python layer: the reference backend, the Triton launchers and the
+fake kernels that ``torch.compile`` / ``torch.export`` trace all call these functions, in
+the same order, so an argument error reads the same on every Python path. The compiled
+layer has its own copy in ``csrc/checks.h``; ``tests/test_bad_inputs.py`` holds the two to
+the same exception type and message for every bad-input case.
 
-They mirror ``csrc/checks.h`` message for message: every error starts with
-``eenet.<op>: `` and names the offending argument, whatever the backend.
-Only metadata is inspected here (shapes, dtypes, devices), so the checks also run on fake
-tensors under ``torch.compile``; value checks live in :func:`check_row_index_values` and
-:func:`check_finite_rows` and are skipped where they would force a host sync.
+Every error starts with ``eenet.<op>: `` and names the offending argument: ``TypeError`` for
+dtypes, ``IndexError`` for out-of-range indices, ``ValueError`` otherwise.
+
+Metadata checks (shapes, dtypes, devices, layouts, aliasing) inspect no values, so they
+also run on fake and meta tensors. Value checks (:func:`check_exit_values`,
+:func:`check_finite_rows`) read data: they run only on CPU tensors, where reading costs no
+device sync; on CUDA the kernels skip out-of-range rows instead.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 POLICIES: tuple[str, ...] = ("max_prob", "entropy", "patience", "eenet")
 FLOAT_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
@@ -27,7 +34,17 @@ def _fail(op: str, message: str, kind: type[Exception] = ValueError) -> None:
     raise kind(f"eenet.{op}: {message}")
 
 
+def _check_dense(op: str, name: str, t: torch.Tensor) -> None:
+    """Sparse and quantized tensors have no plain strided data for the kernels to read."""
+    if t.layout != torch.strided:
+        layout = str(t.layout).removeprefix("torch.")
+        _fail(op, f"{name} must be a dense (strided) tensor, got layout {layout}")
+    if t.is_quantized:
+        _fail(op, f"{name} must be a dense (strided) tensor, got a quantized tensor")
+
+
 def _check_dtype(op: str, name: str, t: torch.Tensor, allowed: Sequence[torch.dtype]) -> None:
+    _check_dense(op, name, t)
     if t.dtype not in allowed:
         names = ", ".join(_dtype_name(d) for d in allowed)
         _fail(op, f"{name} must have dtype in ({names}), got {_dtype_name(t.dtype)}", TypeError)
@@ -55,8 +72,9 @@ def check_exit_score(
     sched_weight: torch.Tensor | None,
     use_vote: bool,
     op: str = "exit_score",
+    sched_bias: float = 0.0,
 ) -> None:
-    """Validate the common arguments of ``exit_score`` and ``exit_score_write``."""
+    """Validate the common arguments of ``exit_score`` and ``exit_score_write`` (metadata)."""
     if policy not in POLICIES:
         _fail(op, f"policy must be one of {POLICIES}, got {policy!r}")
     _check_dtype(op, "feats", feats, FLOAT_DTYPES)
@@ -111,6 +129,8 @@ def check_exit_score(
             _fail(op, f"sched_weight must have shape ({want},) = C + 2 + k"
                   f"{' + 1 (vote)' if use_vote else ''} with C = {c}, k = {history}, got "
                   f"{tuple(sched_weight.shape)}")
+        if not math.isfinite(sched_bias):
+            _fail(op, f"sched_bias must be finite, got {sched_bias:g}")
     if policy == "patience" or use_vote:
         if prev_preds is None:
             _fail(op, f"prev_preds is required for {'the vote feature' if use_vote else 'policy'}"
@@ -134,8 +154,15 @@ def check_exit_write(
     out_logits: torch.Tensor,
     out_score: torch.Tensor,
     out_exit: torch.Tensor,
+    inputs: Sequence[tuple[str, torch.Tensor | None]] = (),
 ) -> None:
-    """Validate the output-buffer arguments of ``exit_score_write``."""
+    """Validate the output-buffer arguments of ``exit_score_write`` (metadata).
+
+    ``inputs``: the op's other tensor arguments as (name, tensor or None), in schema order
+    after feats and weight (bias, prev_scores, prev_preds, sched_weight): no output buffer
+    may overlap an input or another output, since the kernels read the inputs while they
+    write the outputs.
+    """
     op = "exit_score_write"
     device = feats.device
     n, c = feats.shape[0], weight.shape[0]
@@ -145,14 +172,16 @@ def check_exit_write(
     _check_dtype(op, "row_index", row_index, INDEX_DTYPES)
     if row_index.dim() != 1 or row_index.shape[0] != n:
         _fail(op, f"row_index must have shape ({n},) to match feats, got {tuple(row_index.shape)}")
-    if exit_index < 0:
-        _fail(op, f"exit_index must be >= 0, got {exit_index}")
     _check_dtype(op, "out_score", out_score, (torch.float32,))
     _check_rank(op, "out_score", out_score, (1,), "1-D (N0,)")
     n0 = out_score.shape[0]
     _check_dtype(op, "out_exit", out_exit, INDEX_DTYPES)
     if out_exit.dim() != 1 or out_exit.shape[0] != n0:
         _fail(op, f"out_exit must have shape ({n0},) like out_score, got {tuple(out_exit.shape)}")
+    top = torch.iinfo(out_exit.dtype).max
+    if not 0 <= exit_index <= top:
+        _fail(op, f"exit_index must lie in [0, {top}] (out_exit is "
+              f"{_dtype_name(out_exit.dtype)}), got {exit_index}")
     if out_logits.dim() == 2:
         _check_dtype(op, "out_logits", out_logits, FLOAT_DTYPES)
         if tuple(out_logits.shape) != (n0, c):
@@ -166,23 +195,58 @@ def check_exit_write(
     else:
         _fail(op, f"out_logits must be 2-D (N0, C) logits or 1-D (N0,) predictions, got a "
               f"{out_logits.dim()}-D tensor")
-    for name, t in (("out_logits", out_logits), ("out_score", out_score), ("out_exit", out_exit)):
+    outputs = (("out_logits", out_logits), ("out_score", out_score), ("out_exit", out_exit))
+    for name, t in outputs:
         if not t.is_contiguous():
             _fail(op, f"{name} must be contiguous")
+    readers = [("feats", feats), ("weight", weight), *inputs, ("row_index", row_index)]
+    for i, (name, t) in enumerate(outputs):
+        for other, u in [*readers, *outputs[:i]]:
+            if u is not None and overlaps(t, u):
+                _fail(op, f"{name} overlaps {other}; pass a separate buffer")
 
 
-def check_row_index_values(row_index: torch.Tensor, n0: int) -> None:
-    """Value check (one host sync): every row index must address a row of the outputs."""
-    bad = ((row_index < 0) | (row_index >= n0)).nonzero().flatten()
-    if bad.numel():
-        pos = int(bad[0])
-        _fail("exit_score_write", f"row_index values must lie in [0, {n0}), got "
-              f"{int(row_index[pos])} at position {pos}", IndexError)
+def check_exit_values(
+    op: str,
+    sched_weight: torch.Tensor | None,
+    row_index: torch.Tensor | None = None,
+    n0: int = 0,
+) -> None:
+    """Value checks of the exit ops, for CPU tensors only (no device sync there):
+    sched_weight finite; row_index values in [0, n0) and distinct."""
+    if sched_weight is not None and sched_weight.device.type == "cpu" and _has_data(sched_weight):
+        bad = (~torch.isfinite(sched_weight)).nonzero().flatten()
+        if bad.numel():
+            _fail(op, f"sched_weight must be finite, got {sched_weight[bad[0]].item():g} at "
+                  f"position {int(bad[0])}")
+    if row_index is None or row_index.device.type != "cpu" or not _has_data(row_index):
+        return
+    out_of_range = ((row_index < 0) | (row_index >= n0)).nonzero().flatten()
+    if out_of_range.numel():
+        pos = int(out_of_range[0])
+        _fail(op, f"row_index values must lie in [0, {n0}), got {int(row_index[pos])} at "
+              f"position {pos}", IndexError)
+    if row_index.numel() > 1:
+        order = torch.argsort(row_index, stable=True)
+        same = row_index[order[1:]] == row_index[order[:-1]]
+        if bool(same.any()):
+            later = int(order[1:][same].min())
+            value = int(row_index[later])
+            first = int((row_index == value).nonzero()[0])
+            _fail(op, f"row_index values must be distinct, got {value} at positions {first} "
+                  f"and {later}")
+
+
+def _has_data(t: torch.Tensor) -> bool:
+    """Whether t's values can be read (not a meta or fake tensor)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return t.device.type != "meta" and not is_fake(t) and t.numel() > 0
 
 
 def check_finite_rows(op: str, name: str, t: torch.Tensor) -> None:
     """Value check (one host sync): reject NaN/inf, naming the first offending rows."""
-    if t.numel() == 0:
+    if not _has_data(t):
         return
     bad = ~torch.isfinite(t.reshape(t.shape[0], -1) if t.dim() else t.reshape(1, 1)).all(dim=1)
     if bool(bad.any()):
@@ -195,11 +259,12 @@ def check_compact(
     keep: torch.Tensor, src: Sequence[torch.Tensor], dst: Sequence[torch.Tensor] | None,
     op: str = "compact",
 ) -> None:
-    """Validate ``compact`` / ``compact_out`` arguments."""
+    """Validate ``compact`` / ``compact_out`` arguments (metadata, aliasing included)."""
     _check_dtype(op, "keep", keep, (torch.bool,))
     _check_rank(op, "keep", keep, (1,), "1-D (N,)")
     n, device = keep.shape[0], keep.device
     for i, t in enumerate(src):
+        _check_dense(op, f"src[{i}]", t)
         if t.dim() < 1 or t.shape[0] != n:
             _fail(op, f"src[{i}] must have N = {n} rows like keep, got shape {tuple(t.shape)}")
         if t.device != device:
@@ -210,6 +275,7 @@ def check_compact(
     if len(dst) != len(src):
         _fail(op, f"dst must hold one buffer per src tensor: {len(src)} src, {len(dst)} dst")
     for i, (s, d) in enumerate(zip(src, dst, strict=True)):
+        _check_dense(op, f"dst[{i}]", d)
         if d.device != device:
             _fail(op, f"dst[{i}] is on {d.device} but keep is on {device}; all tensors must "
                   "share one device")
@@ -222,26 +288,33 @@ def check_compact(
                   f"{tuple(s.shape)}, got {tuple(d.shape)}")
         if not d.is_contiguous():
             _fail(op, f"dst[{i}] must be contiguous")
-
-
-def check_compact_no_alias(src: Sequence[torch.Tensor], dst: Sequence[torch.Tensor]) -> None:
-    """dst buffers may not overlap any src tensor (in-place compaction is not race-free)."""
-    spans = [(t.untyped_storage().data_ptr(), t) for t in src if t.numel()]
+    # after the per-buffer checks; the kernels read keep and every src while they write
     for i, d in enumerate(dst):
-        if not d.numel():
-            continue
-        base = d.untyped_storage().data_ptr()
-        for j, (sbase, s) in enumerate(spans):
-            if base == sbase and _overlaps(d, s):
-                _fail("compact_out", f"dst[{i}] overlaps src[{j}]; compaction into its own "
-                      "source is not supported, pass a separate buffer")
+        if overlaps(d, keep):
+            _fail(op, f"dst[{i}] overlaps keep; pass a separate buffer")
+        for j, s in enumerate(src):
+            if overlaps(d, s):
+                _fail(op, f"dst[{i}] overlaps src[{j}]; compaction into its own source is not "
+                      "supported, pass a separate buffer")
+        for j in range(i):
+            if overlaps(d, dst[j]):
+                _fail(op, f"dst[{i}] overlaps dst[{j}]; pass a separate buffer")
 
 
-def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Conservative aliasing test: the same storage and intersecting byte ranges (strided
+    and expanded tensors included). Storages are compared by identity, which also holds for
+    meta and fake tensors (whose data pointers are all 0). With symbolic sizes (tracing) an
+    undecidable overlap counts as none: the eager call decides it on concrete sizes."""
+    if a.untyped_storage()._cdata != b.untyped_storage()._cdata:
+        return False
+    if guard_or_false(a.numel() == 0) or guard_or_false(b.numel() == 0):
+        return False
+
     def span(t: torch.Tensor) -> tuple[int, int]:
         start = t.storage_offset() * t.element_size()
         extent = sum((s - 1) * st for s, st in zip(t.shape, t.stride(), strict=True))
         return start, start + (extent + 1) * t.element_size()
 
     (a0, a1), (b0, b1) = span(a), span(b)
-    return a0 < b1 and b0 < a1
+    return guard_or_false(a0 < b1) and guard_or_false(b0 < a1)

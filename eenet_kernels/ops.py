@@ -1,18 +1,26 @@
 """The single front-end of the ``eenet`` ops.
 
 Every op exists once in the dispatcher as ``torch.ops.eenet.<name>`` (schemas in
-``csrc/ops.cpp``, or :mod:`eenet_kernels._schemas` when the extension is not built) with a
-fake kernel for ``torch.compile`` / ``torch.export``. The public functions here add the
-backend choice and the convenience arguments:
+``csrc/ops.cpp``, or :mod:`eenet_kernels._schemas` when the extension is not built), and
+that op is the one path of every call: the public functions below, the engine,
+``torch.compile`` / ``torch.export`` (through the fake kernels registered here) and C++
+callers all reach the same kernels, chosen once per dispatch key at import:
 
-- ``EENET_BACKEND=auto|reference|cpp|triton`` (or ``backend=`` per call) picks the
-  implementation; ``auto`` takes the compiled C++ kernel for CPU tensors when it is built,
-  else the reference, and the Triton kernels for CUDA tensors when triton imports, else the
-  reference. ``triton`` on CPU tensors runs only under the interpreter (``TRITON_INTERPRET=1``,
-  tests). In the dispatcher, CUDA without a compiled kernel runs the Triton kernels (the
-  reference when triton is missing), other devices without one the reference.
-- ``exit_score(..., check_finite=True)`` rejects NaN/inf feature rows up front (one host
-  sync); the kernels themselves never let a non-finite row exit before the last exit.
+- CPU: the compiled C++ kernel when the extension is built, else the reference;
+- CUDA: the Triton launcher (triton imported on the first call; the reference when triton
+  cannot be imported); a compiled CUDA kernel, when built, takes the key instead;
+- Meta / fake tensors: the fake kernels (metadata checks and output shapes);
+- Autograd: the ops are inference ops, and no output ever requires grad, whatever the
+  backend (a pass-through kernel runs the op below autograd);
+- sparse and quantized tensors: the argument checks, which reject them by name.
+
+``EENET_BACKEND=auto|reference|cpp|triton`` (or ``backend=`` per call) is a debugging
+override: a backend other than the dispatcher's choice for the device is called directly.
+``triton`` on CPU tensors runs only under the interpreter (``TRITON_INTERPRET=1``, tests).
+
+``exit_score(..., check_finite=False)``: the kernels never let a row with NaN/inf logits
+exit before the last exit (its score is NaN), so the default path costs no host sync;
+``check_finite=True`` rejects NaN/inf feature rows up front instead (one host sync).
 """
 
 from __future__ import annotations
@@ -50,7 +58,7 @@ if not HAVE_EXTENSION:
     for _schema in SCHEMAS.values():
         _def_lib.define(_schema)
 
-_REFERENCE_IMPLS = {
+_REFERENCE_IMPLS: dict[str, Callable] = {
     "exit_score": reference.exit_score,
     "exit_score_write": reference.exit_score_write,
     "compact": reference.compact,
@@ -64,8 +72,14 @@ _COMPILED_KEYS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _triton_fn(name: str) -> Callable | None:
-    """The Triton entry point of op ``name`` (reference signature); None without triton."""
+def compiled_backends(name: str) -> tuple[str, ...]:
+    """Dispatch keys (``CPU``, ``CUDA``) served by a compiled kernel for op ``name``."""
+    return _COMPILED_KEYS[name]
+
+
+def triton_kernel(name: str) -> Callable | None:
+    """The Triton entry point of op ``name`` (the reference's signature); None without
+    triton."""
     mods = _triton.load()
     if mods is None:
         return None
@@ -73,45 +87,71 @@ def _triton_fn(name: str) -> Callable | None:
     return getattr(exit_mod if name.startswith("exit_score") else compact_mod, name)
 
 
-def _cuda_fallback(name: str) -> Callable:
-    """CUDA kernel of op ``name`` when none is compiled: Triton (imported on the first call),
-    or the reference when triton cannot be imported."""
-
-    def impl(*args: Any, **kwargs: Any) -> Any:
-        fn = _triton_fn(name) or _REFERENCE_IMPLS[name]
-        return fn(*args, **kwargs)
-
-    return impl
+def cuda_kernel(name: str) -> Callable:
+    """What the CUDA key of ``eenet::<name>`` runs when no compiled CUDA kernel is built: the
+    Triton launcher, or the reference when triton cannot be imported."""
+    return triton_kernel(name) or _REFERENCE_IMPLS[name]
 
 
-# Devices without a compiled kernel run Triton (CUDA) or the reference (CPU) through the
-# dispatcher, so that torch.ops.eenet.* works everywhere.
-_impl_lib = torch.library.Library("eenet", "IMPL")
+def _lazy_cuda_kernel(name: str) -> Callable:
+    """The registered CUDA kernel: :func:`cuda_kernel`, resolved on the first call so that
+    ``import eenet_kernels`` does not import triton."""
+
+    def kernel(*args: Any, **kwargs: Any) -> Any:
+        return cuda_kernel(name)(*args, **kwargs)
+
+    return kernel
+
+
+def _below_autograd(name: str) -> Callable:
+    """Autograd kernel: run the op without recording it, so that no output requires grad on
+    any backend (the reference alone would otherwise differentiate, the compiled kernels
+    not)."""
+    op = getattr(torch.ops.eenet, name)
+
+    def kernel(*args: Any, **kwargs: Any) -> Any:
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args, **kwargs)
+
+    return kernel
+
+
+# Layouts the kernels cannot read: their inputs reach the reference, whose checks reject
+# them by argument name (the dispatcher would otherwise raise its own per-backend error).
+_UNSUPPORTED_KEYS = ("SparseCPU", "SparseCUDA", "SparseCsrCPU", "SparseCsrCUDA",
+                     "QuantizedCPU", "QuantizedCUDA")
+
+_impl_lib = torch.library.Library("eenet", "IMPL")  # kept alive at module level
 for _name, _fn in _REFERENCE_IMPLS.items():
     if "CPU" not in _COMPILED_KEYS[_name]:
         _impl_lib.impl(_name, _fn, "CPU")
     if "CUDA" not in _COMPILED_KEYS[_name]:
-        _impl_lib.impl(_name, _cuda_fallback(_name), "CUDA")
-
-
-def compiled_backends(name: str) -> tuple[str, ...]:
-    """Dispatch keys (``CPU``, ``CUDA``) served by a compiled kernel for op ``name``."""
-    return _COMPILED_KEYS[name]
+        _impl_lib.impl(_name, _lazy_cuda_kernel(_name), "CUDA")
+    _impl_lib.impl(_name, _below_autograd(_name), "Autograd")
+    for _key in _UNSUPPORTED_KEYS:
+        _impl_lib.impl(_name, _fn, _key)
 
 
 # ---------------------------------------------------------------------------------------
-# Fake kernels: shapes, dtypes and metadata checks only.
+# Fake kernels: the same metadata checks, in the same order and under the same op names as
+# the kernels, and the output shapes.
+
+
+def _exit_outputs(feats: torch.Tensor, weight: torch.Tensor) -> reference.ExitResult:
+    n, c = feats.shape[0], weight.shape[0]
+    return (feats.new_empty((n, c), dtype=torch.float32),
+            feats.new_empty((n,), dtype=torch.float32),
+            feats.new_empty((n,), dtype=torch.bool),
+            feats.new_empty((n,), dtype=torch.int64),
+            feats.new_empty((n,), dtype=torch.bool))
 
 
 @torch.library.register_fake("eenet::exit_score")
 def _exit_score_fake(feats, weight, bias, policy, threshold, is_last=False, prev_scores=None,
                      prev_preds=None, sched_weight=None, sched_bias=0.0, use_vote=False):
     checks.check_exit_score(feats, weight, bias, policy, threshold, prev_scores, prev_preds,
-                            sched_weight, use_vote)
-    n, c = feats.shape[0], weight.shape[0]
-    return (feats.new_empty((n, c), dtype=torch.float32),
-            feats.new_empty((n,), dtype=torch.float32),
-            feats.new_empty((n,), dtype=torch.bool))
+                            sched_weight, use_vote, sched_bias=sched_bias)
+    return _exit_outputs(feats, weight)
 
 
 @torch.library.register_fake("eenet::exit_score_write")
@@ -119,10 +159,12 @@ def _exit_score_write_fake(feats, weight, bias, policy, threshold, is_last=False
                            prev_scores=None, prev_preds=None, sched_weight=None, sched_bias=0.0,
                            use_vote=False, *, row_index, exit_index, out_logits, out_score,
                            out_exit):
+    checks.check_exit_score(feats, weight, bias, policy, threshold, prev_scores, prev_preds,
+                            sched_weight, use_vote, op="exit_score_write", sched_bias=sched_bias)
     checks.check_exit_write(feats, weight, row_index, exit_index, out_logits, out_score,
-                            out_exit)
-    return _exit_score_fake(feats, weight, bias, policy, threshold, is_last, prev_scores,
-                            prev_preds, sched_weight, sched_bias, use_vote)
+                            out_exit, reference.write_inputs(bias, prev_scores, prev_preds,
+                                                             sched_weight))
+    return _exit_outputs(feats, weight)
 
 
 @torch.library.register_fake("eenet::compact")
@@ -142,20 +184,28 @@ def _compact_out_fake(keep, src, dst):
 # Backend choice.
 
 
+def dispatcher_backend(device: torch.device) -> str:
+    """The backend that ``torch.ops.eenet.*`` runs on ``device``: ``cpp``, ``triton`` or
+    ``reference``."""
+    if device.type == "cpu":
+        return "cpp" if HAVE_EXTENSION else "reference"
+    if device.type == "cuda":
+        return "triton" if _triton.is_available() else "reference"
+    return "reference"
+
+
 def resolve_backend(device: torch.device, backend: str | None = None) -> str:
     """The backend that will run an op on ``device``: ``reference``, ``cpp`` or ``triton``.
 
-    ``backend`` (or ``EENET_BACKEND`` when None) may be ``auto``. A backend that cannot run
-    here raises ``RuntimeError`` instead of silently falling back.
+    ``backend`` (or ``EENET_BACKEND`` when None) may be ``auto`` (the dispatcher's choice,
+    :func:`dispatcher_backend`). A backend that cannot run here raises ``RuntimeError``
+    instead of silently falling back.
     """
     choice = backend or os.environ.get("EENET_BACKEND", "auto") or "auto"
     if choice not in BACKENDS:
-        raise ValueError(f"eenet: backend must be one of {BACKENDS}, got {choice!r} "
-                         "(the cuda backend is not part of this build yet)")
+        raise ValueError(f"eenet: backend must be one of {BACKENDS}, got {choice!r}")
     if choice == "auto":
-        if device.type == "cpu":
-            return "cpp" if HAVE_EXTENSION else "reference"
-        return "triton" if device.type == "cuda" and _triton.is_available() else "reference"
+        return dispatcher_backend(device)
     if choice == "triton":
         why = None
         if device.type not in ("cpu", "cuda"):
@@ -173,22 +223,41 @@ def resolve_backend(device: torch.device, backend: str | None = None) -> str:
     return choice
 
 
+def op_target(name: str, device: torch.device, backend: str | None = None) -> Callable:
+    """What a public function calls for op ``name`` on ``device``: ``torch.ops.eenet.<name>``
+    whenever the requested backend is the dispatcher's own choice there (always, unless a
+    debugging override asks for another), else that backend's function."""
+    chosen = resolve_backend(device, backend)
+    if chosen == dispatcher_backend(device) or device.type == "meta":
+        return getattr(torch.ops.eenet, name)
+    if chosen == "reference":
+        return _REFERENCE_IMPLS[name]
+    kernel = triton_kernel(name)
+    if kernel is None:  # resolve_backend checked that triton imports; kept for -O runs
+        raise RuntimeError("eenet: backend 'triton' was requested but triton cannot be imported")
+    return kernel
+
+
 # ---------------------------------------------------------------------------------------
 # Public functions.
 
 
 class ExitScore(NamedTuple):
-    """Result of :func:`exit_score`: logits (N, C) float32, score (N,) float32, exit_mask (N,)."""
+    """Result of :func:`exit_score`: logits (N, C) float32, score (N,) float32, exit_mask
+    (N,) bool, pred (N,) int64 (argmax of the logits), keep (N,) bool (= ~exit_mask)."""
 
     logits: torch.Tensor
     score: torch.Tensor
     exit_mask: torch.Tensor
+    pred: torch.Tensor
+    keep: torch.Tensor
 
 
 def _check_finite_inputs(op: str, feats: torch.Tensor, weight: torch.Tensor,
                          bias: torch.Tensor | None) -> None:
     if torch.compiler.is_compiling():
         return
+    checks.check_exit_score(feats, weight, bias, "max_prob", 0.0, None, None, None, False, op=op)
     checks.check_finite_rows(op, "feats", feats)
     checks.check_finite_rows(op, "weight", weight)
     if bias is not None:
@@ -208,7 +277,7 @@ def exit_score(
     sched_weight: torch.Tensor | None = None,
     sched_bias: float = 0.0,
     use_vote: bool = False,
-    check_finite: bool = True,
+    check_finite: bool = False,
     backend: str | None = None,
 ) -> ExitScore:
     """Fused exit classifier + confidence + policy score + exit decision.
@@ -224,22 +293,19 @@ def exit_score(
         sched_weight: (C + 2 + k [+ 1 with use_vote],) float32, sched_bias: the EENet
             scheduler's linear layer on [p, max p, conf, prev_scores, vote].
         check_finite: raise ``ValueError`` naming the rows when feats/weight/bias hold
-            NaN/inf (costs one host sync; skipped under torch.compile).
+            NaN/inf (costs one host sync; skipped under torch.compile). Off by default: such
+            rows get a NaN score and never exit before the last exit.
         backend: override ``EENET_BACKEND`` for this call.
 
     Returns:
-        :class:`ExitScore` (logits (N, C) float32, score (N,) float32, exit_mask (N,) bool).
+        :class:`ExitScore` (logits (N, C) float32, score (N,) float32, exit_mask (N,) bool,
+        pred (N,) int64, keep (N,) bool).
     """
     if check_finite:
         _check_finite_inputs("exit_score", feats, weight, bias)
     args = (feats, weight, bias, policy, float(threshold), is_last, prev_scores, prev_preds,
             sched_weight, float(sched_bias), use_vote)
-    chosen = resolve_backend(feats.device, backend)
-    if chosen == "reference":
-        return ExitScore(*reference.exit_score(*args))
-    if chosen == "triton":
-        return ExitScore(*_triton_fn("exit_score")(*args))
-    return ExitScore(*torch.ops.eenet.exit_score(*args))
+    return ExitScore(*op_target("exit_score", feats.device, backend)(*args))
 
 
 def exit_score_write(
@@ -260,7 +326,7 @@ def exit_score_write(
     sched_weight: torch.Tensor | None = None,
     sched_bias: float = 0.0,
     use_vote: bool = False,
-    check_finite: bool = True,
+    check_finite: bool = False,
     backend: str | None = None,
 ) -> ExitScore:
     """:func:`exit_score`, plus the result write of the exiting rows, in the same pass.
@@ -277,12 +343,7 @@ def exit_score_write(
             sched_weight, float(sched_bias), use_vote)
     outs = {"row_index": row_index, "exit_index": int(exit_index), "out_logits": out_logits,
             "out_score": out_score, "out_exit": out_exit}
-    chosen = resolve_backend(feats.device, backend)
-    if chosen == "reference":
-        return ExitScore(*reference.exit_score_write(*args, **outs))
-    if chosen == "triton":
-        return ExitScore(*_triton_fn("exit_score_write")(*args, **outs))
-    return ExitScore(*torch.ops.eenet.exit_score_write(*args, **outs))
+    return ExitScore(*op_target("exit_score_write", feats.device, backend)(*args, **outs))
 
 
 def compact(
@@ -307,18 +368,11 @@ def compact(
         caller-provided buffers are left as they were.
     """
     src = list(tensors)
-    chosen = resolve_backend(keep.device, backend)
-    if chosen == "reference":
-        functional, into = reference.compact, reference.compact_out
-    elif chosen == "triton":
-        functional, into = _triton_fn("compact"), _triton_fn("compact_out")
-    else:
-        functional, into = torch.ops.eenet.compact, torch.ops.eenet.compact_out
     if out is None:
-        kept, count = functional(keep, src)
+        kept, count = op_target("compact", keep.device, backend)(keep, src)
         return list(kept), count
     dst = list(out)
-    return dst, into(keep, src, dst)
+    return dst, op_target("compact_out", keep.device, backend)(keep, src, dst)
 
 
 def take(kept: Sequence[torch.Tensor], count: torch.Tensor) -> list[torch.Tensor]:

@@ -37,14 +37,16 @@ int64_t compact_rows(const at::Tensor& keep, at::TensorList src,
                      const std::vector<at::Tensor>& dst) {
   const int64_t n = keep.size(0);
   const at::Tensor keep_c = keep.contiguous();
-  const bool* k = keep_c.data_ptr<bool>();
+  // read as bytes: a bool tensor may hold any non-zero byte for True (a uint8 tensor viewed
+  // as bool), and only 0 and 1 are valid values of a C++ bool
+  const uint8_t* k = static_cast<const uint8_t*>(keep_c.const_data_ptr());
   // the kept rows' indices, gathered without a branch: the copy loop below then has no
   // data-dependent branch to mispredict (half the rows would, at a 50% keep rate)
   std::vector<int64_t> kept_rows(n);
   int64_t count = 0;
   for (int64_t i = 0; i < n; ++i) {
     kept_rows[count] = i;
-    count += k[i];
+    count += k[i] != 0;
   }
   if (count == 0) return 0;
 

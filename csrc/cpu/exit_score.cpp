@@ -121,7 +121,9 @@ EENET_X86_64_V3_CLONE RowDecision score_row(const ScoringInputs& in, int64_t i) 
     const float t = z[j] - m;
     const float e = exp_nonpositive(t);
     sum_e += e;
-    sum_et += e * t;
+    // a class whose e underflowed adds nothing, also where t is -inf (finite logits whose
+    // spread exceeds the float range: 0 * -inf would be NaN)
+    sum_et += e > 0.f ? e * t : 0.f;
   }
   const float max_p = 1.f / sum_e;
   const float entropy = std::log(sum_e) - sum_et / sum_e;
@@ -158,8 +160,10 @@ EENET_X86_64_V3_CLONE RowDecision score_row(const ScoringInputs& in, int64_t i) 
   return {score, pred, in.is_last || score >= in.threshold};
 }
 
+using ExitResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
 struct Prepared {
-  at::Tensor logits, score, exit_mask;
+  at::Tensor logits, score, exit_mask, pred, keep;
   at::Tensor prev_scores, prev_preds, sched_weight;  // kept alive for the raw pointers
   ScoringInputs in;
 };
@@ -178,6 +182,8 @@ Prepared prepare(const at::Tensor& feats, const at::Tensor& weight,
   const int64_t n = feats.size(0);
   p.score = at::empty({n}, feats.options().dtype(at::kFloat));
   p.exit_mask = at::empty({n}, feats.options().dtype(at::kBool));
+  p.pred = at::empty({n}, feats.options().dtype(at::kLong));
+  p.keep = at::empty({n}, feats.options().dtype(at::kBool));
   const Policy pol = parse_policy(policy);
   const bool needs_preds = pol == Policy::kPatience || use_vote;
   if (pol == Policy::kEENet) {
@@ -207,41 +213,38 @@ template <typename OnRow>
 void decide_rows(Prepared& p, const OnRow& on_row) {
   float* score = p.score.data_ptr<float>();
   bool* exit_mask = p.exit_mask.data_ptr<bool>();
+  int64_t* pred = p.pred.data_ptr<int64_t>();
+  bool* keep = p.keep.data_ptr<bool>();
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, p.in.classes));
   at::parallel_for(0, p.logits.size(0), grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const RowDecision r = score_row(p.in, i);
       score[i] = r.score;
       exit_mask[i] = r.exit;
+      pred[i] = r.pred;
+      keep[i] = !r.exit;
       on_row(i, r);
     }
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> exit_score_cpu(
+ExitResult exit_score_cpu(
     const at::Tensor& feats, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     c10::string_view policy_sv, double threshold, bool is_last,
     const std::optional<at::Tensor>& prev_scores, const std::optional<at::Tensor>& prev_preds,
     const std::optional<at::Tensor>& sched_weight, double sched_bias, bool use_vote) {
   const std::string policy(policy_sv);
   check_exit_score_args("exit_score", feats, weight, bias, policy, threshold, prev_scores,
-                        prev_preds, sched_weight, use_vote);
+                        prev_preds, sched_weight, use_vote, sched_bias);
+  check_exit_values("exit_score", policy == "eenet" ? &sched_weight.value() : nullptr, nullptr,
+                    0);
   Prepared p = prepare(feats, weight, bias, policy, threshold, is_last, prev_scores, prev_preds,
                        sched_weight, sched_bias, use_vote);
   decide_rows(p, [](int64_t, const RowDecision&) {});
-  return {p.logits, p.score, p.exit_mask};
+  return {p.logits, p.score, p.exit_mask, p.pred, p.keep};
 }
 
-template <typename index_t>
-void check_row_index_values(const at::Tensor& row_index, int64_t n0) {
-  const index_t* rows = row_index.data_ptr<index_t>();
-  for (int64_t i = 0; i < row_index.numel(); ++i) {
-    TORCH_CHECK_INDEX(rows[i] >= 0 && rows[i] < n0, "eenet.exit_score_write: row_index values ",
-                      "must lie in [0, ", n0, "), got ", rows[i], " at position ", i);
-  }
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> exit_score_write_cpu(
+ExitResult exit_score_write_cpu(
     const at::Tensor& feats, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     c10::string_view policy_sv, double threshold, bool is_last,
     const std::optional<at::Tensor>& prev_scores, const std::optional<at::Tensor>& prev_preds,
@@ -249,11 +252,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> exit_score_write_cpu(
     const at::Tensor& row_index, int64_t exit_index, const at::Tensor& out_logits,
     const at::Tensor& out_score, const at::Tensor& out_exit) {
   const std::string policy(policy_sv);
-  check_exit_score_args("exit_score_write", feats, weight, bias, policy, threshold, prev_scores,
-                        prev_preds, sched_weight, use_vote);
-  check_exit_write_args(feats, weight, row_index, exit_index, out_logits, out_score, out_exit);
-  const at::Tensor rows_t = row_index.to(at::kLong).contiguous();
-  check_row_index_values<int64_t>(rows_t, out_score.size(0));
+  const char* op = "exit_score_write";
+  check_exit_score_args(op, feats, weight, bias, policy, threshold, prev_scores, prev_preds,
+                        sched_weight, use_vote, sched_bias);
+  check_exit_write_args(feats, weight, row_index, exit_index, out_logits, out_score, out_exit,
+                        {{"bias", &bias},
+                         {"prev_scores", &prev_scores},
+                         {"prev_preds", &prev_preds},
+                         {"sched_weight", &sched_weight}});
+  // a private copy of the indices: they are read again while the outputs are written
+  const at::Tensor rows_t = row_index.to(at::kLong, /*non_blocking=*/false, /*copy=*/true);
+  check_exit_values(op, policy == "eenet" ? &sched_weight.value() : nullptr, &rows_t,
+                    out_score.size(0));
 
   Prepared p = prepare(feats, weight, bias, policy, threshold, is_last, prev_scores, prev_preds,
                        sched_weight, sched_bias, use_vote);
@@ -289,7 +299,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> exit_score_write_cpu(
       });
     }
   });
-  return {p.logits, p.score, p.exit_mask};
+  return {p.logits, p.score, p.exit_mask, p.pred, p.keep};
 }
 
 }  // namespace

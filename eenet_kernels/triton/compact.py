@@ -28,8 +28,6 @@ from collections.abc import Sequence
 import torch
 import triton
 import triton.language as tl
-from torch._subclasses.fake_tensor import is_fake
-from torch.library import triton_op, wrap_triton
 from triton.runtime.interpreter import InterpretedFunction
 
 from .. import checks
@@ -61,34 +59,41 @@ def _compact_kernel(
     BW0: tl.constexpr, BW1: tl.constexpr, BW2: tl.constexpr, BW3: tl.constexpr,
     BW4: tl.constexpr, BW5: tl.constexpr, BW6: tl.constexpr, BW7: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    # row numbers in int64: start + rows_per_prog and the prefix may pass 2^31
+    pid = tl.program_id(0).to(tl.int64)
     start = pid * rows_per_prog
     end = tl.minimum(start + rows_per_prog, N)
 
     # exclusive prefix of this program: kept rows in [0, start)
     if SCAN_WORDS:
-        # keep read 8 rows per int64 word (start is a multiple of 8): its bytes are 0 or 1,
-        # so the word times 0x0101010101010101 holds their sum in its top byte
+        # keep read 8 rows per int64 word (start is a multiple of 8). A True byte may hold
+        # any non-zero value, so each byte is first folded to its lowest bit (OR of its 8
+        # bits: the shifts move bits within a byte into bit 0; what they carry in from the
+        # next byte only lands in bits 1-7, which the mask drops); then the word times
+        # 0x0101010101010101 holds the 8 bits' sum in its top byte.
         words = keep_ptr.to(tl.pointer_type(tl.int64))
         partial = tl.zeros([BLOCK_SCAN], tl.int64)
         for i0 in range(0, start // 8, BLOCK_SCAN):
             idx = i0 + tl.arange(0, BLOCK_SCAN)
             w = tl.load(words + idx, mask=idx < start // 8, other=0)
+            w = w | (w >> 4)
+            w = w | (w >> 2)
+            w = (w | (w >> 1)) & 0x0101010101010101
             partial += (w * 0x0101010101010101) >> 56
-        base = tl.sum(partial, axis=0).to(tl.int32)
+        base = tl.sum(partial, axis=0)
     else:
-        partial = tl.zeros([BLOCK_SCAN], tl.int32)
+        partial = tl.zeros([BLOCK_SCAN], tl.int64)
         for i0 in range(0, start, BLOCK_SCAN):
             idx = i0 + tl.arange(0, BLOCK_SCAN)
-            k = tl.load(keep_ptr + idx.to(tl.int64) * keep_stride, mask=idx < start, other=0)
-            partial += (k != 0).to(tl.int32)
+            k = tl.load(keep_ptr + idx * keep_stride, mask=idx < start, other=0)
+            partial += (k != 0).to(tl.int64)
         base = tl.sum(partial, axis=0)
 
     for r0 in range(start, end, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R)
         ok = rows < end
-        kept = (tl.load(keep_ptr + rows.to(tl.int64) * keep_stride, mask=ok, other=0) != 0) & ok
-        ki = kept.to(tl.int32)
+        kept = (tl.load(keep_ptr + rows * keep_stride, mask=ok, other=0) != 0) & ok
+        ki = kept.to(tl.int64)
         pos = base + tl.cumsum(ki, axis=0) - ki  # output row of a kept row
         if ZERO_TAIL:
             # dropped row number d (= rows - pos dropped rows before it) zeroes row N - 1 - d
@@ -126,11 +131,10 @@ def _interpreted() -> bool:
 
 def _aligned(t: torch.Tensor, size: int) -> bool:
     """Whether t's first element sits at a multiple of ``size`` bytes: its storage offset
-    (what ``Tensor.view(dtype)`` checks) and, for real tensors, its address. Fake tensors
-    (torch.compile tracing) are assumed to have aligned storage, as torch's allocators give."""
+    (what ``Tensor.view(dtype)`` checks) and its address."""
     if t.storage_offset() * t.element_size() % size:
         return False
-    return is_fake(t) or t.data_ptr() % size == 0
+    return t.data_ptr() % size == 0
 
 
 def _byte_rows(t: torch.Tensor) -> torch.Tensor:
@@ -188,8 +192,8 @@ def launch(keep: torch.Tensor, src: Sequence[torch.Tensor], dst: Sequence[torch.
     """Compact src into dst (their first n rows; rows >= n zeroed when ``zero_tail``, where
     dst has exactly N rows) and store n into ``count`` (0-dim int64). No checks.
 
-    keep (N,) bool, any stride. The keyword overrides exist for tests (several programs and
-    scan steps at small N). Traceable by ``make_fx`` (no host syncs), as triton_op requires.
+    keep (N,) bool, any stride, any non-zero byte True. The keyword overrides exist for tests
+    (several programs and scan steps at small N). No host syncs (CUDA-graph capturable).
     """
     n = keep.shape[0]
     if n == 0:
@@ -211,7 +215,7 @@ def launch(keep: torch.Tensor, src: Sequence[torch.Tensor], dst: Sequence[torch.
         slot_args += [None, None, 0, 0] * (MAX_SLOTS - len(group))
         bws += [1] * (MAX_SLOTS - len(group))
         grid = (triton.cdiv(n, rpp),)
-        wrap_triton(_compact_kernel)[grid](
+        _compact_kernel[grid](
             keep_u8, keep_u8.stride(0), count, n, rpp, *slot_args,
             NUM_T=len(group), ZERO_TAIL=zero_tail, WRITE_COUNT=gi == 0,
             BLOCK_R=br, BLOCK_SCAN=bs, SCAN_WORDS=scan_words and rpp % 8 == 0,
@@ -221,39 +225,14 @@ def launch(keep: torch.Tensor, src: Sequence[torch.Tensor], dst: Sequence[torch.
 
 
 # ---------------------------------------------------------------------------------------
-# Custom ops: what torch.compile sees (triton_op lets Inductor trace into the launch).
-
-
-@triton_op("eenet_triton::compact", mutates_args=())
-def compact_op(keep: torch.Tensor, src: list[torch.Tensor]
-               ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Functional compaction: new (N, ...) contiguous buffers, rows >= n zero, and n."""
-    checks.check_compact(keep, src, None)
-    kept = [torch.empty(s.shape, dtype=s.dtype, device=s.device) for s in src]
-    count = keep.new_empty((), dtype=torch.int64)
-    launch(keep, src, kept, count, zero_tail=True)
-    return kept, count
-
-
-@triton_op("eenet_triton::compact_out", mutates_args=("dst",))
-def compact_out_op(keep: torch.Tensor, src: list[torch.Tensor], dst: list[torch.Tensor]
-                   ) -> torch.Tensor:
-    """Compaction into caller buffers (rows >= n untouched); returns n (0-dim int64)."""
-    checks.check_compact(keep, src, dst, op="compact_out")
-    count = keep.new_empty((), dtype=torch.int64)
-    launch(keep, src, dst, count, zero_tail=False)
-    return count
-
-
-# ---------------------------------------------------------------------------------------
-# Entry points with the reference's signatures (front-end and dispatcher CUDA kernels).
+# Entry points with the reference's signatures: the CUDA kernels of eenet::compact and
+# eenet::compact_out (registered by eenet_kernels.ops), and the debug override
+# backend="triton" on CPU tensors under the interpreter.
 
 
 def compact(keep: torch.Tensor, src: Sequence[torch.Tensor]
             ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Triton :func:`eenet_kernels.reference.compact`: kept (N, ...) buffers and n."""
-    if torch.compiler.is_compiling():
-        return torch.ops.eenet_triton.compact(keep, list(src))
     checks.check_compact(keep, src, None)
     kept = [torch.empty(s.shape, dtype=s.dtype, device=s.device) for s in src]
     count = keep.new_empty((), dtype=torch.int64)
@@ -264,10 +243,7 @@ def compact(keep: torch.Tensor, src: Sequence[torch.Tensor]
 def compact_out(keep: torch.Tensor, src: Sequence[torch.Tensor], dst: Sequence[torch.Tensor]
                 ) -> torch.Tensor:
     """Triton :func:`eenet_kernels.reference.compact_out`: returns n (0-dim int64)."""
-    if torch.compiler.is_compiling():
-        return torch.ops.eenet_triton.compact_out(keep, list(src), list(dst))
     checks.check_compact(keep, src, dst, op="compact_out")
-    checks.check_compact_no_alias(src, dst)
     count = keep.new_empty((), dtype=torch.int64)
     launch(keep, src, dst, count, zero_tail=False)
     return count

@@ -31,10 +31,9 @@ import math
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
 from triton.runtime.interpreter import InterpretedFunction
 
-from .. import checks
+from .. import checks, reference
 
 POLICY_IDS: dict[str, int] = {"max_prob": 0, "entropy": 1, "patience": 2, "eenet": 3}
 # out_logits kinds of the write variant
@@ -66,7 +65,9 @@ def _merge_stats(m, s, t, w, best, idx, nan, fin, m2, s2, t2, w2, best2, idx2, n
     d2 = tl.where(s2 > 0, m2 - m_safe, 0.0)
     a1 = tl.where(s > 0, tl.exp(d1), 0.0)
     a2 = tl.where(s2 > 0, tl.exp(d2), 0.0)
-    t_new = a1 * (t + d1 * s) + a2 * (t2 + d2 * s2)
+    # a range whose weight underflowed adds nothing (d may be -inf there: 0 * -inf is NaN)
+    t_new = (tl.where(a1 > 0, a1 * (t + d1 * s), 0.0)
+             + tl.where(a2 > 0, a2 * (t2 + d2 * s2), 0.0))
     s_new = a1 * s + a2 * s2
     w_new = a1 * w + a2 * w2
     take = (nan == 0) & ((nan2 != 0) | (best2 > best))
@@ -80,8 +81,8 @@ def _merge_stats(m, s, t, w, best, idx, nan, fin, m2, s2, t2, w2, best2, idx2, n
 def _exit_score_kernel(
     feats_ptr, stride_fn, stride_fd, stride_fs,
     w_ptr, stride_wc, stride_wd,
-    bias_ptr,
-    logits_ptr, score_ptr, exit_ptr,
+    bias_ptr, stride_b,
+    logits_ptr, score_ptr, exit_ptr, pred_ptr, keep_ptr,
     prev_scores_ptr, stride_qn, stride_qk,
     prev_preds_ptr, stride_pn, stride_pk,
     sched_w_ptr, sched_bias,
@@ -91,7 +92,7 @@ def _exit_score_kernel(
     N, D, C, S, K,
     POLICY: tl.constexpr, IS_LAST: tl.constexpr, HAS_BIAS: tl.constexpr, POOL: tl.constexpr,
     USE_VOTE: tl.constexpr, WRITE: tl.constexpr, UPCAST: tl.constexpr, ROUND_BF16: tl.constexpr,
-    PHASE: tl.constexpr,
+    PHASE: tl.constexpr, ONE_TILE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # PHASE 0: one program per row tile does everything, all classes in turn.
@@ -117,6 +118,8 @@ def _exit_score_kernel(
     best_idx = tl.zeros([BLOCK_N], tl.int32)
     best_nan = tl.zeros([BLOCK_N], tl.int32)
     finite = tl.full([BLOCK_N], 1, tl.int32)
+    # the logits of the last class tile, still in registers when it is the only one
+    z_tile = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
 
     if PHASE == 2:
         for j in range(0, n_chunks):
@@ -137,19 +140,22 @@ def _exit_score_kernel(
         for c0 in range(c_begin, c_end, BLOCK_C):
             cols = c0 + cols0
             col_ok = cols < c_end
+            cols64 = cols.to(tl.int64)
             acc = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
             for d0 in range(0, D, BLOCK_D):
                 ds = d0 + ds0
                 d_ok = ds < D
-                x_ptrs = feats_ptr + rows64[:, None] * stride_fn + ds[None, :] * stride_fd
+                ds64 = ds.to(tl.int64)  # offsets in int64: strides times indices pass 2^31
+                x_ptrs = feats_ptr + rows64[:, None] * stride_fn + ds64[None, :] * stride_fd
                 x_mask = row_ok[:, None] & d_ok[None, :]
-                w = tl.load(w_ptr + cols[None, :] * stride_wc + ds[:, None] * stride_wd,
+                w = tl.load(w_ptr + cols64[None, :] * stride_wc + ds64[:, None] * stride_wd,
                             mask=d_ok[:, None] & col_ok[None, :], other=0.0)
                 if POOL:
                     x = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-                    for s in range(0, S):
-                        x += tl.load(x_ptrs + s * stride_fs, mask=x_mask,
-                                     other=0.0).to(tl.float32)
+                    x_s = x_ptrs  # stepped by the stride: no index * stride product to overflow
+                    for _ in range(0, S):
+                        x += tl.load(x_s, mask=x_mask, other=0.0).to(tl.float32)
+                        x_s += stride_fs
                     # the pooled mean stays fp32 (as in the reference): an fp32 product too
                     acc = tl.dot(x * inv_s, w.to(tl.float32), acc, input_precision="ieee")
                 else:
@@ -162,9 +168,11 @@ def _exit_score_kernel(
                         acc = tl.dot(x, w, acc, input_precision="ieee")
             z = acc
             if HAS_BIAS:
-                z += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+                z += tl.load(bias_ptr + cols64 * stride_b, mask=col_ok,
+                             other=0.0).to(tl.float32)[None, :]
             tl.store(logits_ptr + rows64[:, None] * C + cols[None, :], z,
                      mask=row_ok[:, None] & col_ok[None, :])
+            z_tile = z
 
             # this tile's statistics: argmax (first maximum; the first NaN wins over all),
             # finiteness, softmax sums over its finite entries relative to its own max
@@ -187,7 +195,7 @@ def _exit_score_kernel(
                 t_w = tl.sum(e * sw[None, :], axis=1)
             m, sum_e, sum_et, sum_ew, best, best_idx, best_nan, finite = _merge_stats(
                 m, sum_e, sum_et, sum_ew, best, best_idx, best_nan, finite,
-                t_m, tl.sum(e, axis=1), tl.sum(e * zd, axis=1), t_w, t_max,
+                t_m, tl.sum(e, axis=1), tl.sum(tl.where(e > 0, e * zd, 0.0), axis=1), t_w, t_max,
                 tl.where(t_nan, nan_idx, max_idx), t_nan.to(tl.int32), t_fin)
 
     if PHASE == 1:
@@ -203,27 +211,30 @@ def _exit_score_kernel(
         tl.store(g + 2, finite, mask=row_ok)
     else:
         _score_decide_write(
-            rows, row_ok, rows64, cols0, logits_ptr, score_ptr, exit_ptr,
+            rows, row_ok, rows64, cols0, logits_ptr, score_ptr, exit_ptr, pred_ptr, keep_ptr,
             prev_scores_ptr, stride_qn, stride_qk, prev_preds_ptr, stride_pn, stride_pk,
             sched_w_ptr, sched_bias, row_index_ptr, out_logits_ptr, out_score_ptr,
             out_exit_ptr, exit_index, n0, threshold, inv_log_c, C, K,
-            sum_e, sum_et, sum_ew, best_idx, finite,
-            POLICY, IS_LAST, USE_VOTE, WRITE, ROUND_BF16, PHASE == 0, BLOCK_N, BLOCK_C)
+            sum_e, sum_et, sum_ew, best_idx, finite, z_tile,
+            POLICY, IS_LAST, USE_VOTE, WRITE, ROUND_BF16, PHASE == 0, ONE_TILE and PHASE == 0,
+            BLOCK_N, BLOCK_C)
 
 
 @triton.jit
 def _score_decide_write(
-    rows, row_ok, rows64, cols0, logits_ptr, score_ptr, exit_ptr,
+    rows, row_ok, rows64, cols0, logits_ptr, score_ptr, exit_ptr, pred_ptr, keep_ptr,
     prev_scores_ptr, stride_qn, stride_qk, prev_preds_ptr, stride_pn, stride_pk,
     sched_w_ptr, sched_bias, row_index_ptr, out_logits_ptr, out_score_ptr,
     out_exit_ptr, exit_index, n0, threshold, inv_log_c, C, K,
-    sum_e, sum_et, sum_ew, best_idx, finite,
+    sum_e, sum_et, sum_ew, best_idx, finite, z_tile,
     POLICY: tl.constexpr, IS_LAST: tl.constexpr, USE_VOTE: tl.constexpr,
     WRITE: tl.constexpr, ROUND_BF16: tl.constexpr, SAME_PROGRAM_LOGITS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    LOGITS_IN_REGISTERS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """The policy score from the merged statistics, the decision, the score / exit stores
-    and, for the write variant, the scatter of the exiting rows to ``row_index``."""
+    """The policy score from the merged statistics, the decision, the score / exit / pred /
+    keep stores and, for the write variant, the scatter of the exiting rows to
+    ``row_index``. ``z_tile``: the row tile's logits when all C fit one class tile
+    (``LOGITS_IN_REGISTERS``), written out directly instead of read back."""
     ok_e = sum_e > 0
     sum_e_safe = tl.where(ok_e, sum_e, 1.0)
     max_p = 1.0 / sum_e_safe
@@ -264,6 +275,8 @@ def _score_decide_write(
     exits = row_ok if IS_LAST else row_ok & (score >= threshold)
     tl.store(score_ptr + rows, score, mask=row_ok)
     tl.store(exit_ptr + rows, exits.to(tl.uint8), mask=row_ok)
+    tl.store(pred_ptr + rows, best_idx.to(tl.int64), mask=row_ok)
+    tl.store(keep_ptr + rows, (row_ok & ~exits).to(tl.uint8), mask=row_ok)
 
     if WRITE != 0:
         r = tl.load(row_index_ptr + rows, mask=exits, other=0).to(tl.int64)
@@ -274,6 +287,11 @@ def _score_decide_write(
         if WRITE == 2:
             tl.store(out_logits_ptr + r, best_idx.to(out_logits_ptr.dtype.element_ty),
                      mask=w_ok)
+        elif LOGITS_IN_REGISTERS:
+            wm = w_ok[:, None] & (cols0 < C)[None, :]
+            z = _bf16_rtne(z_tile) if ROUND_BF16 else z_tile
+            tl.store(out_logits_ptr + r[:, None] * C + cols0[None, :],
+                     z.to(out_logits_ptr.dtype.element_ty), mask=wm)
         else:
             # the decision needed every class: read the logits back (written earlier by
             # this program's threads, or by the first launch of a split)
@@ -339,31 +357,32 @@ def launch(
     use_vote: bool = False,
     *,
     write: tuple[torch.Tensor, int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Allocate the outputs and launch the kernel; no argument or value checks.
+) -> reference.ExitResult:
+    """Allocate the outputs and launch the kernel on checked arguments (the entry points
+    below check them).
 
     Args: as :func:`exit_score`; ``write`` = (row_index (N,), exit_index, out_logits (N0, C)
     float or (N0,) int, out_score (N0,) float32, out_exit (N0,) int) for the write variant.
     Block sizes come from :func:`block_sizes` (tests patch it to force several tiles).
 
-    Returns: logits (N, C) float32, score (N,) float32, exit_mask (N,) bool.
-    Traceable by ``make_fx`` (no host syncs, no data-dependent branches), as ``triton_op``
-    requires.
+    Returns: logits (N, C) float32, score (N,) float32, exit_mask (N,) bool, pred (N,) int64,
+    keep (N,) bool. No host syncs and no data-dependent branches (CUDA-graph capturable).
     """
     n, d = feats.shape[0], feats.shape[1]
     c = weight.shape[0]
     logits = feats.new_empty((n, c), dtype=torch.float32)
     score = feats.new_empty((n,), dtype=torch.float32)
     exit_mask = feats.new_empty((n,), dtype=torch.bool)
+    pred = feats.new_empty((n,), dtype=torch.int64)
+    keep = feats.new_empty((n,), dtype=torch.bool)
     if n == 0:
-        return logits, score, exit_mask
+        return logits, score, exit_mask, pred, keep
     pooled = feats.dim() == 3
     s = feats.shape[2] if pooled else 1
     stride_fs = feats.stride(2) if pooled else 0
     pol = POLICY_IDS[policy]
     k = 0
-    if pol == POLICY_IDS["eenet"]:
-        assert prev_scores is not None and sched_weight is not None
+    if pol == POLICY_IDS["eenet"] and prev_scores is not None and sched_weight is not None:
         k = prev_scores.shape[1]
         sched_weight = sched_weight.contiguous()
     elif prev_preds is not None:
@@ -392,8 +411,8 @@ def launch(
     args = (
         feats, feats.stride(0), feats.stride(1), stride_fs,
         weight, weight.stride(0), weight.stride(1),
-        bias,
-        logits, score, exit_mask.view(torch.uint8),
+        bias, bias.stride(0) if bias is not None else 0,
+        logits, score, exit_mask.view(torch.uint8), pred, keep.view(torch.uint8),
         prev_scores, prev_scores.stride(0) if prev_scores is not None else 0,
         prev_scores.stride(1) if prev_scores is not None else 0,
         prev_preds, prev_preds.stride(0) if prev_preds is not None else 0,
@@ -410,15 +429,16 @@ def launch(
         "UPCAST": interpreted and feats.dtype == torch.bfloat16,
         "ROUND_BF16": (interpreted and out_logits is not None
                        and out_logits.dtype == torch.bfloat16),
+        "ONE_TILE": c <= block_c,
         "BLOCK_N": block_n, "BLOCK_C": block_c, "BLOCK_D": block_d, "num_warps": num_warps,
     }
     with _quiet_interpreter(interpreted):
         if n_chunks == 1:
-            wrap_triton(_exit_score_kernel)[(row_tiles,)](*args, PHASE=0, **meta)
+            _exit_score_kernel[(row_tiles,)](*args, PHASE=0, **meta)
         else:
-            wrap_triton(_exit_score_kernel)[(row_tiles, n_chunks)](*args, PHASE=1, **meta)
-            wrap_triton(_exit_score_kernel)[(row_tiles,)](*args, PHASE=2, **meta)
-    return logits, score, exit_mask
+            _exit_score_kernel[(row_tiles, n_chunks)](*args, PHASE=1, **meta)
+            _exit_score_kernel[(row_tiles,)](*args, PHASE=2, **meta)
+    return logits, score, exit_mask, pred, keep
 
 
 def _sm_count(t: torch.Tensor) -> int:
@@ -441,62 +461,9 @@ def class_chunk(row_tiles: int, c: int, block_c: int, num_sms: int | None) -> in
 
 
 # ---------------------------------------------------------------------------------------
-# Custom ops: what torch.compile sees (triton_op lets Inductor trace into the launch).
-
-
-@triton_op("eenet_triton::exit_score", mutates_args=())
-def exit_score_op(
-    feats: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    policy: str,
-    threshold: float,
-    is_last: bool = False,
-    prev_scores: torch.Tensor | None = None,
-    prev_preds: torch.Tensor | None = None,
-    sched_weight: torch.Tensor | None = None,
-    sched_bias: float = 0.0,
-    use_vote: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Metadata checks + launch (the value check of row_index needs a host sync: eager only)."""
-    checks.check_exit_score(feats, weight, bias, policy, threshold, prev_scores, prev_preds,
-                            sched_weight, use_vote)
-    return launch(feats, weight, bias, policy, threshold, is_last, prev_scores, prev_preds,
-                  sched_weight, sched_bias, use_vote)
-
-
-@triton_op("eenet_triton::exit_score_write",
-           mutates_args=("out_logits", "out_score", "out_exit"))
-def exit_score_write_op(
-    feats: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    policy: str,
-    threshold: float,
-    is_last: bool,
-    prev_scores: torch.Tensor | None,
-    prev_preds: torch.Tensor | None,
-    sched_weight: torch.Tensor | None,
-    sched_bias: float,
-    use_vote: bool,
-    row_index: torch.Tensor,
-    exit_index: int,
-    out_logits: torch.Tensor,
-    out_score: torch.Tensor,
-    out_exit: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`exit_score_op` plus the scatter of the exiting rows into the out buffers."""
-    checks.check_exit_score(feats, weight, bias, policy, threshold, prev_scores, prev_preds,
-                            sched_weight, use_vote, op="exit_score_write")
-    checks.check_exit_write(feats, weight, row_index, exit_index, out_logits, out_score,
-                            out_exit)
-    return launch(feats, weight, bias, policy, threshold, is_last, prev_scores, prev_preds,
-                  sched_weight, sched_bias, use_vote,
-                  write=(row_index, exit_index, out_logits, out_score, out_exit))
-
-
-# ---------------------------------------------------------------------------------------
-# Entry points with the reference's signatures (front-end and dispatcher CUDA kernels).
+# Entry points with the reference's signatures: the CUDA kernels of eenet::exit_score and
+# eenet::exit_score_write (registered by eenet_kernels.ops), and the debug override
+# backend="triton" on CPU tensors under the interpreter.
 
 
 def exit_score(
@@ -511,16 +478,13 @@ def exit_score(
     sched_weight: torch.Tensor | None = None,
     sched_bias: float = 0.0,
     use_vote: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Triton :func:`eenet_kernels.reference.exit_score`: logits (N, C) float32, score (N,)
-    float32, exit_mask (N,) bool. Under torch.compile this is the ``eenet_triton`` custom op."""
-    args = (feats, weight, bias, policy, threshold, is_last, prev_scores, prev_preds,
-            sched_weight, sched_bias, use_vote)
-    if torch.compiler.is_compiling():
-        return torch.ops.eenet_triton.exit_score(*args)
+) -> reference.ExitResult:
+    """Triton :func:`eenet_kernels.reference.exit_score` (same arguments and results)."""
     checks.check_exit_score(feats, weight, bias, policy, threshold, prev_scores, prev_preds,
-                            sched_weight, use_vote)
-    return launch(*args)
+                            sched_weight, use_vote, sched_bias=sched_bias)
+    checks.check_exit_values("exit_score", sched_weight if policy == "eenet" else None)
+    return launch(feats, weight, bias, policy, threshold, is_last, prev_scores, prev_preds,
+                  sched_weight, sched_bias, use_vote)
 
 
 def exit_score_write(
@@ -541,22 +505,23 @@ def exit_score_write(
     out_logits: torch.Tensor,
     out_score: torch.Tensor,
     out_exit: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> reference.ExitResult:
     """Triton :func:`eenet_kernels.reference.exit_score_write` (same arguments and results).
 
-    ``row_index`` values are range-checked first only on CPU tensors (the interpreter, as in
-    the other CPU backends): on CUDA the check would cost a host sync per stage, so there, as
-    under torch.compile, the kernel skips out-of-range rows instead of writing out of bounds.
+    The value checks of ``row_index`` (range, distinct) and ``sched_weight`` (finite) run on
+    CPU tensors only (the interpreter, as in the other CPU backends): on CUDA they would cost
+    a host sync per stage, so there the kernel skips out-of-range rows instead of writing out
+    of bounds, and duplicate row indices are the caller's contract (the engine's are distinct
+    by construction).
     """
-    args = (feats, weight, bias, policy, threshold, is_last, prev_scores, prev_preds,
-            sched_weight, sched_bias, use_vote)
-    if torch.compiler.is_compiling():
-        return torch.ops.eenet_triton.exit_score_write(
-            *args, row_index, exit_index, out_logits, out_score, out_exit)
+    op = "exit_score_write"
     checks.check_exit_score(feats, weight, bias, policy, threshold, prev_scores, prev_preds,
-                            sched_weight, use_vote, op="exit_score_write")
+                            sched_weight, use_vote, op=op, sched_bias=sched_bias)
     checks.check_exit_write(feats, weight, row_index, exit_index, out_logits, out_score,
-                            out_exit)
-    if not feats.is_cuda:
-        checks.check_row_index_values(row_index, out_score.shape[0])
-    return launch(*args, write=(row_index, exit_index, out_logits, out_score, out_exit))
+                            out_exit, reference.write_inputs(bias, prev_scores, prev_preds,
+                                                             sched_weight))
+    checks.check_exit_values(op, sched_weight if policy == "eenet" else None, row_index,
+                             out_score.shape[0])
+    return launch(feats, weight, bias, policy, threshold, is_last, prev_scores, prev_preds,
+                  sched_weight, sched_bias, use_vote,
+                  write=(row_index, exit_index, out_logits, out_score, out_exit))
