@@ -59,12 +59,12 @@ def main() -> None:
     }
     print(f"eenet_kernels demo: one exit, batch {BATCH}, width {WIDTH}, {CLASSES} classes, "
           f"CPU, backend {ek.resolve_backend(h.device)!r}")
-    print(f"  threshold (median max-prob)  : {threshold:.4f}")
-    print(f"  rows leaving / staying       : {int(res.exit_mask.sum())} / {h_next.shape[0]}")
-    print(f"  next stage runs on           : h {tuple(h_next.shape)}, rows "
+    print(f"  threshold (median max-prob)    : {threshold:.4f}")
+    print(f"  rows leaving / staying         : {int(res.exit_mask.sum())} / {h_next.shape[0]}")
+    print(f"  next stage runs on             : h {tuple(h_next.shape)}, rows "
           f"{index_next[:5].tolist()} ...")
     for name, ok in checks.items():
-        print(f"  {name:<29}: {ok}")
+        print(f"  {name:<31}: {ok}")
     if not all(checks.values()):
         raise SystemExit("demo: the ops disagree with plain torch")
 
