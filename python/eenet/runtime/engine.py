@@ -1,29 +1,42 @@
 """The batched early-exit engine.
 
-Modes (DESIGN.md):
-- ``full``: every stage on every row, decisions afterwards (the offline oracle of the EENet
-  authors; no saving).
+Modes:
+- ``full``: every stage and exit on every row, decisions afterwards (:func:`simulate`, the
+  offline oracle of the EENet authors; no saving).
 - ``mask``: every stage on every row still in the batch, exited rows frozen: the batch waits
   for its slowest sample (PABEE-style; stops early only when all rows have exited).
 - ``compact``: our ops: ``exit_score_write`` at each exit, then ``compact`` of the
-  survivors' state, so stage k+1 runs only on the rows still present. One host sync per
-  stage (the survivor count); buffers are allocated once per batch shape.
+  survivors' state, so stage k+1 runs only on the rows still present. A stage costs the
+  stage itself, the fused op and the compaction: the op's outputs (``pred``, ``score``,
+  ``keep``) go straight into the compaction, nothing is recomputed or copied beside it. One
+  host sync per stage that continues (the survivor count); buffers are reused from batch to
+  batch.
 
-All modes return results in the input order and agree with :func:`simulate` (tests).
+``mask`` and ``compact`` run the shared stage loop (:func:`eenet.runtime.loop.run_stages`).
+All modes return results in the input order.
 """
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 import eenet_kernels as ek
 
-from ..policies.base import ExitPolicy
+from .loop import RowState, run_stages
+
+if TYPE_CHECKING:  # annotations only: eenet.budget imports eenet.runtime (timing) and
+    # eenet.policies imports eenet.budget, so importing policies here would be circular
+    from ..policies.base import ExitPolicy
 
 MODES: tuple[str, ...] = ("full", "mask", "compact")
+CACHE_BYTES = 256 << 20
+"""Default byte cap of the compact mode's buffer cache (256 MiB)."""
 
 
 @dataclass
@@ -34,6 +47,13 @@ class EngineOutput:
     logits: torch.Tensor
     exit_index: torch.Tensor
     score: torch.Tensor
+
+    @classmethod
+    def empty(cls, n: int, num_classes: int, device: torch.device) -> EngineOutput:
+        """Result buffers for n rows, to be written: logits and score zero, exit_index -1."""
+        return cls(torch.zeros(n, num_classes, dtype=torch.float32, device=device),
+                   torch.full((n,), -1, dtype=torch.int64, device=device),
+                   torch.zeros(n, dtype=torch.float32, device=device))
 
 
 @torch.no_grad()
@@ -58,34 +78,186 @@ def check_network(net: torch.nn.Module, policy: ExitPolicy) -> None:
     policy.check_network(len(net.heads))
 
 
+def bucket_rows(n: int) -> int:
+    """The buffer row count for a batch of n rows: n rounded up to a multiple of
+    2 ** (bit_length(n) - 4), n itself below 16. At most 1/8 more rows than n, 8 to 16
+    buckets per doubling of n; batch sizes in one bucket share their buffers."""
+    step = 1 << max(0, n.bit_length() - 4)
+    return -(-n // step) * step
+
+
+# -- compact mode's buffers ------------------------------------------------------------------
+
+
+@dataclass
+class _StateBuffers:
+    """Room for the :class:`RowState` of up to B rows: index (B,) int64, scores (K, B)
+    float32 and preds (K, B) int64 when the policy reads them, each row input (B, ...)."""
+
+    index: torch.Tensor
+    scores: torch.Tensor | None
+    preds: torch.Tensor | None
+    inputs: dict[str, torch.Tensor]
+
+    @classmethod
+    def allocate(cls, rows: int, exits: int, policy: ExitPolicy, device: torch.device,
+                 row_inputs: dict[str, torch.Tensor]) -> _StateBuffers:
+        return cls(
+            torch.empty(rows, dtype=torch.int64, device=device),
+            (torch.empty(exits, rows, dtype=torch.float32, device=device)
+             if policy.needs_scores else None),
+            (torch.empty(exits, rows, dtype=torch.int64, device=device)
+             if policy.needs_preds else None),
+            {name: t.new_empty((rows, *t.shape[1:])) for name, t in row_inputs.items()})
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.index, self.scores, self.preds, *self.inputs.values())
+                if t is not None]
+
+
 class _Buffers:
-    """Per-batch-shape storage of the compact mode: one buffer per stage output for the
-    activations, ping-pong pairs for the per-row state (row index, policy history, row
-    inputs; stage k compacts into member k % 2, so source and destination always differ),
-    and the row numbers 0..N0-1."""
+    """Compact-mode storage for one bucket of batch shapes (B rows, B >= the batch size; a
+    batch uses the first N0 rows): the row numbers 0..B-1, one buffer per stage output
+    (allocated when the stage first runs), and a ping-pong pair of row-state buffers (stage k
+    compacts into member k % 2, so source and destination always differ)."""
 
-    def __init__(self) -> None:
+    def __init__(self, rows: int, exits: int, policy: ExitPolicy, device: torch.device,
+                 row_inputs: dict[str, torch.Tensor]) -> None:
+        self.size = rows
+        self.row_numbers = torch.arange(rows, device=device)
         self.stage_out: dict[int, torch.Tensor] = {}
-        self.pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.rows: torch.Tensor | None = None
+        self.state = (_StateBuffers.allocate(rows, exits, policy, device, row_inputs),
+                      _StateBuffers.allocate(rows, exits, policy, device, row_inputs))
 
-    def row_numbers(self, n0: int, device: torch.device) -> torch.Tensor:
-        if self.rows is None:
-            self.rows = torch.arange(n0, device=device)
-        return self.rows
-
-    def stage(self, k: int, like: torch.Tensor, n0: int) -> torch.Tensor:
+    def stage(self, k: int, like: torch.Tensor) -> torch.Tensor:
+        """Stage k's output buffer (B, *like.shape[1:]), like's dtype."""
         buf = self.stage_out.get(k)
         if buf is None:
-            buf = like.new_empty((n0, *like.shape[1:]))
+            buf = like.new_empty((self.size, *like.shape[1:]))
             self.stage_out[k] = buf
         return buf
 
-    def pair(self, name: str, like: torch.Tensor, n0: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if name not in self.pairs:
-            shape = (n0, *like.shape[1:])
-            self.pairs[name] = (like.new_empty(shape), like.new_empty(shape))
-        return self.pairs[name]
+    @property
+    def nbytes(self) -> int:
+        held = [self.row_numbers, *self.stage_out.values(), *self.state[0].tensors(),
+                *self.state[1].tensors()]
+        return sum(t.numel() * t.element_size() for t in held)
+
+
+class _BufferCache:
+    """Compact-mode buffers by bucket, least recently used first: at most ``max_entries``
+    buckets and, between calls, at most ``max_bytes`` bytes (during a call the running
+    batch's buffers grow stage by stage; :meth:`trim` after the call restores the caps, and
+    drops the batch's own buffers when they alone exceed ``max_bytes``)."""
+
+    def __init__(self, max_entries: int, max_bytes: int) -> None:
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[tuple, _Buffers] = OrderedDict()
+
+    def get(self, key: tuple, make: Callable[[], _Buffers]) -> _Buffers:
+        buffers = self._entries.pop(key, None) or make()
+        self._entries[key] = buffers  # most recently used last
+        self.trim()
+        return buffers
+
+    def trim(self) -> None:
+        while self._entries and (len(self._entries) > self.max_entries
+                                 or self.nbytes > self.max_bytes):
+            self._entries.popitem(last=False)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self._entries.values())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+# -- the modes' steps (eenet.runtime.loop.Step) ----------------------------------------------
+
+
+class _MaskStep:
+    """mask mode: the fused ``exit_score`` at every exit on every row; the rows leaving
+    (exit and still active) get their results written, the others stay active; the history
+    keeps every row's score and prediction."""
+
+    def __init__(self, heads: torch.nn.ModuleList, out: EngineOutput,
+                 stage_kwargs: list[dict[str, Any]]) -> None:
+        self.heads = heads
+        self.out = out
+        self.stage_kwargs = stage_kwargs
+        self.active = torch.ones(out.exit_index.shape, dtype=torch.bool,
+                                 device=out.exit_index.device)
+
+    def exit(self, k: int, h: torch.Tensor, rows: RowState) -> ek.ExitScore:
+        head = self.heads[k]
+        res = ek.exit_score(head.features(h), head.classifier.weight, head.classifier.bias,
+                            prev_scores=rows.prev_scores(k), prev_preds=rows.prev_preds(k),
+                            **self.stage_kwargs[k])
+        leaving = res.exit_mask & self.active
+        self.out.logits[leaving] = res.logits[leaving]
+        self.out.score[leaving] = res.score[leaving]
+        self.out.exit_index[leaving] = k
+        return res
+
+    def advance(self, k: int, h: torch.Tensor, rows: RowState, res: ek.ExitScore
+                ) -> tuple[torch.Tensor, RowState] | None:
+        self.active &= res.keep
+        if rows.scores is not None:
+            rows.scores[k] = res.score
+        if rows.preds is not None:
+            rows.preds[k] = res.pred
+        if not bool(self.active.any()):  # the batch waits for its slowest row
+            return None
+        return h, rows
+
+
+class _CompactStep:
+    """compact mode: ``exit_score_write`` writes the leaving rows' results at their input
+    positions; ``compact`` moves the staying rows' activation and state (row index, row
+    inputs, history with this exit's score and prediction as its newest entry) to the front of
+    the other ping-pong member; ``take`` reads the survivor count (the host sync)."""
+
+    def __init__(self, heads: torch.nn.ModuleList, out: EngineOutput,
+                 stage_kwargs: list[dict[str, Any]], buffers: _Buffers, backend: str) -> None:
+        self.heads = heads
+        self.out = out
+        self.stage_kwargs = stage_kwargs
+        self.buffers = buffers
+        self.backend = backend
+
+    def exit(self, k: int, h: torch.Tensor, rows: RowState) -> ek.ExitScore:
+        head = self.heads[k]
+        return ek.exit_score_write(
+            head.features(h), head.classifier.weight, head.classifier.bias,
+            row_index=rows.index, exit_index=k, out_logits=self.out.logits,
+            out_score=self.out.score, out_exit=self.out.exit_index,
+            prev_scores=rows.prev_scores(k), prev_preds=rows.prev_preds(k),
+            **self.stage_kwargs[k])
+
+    def advance(self, k: int, h: torch.Tensor, rows: RowState, res: ek.ExitScore
+                ) -> tuple[torch.Tensor, RowState] | None:
+        n = rows.rows
+        dst = self.buffers.state[k % 2]
+        names = list(rows.inputs)
+        src = [h, rows.index, *rows.inputs.values()]
+        out = [self.buffers.stage(k, h), dst.index, *(dst.inputs[name] for name in names)]
+        if rows.scores is not None and dst.scores is not None:  # history rows 0..k-1, then k
+            src += [*rows.scores[:k, :n], res.score]
+            out += [*dst.scores[:k + 1]]
+        if rows.preds is not None and dst.preds is not None:
+            src += [*rows.preds[:k, :n], res.pred]
+            out += [*dst.preds[:k + 1]]
+        kept, count = ek.compact(res.keep, src, out=out, backend=self.backend)
+        h, index, *rest = ek.take(kept, count)  # the stage's one host sync
+        if h.shape[0] == 0:
+            return None
+        inputs = dict(zip(names, rest[:len(names)], strict=True))
+        return h, RowState(index, dst.scores, dst.preds, inputs)
+
+
+# -- the engine ------------------------------------------------------------------------------
 
 
 class Engine:
@@ -99,48 +271,71 @@ class Engine:
     device, to every stage as ``stage(h, name=t)`` (e.g. the ``attention_mask`` of padded
     transformer batches); in compact mode they are compacted with the rows.
 
-    Buffers: compact mode keeps one set of stage buffers per input shape (batch size
-    included), for the ``cache_shapes`` shapes used last; a server that pads its batches to a
-    few sizes reuses them and allocates nothing per batch. An engine is not thread-safe:
-    give each worker thread (or CUDA stream) its own.
+    Buffers: compact mode keeps its stage and row-state buffers per bucket of input shapes:
+    the batch size rounded up by :func:`bucket_rows` (at most 1/8 more rows), the other
+    dimensions, dtypes and the row inputs' shapes exact. It keeps the ``cache_shapes``
+    buckets used last, and between calls at most ``cache_bytes`` bytes of them (default
+    :data:`CACHE_BYTES`, 256 MiB; 0 keeps nothing); a batch whose buffers alone exceed
+    ``cache_bytes`` allocates them anew on every call. A server that pads its batches to a
+    few sizes reuses the buffers and allocates nothing per batch. :attr:`buffer_bytes` is
+    what the cache holds.
+
+    Threads: an engine keeps per-call state (its buffers) and runs one batch at a time; a
+    call while another is running (from another thread) raises ``RuntimeError``. Give each
+    worker thread (or CUDA stream) its own engine; engines can share the same ``net``.
     """
 
     def __init__(self, net: torch.nn.Module, policy: ExitPolicy, mode: str = "compact",
-                 backend: str | None = None, cache_shapes: int = 8) -> None:
+                 backend: str | None = None, cache_shapes: int = 8,
+                 cache_bytes: int = CACHE_BYTES) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if isinstance(cache_shapes, bool) or not isinstance(cache_shapes, int) or (
                 cache_shapes < 1):
             raise ValueError(f"cache_shapes must be a positive int, got {cache_shapes!r}")
+        if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int) or (
+                cache_bytes < 0):
+            raise ValueError(f"cache_bytes must be an int >= 0, got {cache_bytes!r}")
         check_network(net, policy)
         self.net = net.eval()
         self.policy = policy
         self.mode = mode
         self.backend = backend
         self._rules = policy.rules()
-        self._cache_shapes = cache_shapes
-        self._buffers: OrderedDict[tuple, _Buffers] = OrderedDict()
-        self._rule_kwargs: dict[torch.device, list[dict]] = {}
+        self._cache = _BufferCache(cache_shapes, cache_bytes)
+        self._stage_kwargs_by_device: dict[torch.device, list[dict[str, Any]]] = {}
+        self._lock = threading.Lock()
 
     @property
     def num_exits(self) -> int:
         return len(self.net.heads)
 
+    @property
+    def buffer_bytes(self) -> int:
+        """Bytes held by the compact mode's buffer cache."""
+        return self._cache.nbytes
+
     def __call__(self, x: torch.Tensor, **row_inputs: torch.Tensor) -> EngineOutput:
         _check_row_inputs(x, row_inputs)
-        with torch.no_grad():
-            if self.mode == "full":
-                return simulate(self.net, self.policy, x, **row_inputs)
-            if self.mode == "mask":
-                return self._run_mask(x, row_inputs)
-            return self._run_compact(x, row_inputs)
+        if not self._lock.acquire(blocking=False):
+            raise RuntimeError(
+                "eenet.runtime.Engine: this engine is already running a batch (called from "
+                "another thread); an engine keeps per-call buffers and is not thread-safe: "
+                "give each thread its own Engine (they can share the same net)")
+        try:
+            with torch.no_grad():
+                if self.mode == "full":
+                    return simulate(self.net, self.policy, x, **row_inputs)
+                if self.mode == "mask":
+                    return self._run_mask(x, row_inputs)
+                return self._run_compact(x, row_inputs)
+        finally:
+            self._lock.release()
 
-    # -- shared pieces ----------------------------------------------------------------------
-
-    def _stage_kwargs(self, device: torch.device) -> list[dict]:
+    def _stage_kwargs(self, device: torch.device) -> list[dict[str, Any]]:
         """Per exit, the op's keyword arguments that do not change from batch to batch (the
         rule, its scheduler weights on ``device``, the backend), built once per device."""
-        kwargs = self._rule_kwargs.get(device)
+        kwargs = self._stage_kwargs_by_device.get(device)
         if kwargs is None:
             backend = ek.resolve_backend(device, self.backend)
             kwargs = []
@@ -153,104 +348,49 @@ class Engine:
                     "is_last": k == len(self._rules) - 1, "sched_weight": sched_weight,
                     "sched_bias": rule.sched_bias, "use_vote": rule.use_vote,
                     "check_finite": False, "backend": backend})
-            self._rule_kwargs[device] = kwargs
+            self._stage_kwargs_by_device[device] = kwargs
         return kwargs
 
-    def _outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        n = x.shape[0]
-        c = self.net.heads[-1].classifier.out_features
-        return (torch.zeros(n, c, dtype=torch.float32, device=x.device),
-                torch.zeros(n, dtype=torch.float32, device=x.device),
-                torch.full((n,), -1, dtype=torch.int64, device=x.device))
-
-    def _history(self, n: int, device: torch.device) -> tuple[torch.Tensor | None,
-                                                               torch.Tensor | None]:
-        k = self.num_exits
-        scores = (torch.zeros(n, k, dtype=torch.float32, device=device)
-                  if self.policy.needs_scores else None)
-        preds = (torch.zeros(n, k, dtype=torch.int64, device=device)
-                 if self.policy.needs_preds else None)
-        return scores, preds
-
-    # -- mask mode --------------------------------------------------------------------------
+    def _empty_output(self, x: torch.Tensor) -> EngineOutput:
+        return EngineOutput.empty(x.shape[0], self.net.heads[-1].classifier.out_features,
+                                  x.device)
 
     def _run_mask(self, x: torch.Tensor, row_inputs: dict[str, torch.Tensor]) -> EngineOutput:
-        out_logits, out_score, out_exit = self._outputs(x)
-        stage_kwargs = self._stage_kwargs(x.device)
-        hist_scores, hist_preds = self._history(x.shape[0], x.device)
-        active = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-        h = x
-        for k, (stage, head) in enumerate(zip(self.net.stages, self.net.heads, strict=True)):
-            h = stage(h, **row_inputs)
-            res = ek.exit_score(head.features(h), head.classifier.weight, head.classifier.bias,
-                                prev_scores=_cols(hist_scores, k), prev_preds=_cols(hist_preds, k),
-                                **stage_kwargs[k])
-            leaving = res.exit_mask & active
-            out_logits[leaving] = res.logits[leaving]
-            out_score[leaving] = res.score[leaving]
-            out_exit[leaving] = k
-            active &= ~leaving
-            if hist_scores is not None:
-                hist_scores[:, k] = res.score
-            if hist_preds is not None:
-                hist_preds[:, k] = res.logits.argmax(dim=1)
-            if not bool(active.any()):  # the batch waits for its slowest row
-                break
-        return EngineOutput(out_logits, out_exit, out_score)
-
-    # -- compact mode -----------------------------------------------------------------------
+        n, k, device = x.shape[0], self.num_exits, x.device
+        out = self._empty_output(x)
+        rows = RowState(
+            torch.arange(n, device=device),
+            (torch.zeros(k, n, dtype=torch.float32, device=device)
+             if self.policy.needs_scores else None),
+            (torch.zeros(k, n, dtype=torch.int64, device=device)
+             if self.policy.needs_preds else None),
+            dict(row_inputs))
+        run_stages(self.net.stages, x, rows,
+                   _MaskStep(self.net.heads, out, self._stage_kwargs(device)))
+        return out
 
     def _run_compact(self, x: torch.Tensor, row_inputs: dict[str, torch.Tensor]
                      ) -> EngineOutput:
-        n0 = x.shape[0]
-        out_logits, out_score, out_exit = self._outputs(x)
+        n0, device = x.shape[0], x.device
+        out = self._empty_output(x)
         if n0 == 0:
-            return EngineOutput(out_logits, out_exit, out_score)
-        buffers = self._buffers_for(x, row_inputs)
-        stage_kwargs = self._stage_kwargs(x.device)
-        # the per-row state that travels with the survivors
-        state: dict[str, torch.Tensor] = {"idx": buffers.row_numbers(n0, x.device)}
-        hist_scores, hist_preds = self._history(n0, x.device)
-        if hist_scores is not None:
-            state["scores"] = hist_scores
-        if hist_preds is not None:
-            state["preds"] = hist_preds
-        state.update({f"input:{name}": t for name, t in row_inputs.items()})
-        last = len(stage_kwargs) - 1
-        h = x
-        for k, (stage, head) in enumerate(zip(self.net.stages, self.net.heads, strict=True)):
-            h = stage(h, **row_inputs)
-            res = ek.exit_score_write(
-                head.features(h), head.classifier.weight, head.classifier.bias,
-                row_index=state["idx"], exit_index=k, out_logits=out_logits,
-                out_score=out_score, out_exit=out_exit,
-                prev_scores=_cols(state.get("scores"), k), prev_preds=_cols(state.get("preds"), k),
-                **stage_kwargs[k])
-            if k == last:
-                break
-            if "scores" in state:
-                state["scores"][:, k] = res.score
-            if "preds" in state:
-                state["preds"][:, k] = res.logits.argmax(dim=1)
-            dst = [buffers.stage(k, h, n0),
-                   *(buffers.pair(name, t, n0)[k % 2] for name, t in state.items())]
-            kept, count = ek.compact(~res.exit_mask, [h, *state.values()], out=dst,
-                                     backend=stage_kwargs[k]["backend"])
-            h, *rest = ek.take(kept, count)  # the stage's one host sync
-            state = dict(zip(state, rest, strict=True))
-            row_inputs = {name: state[f"input:{name}"] for name in row_inputs}
-            if h.shape[0] == 0:
-                break
-        return EngineOutput(out_logits, out_exit, out_score)
-
-    def _buffers_for(self, x: torch.Tensor, row_inputs: dict[str, torch.Tensor]) -> _Buffers:
-        key = (tuple(x.shape), x.dtype, x.device,
-               tuple((name, tuple(t.shape), t.dtype) for name, t in row_inputs.items()))
-        buffers = self._buffers.pop(key, None) or _Buffers()
-        self._buffers[key] = buffers  # most recently used last
-        while len(self._buffers) > self._cache_shapes:
-            self._buffers.popitem(last=False)
-        return buffers
+            return out
+        size = bucket_rows(n0)
+        key = (size, tuple(x.shape[1:]), x.dtype, device,
+               tuple((name, tuple(t.shape[1:]), t.dtype) for name, t in row_inputs.items()))
+        buffers = self._cache.get(key, lambda: _Buffers(size, self.num_exits, self.policy,
+                                                        device, row_inputs))
+        stage_kwargs = self._stage_kwargs(device)
+        try:
+            # stage 0 reads no history and compacts into member 0: member 1 is the source
+            first = buffers.state[1]
+            rows = RowState(buffers.row_numbers[:n0], first.scores, first.preds,
+                            dict(row_inputs))
+            run_stages(self.net.stages, x, rows, _CompactStep(
+                self.net.heads, out, stage_kwargs, buffers, stage_kwargs[0]["backend"]))
+        finally:
+            self._cache.trim()
+        return out
 
 
 def _check_row_inputs(x: torch.Tensor, row_inputs: dict[str, object]) -> None:
@@ -262,8 +402,3 @@ def _check_row_inputs(x: torch.Tensor, row_inputs: dict[str, object]) -> None:
                              f"({x.shape[0]}, ...), got {tuple(t.shape)}")
         if t.device != x.device:
             raise ValueError(f"row input {name!r} is on {t.device}, the input on {x.device}")
-
-
-def _cols(history: torch.Tensor | None, k: int) -> torch.Tensor | None:
-    return None if history is None else history[:, :k]
-
