@@ -74,10 +74,41 @@ def test_count_flops_hand_computed() -> None:
     assert costs.values == [pytest.approx((k + 1) * (200 + 140)) for k in range(3)]
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_measure_latency_is_cumulative() -> None:
-    costs = measure(_mlp(), torch.randn(32, 10), repeats=3, warmup=1)
-    assert costs.unit == "ms" and len(costs.values) == 3
-    assert all(b >= a for a, b in zip(costs.values, costs.values[1:], strict=False))
+    """measure's costs are measured per-sample times: a stage that sleeps 20 ms per call
+    makes its exit's cost step 20 ms / batch size, halves per sample at twice the batch,
+    dwarfs the fast stages; exit k's cost is the sum of the measured stage and head times
+    0..k (nothing forced); the costs calibrate a policy that meets its budget."""
+    import itertools
+    import time
+
+    class Sleep(torch.nn.Module):
+        def forward(self, h: torch.Tensor) -> torch.Tensor:
+            time.sleep(0.02)
+            return h
+
+    net = _mlp()
+    net.stages[1] = torch.nn.Sequential(Sleep(), net.stages[1])
+    by_batch = {n: measure(net, torch.randn(n, 10), repeats=3, warmup=1) for n in (4, 8)}
+    steps = {}
+    for n, costs in by_batch.items():
+        assert costs.unit == "ms" and len(costs.values) == 3
+        assert costs.meta["batch_size"] == n
+        parts = [s + h for s, h in zip(costs.meta["stage_ms"], costs.meta["head_ms"],
+                                       strict=True)]
+        assert all(p > 0 for p in parts)
+        assert costs.values == pytest.approx(list(itertools.accumulate(parts)), rel=1e-12)
+        steps[n] = parts
+        assert 20.0 / n <= parts[1] < 3 * 20.0 / n  # ms per sample of the sleeping stage
+        assert parts[1] > 5 * max(parts[0], parts[2])
+    assert steps[8][1] / steps[4][1] == pytest.approx(0.5, abs=0.2)  # per sample
+    costs = by_batch[8]
+    logits, _ = _synthetic_logits(exits=3)
+    policy = MaxProb.fit_logits(logits, costs, budget=0.6)
+    exits, _ = policy.decide(logits)
+    assert 0 < int((exits == 0).sum()) < exits.numel()
+    assert report(costs, exits, 0.6)["ratio"] <= 1.0 + 1e-6
 
 
 def test_first_exit_hand_computed() -> None:

@@ -9,12 +9,15 @@ average cost per sample, given in the costs' unit or as a fraction of the full m
 
 from __future__ import annotations
 
-import time
+import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+
+from .runtime.timing import time_fn
 
 if TYPE_CHECKING:
     from .nn import MultiExitNetwork
@@ -103,41 +106,37 @@ def _prefix_runner(net: MultiExitNetwork, k: int):
     return run
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.no_grad()
 def measure(net: MultiExitNetwork, example_batch: torch.Tensor, repeats: int = 10,
             warmup: int = 3) -> Costs:
     """Measured cumulative latency per exit, in ms per sample, at the example batch's size.
 
-    Exit k's cost is the median time of running stages 0..k and head k on the whole batch,
-    divided by the batch size, on the batch's device.
+    Every stage and every exit head is timed on its own, on the activation it receives in
+    the network at this batch size, on the batch's device: the median of ``repeats`` timed
+    calls after ``warmup`` untimed ones (:func:`eenet.runtime.timing.time_fn`), divided by
+    the batch size. Exit k's cost is the sum of stages 0..k and heads 0..k. Each term is a
+    measured, positive time, so the costs increase along the exits as measured, with no
+    adjustment. ``meta`` keeps the terms: ``stage_ms`` and ``head_ms`` (K values each, ms per
+    sample), with ``batch_size``, ``device`` and ``repeats``.
     """
     was_training = net.training
     net.eval()
     device = example_batch.device
     n = max(1, example_batch.shape[0])
-    values = []
-    for k in range(net.num_exits):
-        run = _prefix_runner(net, k)
-        for _ in range(warmup):
-            run(example_batch)
-        times = []
-        for _ in range(repeats):
-            _sync(device)
-            start = time.perf_counter()
-            run(example_batch)
-            _sync(device)
-            times.append(time.perf_counter() - start)
-        values.append(sorted(times)[len(times) // 2] * 1e3 / n)
+
+    def per_sample_ms(fn: Callable[[], object]) -> float:
+        return time_fn(fn, warmup=warmup, repeats=repeats, device=device).median * 1e3 / n
+
+    stage_ms, head_ms = [], []
+    h = example_batch
+    for stage, head in zip(net.stages, net.heads, strict=True):
+        stage_ms.append(per_sample_ms(lambda stage=stage, h=h: stage(h)))
+        h = stage(h)
+        head_ms.append(per_sample_ms(lambda head=head, h=h: head(h)))
     net.train(was_training)
-    # measurement noise may invert two close exits; costs are cumulative, so keep them sorted
-    for k in range(1, len(values)):
-        values[k] = max(values[k], values[k - 1])
-    return Costs(values, "ms", {"batch_size": n, "device": str(device), "repeats": repeats})
+    values = list(itertools.accumulate(s + t for s, t in zip(stage_ms, head_ms, strict=True)))
+    return Costs(values, "ms", {"batch_size": n, "device": str(device), "repeats": repeats,
+                                "stage_ms": stage_ms, "head_ms": head_ms})
 
 
 @torch.no_grad()
