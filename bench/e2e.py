@@ -41,13 +41,13 @@ from torch import nn
 
 from eenet.nn import ExitHead, MultiExitNetwork, hf_encoder_exits
 from eenet.policies import MaxProb, thresholds_for_fractions
+from eenet.runtime.timing import Stats
 
 from . import peers
 from .runner import (
     Column,
     Section,
     Segmented,
-    Stats,
     count_syncs,
     cuda_missing,
     environment,
@@ -496,7 +496,7 @@ def sections_for(rows: list[dict[str, Any]], workloads: list[Workload]) -> list[
         "ratios): ours/X = t(X) / t(ours) (> 1: ours is faster; ours/ideal = t(ideal) / "
         "t(ours), 1.0 = no overhead over the sum of the stages' standalone times at their "
         "survivor batch sizes). Exit rate = fraction of the rows still present that leave at "
-        "each exit (set exactly on the stream). CPU: ratios only (the issue's "
+        "each exit (set exactly on the stream). CPU: ratios only (the project's "
         "targets are for the GPU: ours >= 0.9x the ideal, >= 1.5x batchcond, >= 1.3x "
         "bool_index, >= 1.8x full on the CNN at 50%; ours within 3% of full at 0%; at most "
         "one sync per stage).",

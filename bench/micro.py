@@ -56,11 +56,11 @@ EXIT_N: tuple[int, ...] = (64, 512, 4096)
 EXIT_D: tuple[int, ...] = (256, 768)
 EXIT_C: tuple[int, ...] = (10, 100, 1000)
 BF16_SIZE: tuple[int, int, int] = (512, 768, 100)
-# the GPU set (the kernel issue's targets): every N x D x C in half and bfloat16
+# the GPU set (the project's kernel targets): every N x D x C in half and bfloat16
 GPU_EXIT_D: tuple[int, ...] = (256, 768, 2048)
 GPU_EXIT_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16)
 COMPACT_METHODS: tuple[str, ...] = ("compact", "bool_index", "nonzero_static", "copy")
-# timed with them, for the kernel issue's small-N target (compact <= 1.5x one trivial launch)
+# timed with them, for the small-N target (compact <= 1.5x one trivial launch)
 LAUNCH_METHODS: tuple[str, ...] = ("compact_nosync", "trivial")
 EXIT_METHODS: tuple[str, ...] = ("ours_write", "ours_score", "eager", "compile")
 
@@ -300,8 +300,8 @@ def compact_report(rows: list[dict[str, Any]], device: torch.device, stamp: dict
         Section("Ratios and bandwidth",
                 "ours/X = t(X) / t(ours) (> 1: ours faster); ours/roofline = t(copy) / t(ours) "
                 "(1.0 = as fast as a plain copy of the kept bytes); t(ours) / t(trivial): "
-                "ours against one trivial kernel launch (the kernel issue asks <= 1.5x at N <= "
-                "256 on a GPU). GB/s = 2 x kept bytes / median time.", piv,
+                "ours against one trivial kernel launch (target: <= 1.5x at N <= 256 on a "
+                "GPU). GB/s = 2 x kept bytes / median time.", piv,
                 [Column("n", "N"), Column("row_bytes", "row bytes"),
                  Column("bool_index:ours_over_this", "ours/x[keep]", _x),
                  Column("nonzero_static:ours_over_this", "ours/nonzero_static", _x),

@@ -1,5 +1,5 @@
-"""The execution modes users run today, implemented from their descriptions (PAPERS.md,
-"Systems around them"), next to ours; and the "ideal" every mode is measured against.
+"""The execution modes users run today, implemented from their papers' descriptions, next to
+ours; and the "ideal" every mode is measured against.
 
 Every mode is a callable ``runner(x) -> EngineOutput`` with the per-sample results in input
 order (logits (N, C) float32 of the exit taken, exit_index (N,) int64, score (N,) float32),
@@ -18,6 +18,10 @@ so the tests check each one against the oracle :func:`eenet.runtime.simulate`.
 - ``compact``: ours, Engine ``compact`` (fused ``exit_score_write`` + ``compact``, one host
   sync per stage).
 
+Every mode that runs stage by stage goes through the runtime's one loop,
+:func:`eenet.runtime.run_stages`: each peer is a step of it (how an exit decides and writes,
+how the leaving rows leave), as the engine's ``mask`` and ``compact`` modes are.
+
 The peers run exit heads as the peers' code does, in plain torch: ``head(h)`` then the
 policy's score from :func:`eenet_kernels.reference.policy_score` (softmax, max, entropy,
 patience streak or the EENet scheduler), ``score >= threshold``; ``mask`` and ``compact``
@@ -32,15 +36,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from eenet.policies import ExitPolicy
-from eenet.runtime import Engine, EngineOutput, check_network
+from eenet.runtime import Engine, EngineOutput, RowState, check_network, run_stages
+from eenet.runtime.timing import time_fn
 from eenet_kernels import reference
-
-from .runner import time_fn
 
 MODES: tuple[str, ...] = ("full", "mask", "bool_index", "batchcond", "batch1", "compact")
 PEERS: tuple[str, ...] = ("full", "mask", "bool_index", "batchcond", "batch1")
@@ -49,8 +53,18 @@ OURS = "compact"
 Runner = Callable[[torch.Tensor], EngineOutput]
 
 
+class PlainExit(NamedTuple):
+    """An exit decision as the peers compute it: logits (n, C) float32, score (n,) float32,
+    leave (n,) bool."""
+
+    logits: torch.Tensor
+    score: torch.Tensor
+    leave: torch.Tensor
+
+
 class _PlainHeads:
-    """Exit decisions as the peers compute them: plain-torch head and policy score."""
+    """Exit decisions as the peers compute them: plain-torch head and policy score. Every
+    peer keeps the full history (scores and argmax of the exits passed), as their code does."""
 
     def __init__(self, net: torch.nn.Module, policy: ExitPolicy) -> None:
         check_network(net, policy)
@@ -60,47 +74,77 @@ class _PlainHeads:
         self.num_exits = len(net.heads)
         self.num_classes = net.heads[-1].classifier.out_features
 
-    def decide(self, k: int, h: torch.Tensor, prev_scores: torch.Tensor,
-               prev_preds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Exit k on activation h: (logits (n, C) float32, score (n,), exit (n,) bool)."""
+    def decide(self, k: int, h: torch.Tensor, rows: RowState) -> PlainExit:
+        """Exit k on activation h (n, ...) of the rows present."""
         rule = self.rules[k]
         z = self.net.heads[k](h).float()
         sw = rule.sched_weight
         if sw is not None:
             sw = sw.to(device=z.device, dtype=torch.float32)
-        score = reference.policy_score(z, rule.policy, prev_scores=prev_scores,
-                                       prev_preds=prev_preds, sched_weight=sw,
+        score = reference.policy_score(z, rule.policy, prev_scores=rows.prev_scores(k),
+                                       prev_preds=rows.prev_preds(k), sched_weight=sw,
                                        sched_bias=rule.sched_bias, use_vote=rule.use_vote)
         if k == self.num_exits - 1:
             leave = torch.ones(score.shape, dtype=torch.bool, device=score.device)
         else:
             leave = score >= rule.threshold  # NaN never passes
-        return z, score, leave
+        return PlainExit(z, score, leave)
 
-    def record(self, k: int, idx: torch.Tensor, leave: torch.Tensor, z: torch.Tensor,
-               s: torch.Tensor, outs: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-               scores: torch.Tensor, preds: torch.Tensor) -> None:
-        """Write the leaving rows' results at their original positions ``idx[leave]``, and
-        (before the last exit) exit k's scores and argmax into the history."""
-        out_logits, out_exit, out_score = outs
-        rows = idx[leave]
-        out_logits[rows] = z[leave]
-        out_score[rows] = s[leave]
-        out_exit[rows] = k
-        if k < self.num_exits - 1:
-            scores[:, k] = s
-            preds[:, k] = z.argmax(dim=1)
+    def outputs(self, x: torch.Tensor) -> EngineOutput:
+        return EngineOutput.empty(x.shape[0], self.num_classes, x.device)
 
-    def outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        n = x.shape[0]
-        return (torch.zeros(n, self.num_classes, dtype=torch.float32, device=x.device),
-                torch.full((n,), -1, dtype=torch.int64, device=x.device),
-                torch.zeros(n, dtype=torch.float32, device=x.device))
-
-    def history(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def rows(self, n: int, device: torch.device, first: int = 0) -> RowState:
+        """The state of rows first..first+n-1 of a batch at its start (empty history)."""
         k = self.num_exits
-        return (torch.zeros(n, k, dtype=torch.float32, device=device),
-                torch.zeros(n, k, dtype=torch.int64, device=device))
+        return RowState(torch.arange(first, first + n, device=device),
+                        torch.zeros(k, n, dtype=torch.float32, device=device),
+                        torch.zeros(k, n, dtype=torch.int64, device=device))
+
+
+def _write(out: EngineOutput, k: int, rows: RowState, d: PlainExit, leave: torch.Tensor
+           ) -> None:
+    """The leaving rows' results at their original positions (boolean indexing)."""
+    at = rows.index[leave]
+    out.logits[at] = d.logits[leave]
+    out.score[at] = d.score[leave]
+    out.exit_index[at] = k
+
+
+def _record(k: int, rows: RowState, d: PlainExit) -> None:
+    """Exit k's scores and argmax into the rows' history."""
+    assert rows.scores is not None and rows.preds is not None
+    rows.scores[k] = d.score
+    rows.preds[k] = d.logits.argmax(dim=1)
+
+
+def _select(rows: RowState, keep: torch.Tensor) -> RowState:
+    """The rows where ``keep`` (n,) bool holds, by boolean indexing of every state tensor."""
+    return RowState(rows.index[keep],
+                    None if rows.scores is None else rows.scores[:, keep],
+                    None if rows.preds is None else rows.preds[:, keep],
+                    {name: t[keep] for name, t in rows.inputs.items()})
+
+
+class _BoolIndexStep:
+    """Drop the leaving rows after every exit: ``h[~exit]`` and likewise for the state."""
+
+    def __init__(self, heads: _PlainHeads, out: EngineOutput) -> None:
+        self.heads = heads
+        self.out = out
+
+    def exit(self, k: int, h: torch.Tensor, rows: RowState) -> PlainExit:
+        d = self.heads.decide(k, h, rows)
+        _write(self.out, k, rows, d, d.leave)
+        return d
+
+    def advance(self, k: int, h: torch.Tensor, rows: RowState, d: PlainExit
+                ) -> tuple[torch.Tensor, RowState] | None:
+        _record(k, rows, d)
+        stay = ~d.leave
+        h = h[stay]
+        if h.shape[0] == 0:
+            return None
+        return h, _select(rows, stay)
 
 
 class BoolIndex(_PlainHeads):
@@ -108,21 +152,37 @@ class BoolIndex(_PlainHeads):
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> EngineOutput:
-        out_logits, out_exit, out_score = self.outputs(x)
-        idx = torch.arange(x.shape[0], device=x.device)
-        scores, preds = self.history(x.shape[0], x.device)
-        h = x
-        for k, stage in enumerate(self.net.stages):
-            if h.shape[0] == 0:
-                break
-            h = stage(h)
-            z, s, leave = self.decide(k, h, scores[:, :k], preds[:, :k])
-            self.record(k, idx, leave, z, s, (out_logits, out_exit, out_score), scores, preds)
-            if k == self.num_exits - 1:
-                break
-            stay = ~leave
-            h, idx, scores, preds = h[stay], idx[stay], scores[stay], preds[stay]
-        return EngineOutput(out_logits, out_exit, out_score)
+        out = self.outputs(x)
+        if x.shape[0] > 0:
+            run_stages(self.net.stages, x, self.rows(x.shape[0], x.device),
+                       _BoolIndexStep(self, out))
+        return out
+
+
+class _Batch1Step:
+    """One sample: after each exit, one ``.item()`` says whether it left."""
+
+    def __init__(self, heads: _PlainHeads, out: EngineOutput, i: int) -> None:
+        self.heads = heads
+        self.out = out
+        self.i = i
+
+    def exit(self, k: int, h: torch.Tensor, rows: RowState) -> tuple[PlainExit, bool]:
+        d = self.heads.decide(k, h, rows)
+        left = bool(d.leave.item())
+        if left:
+            self.out.logits[self.i] = d.logits[0]
+            self.out.score[self.i] = d.score[0]
+            self.out.exit_index[self.i] = k
+        return d, left
+
+    def advance(self, k: int, h: torch.Tensor, rows: RowState, decision: tuple[PlainExit, bool]
+                ) -> tuple[torch.Tensor, RowState] | None:
+        d, left = decision
+        if left:
+            return None
+        _record(k, rows, d)
+        return h, rows
 
 
 class Batch1(_PlainHeads):
@@ -131,21 +191,11 @@ class Batch1(_PlainHeads):
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> EngineOutput:
-        out_logits, out_exit, out_score = self.outputs(x)
+        out = self.outputs(x)
         for i in range(x.shape[0]):
-            h = x[i:i + 1]
-            scores, preds = self.history(1, x.device)
-            for k, stage in enumerate(self.net.stages):
-                h = stage(h)
-                z, s, leave = self.decide(k, h, scores[:, :k], preds[:, :k])
-                if bool(leave.item()):
-                    out_logits[i] = z[0]
-                    out_score[i] = s[0]
-                    out_exit[i] = k
-                    break
-                scores[:, k] = s
-                preds[:, k] = z.argmax(dim=1)
-        return EngineOutput(out_logits, out_exit, out_score)
+            run_stages(self.net.stages, x[i:i + 1], self.rows(1, x.device, first=i),
+                       _Batch1Step(self, out, i))
+        return out
 
 
 @dataclass
@@ -200,26 +250,23 @@ def profile_costs(net: torch.nn.Module, policy: ExitPolicy, x: torch.Tensor,
     drop_t: list[list[float]] = []
     h = x[:sizes[-1]]
     for k, stage in enumerate(net.stages):
-        scores, preds = plain.history(h.shape[0], h.device)
         row_s, row_d = [], []
         for n in sizes:
             inp = h[:n].contiguous()
+            rows = plain.rows(n, h.device)
 
-            def run_stage(inp: torch.Tensor = inp, k: int = k,
-                          prev_s: torch.Tensor = scores[:n, :k],
-                          prev_p: torch.Tensor = preds[:n, :k]) -> None:
-                plain.decide(k, net.stages[k](inp), prev_s, prev_p)
+            def run_stage(inp: torch.Tensor = inp, k: int = k, rows: RowState = rows) -> None:
+                plain.decide(k, net.stages[k](inp), rows)
 
             row_s.append(time_fn(run_stage, warmup=warmup, repeats=repeats,
                                  device=device).median)
             out = stage(inp)
             keep = torch.arange(n, device=out.device) % 2 == 0
-            idx = torch.arange(n, device=out.device)
 
-            def run_drop(state: tuple[torch.Tensor, ...] = (out, idx, scores[:n], preds[:n]),
+            def run_drop(out: torch.Tensor = out, rows: RowState = rows,
                          keep: torch.Tensor = keep) -> None:
-                for t in state:
-                    t[keep]
+                out[keep]
+                _select(rows, keep)
 
             row_d.append(time_fn(run_drop, warmup=warmup, repeats=repeats,
                                  device=device).median)
@@ -257,31 +304,42 @@ class BatchCond(_PlainHeads):
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> EngineOutput:
-        out_logits, out_exit, out_score = self.outputs(x)
-        idx = torch.arange(x.shape[0], device=x.device)
-        active = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-        scores, preds = self.history(x.shape[0], x.device)
+        out = self.outputs(x)
         self.decisions = []
-        h = x
-        for k, stage in enumerate(self.net.stages):
-            if h.shape[0] == 0:
-                break
-            h = stage(h)
-            z, s, leave = self.decide(k, h, scores[:, :k], preds[:, :k])
-            leave = leave & active
-            self.record(k, idx, leave, z, s, (out_logits, out_exit, out_score), scores, preds)
-            if k == self.num_exits - 1:
-                break
-            active &= ~leave
-            n, m = h.shape[0], int(active.sum().item())
-            if m == 0:
-                break
-            drop = self.should_drop(k, n, m)
-            self.decisions.append((k, n, m, drop))
-            if drop:
-                h, idx, scores, preds = h[active], idx[active], scores[active], preds[active]
-                active = torch.ones(m, dtype=torch.bool, device=x.device)
-        return EngineOutput(out_logits, out_exit, out_score)
+        if x.shape[0] > 0:
+            run_stages(self.net.stages, x, self.rows(x.shape[0], x.device),
+                       _BatchCondStep(self, out, x.shape[0]))
+        return out
+
+
+class _BatchCondStep:
+    """BatchCond's run of one batch: exited rows stay masked (``active``) until its
+    ``should_drop`` says to drop the inactive rows by boolean indexing."""
+
+    def __init__(self, batchcond: BatchCond, out: EngineOutput, n: int) -> None:
+        self.batchcond = batchcond
+        self.out = out
+        self.active = torch.ones(n, dtype=torch.bool, device=out.logits.device)
+
+    def exit(self, k: int, h: torch.Tensor, rows: RowState) -> PlainExit:
+        d = self.batchcond.decide(k, h, rows)
+        d = d._replace(leave=d.leave & self.active)
+        _write(self.out, k, rows, d, d.leave)
+        return d
+
+    def advance(self, k: int, h: torch.Tensor, rows: RowState, d: PlainExit
+                ) -> tuple[torch.Tensor, RowState] | None:
+        _record(k, rows, d)
+        self.active &= ~d.leave
+        n, m = h.shape[0], int(self.active.sum().item())
+        if m == 0:
+            return None
+        drop = self.batchcond.should_drop(k, n, m)
+        self.batchcond.decisions.append((k, n, m, drop))
+        if drop:
+            h, rows = h[self.active], _select(rows, self.active)
+            self.active = torch.ones(m, dtype=torch.bool, device=h.device)
+        return h, rows
 
 
 def make_runner(mode: str, net: torch.nn.Module, policy: ExitPolicy, *,

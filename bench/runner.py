@@ -1,14 +1,16 @@
 """The one runner every benchmark uses: timing, statistics, cache flush, host-sync counting
 and the results writer.
 
-Timing (:func:`time_fn`, :func:`time_segments`, and :func:`time_many`, which interleaves
-several functions run by run so that their ratios are measured under the same load):
-``warmup`` untimed calls, then ``repeats`` timed calls (default 20; benchmarks that take
-fewer say so in their results); the statistics
-are the median with p10 / p90 (and p99, the mean, min and max). CPU: ``time.perf_counter``
-around the call. CUDA: a pair of ``torch.cuda.Event`` around the call, synchronised on the
-end event (so the time is the device time of the work the call queued, plus any host wait
-inside it). An optional :class:`CacheFlusher` runs before every call, untimed.
+Timing: on the project's one timing loop, :mod:`eenet.runtime.timing` (``time_fn``,
+``time_entries``, the timers and :class:`~eenet.runtime.timing.Stats`): ``warmup`` untimed
+runs, then ``repeats`` timed runs (default 20; benchmarks that take fewer say so in their
+results); the statistics are the median with p10 / p90 (and p99, the mean, min and max).
+CPU: ``time.perf_counter`` around the call. CUDA: a pair of ``torch.cuda.Event`` around the
+call, synchronised on the end event (so the time is the device time of the work the call
+queued, plus any host wait inside it). Here: :func:`time_many`, which interleaves several
+functions run by run so that their ratios are measured under the same load, and
+:func:`time_segments` / :class:`Segmented`, a run timed as the sum of separately timed
+parts. An optional :class:`CacheFlusher` runs before every call, untimed.
 
 Host syncs (:func:`count_syncs`): one call under ``torch.profiler``, minus the events of an
 empty call (the profiler's own).
@@ -41,15 +43,16 @@ import platform
 import re
 import subprocess
 import sys
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
+
+from eenet.runtime.timing import Entry, Stats, Timer, synchronize, time_entries, timed
 
 RESULTS_ROOT = Path(__file__).resolve().parent / "results"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -63,85 +66,7 @@ CUDA_DTOH_PREFIX = "Memcpy DtoH"
 
 
 # ---------------------------------------------------------------------------------------
-# Statistics.
-
-
-@dataclass(frozen=True)
-class Stats:
-    """Summary of timed runs, in seconds: median, p10, p90, p99, mean, min, max and the raw
-    samples in run order."""
-
-    median: float
-    p10: float
-    p90: float
-    p99: float
-    mean: float
-    min: float
-    max: float
-    runs: int
-    samples: tuple[float, ...] = field(repr=False)
-
-    @classmethod
-    def from_samples(cls, samples: Sequence[float]) -> Stats:
-        """Statistics of ``samples`` (percentiles by linear interpolation, as numpy)."""
-        if len(samples) == 0:
-            raise ValueError("Stats needs at least one sample")
-        a = np.asarray(samples, dtype=np.float64)
-        p10, p50, p90, p99 = np.percentile(a, [10, 50, 90, 99])
-        return cls(float(p50), float(p10), float(p90), float(p99), float(a.mean()),
-                   float(a.min()), float(a.max()), len(a), tuple(float(s) for s in a))
-
-    def ms(self) -> str:
-        """``median [p10, p90] ms``."""
-        return f"{self.median * 1e3:.3f} [{self.p10 * 1e3:.3f}, {self.p90 * 1e3:.3f}] ms"
-
-
-# ---------------------------------------------------------------------------------------
-# Timers.
-
-
-class Timer(Protocol):
-    """Measures one call: ``token = start()`` before it, ``seconds = stop(token)`` after."""
-
-    def start(self) -> Any: ...
-
-    def stop(self, token: Any) -> float: ...
-
-
-class CpuTimer:
-    """``time.perf_counter`` (the CPU does the work synchronously)."""
-
-    def start(self) -> float:
-        return time.perf_counter()
-
-    def stop(self, token: float) -> float:
-        return time.perf_counter() - token
-
-
-class CudaTimer:
-    """A pair of CUDA events on the current stream; ``stop`` waits for the end event."""
-
-    def start(self) -> Any:
-        begin = torch.cuda.Event(enable_timing=True)
-        begin.record()
-        return begin
-
-    def stop(self, token: Any) -> float:
-        end = torch.cuda.Event(enable_timing=True)
-        end.record()
-        end.synchronize()
-        return token.elapsed_time(end) / 1e3
-
-
-def make_timer(device: str | torch.device) -> Timer:
-    """The timer for a device: CUDA events on ``cuda``, ``perf_counter`` otherwise."""
-    return CudaTimer() if torch.device(device).type == "cuda" else CpuTimer()
-
-
-def synchronize(device: str | torch.device) -> None:
-    """Wait for queued device work (no-op on CPU)."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
+# Device helpers.
 
 
 def cuda_missing(program: str, device: str) -> bool:
@@ -211,42 +136,7 @@ class CacheFlusher:
 
 
 # ---------------------------------------------------------------------------------------
-# The timing loop.
-
-
-def _loop(once: Callable[[], float], warmup: int, repeats: int,
-          flush: Callable[[], None] | None, setup: Callable[[int], None] | None) -> Stats:
-    if repeats < 1 or warmup < 0:
-        raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats}, {warmup}")
-    samples: list[float] = []
-    for i in range(warmup + repeats):
-        if setup is not None:
-            setup(i)
-        if flush is not None:
-            flush()
-        dt = once()
-        if i >= warmup:
-            samples.append(dt)
-    return Stats.from_samples(samples)
-
-
-def time_fn(fn: Callable[[], object], *, warmup: int = 3, repeats: int = MIN_REPEATS,
-            device: str | torch.device = "cpu", flush: Callable[[], None] | None = None,
-            setup: Callable[[int], None] | None = None, timer: Timer | None = None) -> Stats:
-    """Time ``fn()``: ``warmup`` untimed calls, then ``repeats`` timed ones.
-
-    ``setup(i)`` (untimed) runs before call i (warm-up calls included), then ``flush()``
-    (untimed, e.g. a :class:`CacheFlusher`). ``timer`` defaults to :func:`make_timer`.
-    """
-    t = timer or make_timer(device)
-    synchronize(device)
-
-    def once() -> float:
-        token = t.start()
-        fn()
-        return t.stop(token)
-
-    return _loop(once, warmup, repeats, flush, setup)
+# Timing: segments and interleaving, on the project's one timing loop.
 
 
 Segment = Callable[[], object]
@@ -261,17 +151,20 @@ class Segmented:
     make: Callable[[], Sequence[Segment | Sequence[Segment]]]
 
 
-def _run_segmented(entry: Segmented, t: Timer) -> tuple[float, list[float]]:
-    items: list[float] = []
-    for item in entry.make():
-        calls = [item] if callable(item) else list(item)
-        dt = 0.0
-        for call in calls:
-            token = t.start()
-            call()
-            dt += t.stop(token)
-        items.append(dt)
-    return sum(items), items
+def _segmented_entry(entry: Segmented, calls: list[list[float]] | None = None) -> Entry:
+    """The timing entry of a :class:`Segmented`; each call's item times are appended to
+    ``calls`` (warm-up calls included)."""
+
+    def run(t: Timer) -> float:
+        items: list[float] = []
+        for item in entry.make():
+            parts = [item] if callable(item) else list(item)
+            items.append(sum(timed(part)(t) for part in parts))
+        if calls is not None:
+            calls.append(items)
+        return sum(items)
+
+    return run
 
 
 def time_segments(make_segments: Callable[[], Sequence[Segment | Sequence[Segment]]], *,
@@ -279,14 +172,13 @@ def time_segments(make_segments: Callable[[], Sequence[Segment | Sequence[Segmen
                   device: str | torch.device = "cpu", flush: Callable[[], None] | None = None,
                   setup: Callable[[int], None] | None = None,
                   timer: Timer | None = None) -> Stats:
-    """Like :func:`time_fn`, but a run is the *sum* of the separately timed segments that
-    ``make_segments()`` (untimed) returns (see :class:`Segmented`): each segment's standalone
-    time, without the gaps between them (the engine's "ideal": every stage at its survivor
-    batch size)."""
-    t = timer or make_timer(device)
-    synchronize(device)
-    entry = Segmented(make_segments)
-    return _loop(lambda: _run_segmented(entry, t)[0], warmup, repeats, flush, setup)
+    """Like :func:`eenet.runtime.timing.time_fn`, but a run is the *sum* of the separately
+    timed segments that ``make_segments()`` (untimed) returns (see :class:`Segmented`): each
+    segment's standalone time, without the gaps between them (the engine's "ideal": every
+    stage at its survivor batch size)."""
+    return time_entries({"run": _segmented_entry(Segmented(make_segments))}, warmup=warmup,
+                        repeats=repeats, device=device, flush=flush, setup=setup,
+                        timer=timer)["run"]
 
 
 def time_many(fns: dict[str, Callable[[], object] | Segmented], *, warmup: int = 3,
@@ -295,37 +187,29 @@ def time_many(fns: dict[str, Callable[[], object] | Segmented], *, warmup: int =
               setup: Callable[[int], None] | None = None,
               timer: Timer | None = None,
               item_samples: dict[str, list[float]] | None = None) -> dict[str, Stats]:
-    """Time several functions interleaved: run i calls ``setup(i)`` once, then each function
-    in turn (``flush()`` before each), so that a change in the machine's load during the
-    measurement hits all of them alike and their ratios stay fair.
+    """Time several functions interleaved (:func:`eenet.runtime.timing.time_entries`): run i
+    calls ``setup(i)`` once, then each function in turn (``flush()`` before each), so that a
+    change in the machine's load during the measurement hits all of them alike and their
+    ratios stay fair.
 
     :class:`Segmented` entries are timed part by part; with ``item_samples``, the times of
     their items in the timed runs are appended to ``item_samples[name]`` (e.g. the latency of
     every batch of a stream, when a run is a stream of batches).
     """
-    if repeats < 1 or warmup < 0:
-        raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats}, {warmup}")
-    t = timer or make_timer(device)
-    synchronize(device)
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for i in range(warmup + repeats):
-        if setup is not None:
-            setup(i)
-        for name, fn in fns.items():
-            if flush is not None:
-                flush()
-            items: list[float] = []
-            if isinstance(fn, Segmented):
-                dt, items = _run_segmented(fn, t)
-            else:
-                token = t.start()
-                fn()
-                dt = t.stop(token)
-            if i >= warmup:
-                samples[name].append(dt)
-                if item_samples is not None and isinstance(fn, Segmented):
-                    item_samples.setdefault(name, []).extend(items)
-    return {name: Stats.from_samples(s) for name, s in samples.items()}
+    calls: dict[str, list[list[float]]] = {}
+    entries: dict[str, Entry] = {}
+    for name, fn in fns.items():
+        if isinstance(fn, Segmented):
+            entries[name] = _segmented_entry(fn, calls.setdefault(name, []))
+        else:
+            entries[name] = timed(fn)
+    stats = time_entries(entries, warmup=warmup, repeats=repeats, device=device, flush=flush,
+                         setup=setup, timer=timer)
+    if item_samples is not None:
+        for name, per_call in calls.items():
+            item_samples.setdefault(name, []).extend(
+                dt for items in per_call[warmup:] for dt in items)
+    return stats
 
 
 # ---------------------------------------------------------------------------------------

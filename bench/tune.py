@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from eenet.runtime.timing import synchronize
 from eenet_kernels.triton import compact as triton_compact
 from eenet_kernels.triton import exit_score as triton_exit
 from eenet_kernels.triton import interpreting
@@ -35,7 +36,6 @@ from .runner import (
     cuda_missing,
     environment,
     load_note,
-    synchronize,
     time_many,
     write_results,
 )

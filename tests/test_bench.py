@@ -19,7 +19,7 @@ from bench import peers, runner
 from bench.e2e import ForcedRate
 from eenet.nn import ExitHead, MultiExitNetwork
 from eenet.policies import ExitPolicy, MaxProb, Patience
-from eenet.runtime import simulate
+from eenet.runtime import simulate, timing
 from eenet_kernels.triton import interpreting
 
 C = 6
@@ -51,7 +51,7 @@ def test_stats_drop_warmup_and_interpolate_percentiles() -> None:
     timed = [float(v) for v in range(1, 21)]  # 1..20
     timer = ScriptedTimer([100.0, 100.0, *timed])
     calls: list[str] = []
-    stats = runner.time_fn(lambda: calls.append("fn"), warmup=2, repeats=20, timer=timer,
+    stats = timing.time_fn(lambda: calls.append("fn"), warmup=2, repeats=20, timer=timer,
                            setup=lambda i: calls.append(f"setup{i}"),
                            flush=lambda: calls.append("flush"))
     assert timer.calls == 22
@@ -89,9 +89,11 @@ def test_time_many_interleaves_and_groups_segments() -> None:
 
 def test_stats_reject_empty_and_bad_counts() -> None:
     with pytest.raises(ValueError):
-        runner.Stats.from_samples([])
+        timing.Stats.from_samples([])
     with pytest.raises(ValueError):
-        runner.time_fn(lambda: None, repeats=0)
+        timing.time_fn(lambda: None, repeats=0)
+    with pytest.raises(ValueError):
+        runner.time_many({"a": lambda: None}, warmup=-1)
 
 
 def test_count_syncs_on_cpu() -> None:
@@ -207,6 +209,32 @@ def test_every_mode_matches_the_oracle(kind: type[ExitPolicy], make_net, n: int)
         assert torch.equal(out.exit_index, oracle.exit_index), name
         torch.testing.assert_close(out.logits, oracle.logits, rtol=1e-5, atol=1e-5, msg=name)
         torch.testing.assert_close(out.score, oracle.score, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_stage_by_stage_modes_share_the_runtime_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """mask, compact and every peer but full run the runtime's one stage loop (batch1 once
+    per sample), each as its own step."""
+    import eenet.runtime.engine as engine_mod
+
+    real = engine_mod.run_stages
+    steps: list[str] = []
+
+    def spy(stages, x, rows, step) -> None:
+        steps.append(type(step).__name__)
+        real(stages, x, rows, step)
+
+    monkeypatch.setattr(engine_mod, "run_stages", spy)
+    monkeypatch.setattr(peers, "run_stages", spy)
+    net = _mlp_net()
+    x = torch.randn(5, 12)
+    policy = _policy(MaxProb, net, torch.randn(64, 12))
+    table = _tables(net, policy, x)["always_drop"]
+    for mode in peers.MODES:
+        steps.clear()
+        out = peers.make_runner(mode, net, policy, table=table)(x)
+        assert torch.equal(out.exit_index, simulate(net, policy, x).exit_index), mode
+        want = {"full": 0, "batch1": x.shape[0]}.get(mode, 1)
+        assert len(steps) == want and len(set(steps)) <= 1, (mode, steps)
 
 
 def test_batchcond_follows_its_table() -> None:
