@@ -1,9 +1,9 @@
 """Triton backend of the ``eenet`` ops (CUDA tensors; CPU tensors under ``TRITON_INTERPRET=1``).
 
 Importing this package does not import triton (it costs startup time): :func:`load` does, on
-first use, and registers the ``torch.ops.eenet_triton.*`` custom ops
-(``torch.library.triton_op``) that ``torch.compile`` traces into. The entry points have the
-signatures of :mod:`eenet_kernels.reference`:
+first use. The entry points have the signatures of :mod:`eenet_kernels.reference`; they are
+the CUDA kernels of ``torch.ops.eenet.*`` (registered by :mod:`eenet_kernels.ops`), so there
+is no second operator namespace:
 
 - ``exit_score.exit_score`` / ``exit_score.exit_score_write``: the fused exit head, policy
   score, decision and result write (:mod:`eenet_kernels.triton.exit_score`);
