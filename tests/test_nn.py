@@ -8,7 +8,15 @@ import torch
 from torch import nn
 
 import eenet_kernels as ek
-from eenet.nn import ChainStage, ExitHead, FirstToken, MultiExitNetwork, attach_exits
+from eenet.budget import count_flops
+from eenet.nn import (
+    ChainStage,
+    ExitHead,
+    FirstToken,
+    MultiExitNetwork,
+    attach_exits,
+    conv_head_shape,
+)
 
 C = 5
 
@@ -238,7 +246,7 @@ def test_attach_sequential() -> None:
     model = conv_sequential()
     x = torch.randn(4, 3, 8, 8)
     warm_bn(model, x)
-    net = attach_exits(model, ["2", "4"], C, example_input=x)
+    net = attach_exits(model, ["2", "4"], C, example_input=x, head_width=1.0, head_stride=1)
     assert net.num_exits == 3 and net.num_classes == C
     # the new modules follow the backbone's mode
     assert not any(m.training for m in net.modules())
@@ -246,9 +254,13 @@ def test_attach_sequential() -> None:
     assert net.stages[0].names == ("0", "1", "2") and net.stages[2].names == ("5", "6")
     assert net.stages[0].blocks[0] is model[0] and net.stages[1].blocks[0] is model[3]
     assert net.heads[-1].classifier is model[7]
-    # auto heads: conv heads on 4-D activations with their channel counts
+    # auto heads: conv heads on 4-D activations, here as wide as the activation (the paper's)
     assert net.heads[0].features(torch.randn(2, 8, 8, 8)).shape == (2, 8, 64)
     assert net.heads[1].classifier.in_features == 12
+    # the default: a quarter of the channels, stride 2 on the 8 x 8 activation, 1 on 4 x 4
+    light = attach_exits(model, ["2", "4"], C, example_input=x)
+    assert light.heads[0].features(torch.randn(2, 8, 8, 8)).shape == (2, 2, 16)
+    assert light.heads[1].features(torch.randn(2, 12, 4, 4)).shape == (2, 3, 16)
     assert_shared(net, model)
     with torch.no_grad():
         outs = net(x)
@@ -277,7 +289,8 @@ def test_attach_sequential_heads_without_example_input() -> None:
     with pytest.raises(ValueError, match="example_input"):
         attach_exits(model, ["2"], C)  # auto cannot see the shapes of a CNN
     net = attach_exits(model, ["2"], C, head="conv")  # width read from the last conv/BN
-    assert net.heads[0].classifier.in_features == 8
+    assert net.heads[0].body[0].in_channels == 8 and net.heads[0].classifier.in_features == 2
+    assert net.heads[0].body[0].stride == (1, 1)  # the activation's size is unknown
     assert [o.shape for o in net(torch.randn(2, 3, 8, 8))] == [(2, C)] * 2
 
 
@@ -302,7 +315,8 @@ def test_attach_resnet() -> None:
     assert net.stages[1].blocks[0] is model.layer2
     assert net.heads[-1].classifier is model.fc
     assert isinstance(net.heads[-1].body, nn.Flatten)
-    assert [h.classifier.in_features for h in net.heads] == [8, 16, 24]
+    assert [h.body[0].in_channels for h in net.heads[:-1]] == [8, 16]
+    assert [h.classifier.in_features for h in net.heads] == [2, 4, 24]  # light conv heads
     assert_shared(net, model)
     with torch.no_grad():
         outs = net(x)
@@ -360,6 +374,12 @@ def test_attach_bad_inputs() -> None:
         attach_exits(model, ["layer1"], 0, example_input=x)
     with pytest.raises(ValueError, match="a token head needs a 3-D activation"):
         attach_exits(model, ["layer1"], C, head="token", example_input=x)
+    for bad in (0, -2, 1.5, 0.0, True, "wide"):
+        with pytest.raises(ValueError, match="head_width"):
+            attach_exits(model, ["layer1"], C, example_input=x, head_width=bad)
+    for bad in (0, 1.0, False):
+        with pytest.raises(ValueError, match="head_stride"):
+            attach_exits(model, ["layer1"], C, example_input=x, head_stride=bad)
     with pytest.raises(ValueError, match="does not reproduce"):
         attach_exits(ShuffledResNet(), ["layer1"], C, example_input=x)
     with pytest.raises(ValueError, match="unsupported backbone"):
@@ -444,3 +464,87 @@ def test_attach_nested_transformer_encoder() -> None:
     assert net.stages[1].names == ("encoder.layers.1",)
     with torch.no_grad():
         torch.testing.assert_close(net(ids)[-1], model(ids), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- exit head costs
+
+
+class CifarResNet(nn.Module):
+    """ResNet-like for 32 x 32 inputs: stem, four stages of two basic blocks (16..128 wide)."""
+
+    def __init__(self, num_classes: int = C) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.relu = nn.ReLU(inplace=True)
+        self.layer1 = nn.Sequential(BasicBlock(16, 16), BasicBlock(16, 16))
+        self.layer2 = nn.Sequential(BasicBlock(16, 32, stride=2), BasicBlock(32, 32))
+        self.layer3 = nn.Sequential(BasicBlock(32, 64, stride=2), BasicBlock(64, 64))
+        self.layer4 = nn.Sequential(BasicBlock(64, 128, stride=2), BasicBlock(128, 128))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(128, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+AFTER = ["layer1", "layer2", "layer3"]
+
+
+def test_default_conv_heads_are_light() -> None:
+    model = CifarResNet().eval()
+    x = torch.randn(2, 3, 32, 32)
+    light = attach_exits(model, AFTER, C, example_input=x).flops(x)
+    paper = attach_exits(model, AFTER, C, example_input=x, head_width=1.0,
+                         head_stride=1).flops(x)
+    assert light.backbone == paper.backbone  # the same backbone, only the heads differ
+    assert all(f < 0.05 for f in light.head_fractions[:-1]), light.head_fractions
+    assert all(f > 0.10 for f in paper.head_fractions[:-1]), paper.head_fractions
+    assert light.overhead < 0.1 < 0.3 < paper.overhead
+
+
+def test_head_width_and_stride_change_the_head() -> None:
+    model = CifarResNet().eval()
+    x = torch.randn(2, 3, 32, 32)
+
+    def heads(**kw: object) -> tuple[list[int], list[int], list[float]]:
+        net = attach_exits(model, AFTER, C, example_input=x, **kw)
+        first = [h.body[0] for h in net.heads[:-1]]
+        return ([c.out_channels for c in first], [c.stride[0] for c in first],
+                net.flops(x).heads[:-1])
+
+    widths, strides, default = heads()
+    assert widths == [4, 8, 16] and strides == [2, 2, 2]  # 32, 16 and 8 pixels wide maps
+    widths, strides, wide = heads(head_width=24)
+    assert widths == [24, 24, 24] and all(w > d for w, d in zip(wide, default, strict=True))
+    widths, _, _ = heads(head_width=0.5)
+    assert widths == [8, 16, 32]
+    widths, strides, dense = heads(head_stride=1)
+    assert strides == [1, 1, 1]
+    assert all(d > 3 * f for d, f in zip(dense, default, strict=True))
+    _, strides, _ = heads(head_stride=3)
+    assert strides == [3, 3, 3]
+
+
+def test_conv_head_shape() -> None:
+    assert conv_head_shape(64, [8, 8]) == (16, 2)
+    assert conv_head_shape(64, [4, 4]) == (16, 1)
+    assert conv_head_shape(6, None) == (2, 1)
+    assert conv_head_shape(64, [8, 8], head_width=1.0, head_stride=1) == (64, 1)
+    assert conv_head_shape(64, [2, 2], head_width=10, head_stride=3) == (10, 3)
+
+
+def test_flops_per_stage_and_head_hand_computed() -> None:
+    stages = [nn.Linear(6, 8), nn.Sequential(nn.ReLU(), nn.Linear(8, 4))]
+    heads = [ExitHead.linear(8, 3), ExitHead.linear(4, 3)]
+    net = MultiExitNetwork(stages, heads).train()
+    f = net.flops(torch.randn(5, 6))
+    assert f.stages == [2 * 6 * 8, 2 * 8 * 4] and f.heads == [2 * 8 * 3, 2 * 4 * 3]
+    assert f.backbone == 96 + 64 + 24
+    assert f.head_fractions == pytest.approx([48 / 184, 24 / 184])
+    assert f.overhead == pytest.approx(48 / 184)
+    assert net.training  # the mode is restored
+    # cumulative, they are what eenet.budget.count_flops gives per exit
+    assert count_flops(net, torch.randn(5, 6)).values == [96 + 48, 96 + 48 + 64 + 24]

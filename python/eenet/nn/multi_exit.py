@@ -7,16 +7,81 @@ heads' dtype.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from .heads import ExitHead
 
-__all__ = ["ChainStage", "FirstTokenIfSequence", "MultiExitNetwork", "attach_exits"]
+__all__ = ["ChainStage", "ExitFlops", "FirstTokenIfSequence", "MultiExitNetwork",
+           "architecture_of", "attach_exits", "conv_head_shape", "record_architecture"]
+
+# the attribute under which a module records how it was built (see record_architecture)
+ARCH_ATTR = "eenet_architecture"
+# attach_exits' default conv heads: width = ceil(in_channels / LIGHT_WIDTH_DIVISOR), and a
+# stride-2 first conv on activations at least LIGHT_STRIDE_FROM pixels on both sides
+LIGHT_WIDTH_DIVISOR = 4
+LIGHT_STRIDE_FROM = 8
+
+
+def record_architecture(module: nn.Module, arch: str | None, config: dict[str, Any] | None,
+                        reason: str | None = None) -> nn.Module:
+    """Record on ``module`` how it was built: the registered architecture ``arch`` (see
+    :mod:`eenet.models`) and its JSON-able keyword arguments ``config``, which
+    :func:`eenet.saving.save_model` writes so that ``load_model`` can rebuild the module.
+
+    ``arch=None`` records that the module cannot be rebuilt, and ``reason`` says why. A
+    config that is not JSON-able records that too. Returns ``module``.
+    """
+    if arch is not None:
+        try:
+            config = json.loads(json.dumps(config if config is not None else {}))
+        except (TypeError, ValueError) as exc:
+            arch, reason = None, f"its {arch!r} arguments are not JSON-able ({exc})"
+    spec = ({"arch": arch, "config": config} if arch is not None
+            else {"arch": None, "reason": reason or "it was not built by a registered builder"})
+    object.__setattr__(module, ARCH_ATTR, spec)
+    return module
+
+
+def architecture_of(module: nn.Module) -> dict[str, Any] | None:
+    """How ``module`` was built: ``{"arch": name, "config": {...}}``, or ``{"arch": None,
+    "reason": why it cannot be rebuilt}``, or None when nothing was recorded."""
+    spec = getattr(module, ARCH_ATTR, None)
+    return dict(spec) if isinstance(spec, dict) else None
+
+
+@dataclass
+class ExitFlops:
+    """FLOPs per sample (``torch.utils.flop_counter``) of each of the K stages and exit
+    heads of a :class:`MultiExitNetwork` (lists of K floats)."""
+
+    stages: list[float]
+    heads: list[float]
+
+    @property
+    def backbone(self) -> float:
+        """The network without its early exits: every stage and the last exit head."""
+        return sum(self.stages) + self.heads[-1]
+
+    @property
+    def head_fractions(self) -> list[float]:
+        """Each exit head's FLOPs relative to :attr:`backbone` (K floats; the last exit's
+        head is part of the backbone)."""
+        b = self.backbone
+        return [h / b if b else math.nan for h in self.heads]
+
+    @property
+    def overhead(self) -> float:
+        """What evaluating every early exit head adds, relative to :attr:`backbone`."""
+        b = self.backbone
+        return sum(self.heads[:-1]) / b if b else math.nan
 
 HEAD_KINDS: tuple[str, ...] = ("auto", "conv", "token", "linear")
 
@@ -88,6 +153,32 @@ class MultiExitNetwork(nn.Module):
             h = stage(h, **row_inputs)
             outs.append(head(h))
         return outs
+
+    @torch.no_grad()
+    def flops(self, example_input: torch.Tensor, **row_inputs: torch.Tensor) -> ExitFlops:
+        """FLOPs per sample of every stage and exit head on ``example_input`` (N, ...),
+        counted by ``torch.utils.flop_counter`` in eval mode (the mode is restored);
+        ``row_inputs`` as in :meth:`forward`. ``.head_fractions`` gives each head's cost
+        relative to the backbone."""
+        was_training = self.training
+        self.eval()
+        n = max(1, int(example_input.shape[0]))
+        stages: list[float] = []
+        heads: list[float] = []
+        try:
+            h = example_input
+            for stage, head in zip(self.stages, self.heads, strict=True):
+                counter = FlopCounterMode(display=False)
+                with counter:
+                    h = stage(h, **row_inputs)
+                stages.append(counter.get_total_flops() / n)
+                counter = FlopCounterMode(display=False)
+                with counter:
+                    head(h)
+                heads.append(counter.get_total_flops() / n)
+        finally:
+            self.train(was_training)
+        return ExitFlops(stages, heads)
 
 
 class ChainStage(nn.Module):
@@ -253,8 +344,47 @@ def _infer_width(items: Sequence[_Item], kind: str) -> int | None:
     return None
 
 
+def conv_head_shape(in_channels: int, spatial: Sequence[int] | None,
+                    head_width: int | float | None = None, head_stride: int | None = None
+                    ) -> tuple[int, int]:
+    """(width, stride) of the conv exit head :func:`attach_exits` puts on an activation
+    (N, in_channels, *spatial) (``spatial`` None when unknown).
+
+    ``head_width``: an int is the width in channels; a float in (0, 1] a fraction of
+    ``in_channels`` (1.0 is the EENet paper's head, as wide as the activation); None the
+    light default, ceil(in_channels / 4). ``head_stride``: the first conv's stride; None
+    means 2 where both spatial sides are at least 8 pixels, else 1.
+    """
+    if head_width is None:
+        width = max(1, math.ceil(in_channels / LIGHT_WIDTH_DIVISOR))
+    elif isinstance(head_width, float):
+        width = max(1, math.ceil(head_width * in_channels))
+    else:
+        width = int(head_width)
+    if head_stride is None:
+        stride = 2 if spatial is not None and min(spatial) >= LIGHT_STRIDE_FROM else 1
+    else:
+        stride = int(head_stride)
+    return width, stride
+
+
+def _check_head_options(head_width: int | float | None, head_stride: int | None) -> None:
+    if head_width is not None:
+        if isinstance(head_width, bool) or not isinstance(head_width, (int, float)):
+            raise ValueError(f"head_width must be an int (channels), a float in (0, 1] (a "
+                             f"fraction of the activation's channels) or None, got {head_width!r}")
+        if isinstance(head_width, int) and head_width <= 0:
+            raise ValueError(f"head_width must be a positive int, got {head_width!r}")
+        if isinstance(head_width, float) and not 0.0 < head_width <= 1.0:
+            raise ValueError(f"a fractional head_width must lie in (0, 1], got {head_width!r}")
+    if head_stride is not None and (isinstance(head_stride, bool)
+                                    or not isinstance(head_stride, int) or head_stride <= 0):
+        raise ValueError(f"head_stride must be a positive int or None, got {head_stride!r}")
+
+
 def _make_head(kind: str, shape: torch.Size | None, prefix: Sequence[_Item], num_classes: int,
-               where: str, encoder: bool) -> ExitHead:
+               where: str, encoder: bool, head_width: int | float | None = None,
+               head_stride: int | None = None) -> ExitHead:
     """A new exit head of ``kind`` for the activation (shape, batch first) after ``where``."""
     if kind == "auto":
         if shape is None:
@@ -284,7 +414,9 @@ def _make_head(kind: str, shape: torch.Size | None, prefix: Sequence[_Item], num
                              f"{kind} head; pass example_input")
         width = int(found)
     if kind == "conv":
-        return ExitHead.conv(width, num_classes)
+        spatial = [int(v) for v in shape[2:]] if shape is not None else None
+        conv_width, stride = conv_head_shape(width, spatial, head_width, head_stride)
+        return ExitHead.conv(width, num_classes, width=conv_width, stride=stride)
     if kind == "token":
         return ExitHead.token(width, num_classes)
     return ExitHead.linear(width, num_classes)
@@ -316,7 +448,8 @@ def _ends_with_pool_linear(items: Sequence[_Item]) -> bool:
 
 
 def attach_exits(backbone: nn.Module, after: Sequence[str], num_classes: int,
-                 head: str = "auto", example_input: torch.Tensor | None = None
+                 head: str = "auto", example_input: torch.Tensor | None = None,
+                 head_width: int | float | None = None, head_stride: int | None = None
                  ) -> MultiExitNetwork:
     """Split ``backbone`` into stages ending at the named modules and add an exit after each.
 
@@ -355,9 +488,23 @@ def attach_exits(backbone: nn.Module, after: Sequence[str], num_classes: int,
     except for encoder stacks (every activation is (N, L, H), H read from the layers).
     ``"conv"`` / ``"token"`` / ``"linear"`` force one kind; without ``example_input`` their
     width is read from the last module with a known width before the exit (heuristic).
+
+    Conv heads are light by default: the paper's body (3 x conv3x3 + BN + ReLU, pooled,
+    Linear) at a quarter of the activation's channels (``head_width``: an int for that many
+    channels, a float for a fraction of the activation's channels, 1.0 being the paper's head
+    as wide as the activation), its first conv at stride 2 on activations of at least 8 x 8
+    pixels (``head_stride`` sets it for every conv head; without ``example_input`` the
+    default is 1). The paper's full-width head after each of ResNet-18's first three stages
+    costs 19% of the backbone at 32 x 32 inputs; the default costs 0.6-2.4%.
+    :meth:`MultiExitNetwork.flops` reports each head's FLOPs relative to the backbone.
+    ``head_width`` / ``head_stride`` apply to conv heads only.
     With ``example_input``, the function also checks that the chain reproduces
     ``backbone(example_input)``, which catches a forward that does not run the children in
     order. New heads get the backbone's device, floating dtype and train/eval mode.
+
+    The network records how it was built (:func:`architecture_of`) when the backbone does
+    (a module from a builder registered in :mod:`eenet.models`), so that
+    :func:`eenet.saving.save_model` can save it and ``load_model`` rebuild it.
 
     Raises ValueError for: unknown names, duplicate names or names that land on the same
     position, names not in forward order, an exit on or right before the final classifier
@@ -371,6 +518,7 @@ def attach_exits(backbone: nn.Module, after: Sequence[str], num_classes: int,
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     if head not in HEAD_KINDS:
         raise ValueError(f"unknown head kind {head!r}; expected one of {HEAD_KINDS}")
+    _check_head_options(head_width, head_stride)
     if isinstance(after, str):
         raise ValueError(f"after must be a sequence of module names, got the string {after!r} "
                          f"(did you mean [{after!r}]?)")
@@ -455,7 +603,8 @@ def attach_exits(backbone: nn.Module, after: Sequence[str], num_classes: int,
             kind = head
             shape = shapes[cut] if shapes is not None else None
             new = _make_head(kind, shape, body_items[:cut + 1], num_classes, where,
-                             encoder=(form == "encoder"))
+                             encoder=(form == "encoder"), head_width=head_width,
+                             head_stride=head_stride)
             heads.append(_like_backbone(new, backbone))
         else:
             body: nn.Module = FirstTokenIfSequence() if form == "encoder" else nn.Flatten(1)
@@ -466,7 +615,30 @@ def attach_exits(backbone: nn.Module, after: Sequence[str], num_classes: int,
     for m in net.modules():
         if id(m) not in own_modules:
             m.training = backbone.training
+    _record_attached(net, backbone, after, num_classes, head, example_input, head_width,
+                     head_stride)
     return net
+
+
+def _record_attached(net: MultiExitNetwork, backbone: nn.Module, after: list[str],
+                     num_classes: int, head: str, example_input: torch.Tensor | None,
+                     head_width: int | float | None, head_stride: int | None) -> None:
+    """Record the arguments of an :func:`attach_exits` call on ``net`` (the example input as
+    its shape, batch of at most 2, and dtype: the rebuild runs it as zeros)."""
+    spec = architecture_of(backbone)
+    if spec is None or spec.get("arch") is None:
+        why = spec.get("reason") if spec else "it was not built by a registered builder"
+        record_architecture(net, None, None, reason=(
+            f"its backbone ({type(backbone).__name__}) cannot be rebuilt: {why}; register the "
+            "backbone's builder with eenet.models.register and build it through that"))
+        return
+    example = None
+    if example_input is not None:
+        shape = [min(2, int(example_input.shape[0])), *map(int, example_input.shape[1:])]
+        example = {"shape": shape, "dtype": str(example_input.dtype).removeprefix("torch.")}
+    record_architecture(net, "attach_exits", {
+        "backbone": spec, "after": list(after), "num_classes": num_classes, "head": head,
+        "example_input": example, "head_width": head_width, "head_stride": head_stride})
 
 
 def _like_backbone(head: ExitHead, backbone: nn.Module) -> ExitHead:
