@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 
 import pytest
 import torch
@@ -132,12 +133,34 @@ def test_training_is_deterministic_and_keeps_global_rng() -> None:
         assert torch.equal(p, q)
 
 
-def test_progress_flag(capsys: pytest.CaptureFixture[str]) -> None:
-    loader = DataLoader(_data(n=32), batch_size=16)
-    multi_exit(_net(), loader, epochs=1, progress=False)
+def test_progress_off(capsys: pytest.CaptureFixture[str]) -> None:
+    multi_exit(_net(), DataLoader(_data(n=32), batch_size=16), epochs=1, progress=False)
     assert capsys.readouterr().err == ""
-    multi_exit(_net(), loader, epochs=1, progress=True)
-    assert "multi-exit training" in capsys.readouterr().err
+
+
+def test_progress_without_a_terminal_is_a_line_per_epoch(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    loader = DataLoader(_data(n=64), batch_size=4)  # 16 batches per epoch
+    hist = multi_exit(_net(), loader, epochs=3, progress=True)
+    assert not sys.stderr.isatty()  # captured: as in a CI log or a pipe
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = err.splitlines()
+    assert len(lines) == 3, lines
+    for h, line in zip(hist, lines, strict=True):
+        accs = " ".join(f"{a:.3f}" for a in h["acc_per_exit"])
+        assert line == (f"multi-exit training: epoch {h['epoch']}/3 loss {h['loss']:.4f} "
+                        f"train acc per exit {accs}")
+
+
+def test_progress_on_a_terminal_is_a_bar(capsys: pytest.CaptureFixture[str],
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    loader = DataLoader(_data(n=64), batch_size=4)
+    multi_exit(_net(), loader, epochs=3, progress=True)
+    err = capsys.readouterr().err
+    assert "multi-exit training" in err and "48/48" in err and "\r" in err
+    assert "epoch 1/3" not in err
 
 
 def test_training_bad_inputs() -> None:

@@ -10,6 +10,7 @@ with :func:`multi_exit_loss` in one's own loop.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -77,6 +78,13 @@ def _length(loader: Iterable[Any]) -> int | None:
         return None
 
 
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
 def multi_exit(net: MultiExitNetwork, train_loader: Iterable[Any], epochs: int = 10,
                lr: float = 1e-3, weight_decay: float = 5e-4, distill_temperature: float = 3.0,
                distill_weight: float = 0.5, device: str | torch.device | None = None,
@@ -87,7 +95,9 @@ def multi_exit(net: MultiExitNetwork, train_loader: Iterable[Any], epochs: int =
     labels. ``device``: where to train (default: where ``net``'s parameters are; ``net`` is
     moved there). ``seed`` seeds torch's RNG for the run (the loader's shuffling, dropout)
     inside a forked RNG state, so the caller's global RNG is left untouched; ``None`` keeps
-    the current RNG. ``progress`` shows a tqdm bar.
+    the current RNG. ``progress`` reports on stderr: a tqdm bar when stderr is a terminal,
+    else (CI logs, a pipe) one line per epoch, ``multi-exit training: epoch 3/8 loss 0.4125
+    train acc per exit 0.81 0.88 0.90 0.91``.
 
     Returns one dict per epoch: ``{"epoch": int (1-based), "loss": float (mean per sample),
     "acc_per_exit": [float, ...] (training accuracy of each exit, in train mode)}``.
@@ -109,8 +119,10 @@ def multi_exit(net: MultiExitNetwork, train_loader: Iterable[Any], epochs: int =
         opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=lr,
                                weight_decay=weight_decay)
         steps = _length(train_loader)
-        bar = tqdm(total=None if steps is None else steps * epochs, disable=not progress,
-                   desc="multi-exit training", unit="batch")
+        stream = sys.stderr
+        tty = progress and _isatty(stream)
+        bar = tqdm(total=None if steps is None else steps * epochs, disable=not tty,
+                   desc="multi-exit training", unit="batch", file=stream)
         try:
             net.train()
             for epoch in range(1, epochs + 1):
@@ -132,15 +144,22 @@ def multi_exit(net: MultiExitNetwork, train_loader: Iterable[Any], epochs: int =
                     seen += n
                     with torch.no_grad():
                         correct += torch.stack([(z.argmax(dim=1) == y).sum() for z in outs])
-                    bar.update(1)
-                    bar.set_postfix(epoch=epoch, loss=f"{loss.item():.4f}")
+                    if tty:
+                        bar.update(1)
+                        bar.set_postfix(epoch=epoch, loss=f"{loss.item():.4f}")
                 if seen == 0:
                     raise ValueError("train_loader yielded no samples")
-                history.append({
+                record = {
                     "epoch": epoch,
                     "loss": total_loss / seen,
                     "acc_per_exit": [float(c) / seen for c in correct.tolist()],
-                })
+                }
+                history.append(record)
+                if progress and not tty:
+                    accs = " ".join(f"{a:.3f}" for a in record["acc_per_exit"])
+                    print(f"multi-exit training: epoch {epoch}/{epochs} loss "
+                          f"{record['loss']:.4f} train acc per exit {accs}", file=stream,
+                          flush=True)
         finally:
             bar.close()
             net.eval()
