@@ -310,14 +310,15 @@ def test_load_rejects_wrong_files(tmp_path) -> None:
         EENet.load(str(other))
     garbage = tmp_path / "garbage.json"
     garbage.write_text("not json {")
-    with pytest.raises(ValueError, match="not a policy file"):
+    with pytest.raises(ValueError, match="not an eenet policy file"):
         EENet.load(str(garbage))
     no_class = tmp_path / "no_class.json"
     no_class.write_text(json.dumps({"thresholds": [0.0]}))
-    with pytest.raises(ValueError, match="not a policy file"):
+    with pytest.raises(ValueError, match="not an eenet policy file"):
         ExitPolicy.load(str(no_class))
     broken = tmp_path / "broken.json"
-    broken.write_text(json.dumps({"class": "EENet", "thresholds": [0.5, 0.0]}))
+    broken.write_text(json.dumps({"format": "eenet-policy", "format_version": 1,
+                                  "policy": {"class": "EENet", "thresholds": [0.5, 0.0]}}))
     with pytest.raises(ValueError, match="EENet"):
         ExitPolicy.load(str(broken))
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from eenet.nn import MultiExitNetwork, hf_encoder_exits
+from eenet.nn import MultiExitNetwork, architecture_of, hf_encoder_exits
 from eenet.policies import MaxProb
 from eenet.runtime import Engine, simulate
+from eenet.saving import load_model, save_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -141,3 +142,20 @@ def test_engine_compacts_the_attention_mask() -> None:
     with torch.no_grad():
         full = net.heads[2](model(ids, attention_mask=mask).last_hidden_state).float()
     torch.testing.assert_close(out.logits[last], full[last], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+def test_save_and_load_round_trip(kind: str, tmp_path) -> None:
+    model = _tiny(kind)
+    net = hf_encoder_exits(model, (1, 3), C).eval()
+    assert architecture_of(net)["arch"] == "hf_encoder_exits"
+    path = str(tmp_path / "net.pt")
+    save_model(net, path, meta={"task": "test"})
+    loaded, meta = load_model(path)
+    assert meta == {"task": "test"} and type(loaded.stages[0].blocks[0]) is type(
+        model.embeddings)
+    ids, mask = _padded(4)
+    with torch.no_grad():
+        for a, b in zip(loaded(ids, attention_mask=mask), net(ids, attention_mask=mask),
+                        strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)

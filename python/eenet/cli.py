@@ -1,35 +1,190 @@
 """``eenet`` command line: ``demo``, ``calibrate`` and ``report``.
 
     eenet demo [--datasets mnist digits] [--epochs 8] [--out demo_out]
-    eenet calibrate --model M.pt --dataset mnist --policy EENet --budget 0.5 --out P.json
-    eenet report --model M.pt --policy P.json --dataset mnist
+    eenet calibrate --model M.pt [--dataset mnist] --policy EENet --budget 0.5 --out P.json
+    eenet report --model M.pt --policy P.json [--dataset mnist]
 
 ``demo`` saves its trained models as ``<out>/<dataset>_model.pt``; ``calibrate`` fits a
 policy on the validation split of the dataset the model was trained on; ``report`` serves
 the test split with the runtime engine and prints accuracy, achieved cost and exit mix.
+
+Every argument is checked before any data is loaded or trained on, and the files are
+checked against each other: a model trained on another dataset, a policy calibrated on
+another dataset or for another model (its recorded fingerprint or its FLOP costs differ)
+is refused. Usage errors print one line, ``eenet <command>: error: <what>``, and exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 from collections.abc import Sequence
+from typing import Any, NoReturn
 
 import torch
 
 from . import budget as budget_mod
 from . import data, demo
-from .policies import ExitPolicy, collect_exit_logits
+from .nn import MultiExitNetwork
+from .policies import collect_exit_logits
 from .runtime import MODES, Engine
-from .saving import load_model, load_policy, save_policy
+from .saving import fingerprint, load_model, load_policy, save_policy
+
+POLICY_NAMES: tuple[str, ...] = tuple(c.__name__ for c in demo.POLICY_CLASSES)
+EXIT_USAGE = 2
 
 
-def _policy_class(name: str) -> type[ExitPolicy]:
-    classes = {c.__name__.lower(): c for c in demo.POLICY_CLASSES}
-    if name.lower() not in classes:
-        raise SystemExit(f"eenet: unknown policy {name!r}; choose from "
-                         f"{[c.__name__ for c in demo.POLICY_CLASSES]}")
-    return classes[name.lower()]
+class UsageError(Exception):
+    """A bad command line or files that do not belong together (exit code 2); ``prog`` is
+    the command it concerns when known (``eenet calibrate``)."""
+
+    def __init__(self, message: str, prog: str | None = None) -> None:
+        super().__init__(message)
+        self.prog = prog
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: ...)`` for options that have a default (not for required ones)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.required or action.default in (None, argparse.SUPPRESS):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors in the CLI's format, raised instead of exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see {self.prog} --help)", prog=self.prog)
+
+
+# -- argument types: each rejects a bad value at parse time, before any slow work ------------
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not (math.isfinite(value) and 0.0 < value <= 1.0):
+        raise argparse.ArgumentTypeError(
+            f"a budget is a fraction of the full model's cost in (0, 1], got {value:g}")
+    return value
+
+
+def _policy_name(text: str) -> str:
+    """The policy class name, matched case-insensitively (choices reject the rest)."""
+    return {n.lower(): n for n in POLICY_NAMES}.get(text.lower(), text)
+
+
+def _existing_file(text: str) -> str:
+    if not os.path.isfile(text):
+        what = "is a directory" if os.path.isdir(text) else "does not exist"
+        raise argparse.ArgumentTypeError(f"{text} {what}")
+    return text
+
+
+def _output_file(text: str) -> str:
+    folder = os.path.dirname(os.path.abspath(text))
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text} is a directory, not a file name")
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise argparse.ArgumentTypeError(f"folder {folder} is not writable")
+    return text
+
+
+def _output_dir(text: str) -> str:
+    if os.path.exists(text) and not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text} exists and is not a directory")
+    existing = os.path.abspath(text)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
+        raise argparse.ArgumentTypeError(f"cannot create {text}: {existing} is not a writable "
+                                         "directory")
+    return text
+
+
+# -- checks of the files against each other and the dataset ----------------------------------
+
+
+def _dataset_for(args: argparse.Namespace, meta: dict[str, Any]) -> str:
+    """The dataset to run on: --dataset, else the one the model file records; a model
+    trained on another dataset than --dataset is refused."""
+    trained_on = meta.get("dataset")
+    if args.dataset is None:
+        if trained_on is None:
+            raise UsageError(f"{args.model} does not record the dataset it was trained on: "
+                             f"pass --dataset (one of {', '.join(data.DATASETS)})")
+        if trained_on not in data.DATASETS:
+            raise UsageError(f"{args.model} was trained on {trained_on!r}, which eenet cannot "
+                             f"load (datasets: {', '.join(data.DATASETS)})")
+        return str(trained_on)
+    if trained_on is not None and trained_on != args.dataset:
+        raise UsageError(f"{args.model} was trained on {trained_on!r}, not on "
+                         f"{args.dataset!r}: pass --dataset {trained_on} (or leave it out)")
+    return str(args.dataset)
+
+
+def _check_inputs(net: MultiExitNetwork, splits: data.Splits, model_path: str) -> None:
+    """The model takes the dataset's inputs and predicts its number of classes."""
+    x = splits.val[0][:2]
+    try:
+        with torch.no_grad():
+            outs = net(x)
+    except RuntimeError as exc:
+        raise UsageError(f"{model_path} does not take {splits.name} inputs of shape "
+                         f"{tuple(x.shape[1:])}: {str(exc).splitlines()[0]}") from exc
+    if outs[0].shape[1] != splits.num_classes:
+        raise UsageError(f"{model_path} predicts {outs[0].shape[1]} classes, {splits.name} has "
+                         f"{splits.num_classes}")
+
+
+def _check_policy(args: argparse.Namespace, info: dict[str, Any], dataset: str,
+                  net_fingerprint: str) -> None:
+    meta = info.get("meta") or {}
+    if meta.get("dataset") is not None and meta["dataset"] != dataset:
+        raise UsageError(f"{args.policy} was calibrated on {meta['dataset']!r}, not on "
+                         f"{dataset!r}")
+    recorded = meta.get("model_fingerprint")
+    if recorded is not None and recorded != net_fingerprint:
+        raise UsageError(f"{args.policy} was calibrated for another model than {args.model} "
+                         f"(model fingerprint {str(recorded)[:12]}..., this one "
+                         f"{net_fingerprint[:12]}...; calibrated with "
+                         f"{meta.get('model', 'another file')}): run eenet calibrate on it")
+
+
+def _check_costs(args: argparse.Namespace, costs: budget_mod.Costs, net: MultiExitNetwork,
+                 x: torch.Tensor) -> None:
+    """FLOP costs in the policy file must be this model's (latency ones cannot be
+    recomputed exactly; the fingerprint covers them)."""
+    if costs.unit != "flops":
+        return
+    ours = budget_mod.count_flops(net, x).values
+    if any(abs(a - b) > 1e-6 * max(abs(a), abs(b)) for a, b in zip(costs.values, ours,
+                                                                   strict=True)):
+        raise UsageError(f"{args.policy}'s costs ({', '.join(f'{v:.4g}' for v in costs.values)} "
+                         f"FLOPs per exit) are not {args.model}'s "
+                         f"({', '.join(f'{v:.4g}' for v in ours)}): the policy belongs to "
+                         "another model; run eenet calibrate on this one")
+
+
+# -- commands --------------------------------------------------------------------------------
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -39,13 +194,20 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
     net, meta = load_model(args.model)
-    splits = data.load(args.dataset, seed=meta.get("seed", 0))
+    dataset = _dataset_for(args, meta)
+    data.require_dataset(dataset)
+    splits = data.load(dataset, seed=meta.get("seed", 0))
+    _check_inputs(net, splits, args.model)
     example = splits.val[0][: args.batch]
     costs = (budget_mod.count_flops(net, example) if args.costs == "flops"
              else budget_mod.measure(net, example))
+    budget_mod.as_budget(args.budget).absolute(costs)  # reachable? before the fit
     logits, labels = collect_exit_logits(net, splits.loader("val", 256))
-    policy = demo.fit_policy(_policy_class(args.policy), logits, labels, costs, args.budget)
-    save_policy(policy, args.out, costs, args.budget, {"dataset": args.dataset})
+    cls = {c.__name__: c for c in demo.POLICY_CLASSES}[args.policy]
+    policy = demo.fit_policy(cls, logits, labels, costs, args.budget)
+    save_policy(policy, args.out, costs, args.budget,
+                {"dataset": dataset, "model": os.path.basename(args.model),
+                 "model_fingerprint": fingerprint(net)})
     exit_index, _ = policy.decide(logits)
     r = budget_mod.report(costs, exit_index, args.budget)
     print(f"{policy}\nvalidation: achieved {r['achieved']:.4g} {costs.unit} for asked "
@@ -55,14 +217,19 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 def cmd_report(args: argparse.Namespace) -> None:
     net, meta = load_model(args.model)
     policy, costs, info = load_policy(args.policy, num_exits=net.num_exits)
-    splits = data.load(args.dataset, seed=meta.get("seed", 0))
+    dataset = _dataset_for(args, meta)
+    _check_policy(args, info, dataset, fingerprint(net))
+    data.require_dataset(dataset)
+    splits = data.load(dataset, seed=meta.get("seed", 0))
+    _check_inputs(net, splits, args.model)
     x, y = splits.test
+    _check_costs(args, costs, net, x[:2])
     out = Engine(net, policy, mode=args.mode)(x)
     acc = float((out.logits.argmax(1) == y).float().mean())
     low, high = demo.bootstrap_interval(out.logits.argmax(1) == y)
     counts = torch.bincount(out.exit_index, minlength=net.num_exits).tolist()
     achieved = costs.expected(out.exit_index)
-    print(f"{policy} on {args.dataset} test ({len(y)} samples, mode {args.mode})")
+    print(f"{policy} on {dataset} test ({len(y)} samples, mode {args.mode})")
     print(f"  accuracy {acc:.4f} [95% CI {low:.4f}, {high:.4f}]")
     print(f"  samples per exit {counts}")
     print(f"  achieved cost {achieved:.4g} {costs.unit} = {achieved / costs.full:.1%} of the "
@@ -70,44 +237,69 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="eenet", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="eenet", description=__doc__.split("\n")[0],
+                     formatter_class=_Formatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=_Parser)
+    dataset_help = ("dataset to run on (default: the one the model file records it was "
+                    "trained on)")
 
-    p = sub.add_parser("demo", help="train, calibrate and serve multi-exit CNNs on digits")
-    p.add_argument("--datasets", nargs="+", default=list(data.DATASETS), choices=data.DATASETS)
-    p.add_argument("--epochs", type=int, default=demo.EPOCHS)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="demo_out")
-    p.add_argument("--no-progress", action="store_true")
+    p = sub.add_parser("demo", help="train, calibrate and serve multi-exit CNNs on digits",
+                       formatter_class=_Formatter)
+    p.add_argument("--datasets", nargs="+", default=list(data.DATASETS), choices=data.DATASETS,
+                   help="datasets to run the demo on")
+    p.add_argument("--epochs", type=_positive_int, default=demo.EPOCHS,
+                   help="training epochs per model")
+    p.add_argument("--seed", type=int, default=0, help="seed of the splits and the training")
+    p.add_argument("--out", type=_output_dir, default="demo_out",
+                   help="directory for the models and the plot (created if missing)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no training progress (bar on a terminal, a line per epoch otherwise)")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("calibrate", help="fit a policy for a budget on a saved model")
-    p.add_argument("--model", required=True)
-    p.add_argument("--dataset", required=True, choices=data.DATASETS)
-    p.add_argument("--policy", default="EENet")
-    p.add_argument("--budget", type=float, required=True,
-                   help="average cost per sample as a fraction of the full model")
-    p.add_argument("--costs", choices=("flops", "latency"), default="flops")
-    p.add_argument("--batch", type=int, default=64, help="batch size the costs are taken at")
-    p.add_argument("--out", required=True)
+    p = sub.add_parser("calibrate", help="fit a policy for a budget on a saved model",
+                       formatter_class=_Formatter)
+    p.add_argument("--model", required=True, type=_existing_file,
+                   help="model file (eenet.saving.save_model; eenet demo writes them)")
+    p.add_argument("--dataset", choices=data.DATASETS, default=None, help=dataset_help)
+    p.add_argument("--policy", type=_policy_name, choices=POLICY_NAMES, default="EENet",
+                   help="exit policy to fit (any case)")
+    p.add_argument("--budget", type=_fraction, required=True,
+                   help="average cost per sample as a fraction of the full model, in (0, 1]")
+    p.add_argument("--costs", choices=("flops", "latency"), default="flops",
+                   help="cost model: counted FLOPs or measured latency")
+    p.add_argument("--batch", type=_positive_int, default=64,
+                   help="batch size the costs are taken at")
+    p.add_argument("--out", required=True, type=_output_file,
+                   help="policy file to write (JSON; its folder must exist)")
     p.set_defaults(func=cmd_calibrate)
 
-    p = sub.add_parser("report", help="serve the test split with a saved model and policy")
-    p.add_argument("--model", required=True)
-    p.add_argument("--policy", required=True)
-    p.add_argument("--dataset", required=True, choices=data.DATASETS)
-    p.add_argument("--mode", choices=MODES, default="compact")
+    p = sub.add_parser("report", help="serve the test split with a saved model and policy",
+                       formatter_class=_Formatter)
+    p.add_argument("--model", required=True, type=_existing_file, help="model file")
+    p.add_argument("--policy", required=True, type=_existing_file,
+                   help="policy file calibrated for this model (eenet calibrate)")
+    p.add_argument("--dataset", choices=data.DATASETS, default=None, help=dataset_help)
+    p.add_argument("--mode", choices=MODES, default="compact",
+                   help="runtime mode (compact drops the exited rows; full and mask do not)")
     p.set_defaults(func=cmd_report)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run the command line; returns the exit code (0, or 2 for usage errors)."""
+    prog = "eenet"
     try:
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as exc:  # --help
+            return exc.code if isinstance(exc.code, int) else 0
+        prog = f"eenet {args.command}"
         args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"eenet {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    except (UsageError, ValueError, FileNotFoundError, data.MissingExtraError) as exc:
+        where = getattr(exc, "prog", None) or prog
+        print(f"{where}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return EXIT_USAGE
     return 0
 
 

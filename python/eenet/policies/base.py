@@ -5,6 +5,16 @@ A policy for a K-exit network is K :class:`ExitRule` s. The runtime feeds rule k
 :meth:`ExitPolicy.decide` replays the same decisions offline from every exit's logits with
 ``eenet_kernels.reference`` (the "simulate" oracle of the EENet authors), so the two agree
 by construction and the tests check that they do.
+
+Policy files (:meth:`ExitPolicy.save`, ``eenet.saving.save_policy``, the CLI) are one JSON
+format::
+
+    {"format": "eenet-policy", "format_version": 1,
+     "policy": {"class": "MaxProb", "thresholds": [...], ...},   # ExitPolicy.to_dict()
+     "costs": {"values": [...], "unit": "flops", "meta": {...}} or null,
+     "budget": 0.5 or null, "meta": {...}}
+
+Reading a file of another format or another version raises ``ValueError`` saying which.
 """
 
 from __future__ import annotations
@@ -16,6 +26,11 @@ from typing import Any, ClassVar
 import torch
 
 from eenet_kernels import reference
+
+from ..budget import Costs
+
+POLICY_FORMAT = "eenet-policy"
+POLICY_FORMAT_VERSION = 1
 
 
 @dataclass
@@ -112,26 +127,26 @@ class ExitPolicy:
         target = ExitPolicy.registry[name]
         if cls is not ExitPolicy and not issubclass(target, cls):
             raise ValueError(f"file holds a {name} policy, not a {cls.__name__}")
-        return target._from_dict(data)
+        try:
+            return target._from_dict(data)
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"not a valid {name} policy entry: {exc!r}") from exc
 
     @classmethod
     def _from_dict(cls, data: dict[str, Any]) -> ExitPolicy:
         return cls(list(data["thresholds"]))
 
-    def save(self, path: str) -> None:
-        with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
+    def save(self, path: str, costs: Costs | None = None, budget: float | None = None,
+             meta: dict[str, Any] | None = None) -> None:
+        """Write the policy file (module docstring), with the costs it was fitted with, the
+        budget and free-form ``meta`` (JSON-able)."""
+        write_policy_file(path, self, costs, budget, meta)
 
     @classmethod
     def load(cls, path: str) -> ExitPolicy:
-        with open(path) as f:
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path} is not a policy file (invalid JSON: {exc})") from exc
-        if not isinstance(data, dict) or "class" not in data:
-            raise ValueError(f"{path} is not a policy file (no 'class' entry)")
-        return cls.from_dict(data)
+        """The policy of a policy file; on a subclass, refuses a file holding another kind."""
+        policy, _, _ = read_policy_file(path, cls)
+        return policy
 
     def __repr__(self) -> str:
         ts = ", ".join(f"{t:.4g}" for t in self.thresholds)
@@ -148,3 +163,59 @@ def first_exit(scores: torch.Tensor, thresholds: list[float]) -> tuple[torch.Ten
     passes[:, -1] = True
     exit_index = passes.to(torch.uint8).argmax(dim=1)
     return exit_index, scores.gather(1, exit_index[:, None]).squeeze(1)
+
+
+def write_policy_file(path: str, policy: ExitPolicy, costs: Costs | None = None,
+                      budget: float | None = None, meta: dict[str, Any] | None = None) -> None:
+    """Write ``policy`` as a policy file (format ``eenet-policy``, ``format_version`` 1)."""
+    data = {"format": POLICY_FORMAT, "format_version": POLICY_FORMAT_VERSION,
+            "policy": policy.to_dict(), "costs": costs.to_dict() if costs is not None else None,
+            "budget": budget, "meta": dict(meta or {})}
+    text = json.dumps(data, indent=2)  # before opening: a bad meta leaves no half-written file
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def read_policy_file(path: str, cls: type[ExitPolicy] = ExitPolicy
+                     ) -> tuple[ExitPolicy, Costs | None, dict[str, Any]]:
+    """(policy, its costs or None, the whole file as a dict) of a policy file; ``cls``
+    restricts the policy class. Raises ``ValueError`` on anything but this format and
+    version, and on a file whose costs do not have one value per exit."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not an eenet policy file (invalid JSON: {exc})") from exc
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not an eenet policy file (not text: {exc})") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is not an eenet policy file (no JSON object)")
+    fmt, version = data.get("format"), data.get("format_version")
+    if fmt != POLICY_FORMAT:
+        if fmt is None and "class" in data:
+            why = ("a bare policy dict without a format (an earlier layout of "
+                   "ExitPolicy.save)")
+        elif isinstance(fmt, str) and fmt.startswith(POLICY_FORMAT):
+            why = f"format {fmt!r}, an earlier layout"
+        else:
+            why = f"format {fmt!r}" if fmt is not None else "no 'format' entry"
+        raise ValueError(f"{path} is not an eenet policy file of format {POLICY_FORMAT!r} "
+                         f"version {POLICY_FORMAT_VERSION}: it has {why}; fit and save the "
+                         "policy again")
+    if version != POLICY_FORMAT_VERSION:
+        raise ValueError(f"{path}: policy file format_version {version!r} is not supported "
+                         f"(this eenet reads version {POLICY_FORMAT_VERSION})")
+    entry = data.get("policy")
+    if not isinstance(entry, dict):
+        raise ValueError(f"{path}: the policy file has no 'policy' entry")
+    policy = cls.from_dict(entry)
+    costs = None
+    if data.get("costs") is not None:
+        try:
+            costs = Costs.from_dict(data["costs"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: bad 'costs' entry: {exc}") from exc
+        if len(costs.values) != policy.num_exits:
+            raise ValueError(f"{path}: the policy has {policy.num_exits} exits but its costs "
+                             f"{len(costs.values)}")
+    return policy, costs, data
