@@ -1,7 +1,10 @@
-// The eenet operator library: schemas only. Kernels register themselves per backend in
-// csrc/cpu/*.cpp (and csrc/cuda/*.cu). Keep the strings identical to
-// eenet_kernels/_schemas.py (tests/test_registration.py compares them).
+// The eenet operator library: the schemas, and the one kernel every backend shares, the
+// Autograd pass-through. Device kernels register themselves in csrc/cpu/*.cpp. Keep the
+// schema strings identical to eenet_kernels/_schemas.py (tests/test_registration.py
+// compares them).
 #include <Python.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 // A loadable Python module so that `import eenet_kernels._C` runs the registrations below.
@@ -29,4 +32,21 @@ TORCH_LIBRARY(eenet, m) {
         "-> " EENET_EXIT_SCORE_RETURNS);
   m.def("compact(Tensor keep, Tensor[] src) -> (Tensor[] kept, Tensor count)");
   m.def("compact_out(Tensor keep, Tensor[] src, Tensor(a!)[] dst) -> Tensor count");
+}
+
+namespace {
+
+// The ops are inference ops: below autograd, so that no output requires grad and nothing is
+// recorded, whatever the backend and whether the caller is Python or C++.
+void run_below_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
+                        torch::jit::Stack* stack) {
+  at::AutoDispatchBelowADInplaceOrView guard;
+  op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(eenet, Autograd, m) {
+  for (const char* name : {"exit_score", "exit_score_write", "compact", "compact_out"})
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&run_below_autograd>());
 }

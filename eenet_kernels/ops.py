@@ -127,7 +127,8 @@ for _name, _fn in _REFERENCE_IMPLS.items():
         _impl_lib.impl(_name, _fn, "CPU")
     if "CUDA" not in _COMPILED_KEYS[_name]:
         _impl_lib.impl(_name, _lazy_cuda_kernel(_name), "CUDA")
-    _impl_lib.impl(_name, _below_autograd(_name), "Autograd")
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(f"eenet::{_name}", "Autograd"):
+        _impl_lib.impl(_name, _below_autograd(_name), "Autograd")  # csrc/ops.cpp when built
     for _key in _UNSUPPORTED_KEYS:
         _impl_lib.impl(_name, _fn, _key)
 
