@@ -89,6 +89,10 @@ def bucket_rows(n: int) -> int:
 # -- compact mode's buffers ------------------------------------------------------------------
 
 
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
 @dataclass
 class _StateBuffers:
     """Room for the :class:`RowState` of up to B rows: index (B,) int64, scores (K, B)
@@ -110,9 +114,11 @@ class _StateBuffers:
              if policy.needs_preds else None),
             {name: t.new_empty((rows, *t.shape[1:])) for name, t in row_inputs.items()})
 
-    def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.index, self.scores, self.preds, *self.inputs.values())
+    @property
+    def nbytes(self) -> int:
+        held = [t for t in (self.index, self.scores, self.preds, *self.inputs.values())
                 if t is not None]
+        return sum(_nbytes(t) for t in held)
 
 
 class _Buffers:
@@ -128,6 +134,8 @@ class _Buffers:
         self.stage_out: dict[int, torch.Tensor] = {}
         self.state = (_StateBuffers.allocate(rows, exits, policy, device, row_inputs),
                       _StateBuffers.allocate(rows, exits, policy, device, row_inputs))
+        self.nbytes = _nbytes(self.row_numbers) + self.state[0].nbytes + self.state[1].nbytes
+        """Bytes held, kept up to date as stage buffers are allocated."""
 
     def stage(self, k: int, like: torch.Tensor) -> torch.Tensor:
         """Stage k's output buffer (B, *like.shape[1:]), like's dtype."""
@@ -135,13 +143,8 @@ class _Buffers:
         if buf is None:
             buf = like.new_empty((self.size, *like.shape[1:]))
             self.stage_out[k] = buf
+            self.nbytes += _nbytes(buf)
         return buf
-
-    @property
-    def nbytes(self) -> int:
-        held = [self.row_numbers, *self.stage_out.values(), *self.state[0].tensors(),
-                *self.state[1].tensors()]
-        return sum(t.numel() * t.element_size() for t in held)
 
 
 class _BufferCache:
@@ -184,7 +187,7 @@ class _MaskStep:
 
     def __init__(self, heads: torch.nn.ModuleList, out: EngineOutput,
                  stage_kwargs: list[dict[str, Any]]) -> None:
-        self.heads = heads
+        self.heads = list(heads)
         self.out = out
         self.stage_kwargs = stage_kwargs
         self.active = torch.ones(out.exit_index.shape, dtype=torch.bool,
@@ -221,7 +224,7 @@ class _CompactStep:
 
     def __init__(self, heads: torch.nn.ModuleList, out: EngineOutput,
                  stage_kwargs: list[dict[str, Any]], buffers: _Buffers, backend: str) -> None:
-        self.heads = heads
+        self.heads = list(heads)  # indexing a ModuleList costs microseconds
         self.out = out
         self.stage_kwargs = stage_kwargs
         self.buffers = buffers
