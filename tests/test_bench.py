@@ -1,6 +1,7 @@
-"""The benchmark suite's machinery (no timings asserted): the runner's statistics on a fake
-timer, host-sync counting, the results writer's stamp, and that every peer execution mode
-returns exactly the oracle's exits and logits."""
+"""The benchmark suite's machinery (no timings asserted): the timing loop's statistics on a
+fake timer (``eenet.runtime.timing`` and the runner's interleaving on it), host-sync
+counting, the results writer's stamp, and that every peer execution mode runs the runtime's
+stage loop and returns exactly the oracle's exits and logits."""
 
 from __future__ import annotations
 
