@@ -154,6 +154,7 @@ def test_geometric_fractions() -> None:
     assert f == pytest.approx([4 / 7, 2 / 7, 1 / 7])
 
 
+@pytest.mark.usefixtures("one_thread")  # small element-wise ops: OpenMP only adds waits
 @pytest.mark.parametrize("budget", [0.3, 0.5, 0.7, 0.9])
 @pytest.mark.parametrize("cls", [MaxProb, Entropy], ids=lambda c: c.__name__)
 def test_heuristic_fit_meets_budget(budget: float, cls: type) -> None:
@@ -234,6 +235,7 @@ def test_threshold_below_the_lowest_score_when_every_sample_exits() -> None:
 
 # (patience scores are whole streak lengths, exact on every backend: a threshold of 0 there
 # lets every sample pass and cannot lie below the lowest streak)
+@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("cls", [MaxProb, Entropy], ids=lambda c: c.__name__)
 def test_heuristic_thresholds_clear_every_validation_score(cls: type) -> None:
     logits, _ = _synthetic_logits(n=1000)

@@ -36,6 +36,10 @@ N_VAL, N_TEST = 1500, 20000
 # at every budget on this data: see test_eenet_at_least_as_accurate_as_max_prob)
 ACC_SLACK = 0.005
 
+# one intra-op thread: the scores are small element-wise ops, which OpenMP barriers slow
+# down many times over on a busy machine (the fits run on one thread anyway)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def synthetic_exits(n: int, seed: int, acc: tuple[float, ...] = (0.45, 0.62, 0.75, 0.85),
                     class_spread: float = 0.6) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -64,8 +68,13 @@ def data(split: str) -> tuple[list[torch.Tensor], torch.Tensor]:
     return synthetic_exits(N_VAL, 0) if split == "val" else synthetic_exits(N_TEST, 1)
 
 
-@functools.cache
 def fitted(budget: float, use_vote: bool = False) -> EENet:
+    """The default fit at ``budget``, one per (budget, use_vote) for the whole module."""
+    return _fitted(float(budget), bool(use_vote))
+
+
+@functools.cache
+def _fitted(budget: float, use_vote: bool) -> EENet:
     logits, labels = data("val")
     return EENet.fit_logits(logits, labels, COSTS, budget, use_vote=use_vote)
 

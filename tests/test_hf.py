@@ -14,6 +14,8 @@ transformers = pytest.importorskip("transformers")
 
 VOCAB, HIDDEN, LAYERS, C = 100, 32, 4, 3
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: OpenMP only adds waits
+
 
 def _tiny(kind: str = "bert") -> torch.nn.Module:
     torch.manual_seed(0)
