@@ -11,8 +11,8 @@ check that both give the same exits. Seeds are fixed: the numbers repeat.
 from __future__ import annotations
 
 import os
-import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +21,7 @@ import torch
 from . import budget as budget_mod
 from . import data, models, train
 from .policies import EENet, Entropy, ExitPolicy, MaxProb, Patience, collect_exit_logits
-from .runtime import Engine, simulate
+from .runtime import Engine, simulate, timing
 from .saving import save_model
 
 POLICY_CLASSES: tuple[type[ExitPolicy], ...] = (MaxProb, Entropy, Patience, EENet)
@@ -74,17 +74,18 @@ def evaluate(policy: ExitPolicy, logits: list[torch.Tensor], labels: torch.Tenso
 def _throughputs(engines: dict[str, Engine], x: torch.Tensor, batch: int, repeats: int = 9
                  ) -> dict[str, float]:
     """Samples per second of each engine over x in batches: median of ``repeats`` passes,
-    the engines' passes interleaved so that a change of machine load hits them alike."""
-    times: dict[str, list[float]] = {name: [] for name in engines}
-    for engine in engines.values():  # warm-up: first-call allocations, kernel selection
-        engine(x[:batch])
-    for _ in range(repeats):
-        for name, engine in engines.items():
-            start = time.perf_counter()
+    the engines' passes interleaved so that a change of machine load hits them alike
+    (:func:`eenet.runtime.timing.time_entries`, one warm-up pass)."""
+
+    def one_pass(engine: Engine) -> Callable[[], None]:
+        def run() -> None:
             for i in range(0, x.shape[0], batch):
                 engine(x[i:i + batch])
-            times[name].append(time.perf_counter() - start)
-    return {name: x.shape[0] / statistics.median(t) for name, t in times.items()}
+        return run
+
+    stats = timing.time_entries({name: timing.timed(one_pass(e)) for name, e in engines.items()},
+                                warmup=1, repeats=repeats, device=x.device)
+    return {name: x.shape[0] / s.median for name, s in stats.items()}
 
 
 def run_dataset(name: str, epochs: int, seed: int, budgets: tuple[float, ...],
