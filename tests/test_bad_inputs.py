@@ -1,10 +1,15 @@
 """Bad inputs: every backend raises the documented exception with the documented message.
 
 Messages start with ``eenet.<op>: `` and name the offending argument; dtype errors are
-``TypeError``, out-of-range indices ``IndexError``, everything else ``ValueError``. The
-reference (Python checks) and the C++ backend (``TORCH_CHECK_VALUE/TYPE/INDEX``) must raise
-the same type with the same first line. Valid empty inputs (N = 0) must not raise.
+``TypeError``, out-of-range indices ``IndexError``, everything else ``ValueError``.
 
+- ``test_reference_raises_documented_error``: the reference (``eenet_kernels/checks.py``)
+  raises each case's literal type and message;
+- ``test_backend_raises_like_reference``: every other backend (cpp: ``csrc/checks.h``;
+  triton: the Python checks again, before its launch) raises exactly the reference's type
+  and message string for the same input, case by case (known disagreements are strict
+  xfails naming the difference, so they flip once fixed);
+- valid empty inputs (N = 0) raise nothing on any backend.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import PARITY_BACKENDS, backend_param
 
 import eenet_kernels as ek
 
@@ -206,7 +212,43 @@ def _exit_cases(op: str) -> list[Case]:
         case("patience_prev_preds_float", TypeError,
              "prev_preds must have dtype in (int32, int64), got float32",
              **{**patience, "prev_preds": lambda: preds(dtype=torch.float32)}),
+        case("eenet_sched_bias_nan", ValueError, "sched_bias must be finite, got nan",
+             **{**eenet, "sched_bias": lambda: math.nan}),
+        case("eenet_sched_weight_inf", ValueError,
+             "sched_weight must be finite, got inf at position 2",
+             **{**eenet, "sched_weight": lambda: torch.tensor([0.5, -1.0, math.inf, 0.0, 1.0,
+                                                               2.0, 0.1, 0.2, 0.3])}),
+        case("feats_sparse", ValueError,
+             "feats must be a dense (strided) tensor, got layout sparse_coo",
+             feats=lambda: torch.randn(N, D).to_sparse()),
+        case("weight_sparse", ValueError,
+             "weight must be a dense (strided) tensor, got layout sparse_coo",
+             weight=lambda: torch.randn(C, D).to_sparse()),
     ]
+
+
+def _feats_and_out_score() -> dict[str, Callable[[], Any]]:
+    """feats and out_score views of one float32 buffer."""
+    base = torch.randn(N * D)
+    return {"feats": lambda: base.view(N, D), "out_score": lambda: base[:N0]}
+
+
+def _bias_and_out_score() -> dict[str, Callable[[], Any]]:
+    """bias and out_score sharing one element."""
+    base = torch.zeros(C + N0 - 1)
+    return {"bias": lambda: base[:C], "out_score": lambda: base[C - 1:]}
+
+
+def _row_index_and_out_exit() -> dict[str, Callable[[], Any]]:
+    """row_index (valid values) inside out_exit's storage."""
+    base = torch.tensor([0, 0, 5, 0, 3, 1], dtype=torch.int64)
+    return {"row_index": lambda: base[2:], "out_exit": lambda: base}
+
+
+def _logits_and_score() -> dict[str, Callable[[], Any]]:
+    """out_logits and out_score sharing their last / first elements."""
+    base = torch.zeros(N0 * C + N0 - 1)
+    return {"out_logits": lambda: base[:N0 * C].view(N0, C), "out_score": lambda: base[-N0:]}
 
 
 def _write_cases() -> list[Case]:
@@ -232,8 +274,32 @@ def _write_cases() -> list[Case]:
         case("row_index_negative", IndexError,
              "row_index values must lie in [0, 6), got -1 at position 2",
              row_index=lambda: torch.tensor([5, 0, -1, 1])),
-        case("exit_index_negative", ValueError, "exit_index must be >= 0, got -1",
-             exit_index=lambda: -1),
+        case("exit_index_negative", ValueError, "exit_index must lie in [0, "
+             "9223372036854775807] (out_exit is int64), got -1", exit_index=lambda: -1),
+        case("exit_index_beyond_int32", ValueError, "exit_index must lie in [0, 2147483647] "
+             "(out_exit is int32), got 2147483648", exit_index=lambda: 2**31,
+             out_exit=lambda: torch.zeros(N0, dtype=torch.int32)),
+        case("exit_index_beyond_int64", ValueError, "exit_index must lie in [0, "
+             "9223372036854775807] (out_exit is int64), got 9223372036854775808",
+             exit_index=lambda: 2**63),
+        case("out_score_expanded", ValueError, "out_score must be contiguous",
+             out_score=lambda: torch.zeros(1).expand(N0)),
+        case("out_exit_uint8", TypeError, "out_exit must have dtype in (int32, int64), got uint8",
+             out_exit=lambda: torch.zeros(N0, dtype=torch.uint8)),
+        case("row_index_int16", TypeError,
+             "row_index must have dtype in (int32, int64), got int16",
+             row_index=lambda: torch.tensor([5, 0, 3, 1], dtype=torch.int16)),
+        case("out_score_overlaps_bias", ValueError,
+             "out_score overlaps bias; pass a separate buffer", **_bias_and_out_score()),
+        case("row_index_duplicate", ValueError,
+             "row_index values must be distinct, got 3 at positions 1 and 3",
+             row_index=lambda: torch.tensor([5, 3, 0, 3])),
+        case("out_score_overlaps_feats", ValueError,
+             "out_score overlaps feats; pass a separate buffer", **_feats_and_out_score()),
+        case("out_exit_overlaps_row_index", ValueError,
+             "out_exit overlaps row_index; pass a separate buffer", **_row_index_and_out_exit()),
+        case("out_score_overlaps_out_logits", ValueError,
+             "out_score overlaps out_logits; pass a separate buffer", **_logits_and_score()),
         case("out_score_float64", TypeError, "out_score must have dtype in (float32), got float64",
              out_score=lambda: torch.zeros(N0, dtype=torch.float64)),
         case("out_score_2d", ValueError,
@@ -291,6 +357,9 @@ def _compact_cases(op: str) -> list[Case]:
              lambda: {"src": [torch.zeros(N, 2), torch.zeros(N - 1, 2)]}),
         case("src_0d", ValueError, "src[0] must have N = 4 rows like keep, got shape ()",
              lambda: {"src": [torch.tensor(1.0)]}),
+        case("src_sparse", ValueError,
+             "src[0] must be a dense (strided) tensor, got layout sparse_coo",
+             lambda: {"src": [torch.zeros(N, 2).to_sparse(), torch.arange(N)]}),
     ]
     if op == "compact":
         return cases
@@ -302,6 +371,14 @@ def _compact_cases(op: str) -> list[Case]:
     def overlap_partial() -> dict[str, Any]:
         base = torch.zeros(10, 2)
         return {"src": [base[:N], torch.zeros(N, 2)], "dst": [torch.zeros(N, 2), base[2:8]]}
+
+    def overlap_keep() -> dict[str, Any]:
+        base = torch.tensor([True, False, True, True, False, False])
+        return {"keep": base[:N], "src": [torch.ones(N, dtype=torch.bool)], "dst": [base[2:]]}
+
+    def overlap_dst() -> dict[str, Any]:
+        base = torch.zeros(N, 2)  # 32 bytes: also the (N,) int64 buffer of src[1]
+        return {"dst": [base, base.view(-1).view(torch.int64)]}
 
     def same() -> dict[str, Any]:
         src = [torch.zeros(N, 2), torch.arange(N)]
@@ -322,6 +399,11 @@ def _compact_cases(op: str) -> list[Case]:
         case("dst_rank", ValueError,
              "dst[1] must have shape (>= 4) to hold src[1] of shape (4,), got (4, 1)",
              lambda: {"dst": [torch.zeros(N, 2), torch.zeros(N, 1, dtype=torch.int64)]}),
+        case("keep_sparse", ValueError,
+             "keep must be a dense (strided) tensor, got layout sparse_coo",
+             lambda: {"keep": torch.ones(N, dtype=torch.bool).to_sparse()}),
+        case("dst_expanded", ValueError, "dst[0] must be contiguous",
+             lambda: {"dst": [torch.zeros(1, 2).expand(N, 2), torch.zeros(N, dtype=torch.int64)]}),
         case("dst_noncontiguous", ValueError, "dst[0] must be contiguous",
              lambda: {"dst": [torch.zeros(2, N).t(), torch.zeros(N, dtype=torch.int64)]}),
         case("dst_is_src", ValueError, "dst[0] overlaps src[0]; compaction into its own source "
@@ -330,6 +412,10 @@ def _compact_cases(op: str) -> list[Case]:
              "own source is not supported, pass a separate buffer", overlap_partial),
         case("dst_overlaps_strided_src", ValueError, "dst[0] overlaps src[0]; compaction into "
              "its own source is not supported, pass a separate buffer", overlap_strided),
+        case("dst_overlaps_keep", ValueError, "dst[0] overlaps keep; pass a separate buffer",
+             overlap_keep),
+        case("dst_overlaps_dst", ValueError, "dst[1] overlaps dst[0]; pass a separate buffer",
+             overlap_dst),
     ]
 
 
@@ -369,29 +455,53 @@ def test_case_ids_unique() -> None:
     assert len(ids) == len(set(ids))
 
 
+def raised(case: Case, backend: str) -> tuple[type[BaseException], str] | None:
+    """(exception type, message) that ``case`` raises on ``backend``; None if it passes."""
+    try:
+        case.call(backend)
+    except Exception as exc:
+        return type(exc), str(exc)
+    return None
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_bad_input_raises(backend: str, case: Case) -> None:
-    """The documented exception type and message, on every backend."""
+def test_reference_raises_documented_error(case: Case) -> None:
+    """The documented exception type (not a subclass) and message, on the reference."""
     assert case.message.startswith(f"eenet.{case.op}: ")
     with pytest.raises(case.exc, match=expected_pattern(case)) as info:
-        case.call(backend)
-    assert type(info.value) is case.exc  # not a subclass standing in for it
+        case.call("reference")
+    assert type(info.value) is case.exc
 
 
-@pytest.mark.skipif(not ek.HAVE_EXTENSION, reason="needs the compiled cpp backend")
-@pytest.mark.parametrize("case", CASES + CROSS_ONLY, ids=lambda c: c.id)
-def test_backends_raise_identically(case: Case) -> None:
-    """reference and cpp raise the same exception type with the same first line."""
-    got: dict[str, tuple[type[BaseException], str] | None] = {}
-    for backend in ("reference", "cpp"):
-        try:
-            case.call(backend)
-        except Exception as exc:
-            got[backend] = (type(exc), str(exc).splitlines()[0])
-        else:
-            got[backend] = None
-    assert got["reference"] is not None, "reference did not raise"
-    assert got["cpp"] == got["reference"]
+# (case id, backend) -> why the backend's error differs from the reference's; strict xfails
+# that flip once csrc/checks.h (or the backend) and eenet_kernels/checks.py agree again
+KNOWN_MISMATCHES: dict[tuple[str, str], str] = {
+    ("exit_score_write-exit_index_beyond_int64", "cpp"):
+        "an exit_index past int64 never reaches csrc/checks.h: the dispatcher's schema "
+        "conversion raises RuntimeError \"Expected a value of type 'int' for argument "
+        "'exit_index'\" (the Python layer checks the range first; ops.py could too)",
+}
+
+
+def _parity_params() -> list[Any]:
+    params = []
+    for case in CASES + CROSS_ONLY:
+        for backend in PARITY_BACKENDS:
+            marks = list(backend_param(backend).marks)
+            why = KNOWN_MISMATCHES.get((case.id, backend))
+            if why is not None:
+                marks.append(pytest.mark.xfail(strict=True, reason=why))
+            params.append(pytest.param(case, backend, marks=marks, id=f"{backend}-{case.id}"))
+    return params
+
+
+@pytest.mark.parametrize(("case", "backend"), _parity_params())
+def test_backend_raises_like_reference(case: Case, backend: str) -> None:
+    """The backend raises the reference's exception type with the reference's exact
+    message for the same bad input."""
+    want = raised(case, "reference")
+    assert want is not None, "the reference accepted the input"
+    assert raised(case, backend) == want
 
 
 def test_cpp_messages_have_no_extra_text() -> None:
@@ -424,40 +534,44 @@ def _check_empty_exit(op: str, backend: str, policy: str, shape: tuple[int, ...]
     out_logits = torch.full((N0, C), 3.0)
     out_score = torch.full((N0,), 4.0)
     out_exit = torch.full((N0,), 7, dtype=torch.int64)
-    logits, score, mask = run_exit(
+    res = run_exit(
         op, backend, feats=torch.randn(shape), policy=policy, check_finite=check_finite,
         row_index=torch.zeros(0, dtype=torch.int64), out_logits=out_logits,
         out_score=out_score, out_exit=out_exit, **_empty_policy_args(policy))
-    assert logits.shape == (0, C) and logits.dtype == torch.float32
-    assert score.shape == (0,) and score.dtype == torch.float32
-    assert mask.shape == (0,) and mask.dtype == torch.bool
+    assert res.logits.shape == (0, C) and res.logits.dtype == torch.float32
+    assert res.score.shape == (0,) and res.score.dtype == torch.float32
+    assert res.exit_mask.shape == (0,) and res.exit_mask.dtype == torch.bool
+    assert res.pred.shape == (0,) and res.pred.dtype == torch.int64
+    assert res.keep.shape == (0,) and res.keep.dtype == torch.bool
     assert bool((out_logits == 3.0).all() & (out_score == 4.0).all() & (out_exit == 7).all())
 
 
 @pytest.mark.parametrize("shape", [(0, D), (0, D, 2)], ids=["2d", "3d"])
 @pytest.mark.parametrize("policy", ["max_prob", "entropy", "patience", "eenet"])
 @pytest.mark.parametrize("op", EXIT_OPS)
-def test_exit_score_empty_batch(backend: str, op: str, policy: str, shape: tuple[int, ...]
-                                ) -> None:
+def test_exit_score_empty_batch(any_backend: str, op: str, policy: str,
+                                shape: tuple[int, ...]) -> None:
     """N = 0 is valid for every policy and feats rank (finite check off)."""
-    _check_empty_exit(op, backend, policy, shape, check_finite=False)
+    _check_empty_exit(op, any_backend, policy, shape, check_finite=False)
 
 
+@pytest.mark.parametrize("shape", [(0, D), (0, D, 2)], ids=["2d", "3d"])
 @pytest.mark.parametrize("op", EXIT_OPS)
-def test_exit_score_empty_batch_default_finite_check(backend: str, op: str) -> None:
-    """N = 0 is valid with the default check_finite=True too."""
-    _check_empty_exit(op, backend, "max_prob", (0, D), check_finite=True)
+def test_exit_score_empty_batch_finite_check(any_backend: str, op: str,
+                                             shape: tuple[int, ...]) -> None:
+    """N = 0 is valid with check_finite=True too."""
+    _check_empty_exit(op, any_backend, "max_prob", shape, check_finite=True)
 
 
 @pytest.mark.parametrize("op", COMPACT_OPS)
-def test_compact_empty_batch(backend: str, op: str) -> None:
+def test_compact_empty_batch(any_backend: str, op: str) -> None:
     """N = 0 compacts to empty buffers and a zero count; out buffers stay untouched."""
     keep = torch.zeros(0, dtype=torch.bool)
     src = [torch.zeros(0), torch.zeros(0, 3, dtype=torch.int32),
            torch.zeros(5, 0, 7, dtype=torch.bfloat16).transpose(0, 1)]
     dst = [torch.full((2,), 9.0), torch.full((0, 3), 9, dtype=torch.int32),
            torch.full((1, 5, 7), 9.0, dtype=torch.bfloat16)]
-    kept, count = run_compact(op, backend, keep=keep, src=src, dst=dst)
+    kept, count = run_compact(op, any_backend, keep=keep, src=src, dst=dst)
     assert count.dim() == 0 and count.dtype == torch.int64 and int(count) == 0
     if op == "compact":
         assert [tuple(k.shape) for k in kept] == [(0,), (0, 3), (0, 5, 7)]
@@ -472,16 +586,16 @@ def test_compact_empty_batch(backend: str, op: str) -> None:
 
 
 @pytest.mark.gpu
-def test_tensors_on_different_devices(backend: str) -> None:
+def test_tensors_on_different_devices(any_backend: str) -> None:
     """A secondary tensor on another device than the primary one is named in a ValueError."""
     feats, weight = torch.randn(N, D), torch.randn(C, D, device="cuda")
     with pytest.raises(ValueError, match=re.escape(
             f"eenet.exit_score: weight is on {weight.device} but feats is on cpu; all tensors "
             "must share one device")):
-        ek.exit_score(feats, weight, backend=backend)
+        ek.exit_score(feats, weight, backend=any_backend)
     src = torch.zeros(N, 2, device="cuda")
     for op in COMPACT_OPS:
         with pytest.raises(ValueError, match=re.escape(
                 f"eenet.{op}: src[0] is on {src.device} but keep is on cpu; all tensors must "
                 "share one device")):
-            run_compact(op, backend, src=[src], dst=[torch.zeros(N, 2)])
+            run_compact(op, any_backend, src=[src], dst=[torch.zeros(N, 2)])
