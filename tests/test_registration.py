@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from conftest import assert_covers, pairwise_cases, product_seeds
 
 import eenet_kernels as ek
 from eenet_kernels._schemas import SCHEMAS
@@ -45,11 +46,23 @@ OPCHECK_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("policy", "threshold", "is_last", "use_vote"), OPCHECK_CASES)
-@pytest.mark.parametrize("n", [0, 1, 7])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+OPCHECK_AXES = {"case": OPCHECK_CASES, "n": (0, 1, 7), "dtype": (torch.float32, torch.bfloat16)}
+# every policy case at every size; the dtypes pairwise with both (15 opchecks, not 30)
+OPCHECK_GRID = pairwise_cases(OPCHECK_AXES, product_seeds(OPCHECK_AXES, ("case", "n")))
+
+
+def test_opcheck_grid_covers_every_pair() -> None:
+    assert_covers(OPCHECK_GRID, OPCHECK_AXES, ("case", "n"))
+
+
+@pytest.mark.parametrize(
+    ("policy", "threshold", "is_last", "use_vote", "n", "dtype"),
+    [(*r["case"], r["n"], r["dtype"]) for r in OPCHECK_GRID],
+    ids=[f"{r['case'][0]}-{'last' if r['case'][2] else r['case'][1]}-N{r['n']}-"
+         f"{str(r['dtype']).removeprefix('torch.')}" for r in OPCHECK_GRID])
 def test_opcheck_exit_score(policy: str, threshold: float, is_last: bool, use_vote: bool,
                             n: int, dtype: torch.dtype) -> None:
+    """Schema, fake kernel, autograd registration and functionalization of both exit ops."""
     x = _exit_inputs(n=n, dtype=dtype)
     args = (x["feats"], x["weight"], x["bias"], policy, threshold, is_last, x["prev_scores"],
             x["prev_preds"], x["sched_weight"] if use_vote else x["sched_weight"][:-1], 0.25,
@@ -112,14 +125,19 @@ def _median_threshold_model(d: int, c: int, x: torch.Tensor) -> _TwoStage:
     return model
 
 
-def test_compile_fullgraph_two_stage_loop() -> None:
-    """torch.compile(fullgraph=True) of a loop using the ops gives the eager results."""
+@pytest.mark.parametrize("compiler", [
+    "aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_compile_fullgraph_two_stage_loop(compiler: str) -> None:
+    """torch.compile(fullgraph=True) of a loop using the ops gives the eager results.
+    aot_eager (default): the whole graph is captured through the fake kernels and
+    functionalized, no code generated; inductor (slow, ~25 s cold): also compiled."""
     torch.manual_seed(0)
     x = torch.randn(32, 16)
     model = _median_threshold_model(16, 4, x)
+    torch._dynamo.reset()
     with torch.no_grad(), torch._dynamo.config.patch(capture_scalar_outputs=True):
         eager = model(x)
-        compiled = torch.compile(model, fullgraph=True, dynamic=False)(x)
+        compiled = torch.compile(model, fullgraph=True, dynamic=False, backend=compiler)(x)
     exits = eager[2]
     assert 0 < int((exits == 0).sum()) < 32, "the toy loop should exit some rows at each exit"
     for e, c in zip(eager, compiled, strict=True):
