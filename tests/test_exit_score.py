@@ -492,6 +492,27 @@ def test_decision_exemption_is_exactly_the_near_rows() -> None:
 # The reference against the independent formulation.
 
 
+def check_against_float64(res: ek.ExitScore, feats: torch.Tensor, weight: torch.Tensor,
+                          bias: torch.Tensor | None, case: Case, kw: dict[str, Any],
+                          threshold: float, is_last: bool, ctx: str) -> None:
+    """A reference result against the independent formulation: float64 logits of the upcast
+    inputs, their argmax, the float64 policy formulas on the result's own logits, the
+    decisions they imply (conftest's exemption), keep = ~exit_mask."""
+    n, c = feats.shape[0], weight.shape[0]
+    check_result_types(res, n, c, ctx)
+    truth = float64_logits(feats, weight, bias)
+    tol = exit_tolerance(feats, weight, bias, case.policy, kw.get("sched_weight"))
+    assert_logits_close(res.logits, truth, tol, ctx)
+    settled = ~ambiguous_rows(truth, tol)
+    assert torch.equal(res.pred[settled], truth.argmax(dim=1)[settled]), f"{ctx}: pred"
+    want = float64_score(res.logits, case, kw)  # the formulas, on the result's logits
+    score_tol = tol.score_given(res.logits, res.logits)  # same logits: the fp32 floor
+    assert_scores_close(res.score, want, score_tol, ctx)
+    want_mask = torch.ones(n, dtype=torch.bool) if is_last else want >= threshold
+    assert_decisions_agree(res.exit_mask, want_mask, want, threshold, score_tol, is_last)
+    assert torch.equal(res.keep, ~res.exit_mask), ctx
+
+
 @pytest.mark.parametrize("row", grid_params(REFERENCE_GRID))
 def test_reference_matches_float64(row: dict[str, Any]) -> None:
     """reference.exit_score against float64 logits and scores computed here."""
@@ -502,22 +523,11 @@ def test_reference_matches_float64(row: dict[str, Any]) -> None:
     kw = policy_kwargs(case, float64_logits(feats, weight, bias).float())
     if row["nonfinite"]:
         feats = inject_nonfinite(feats)
-    truth = float64_logits(feats, weight, bias)
     probe = reference_result(feats, weight, bias, case, 0.0, False, kw)
     threshold = choose_threshold(row["threshold"], case, probe.score)
     ctx = f"[reference] {row_id(row)} threshold={threshold!r}"
     res = reference_result(feats, weight, bias, case, threshold, is_last, kw)
-    check_result_types(res, n, c, ctx)
-    tol = exit_tolerance(feats, weight, bias, case.policy, kw.get("sched_weight"))
-    assert_logits_close(res.logits, truth, tol, ctx)
-    settled = ~ambiguous_rows(truth, tol)
-    assert torch.equal(res.pred[settled], truth.argmax(dim=1)[settled]), f"{ctx}: pred"
-    want = float64_score(res.logits, case, kw)  # the formulas, on the reference's logits
-    score_tol = tol.score_given(res.logits, res.logits)  # same logits: the fp32 floor
-    assert_scores_close(res.score, want, score_tol, ctx)
-    want_mask = torch.ones(n, dtype=torch.bool) if is_last else want >= threshold
-    assert_decisions_agree(res.exit_mask, want_mask, want, threshold, score_tol, is_last)
-    assert torch.equal(res.keep, ~res.exit_mask), ctx
+    check_against_float64(res, feats, weight, bias, case, kw, threshold, is_last, ctx)
     finite = torch.isfinite(res.score)
     if row["nonfinite"]:
         assert not bool(finite[list(NONFINITE_ROWS)].any()), ctx
@@ -653,19 +663,16 @@ def call_write(backend: str, feats: torch.Tensor, weight: torch.Tensor,
 
 @pytest.mark.parametrize("row", grid_params(REFERENCE_WRITE_GRID))
 def test_reference_exit_score_write(row: dict[str, Any]) -> None:
-    """The reference write: exiting rows land at row_index, cast / argmax'd, the rest keeps
-    its sentinels; the result is exit_score's."""
+    """The reference write: its result against the float64 formulation; exiting rows land
+    at row_index, cast / argmax'd, the rest keeps its sentinels."""
     torch.manual_seed(row_seed(row_id(row)))
     case: Case = row["case"]
     feats, weight, bias, kw, threshold, row_index, bufs = write_inputs(row)
     ctx = f"[reference] {row_id(row)} threshold={threshold!r}"
     out = call_write("reference", feats, weight, bias, case, kw, threshold, row["is_last"],
                      row_index, bufs, 3, not row["nonfinite"])
+    check_against_float64(out, feats, weight, bias, case, kw, threshold, row["is_last"], ctx)
     check_written(out, bufs, row_index, 3, row["is_last"], ctx)
-    plain = reference_result(feats, weight, bias, case, threshold, row["is_last"], kw)
-    for name, got, want in zip(ek.ExitScore._fields, out, plain, strict=True):
-        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True,
-                                   msg=lambda m, name=name: f"{ctx}: {name}: {m}")
 
 
 def run_write_row(backend: str, row: dict[str, Any], threads: int = 1) -> None:
