@@ -1,10 +1,13 @@
-"""Build of eenet-kernels: the ``eenet_kernels`` op package (+ its compiled ``_C``) and the
-high-level ``eenet`` package from ``python/``.
+"""Build of eenet-kernels: the compiled extension ``eenet_kernels._C`` of the op package.
+
+Everything declarative (metadata, dependencies, the ``eenet_kernels`` and ``eenet`` packages,
+the latter from ``python/``) is in pyproject.toml; this file holds only what must be code.
 
 Environment:
   EENET_SKIP_EXT=1   build nothing compiled; every op runs through its Python fallback.
-  EENET_CUDA=0|1     force the CUDA sources off/on (default: on when nvcc and a CUDA torch
-                     are present). The CUDA kernels land with their own issue.
+  EENET_SANITIZE=1   build the extension with AddressSanitizer + UndefinedBehaviorSanitizer
+                     (-O1 -g; `make test-asan` builds it in a copy of the tree and runs the op
+                     tests with libasan preloaded). Never for a wheel that ships.
 """
 
 from __future__ import annotations
@@ -26,27 +29,35 @@ except ImportError as exc:  # pragma: no cover - depends on the machine
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
+# -fno-trapping-math: lets GCC if-convert (and so vectorise) loops with selects; the kernels
+# never read floating-point exception flags
+CXX_FLAGS = ["-O3", "-fopenmp", "-fno-trapping-math"]
+LINK_FLAGS = ["-fopenmp"]
+# every UBSan finding aborts (no recovery), as ASan's do
+SANITIZE_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all",
+                  "-fno-omit-frame-pointer", "-g"]
+
 
 def extensions() -> list:
     if os.environ.get("EENET_SKIP_EXT", "0") == "1":
         return []
+    cxx_flags, link_flags = list(CXX_FLAGS), list(LINK_FLAGS)
+    if os.environ.get("EENET_SANITIZE", "0") == "1":
+        cxx_flags = ["-O1", *cxx_flags[1:], *SANITIZE_FLAGS]
+        link_flags += SANITIZE_FLAGS
     sources = ["csrc/ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
     return [
         CppExtension(
             name="eenet_kernels._C",
             sources=sources,
             include_dirs=[os.path.join(ROOT, "csrc")],
-            # -fno-trapping-math: lets GCC if-convert (and so vectorise) loops with selects; the
-            # kernels never read floating-point exception flags
-            extra_compile_args={"cxx": ["-O3", "-fopenmp", "-fno-trapping-math"]},
-            extra_link_args=["-fopenmp"],
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags,
         )
     ]
 
 
 setup(
-    packages=["eenet_kernels", "eenet_kernels.triton", "eenet"],
-    package_dir={"eenet_kernels": "eenet_kernels", "eenet": "python/eenet"},
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension},
 )
