@@ -8,7 +8,7 @@ USE_VENV    := $(filter $(VENV)/bin/python,$(PYTHON))
 SETUP_STAMP := $(if $(USE_VENV),$(VENV)/.setup-done,.setup-system-done)
 PYTEST_ARGS ?=
 
-.PHONY: setup build test test-fast lint demo clean
+.PHONY: setup build test test-fast test-wheel lint demo clean
 
 setup: $(SETUP_STAMP)
 
@@ -25,9 +25,16 @@ $(SETUP_STAMP): $(if $(USE_VENV),$(VENV)/bin/python) pyproject.toml setup.py $(w
 build: setup
 	$(PYTHON) setup.py build_ext --inplace
 
+# lint, the test suite, then the wheel as a user installs it
 test: setup
 	$(PYTHON) -m ruff check .
 	TRITON_INTERPRET=1 $(PYTHON) -m pytest -q $(PYTEST_ARGS)
+	PYTHON=$(PYTHON) bash scripts/check_wheel.sh
+
+# builds the wheel, installs it into a throw-away venv (torch reused, no checkout, no triton)
+# and checks that every module imports and the ops and the runtime run (scripts/check_wheel.sh)
+test-wheel: setup
+	PYTHON=$(PYTHON) bash scripts/check_wheel.sh
 
 test-fast: setup
 	TRITON_INTERPRET=1 $(PYTHON) -m pytest -q -m "not slow" $(PYTEST_ARGS)
