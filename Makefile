@@ -8,7 +8,7 @@ USE_VENV    := $(filter $(VENV)/bin/python,$(PYTHON))
 SETUP_STAMP := $(if $(USE_VENV),$(VENV)/.setup-done,.setup-system-done)
 PYTEST_ARGS ?=
 
-.PHONY: setup build test test-fast test-wheel lint demo clean
+.PHONY: setup build test test-fast test-wheel test-asan lint demo clean
 
 setup: $(SETUP_STAMP)
 
@@ -35,6 +35,11 @@ test: setup
 # and checks that every module imports and the ops and the runtime run (scripts/check_wheel.sh)
 test-wheel: setup
 	PYTHON=$(PYTHON) bash scripts/check_wheel.sh
+
+# the op tests against the extension built with ASan + UBSan, in a copy of the tree
+# (scripts/test_asan.sh); not part of `make test`
+test-asan: setup
+	PYTHON=$(PYTHON) bash scripts/test_asan.sh
 
 test-fast: setup
 	TRITON_INTERPRET=1 $(PYTHON) -m pytest -q -m "not slow" $(PYTEST_ARGS)
