@@ -23,10 +23,12 @@ def config() -> dict:
 
 
 def _tree_packages() -> set[str]:
+    """Every directory holding a module (a folder of modules without __init__.py would not
+    be found by setuptools, and so would be missing from the wheel)."""
     found = set()
     for top, base in PACKAGE_ROOTS.items():
-        for init in (base / top).rglob("__init__.py"):
-            found.add(".".join(init.parent.relative_to(base).parts))
+        for module in (base / top).rglob("*.py"):
+            found.add(".".join(module.parent.relative_to(base).parts))
     return found
 
 
