@@ -200,7 +200,7 @@ def test_missing_extension_warns_once_and_falls_back(tmp_path: os.PathLike) -> N
         "r = ek.exit_score(torch.randn(4, 3), torch.randn(2, 3), policy='entropy', threshold=0.5)\n"
         "assert r.logits.shape == (4, 2)\n"
     )
-    result = _run_python(code)
+    result = _run_python(code, EENET_SKIP_EXT="0")  # the import must be attempted
     assert result.returncode == 0, result.stderr
 
 
