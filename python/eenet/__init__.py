@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import budget, models, nn, policies, runtime, saving, train
+from . import budget, models, nn, policies, robust, runtime, saving, train
 
-__all__ = ["budget", "models", "nn", "policies", "runtime", "saving", "train"]
+__all__ = ["budget", "models", "nn", "policies", "robust", "runtime", "saving", "train"]
 __version__ = "0.1.0"

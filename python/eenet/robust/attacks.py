@@ -1,0 +1,383 @@
+"""L-inf PGD attacks on multi-exit networks (RDI-Nets, ICLR 2020) and the slowdown attack
+(DeepSloth, ICLR 2021).
+
+``net(x)`` returns the list of its K exits' logits, each (N, C) (a model returning one
+(N, C) tensor counts as one exit). Every attack is projected gradient ascent under the L-inf
+norm: an optional random start uniform in the eps ball, then ``steps`` steps
+``x_adv <- x_adv + step * sign(grad)``, each followed by the projection onto the eps ball
+around x and the clip to the input range. The PGD forms of :func:`pgd`:
+
+- ``"main"``: the cross-entropy of the last exit;
+- ``"single"``: the cross-entropy of exit ``exit_index``;
+- ``"average"``: the mean cross-entropy over all K exits;
+- ``"max_average"``: per sample, among the K single-exit attacks, the adversarial example
+  whose cross-entropy summed over all K exits is largest. The K single-exit attacks start
+  from the same random point (one start per call), so ``pgd(..., "single", exit_index=k)``
+  with the same config returns exactly the k-th candidate.
+
+:func:`slowdown` pushes every early exit (all but the last) towards the uniform
+distribution, so that confidence-based policies let the samples run to the end.
+
+The attacks run the network in eval mode (the previous mode of every submodule is restored
+afterwards) and take gradients with respect to the input only
+(``torch.autograd.grad``), so no parameter's ``.grad`` changes. Randomness comes from a
+``torch.Generator`` seeded with ``config.seed`` (on the CPU, then moved to the input's
+device), so an attack repeats exactly for a seed and leaves the global RNG alone. Inputs
+may live on any device; the result has the input's shape, dtype and device.
+
+Units: an :class:`AttackConfig` is in the units of the network's input. The paper's
+settings (:func:`attack_defaults`) are in pixel units, images in [0, 1]. For standardised
+inputs ((pixel - mean) / std, as :mod:`eenet.data` gives), map the config onto the
+standardised range with :meth:`AttackConfig.to_range`:
+``cfg.to_range((0 - mean) / std, (1 - mean) / std)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..nn import MultiExitNetwork
+
+__all__ = ["DEFAULTS", "FORMS", "SLOWDOWN_OBJECTIVES", "AttackConfig", "attack_defaults",
+           "exit_logits", "pgd", "slowdown", "summed_exit_loss"]
+
+FORMS: tuple[str, ...] = ("main", "single", "average", "max_average")
+SLOWDOWN_OBJECTIVES: tuple[str, ...] = ("uniform", "entropy")
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """An L-inf PGD attack: radius ``eps``, step size ``step``, ``steps`` iterations.
+
+    ``random_start``: start uniform in the eps ball (else at x). ``clip``: the input range
+    ``(low, high)`` every adversarial example is clipped to (inputs must lie inside it), or
+    None for no clipping. ``seed`` seeds the random start. All in the input's units.
+    """
+
+    eps: float
+    step: float
+    steps: int
+    random_start: bool = True
+    clip: tuple[float, float] | None = (0.0, 1.0)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("eps", "step"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"AttackConfig.{name} must be a number, got {value!r}")
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"AttackConfig.{name} must be finite and >= 0, got {value!r}")
+            object.__setattr__(self, name, float(value))
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int):
+            raise TypeError(f"AttackConfig.steps must be an int, got {self.steps!r}")
+        if self.steps < 0:
+            raise ValueError(f"AttackConfig.steps must be >= 0, got {self.steps}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise TypeError(f"AttackConfig.seed must be an int, got {self.seed!r}")
+        if not isinstance(self.random_start, bool):
+            raise TypeError(f"AttackConfig.random_start must be a bool, got "
+                            f"{self.random_start!r}")
+        if self.clip is not None:
+            try:
+                low, high = (float(v) for v in self.clip)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"AttackConfig.clip must be (low, high) or None, got "
+                                 f"{self.clip!r}") from exc
+            if not (math.isfinite(low) and math.isfinite(high) and low < high):
+                raise ValueError(f"AttackConfig.clip must be finite with low < high, got "
+                                 f"{self.clip!r}")
+            object.__setattr__(self, "clip", (low, high))
+
+    def to_range(self, low: float, high: float) -> AttackConfig:
+        """This attack in other input units: the affine map taking ``clip`` onto
+        ``(low, high)`` applied to the config (eps and step scale by
+        ``(high - low) / (clip[1] - clip[0])``). For inputs standardised as
+        ``(pixel - mean) / std``: ``to_range(-mean / std, (1 - mean) / std)``."""
+        if self.clip is None:
+            raise ValueError("to_range maps the clip range onto another; this config has "
+                             "clip=None")
+        low, high = float(low), float(high)
+        if not (math.isfinite(low) and math.isfinite(high) and low < high):
+            raise ValueError(f"to_range needs finite low < high, got ({low}, {high})")
+        scale = (high - low) / (self.clip[1] - self.clip[0])
+        return dataclasses.replace(self, eps=self.eps * scale, step=self.step * scale,
+                                   clip=(low, high))
+
+
+# (train, test) settings per dataset, pixel units (images in [0, 1]):
+# - mnist: the authors' code, eps 0.3, step 0.01, 40 steps in training and evaluation;
+# - cifar10: the paper, eps 8/255, step 2/255, 10 steps in training, 20 in evaluation;
+# - digits (scikit-learn's 8x8, 17 grey levels): MNIST's step and step count with eps 0.1.
+#   Every 8x8 pixel averages a 4x4 block of the 32x32 bitmap, so one pixel carries what 16
+#   MNIST-sized pixels do, and at eps 0.3 a 40-step attack turns many digits into others
+#   outright (no robust classifier exists to be learnt there); 0.1 is 1.6 grey levels.
+DEFAULTS: dict[str, tuple[AttackConfig, AttackConfig]] = {
+    "mnist": (AttackConfig(0.3, 0.01, 40), AttackConfig(0.3, 0.01, 40)),
+    "cifar10": (AttackConfig(8 / 255, 2 / 255, 10), AttackConfig(8 / 255, 2 / 255, 20)),
+    "digits": (AttackConfig(0.1, 0.01, 20), AttackConfig(0.1, 0.01, 20)),
+}
+_ALIASES = {"cifar": "cifar10", "cifar-10": "cifar10"}
+
+
+def attack_defaults(dataset: str, train: bool) -> AttackConfig:
+    """The attack settings for ``dataset`` (``"mnist"``, ``"cifar10"`` (or ``"cifar"``),
+    ``"digits"``; see :data:`DEFAULTS`) in training (``train=True``) or evaluation, in pixel
+    units with clip (0, 1); :meth:`AttackConfig.to_range` converts them for standardised
+    inputs."""
+    key = _ALIASES.get(str(dataset).lower(), str(dataset).lower())
+    if key not in DEFAULTS:
+        raise ValueError(f"no attack defaults for dataset {dataset!r}; known: "
+                         f"{sorted(DEFAULTS)} (or build an AttackConfig)")
+    return DEFAULTS[key][0 if train else 1]
+
+
+# -- helpers -----------------------------------------------------------------------------
+
+
+def exit_logits(net: nn.Module, x: torch.Tensor, upto: int | None = None
+                ) -> list[torch.Tensor]:
+    """The exits' logits of ``net`` on x: a list of (N, C) tensors (a single-tensor output
+    is one exit). ``upto``: only exits 0..upto are needed; a :class:`MultiExitNetwork` then
+    runs only stages 0..upto (the same arithmetic as its full forward)."""
+    if upto is not None and isinstance(net, MultiExitNetwork):
+        outs: list[torch.Tensor] = []
+        h = x
+        for k in range(upto + 1):
+            h = net.stages[k](h)
+            outs.append(net.heads[k](h))
+        return outs
+    out = net(x)
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (list, tuple)) and out and all(isinstance(z, torch.Tensor) for z in out):
+        return list(out)
+    raise TypeError("net(x) must return a tensor of logits or a non-empty list of every exit's "
+                    f"logits, got {type(out).__name__}")
+
+
+def summed_exit_loss(logits: Sequence[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+    """Per-sample cross-entropy summed over the exits: K tensors (N, C), y (N,) int64 ->
+    (N,) float32. The max-average attack's criterion."""
+    return torch.stack([F.cross_entropy(z.float(), y, reduction="none") for z in logits]).sum(0)
+
+
+def _num_exits(net: nn.Module, x: torch.Tensor) -> int | None:
+    """K from the network (``num_exits``), else from a forward pass (None for N = 0)."""
+    k = getattr(net, "num_exits", None)
+    if isinstance(k, int) and not isinstance(k, bool):
+        return k
+    if x.shape[0] == 0:
+        return None
+    with torch.no_grad():
+        return len(exit_logits(net, x))
+
+
+@contextmanager
+def _eval_mode(net: nn.Module) -> Iterator[None]:
+    """Every submodule in eval mode for the block; each one's previous mode restored."""
+    modes = [(m, m.training) for m in net.modules()]
+    net.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _check_config(config: AttackConfig) -> None:
+    if not isinstance(config, AttackConfig):
+        raise TypeError(f"config must be an eenet.robust.AttackConfig, got "
+                        f"{type(config).__name__}")
+
+
+def _check_x(x: torch.Tensor, config: AttackConfig) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError("x must have a batch dimension: (N, ...)")
+    if config.clip is not None and x.numel() > 0:
+        low, high = config.clip
+        lo, hi = float(x.min()), float(x.max())
+        if lo < low or hi > high:
+            raise ValueError(
+                f"x has values in [{lo:.4g}, {hi:.4g}], outside the attack's clip range "
+                f"({low:.4g}, {high:.4g}); for standardised inputs map the config with "
+                "AttackConfig.to_range, or pass clip=None")
+
+
+def _project(x_adv: torch.Tensor, x: torch.Tensor, config: AttackConfig) -> torch.Tensor:
+    """Onto the eps ball around x, then into the clip range (x lies in it, so the result
+    stays in the ball)."""
+    x_adv = torch.minimum(torch.maximum(x_adv, x - config.eps), x + config.eps)
+    if config.clip is not None:
+        x_adv = x_adv.clamp(config.clip[0], config.clip[1])
+    return x_adv
+
+
+def _start(x: torch.Tensor, config: AttackConfig) -> torch.Tensor:
+    """x plus, with ``random_start``, noise uniform in [-eps, eps] drawn from a CPU
+    generator seeded with ``config.seed``; projected."""
+    if not config.random_start or config.eps == 0:
+        return x.clone()
+    g = torch.Generator(device="cpu").manual_seed(config.seed)
+    noise = torch.rand(x.shape, generator=g, dtype=torch.float32)
+    noise = ((2.0 * noise - 1.0) * config.eps).to(device=x.device, dtype=x.dtype)
+    return _project(x + noise, x, config)
+
+
+Objective = Callable[[list[torch.Tensor]], torch.Tensor]
+
+
+def _ascend(net: nn.Module, x: torch.Tensor, start: torch.Tensor, objective: Objective,
+            config: AttackConfig, upto: int | None) -> torch.Tensor:
+    """``config.steps`` signed-gradient ascent steps on ``objective`` (exit logits -> (N,)
+    per-sample values), each projected; gradients w.r.t. the input only."""
+    x_adv = start.detach()
+    with torch.enable_grad():
+        for _ in range(config.steps):
+            x_adv = x_adv.detach().requires_grad_(True)
+            value = objective(exit_logits(net, x_adv, upto)).sum()
+            (grad,) = torch.autograd.grad(value, x_adv)
+            x_adv = _project(x_adv.detach() + config.step * grad.sign(), x, config)
+    return x_adv.detach()
+
+
+def _exit_ce(k: int, y: torch.Tensor) -> Objective:
+    return lambda outs: F.cross_entropy(outs[k].float(), y, reduction="none")
+
+
+def _average_ce(y: torch.Tensor) -> Objective:
+    return lambda outs: summed_exit_loss(outs, y) / len(outs)
+
+
+# -- the attacks ---------------------------------------------------------------------------
+
+
+def pgd(net: nn.Module, x: torch.Tensor, y: torch.Tensor, form: str, config: AttackConfig,
+        exit_index: int | None = None) -> torch.Tensor:
+    """L-inf PGD adversarial examples against a multi-exit network (module docstring).
+
+    ``net(x)`` returns K logits (N, C) (or one (N, C) tensor: K = 1); x (N, ...) floating
+    point, inside ``config.clip``; y (N,) integer labels; ``form`` one of :data:`FORMS`;
+    ``exit_index`` (0 <= k < K) only and always for ``"single"``. Returns x_adv, detached,
+    with x's shape, dtype and device, ``|x_adv - x| <= eps`` elementwise and inside the clip
+    range. N = 0 returns an empty tensor. Raises ``ValueError`` on a bad argument.
+    """
+    if form not in FORMS:
+        raise ValueError(f"unknown attack form {form!r}; one of {FORMS}")
+    _check_config(config)
+    _check_x(x, config)
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"y must be a tensor of labels, got {type(y).__name__}")
+    if y.shape != (x.shape[0],):
+        raise ValueError(f"y must be (N,) with N = {x.shape[0]} (x is {tuple(x.shape)}), got "
+                         f"shape {tuple(y.shape)}")
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise TypeError(f"y must hold integer class labels, got {y.dtype}")
+    if form == "single":
+        if exit_index is None:
+            raise ValueError("form 'single' needs exit_index, the exit to attack")
+        if isinstance(exit_index, bool) or not isinstance(exit_index, int):
+            raise TypeError(f"exit_index must be an int, got {exit_index!r}")
+    elif exit_index is not None:
+        raise ValueError(f"exit_index applies only to form 'single', not {form!r}")
+    k_exits = _num_exits(net, x) if form in ("single", "max_average") else None
+    if form == "single" and k_exits is not None and not 0 <= exit_index < k_exits:
+        raise ValueError(f"exit_index {exit_index} is out of range for a network with "
+                         f"{k_exits} exits (0..{k_exits - 1})")
+    if x.shape[0] == 0:
+        return x.detach().clone()
+    x = x.detach()
+    y = y.to(device=x.device, dtype=torch.int64)
+    with _eval_mode(net):
+        start = _start(x, config)
+        if form == "main":
+            return _ascend(net, x, start, lambda outs: F.cross_entropy(
+                outs[-1].float(), y, reduction="none"), config, None)
+        if form == "single":
+            return _ascend(net, x, start, _exit_ce(exit_index, y), config, exit_index)
+        if form == "average":
+            return _ascend(net, x, start, _average_ce(y), config, None)
+        assert k_exits is not None
+        candidates = [_ascend(net, x, start, _exit_ce(k, y), config, k)
+                      for k in range(k_exits)]
+        with torch.no_grad():
+            losses = torch.stack([summed_exit_loss(exit_logits(net, c), y)
+                                  for c in candidates], dim=1)         # (N, K)
+        best = losses.argmax(dim=1)
+        rows = torch.arange(x.shape[0], device=x.device)
+        return torch.stack(candidates, dim=1)[rows, best]
+
+
+def _early_exits(k_exits: int | None, exits: Sequence[int] | None) -> list[int] | None:
+    if exits is None:
+        if k_exits is None:
+            return None
+        if k_exits < 2:
+            raise ValueError("slowdown targets the early exits, and this network has only "
+                             f"{k_exits} exit")
+        return list(range(k_exits - 1))
+    chosen = list(exits)
+    if not chosen:
+        raise ValueError("exits must name at least one exit to slow down")
+    for k in chosen:
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise TypeError(f"exits must be ints, got {k!r}")
+        if k < 0 or (k_exits is not None and k >= k_exits):
+            raise ValueError(f"exit {k} is out of range for a network with {k_exits} exits")
+    if len(set(chosen)) != len(chosen):
+        raise ValueError(f"exits lists an exit twice: {chosen}")
+    return sorted(chosen)
+
+
+def slowdown(net: nn.Module, x: torch.Tensor, config: AttackConfig,
+             exits: Sequence[int] | None = None, objective: str = "uniform") -> torch.Tensor:
+    """L-inf PGD slowdown attack (DeepSloth): perturb x so that the early exits are unsure
+    and a confidence-based policy lets the samples run on to the last exit.
+
+    ``exits``: the exits to attack (default: every exit but the last). ``objective``
+    (maximised, summed over those exits, per sample):
+
+    - ``"uniform"`` (DeepSloth's): ``-KL(U || softmax(z_k))`` with U the uniform
+      distribution over the C classes, i.e. ``mean_c log softmax(z_k)_c`` up to a constant;
+      its gradient does not vanish on confident outputs;
+    - ``"entropy"``: the entropy H(softmax(z_k)).
+
+    Both are largest at the uniform distribution, where the entropy is ``log C``. x (N, ...)
+    floating point, inside ``config.clip``; no labels are needed. Returns x_adv as
+    :func:`pgd` does.
+    """
+    if objective not in SLOWDOWN_OBJECTIVES:
+        raise ValueError(f"unknown slowdown objective {objective!r}; one of "
+                         f"{SLOWDOWN_OBJECTIVES}")
+    _check_config(config)
+    _check_x(x, config)
+    targets = _early_exits(_num_exits(net, x), exits)
+    if x.shape[0] == 0:
+        return x.detach().clone()
+    assert targets is not None
+
+    def value(outs: list[torch.Tensor]) -> torch.Tensor:
+        total = x.new_zeros(x.shape[0], dtype=torch.float32)
+        for k in targets:
+            logp = F.log_softmax(outs[k].float(), dim=1)
+            if objective == "uniform":
+                total = total + logp.mean(dim=1)
+            else:
+                total = total - (logp.exp() * logp).sum(dim=1)
+        return total
+
+    x = x.detach()
+    with _eval_mode(net):
+        return _ascend(net, x, _start(x, config), value, config, max(targets))
