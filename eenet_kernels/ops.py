@@ -37,6 +37,7 @@ from . import triton as _triton
 from ._schemas import SCHEMAS
 
 BACKENDS: tuple[str, ...] = ("auto", "reference", "cpp", "triton")
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
 def _load_extension() -> bool:
@@ -344,6 +345,13 @@ def exit_score_write(
             sched_weight, float(sched_bias), use_vote)
     outs = {"row_index": row_index, "exit_index": int(exit_index), "out_logits": out_logits,
             "out_score": out_score, "out_exit": out_exit}
+    if not _INT64_MIN <= outs["exit_index"] <= _INT64_MAX:
+        # the schema's int cannot carry it to any kernel: raise the checks' own error here
+        checks.check_exit_score(feats, weight, bias, policy, float(threshold), prev_scores,
+                                prev_preds, sched_weight, use_vote, op="exit_score_write",
+                                sched_bias=float(sched_bias))
+        checks.check_exit_write(feats, weight, row_index, outs["exit_index"], out_logits,
+                                out_score, out_exit)
     return ExitScore(*op_target("exit_score_write", feats.device, backend)(*args, **outs))
 
 
