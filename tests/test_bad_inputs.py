@@ -7,8 +7,7 @@ Messages start with ``eenet.<op>: `` and name the offending argument; dtype erro
   raises each case's literal type and message;
 - ``test_backend_raises_like_reference``: every other backend (cpp: ``csrc/checks.h``;
   triton: the Python checks again, before its launch) raises exactly the reference's type
-  and message string for the same input, case by case (known disagreements are strict
-  xfails naming the difference, so they flip once fixed);
+  and message string for the same input, case by case;
 - valid empty inputs (N = 0) raise nothing on any backend.
 """
 
@@ -464,47 +463,14 @@ def raised(case: Case, backend: str) -> tuple[type[BaseException], str] | None:
     return None
 
 
-# Known disagreements: case id -> why. An exit_index past int64 never reaches a check when
-# the public function goes through torch.ops.eenet (the device's dispatcher backend: cpp
-# with the extension, else the reference): the schema conversion raises RuntimeError
-# "Expected a value of type 'int' for argument 'exit_index'", while a backend called
-# directly (the debugging override) raises the checks' ValueError. Strict xfails, so they
-# flip once ops.py range-checks exit_index before the dispatcher.
-DISPATCHER_MISMATCHES: dict[str, str] = {
-    "exit_score_write-exit_index_beyond_int64":
-        "exit_index past int64: the dispatcher's schema conversion raises RuntimeError "
-        "before any check (ops.py could range-check it first)",
-}
-DISPATCHED = ek.ops.dispatcher_backend(torch.device("cpu"))
-
-
-def _known_mismatch(case: Case, backend: str) -> str | None:
-    """Why ``backend`` and the reference raise differently for ``case`` here, if known."""
-    why = DISPATCHER_MISMATCHES.get(case.id)
-    if why is None or (backend == DISPATCHED) == (DISPATCHED == "reference"):
-        return None
-    return why
-
-
 def _reference_params() -> list[Any]:
-    params = []
-    for case in CASES:
-        why = DISPATCHER_MISMATCHES.get(case.id) if DISPATCHED == "reference" else None
-        marks = [pytest.mark.xfail(strict=True, reason=why)] if why else []
-        params.append(pytest.param(case, marks=marks, id=case.id))
-    return params
+    return [pytest.param(case, id=case.id) for case in CASES]
 
 
 def _parity_params() -> list[Any]:
-    params = []
-    for case in CASES + CROSS_ONLY:
-        for backend in PARITY_BACKENDS:
-            marks = list(backend_param(backend).marks)
-            why = _known_mismatch(case, backend)
-            if why is not None:
-                marks.append(pytest.mark.xfail(strict=True, reason=why))
-            params.append(pytest.param(case, backend, marks=marks, id=f"{backend}-{case.id}"))
-    return params
+    return [pytest.param(case, backend, marks=backend_param(backend).marks,
+                         id=f"{backend}-{case.id}")
+            for case in CASES + CROSS_ONLY for backend in PARITY_BACKENDS]
 
 
 @pytest.mark.parametrize("case", _reference_params())
