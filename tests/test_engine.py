@@ -167,9 +167,14 @@ def test_engine_empty_batch() -> None:
 # -- what a compact stage costs ------------------------------------------------------------
 
 FRAME = re.compile(r"\.py\(\d+\): ")
+RUNTIME_FILE = re.compile(r"eenet/runtime/(\w+\.py)\(")
 VIEW_OPS = {"aten::slice", "aten::t", "aten::transpose", "aten::select", "aten::unbind",
             "aten::as_strided", "aten::alias", "aten::view"}
 OUTPUT_OPS = {"aten::zeros", "aten::full"}  # the call's result buffers (EngineOutput.empty)
+TELEMETRY_OPS = Counter({"aten::isfinite": 1, "aten::all": 1, "aten::unsqueeze": 3,
+                         "aten::eq": 1, "aten::cat": 1, "aten::sum": 1, "aten::add": 1})
+"""What eenet.runtime.telemetry issues once per call (after the first): the batch's counts
+and their addition to the running totals."""
 
 
 def _profile(fn: Callable[[], object], with_stack: bool = False) -> list:
@@ -178,11 +183,12 @@ def _profile(fn: Callable[[], object], with_stack: bool = False) -> list:
     return list(prof.events())
 
 
-def _runtime_ops(fn: Callable[[], object]) -> Counter[str]:
+def _runtime_ops(fn: Callable[[], object]) -> dict[str, Counter[str]]:
     """The aten ops that eenet.runtime's own code issues in one call of ``fn`` (not those
-    of the network's modules or inside the eenet ops), by name: each aten event whose
-    nearest enclosing Python frame lies in eenet/runtime/ and that no other op encloses."""
-    names: Counter[str] = Counter()
+    of the network's modules or inside the eenet ops), by module file and name: each aten
+    event whose nearest enclosing Python frame lies in eenet/runtime/ and that no other op
+    encloses."""
+    names: dict[str, Counter[str]] = {}
     for ev in _profile(fn, with_stack=True):
         if not ev.name.startswith("aten::"):
             continue
@@ -190,9 +196,9 @@ def _runtime_ops(fn: Callable[[], object]) -> Counter[str]:
         while parent is not None and not FRAME.search(parent.name) and not (
                 parent.name.startswith(("aten::", "eenet::"))):
             parent = parent.cpu_parent  # the Python tracer's C-call events
-        if parent is not None and FRAME.search(parent.name) and (
-                "eenet/runtime/" in parent.name):
-            names[ev.name] += 1
+        where = None if parent is None else RUNTIME_FILE.search(parent.name)
+        if where is not None and FRAME.search(parent.name):
+            names.setdefault(where.group(1), Counter())[ev.name] += 1
     return names
 
 
@@ -200,14 +206,20 @@ def _runtime_ops(fn: Callable[[], object]) -> Counter[str]:
 def test_compact_stage_is_the_op_and_the_compaction(kind: type[ExitPolicy]) -> None:
     """The engine takes the history (pred, score) and the survivors (keep) from the fused
     op's outputs: besides the result buffers, its own code issues views only, no argmax,
-    negation or copy."""
+    negation or copy. The telemetry adds the same few ops once per call, however many
+    stages run."""
     net = _mlp_net()
     x = torch.randn(64, 10)
     engine = Engine(net, _median_policy(kind, net, torch.randn(64, 10)))
     engine(x)  # buffers allocated
     ops = _runtime_ops(lambda: engine(x))
-    assert ops["aten::slice"] > 0, ops  # the profile does see the engine's own ops
-    assert set(ops) <= VIEW_OPS | OUTPUT_OPS, ops
+    stage_ops = ops.pop("engine.py", Counter()) + ops.pop("loop.py", Counter())
+    assert stage_ops["aten::slice"] > 0, stage_ops  # the profile does see the engine's ops
+    assert set(stage_ops) <= VIEW_OPS | OUTPUT_OPS, stage_ops
+    assert ops == {"telemetry.py": TELEMETRY_OPS}, ops
+    first_only = Engine(net, MaxProb([0.0] * 4))  # one stage instead of four
+    assert bool((first_only(x).exit_index == 0).all())
+    assert _runtime_ops(lambda: first_only(x))["telemetry.py"] == TELEMETRY_OPS
 
 
 def _syncs(fn: Callable[[], object]) -> int:

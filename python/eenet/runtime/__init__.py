@@ -1,10 +1,14 @@
 """The batched early-exit runtime: :class:`Engine` (modes full / mask / compact), the
-offline oracle :func:`simulate`, the stage loop they share with the benchmark's peer methods
+offline oracle :func:`simulate`, the budget guard (:mod:`.guard`), the per-batch telemetry
+(:mod:`.telemetry`), the stage loop they share with the benchmark's peer methods
 (:mod:`.loop`) and the timing loop of every measurement (:mod:`.timing`)."""
 
-from . import loop, timing
+from . import guard, loop, telemetry, timing
 from .engine import CACHE_BYTES, MODES, Engine, EngineOutput, bucket_rows, check_network, simulate
+from .guard import BudgetGuard
 from .loop import RowState, Step, run_stages
+from .telemetry import Telemetry
 
-__all__ = ["CACHE_BYTES", "MODES", "Engine", "EngineOutput", "RowState", "Step", "bucket_rows",
-           "check_network", "loop", "run_stages", "simulate", "timing"]
+__all__ = ["CACHE_BYTES", "MODES", "BudgetGuard", "Engine", "EngineOutput", "RowState", "Step",
+           "Telemetry", "bucket_rows", "check_network", "guard", "loop", "run_stages",
+           "simulate", "telemetry", "timing"]

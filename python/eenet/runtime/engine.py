@@ -14,10 +14,14 @@ Modes:
 
 ``mask`` and ``compact`` run the shared stage loop (:func:`eenet.runtime.loop.run_stages`).
 All modes return results in the input order.
+
+Every mode takes an optional budget guard (:mod:`.guard`: a per-batch cost limit that sends
+the survivors out early) and counts every batch (:mod:`.telemetry`).
 """
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -28,10 +32,13 @@ import torch
 
 import eenet_kernels as ek
 
+from .guard import BudgetGuard, GuardLedger
 from .loop import RowState, run_stages
+from .telemetry import Recorder, Telemetry
 
 if TYPE_CHECKING:  # annotations only: eenet.budget imports eenet.runtime (timing) and
     # eenet.policies imports eenet.budget, so importing policies here would be circular
+    from ..budget import Costs
     from ..policies.base import ExitPolicy
 
 MODES: tuple[str, ...] = ("full", "mask", "compact")
@@ -42,40 +49,96 @@ CACHE_BYTES = 256 << 20
 @dataclass
 class EngineOutput:
     """Per-sample results in input order: logits (N, C) float32, exit_index (N,) int64,
-    score (N,) float32 (the policy's score at the exit taken)."""
+    score (N,) float32 (the policy's score at the exit taken), forced (N,) bool (the budget
+    guard sent the row out at that exit before the policy would have; all False without a
+    guard, and by default)."""
 
     logits: torch.Tensor
     exit_index: torch.Tensor
     score: torch.Tensor
+    forced: torch.Tensor = None  # type: ignore[assignment]  # set in __post_init__
+
+    def __post_init__(self) -> None:
+        if self.forced is None:
+            self.forced = torch.zeros(self.exit_index.shape, dtype=torch.bool,
+                                      device=self.exit_index.device)
 
     @classmethod
     def empty(cls, n: int, num_classes: int, device: torch.device) -> EngineOutput:
-        """Result buffers for n rows, to be written: logits and score zero, exit_index -1."""
+        """Result buffers for n rows, to be written: logits and score zero, exit_index -1,
+        forced False."""
         return cls(torch.zeros(n, num_classes, dtype=torch.float32, device=device),
                    torch.full((n,), -1, dtype=torch.int64, device=device),
-                   torch.zeros(n, dtype=torch.float32, device=device))
+                   torch.zeros(n, dtype=torch.float32, device=device),
+                   torch.zeros(n, dtype=torch.bool, device=device))
 
 
 @torch.no_grad()
 def simulate(net: torch.nn.Module, policy: ExitPolicy, x: torch.Tensor,
-             **row_inputs: torch.Tensor) -> EngineOutput:
-    """Oracle: run every exit on every sample, then let the policy pick (reference math).
-    ``row_inputs`` go to ``net`` as keyword arguments (see :class:`Engine`)."""
-    _check_row_inputs(x, row_inputs)
-    logits = [z.float() for z in net(x, **row_inputs)]
+             guard: BudgetGuard | None = None, **row_inputs: torch.Tensor) -> EngineOutput:
+    """Oracle: run every stage and exit on every sample (the exit heads' ``features`` and
+    ``classifier``, as the engine does), then let the policy pick (reference math), then
+    let ``guard`` (if any) cut the batch where the engine would: its rule applied to the
+    rows per exit of the policy's decisions (:meth:`BudgetGuard.cut`). ``row_inputs`` go to
+    every stage as keyword arguments (see :class:`Engine`)."""
+    check_network(net, policy)
+    _check_input(x, row_inputs)
+    logits = []
+    h = x
+    for k, (stage, head) in enumerate(zip(_stages(net), net.heads, strict=True)):
+        h = stage(h, **row_inputs)
+        f = _exit_features(k, head, h, x.shape[0])
+        logits.append(head.classifier(f.mean(dim=-1) if f.dim() == 3 else f).float())
     exit_index, score = policy.decide(logits)
+    forced = torch.zeros(exit_index.shape, dtype=torch.bool, device=exit_index.device)
+    if guard is not None:
+        _check_guard(guard, len(logits))
+        cut = guard.cut(torch.bincount(exit_index, minlength=len(logits)).tolist())
+        if cut is not None:
+            forced = exit_index > cut
+            exit_index = torch.where(forced, cut, exit_index)
+            score = torch.where(forced, policy.scores(logits)[:, cut], score)
     stacked = torch.stack(logits, dim=1)
     chosen = stacked[torch.arange(x.shape[0], device=x.device), exit_index]
-    return EngineOutput(chosen, exit_index, score)
+    return EngineOutput(chosen, exit_index, score, forced)
 
 
 def check_network(net: torch.nn.Module, policy: ExitPolicy) -> None:
-    """Raise ``ValueError`` unless ``net`` has one exit head per stage and ``policy`` one
-    rule per exit."""
-    if len(net.stages) != len(net.heads):
-        raise ValueError(f"the network has {len(net.stages)} stages but {len(net.heads)} "
+    """Raise ``TypeError`` / ``ValueError`` naming the culprit unless ``net`` has
+    ``stages`` and one exit head per stage, each with ``features`` and an ``nn.Linear``
+    ``classifier``, all of them predicting the same C >= 2 classes, and ``policy`` is an
+    :class:`~eenet.policies.ExitPolicy` with one rule per exit, finite thresholds and (if it
+    has its own class count, as EENet's score heads do) the network's C."""
+    from ..policies.base import ExitPolicy
+
+    stages, heads = getattr(net, "stages", None), getattr(net, "heads", None)
+    if stages is None or heads is None:
+        raise TypeError(f"net must have stages and heads (an eenet.nn.MultiExitNetwork), got "
+                        f"{type(net).__name__}")
+    if len(stages) != len(heads) or len(heads) == 0:
+        raise ValueError(f"the network has {len(stages)} stages but {len(heads)} "
                          "exit heads")
-    policy.check_network(len(net.heads))
+    classes = []
+    for k, head in enumerate(heads):
+        classifier = getattr(head, "classifier", None)
+        if not callable(getattr(head, "features", None)) or not isinstance(
+                classifier, torch.nn.Linear):
+            raise TypeError(f"net.heads[{k}] must have features() and an nn.Linear "
+                            f"classifier (an eenet.nn.ExitHead), got {type(head).__name__}")
+        classes.append(classifier.out_features)
+    if len(set(classes)) != 1 or classes[0] < 2:
+        raise ValueError(f"every exit head must predict the same C >= 2 classes; the heads' "
+                         f"classifiers have out_features {classes}")
+    if not isinstance(policy, ExitPolicy):
+        raise TypeError(f"policy must be an eenet.policies.ExitPolicy, got "
+                        f"{type(policy).__name__}")
+    policy.check_network(len(heads))
+    if not all(math.isfinite(t) for t in policy.thresholds):
+        raise ValueError(f"policy thresholds must be finite, got {policy.thresholds}")
+    policy_classes = getattr(policy, "num_classes", None)
+    if policy_classes is not None and policy_classes != classes[0]:
+        raise ValueError(f"the {type(policy).__name__} policy's score heads are for "
+                         f"{policy_classes} classes but the network has {classes[0]}")
 
 
 def bucket_rows(n: int) -> int:
@@ -183,25 +246,24 @@ class _BufferCache:
 class _MaskStep:
     """mask mode: the fused ``exit_score`` at every exit on every row; the rows leaving
     (exit and still active) get their results written, the others stay active; the history
-    keeps every row's score and prediction."""
+    keeps every row's score and prediction. With a guard's ``ledger``, the rows still active
+    when it cuts get exit k's results, flagged forced."""
 
     def __init__(self, heads: torch.nn.ModuleList, out: EngineOutput,
-                 stage_kwargs: list[dict[str, Any]]) -> None:
+                 stage_kwargs: list[dict[str, Any]], ledger: GuardLedger | None) -> None:
         self.heads = list(heads)
         self.out = out
         self.stage_kwargs = stage_kwargs
+        self.ledger = ledger
         self.active = torch.ones(out.exit_index.shape, dtype=torch.bool,
                                  device=out.exit_index.device)
 
     def exit(self, k: int, h: torch.Tensor, rows: RowState) -> ek.ExitScore:
         head = self.heads[k]
-        res = ek.exit_score(head.features(h), head.classifier.weight, head.classifier.bias,
-                            prev_scores=rows.prev_scores(k), prev_preds=rows.prev_preds(k),
-                            **self.stage_kwargs[k])
-        leaving = res.exit_mask & self.active
-        self.out.logits[leaving] = res.logits[leaving]
-        self.out.score[leaving] = res.score[leaving]
-        self.out.exit_index[leaving] = k
+        res = ek.exit_score(_exit_features(k, head, h, rows.rows), head.classifier.weight,
+                            head.classifier.bias, prev_scores=rows.prev_scores(k),
+                            prev_preds=rows.prev_preds(k), **self.stage_kwargs[k])
+        self._write(k, res, res.exit_mask & self.active)
         return res
 
     def advance(self, k: int, h: torch.Tensor, rows: RowState, res: ek.ExitScore
@@ -211,29 +273,44 @@ class _MaskStep:
             rows.scores[k] = res.score
         if rows.preds is not None:
             rows.preds[k] = res.pred
-        if not bool(self.active.any()):  # the batch waits for its slowest row
+        survivors = int(self.active.sum())  # the batch waits for its slowest row
+        if survivors == 0:
+            return None
+        if self.ledger is not None and self.ledger.cut_after(k, survivors):
+            self._write(k, res, self.active)
+            self.out.forced |= self.active
             return None
         return h, rows
+
+    def _write(self, k: int, res: ek.ExitScore, leaving: torch.Tensor) -> None:
+        self.out.logits[leaving] = res.logits[leaving]
+        self.out.score[leaving] = res.score[leaving]
+        self.out.exit_index[leaving] = k
 
 
 class _CompactStep:
     """compact mode: ``exit_score_write`` writes the leaving rows' results at their input
     positions; ``compact`` moves the staying rows' activation and state (row index, row
     inputs, history with this exit's score and prediction as its newest entry) to the front of
-    the other ping-pong member; ``take`` reads the survivor count (the host sync)."""
+    the other ping-pong member; ``take`` reads the survivor count (the host sync). When a
+    guard's ``ledger`` cuts after exit k, the survivors leave with the results the op
+    computed at exit k: one scatter of exit k's rows (those that left hold these values
+    already), no stage run and no further sync."""
 
     def __init__(self, heads: torch.nn.ModuleList, out: EngineOutput,
-                 stage_kwargs: list[dict[str, Any]], buffers: _Buffers, backend: str) -> None:
+                 stage_kwargs: list[dict[str, Any]], buffers: _Buffers, backend: str,
+                 ledger: GuardLedger | None) -> None:
         self.heads = list(heads)  # indexing a ModuleList costs microseconds
         self.out = out
         self.stage_kwargs = stage_kwargs
         self.buffers = buffers
         self.backend = backend
+        self.ledger = ledger
 
     def exit(self, k: int, h: torch.Tensor, rows: RowState) -> ek.ExitScore:
         head = self.heads[k]
         return ek.exit_score_write(
-            head.features(h), head.classifier.weight, head.classifier.bias,
+            _exit_features(k, head, h, rows.rows), head.classifier.weight, head.classifier.bias,
             row_index=rows.index, exit_index=k, out_logits=self.out.logits,
             out_score=self.out.score, out_exit=self.out.exit_index,
             prev_scores=rows.prev_scores(k), prev_preds=rows.prev_preds(k),
@@ -254,7 +331,15 @@ class _CompactStep:
             out += [*dst.preds[:k + 1]]
         kept, count = ek.compact(res.keep, src, out=out, backend=self.backend)
         h, index, *rest = ek.take(kept, count)  # the stage's one host sync
-        if h.shape[0] == 0:
+        survivors = h.shape[0]
+        if survivors == 0:
+            return None
+        if self.ledger is not None and self.ledger.cut_after(k, survivors):
+            result = self.out
+            result.logits.index_copy_(0, rows.index, res.logits)
+            result.score.index_copy_(0, rows.index, res.score)
+            result.exit_index.index_fill_(0, rows.index, k)
+            result.forced.index_copy_(0, rows.index, res.keep)
             return None
         inputs = dict(zip(names, rest[:len(names)], strict=True))
         return h, RowState(index, dst.scores, dst.preds, inputs)
@@ -274,6 +359,29 @@ class Engine:
     device, to every stage as ``stage(h, name=t)`` (e.g. the ``attention_mask`` of padded
     transformer batches); in compact mode they are compacted with the rows.
 
+    Budget guard: ``guard=BudgetGuard(costs, limit)`` caps what each batch spends, ``limit``
+    an average cost per sample (a float: a fraction of the full model's cost); once the
+    survivors of exit k could not all reach exit k + 1 within the batch's limit, they leave
+    at exit k, flagged in :attr:`EngineOutput.forced` (:mod:`eenet.runtime.guard` gives the
+    rule and the bound). Every mode applies the same rule to the same counts, so full, mask
+    and compact agree; compact mode reads the counts from its survivor counts (no extra host
+    sync) and writes the forced rows from the op's results at exit k (no extra stage).
+    Without a guard nothing changes.
+
+    Telemetry: after each call, :attr:`last_telemetry` is the batch's
+    :class:`~eenet.runtime.telemetry.Telemetry` (rows per exit, forced rows, rows with
+    non-finite logits, cost spent and allowed), :meth:`telemetry_totals` the sums since the
+    engine was made or :meth:`reset_telemetry`. Costs come from the guard, or from
+    ``costs`` (a :class:`~eenet.budget.Costs`, one value per exit) to price the exits
+    without a guard. A call counts on the device and adds no host sync; reading does.
+
+    Input checks: x must be a tensor with a batch dimension (``TypeError`` /
+    ``ValueError`` naming it); a plain ``RuntimeError`` raised by the first stage on x (a
+    dtype or shape the network does not take) comes back as ``TypeError`` (x's dtype is not
+    the stage's parameters' dtype) or ``ValueError``, naming x, chained to the original; an
+    exit head whose features do not fit its classifier raises ``ValueError`` naming the
+    head.
+
     Buffers: compact mode keeps its stage and row-state buffers per bucket of input shapes:
     the batch size rounded up by :func:`bucket_rows` (at most 1/8 more rows), the other
     dimensions, dtypes and the row inputs' shapes exact. It keeps the ``cache_shapes``
@@ -290,7 +398,10 @@ class Engine:
 
     def __init__(self, net: torch.nn.Module, policy: ExitPolicy, mode: str = "compact",
                  backend: str | None = None, cache_shapes: int = 8,
-                 cache_bytes: int = CACHE_BYTES) -> None:
+                 cache_bytes: int = CACHE_BYTES, guard: BudgetGuard | None = None,
+                 costs: Costs | None = None) -> None:
+        from ..budget import Costs
+
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if isinstance(cache_shapes, bool) or not isinstance(cache_shapes, int) or (
@@ -300,14 +411,30 @@ class Engine:
                 cache_bytes < 0):
             raise ValueError(f"cache_bytes must be an int >= 0, got {cache_bytes!r}")
         check_network(net, policy)
+        num_exits = len(net.heads)
+        if guard is not None:
+            _check_guard(guard, num_exits)
+        if costs is not None:
+            if not isinstance(costs, Costs):
+                raise TypeError(f"costs must be an eenet.budget.Costs, got "
+                                f"{type(costs).__name__}")
+            if len(costs.values) != num_exits:
+                raise ValueError(f"costs has {len(costs.values)} values but the network has "
+                                 f"{num_exits} exits")
+            if guard is not None and (costs.values, costs.unit) != (guard.costs.values,
+                                                                     guard.costs.unit):
+                raise ValueError("costs differ from the guard's costs; give one of them")
         self.net = net.eval()
         self.policy = policy
         self.mode = mode
         self.backend = backend
+        self.guard = guard
         self._rules = policy.rules()
         self._cache = _BufferCache(cache_shapes, cache_bytes)
         self._stage_kwargs_by_device: dict[torch.device, list[dict[str, Any]]] = {}
         self._lock = threading.Lock()
+        self._recorder = Recorder(num_exits, costs if costs is not None else (
+            guard.costs if guard is not None else None), guarded=guard is not None)
 
     @property
     def num_exits(self) -> int:
@@ -318,8 +445,23 @@ class Engine:
         """Bytes held by the compact mode's buffer cache."""
         return self._cache.nbytes
 
+    @property
+    def last_telemetry(self) -> Telemetry | None:
+        """The last call's telemetry (None before the first call); the first read of a
+        call's telemetry waits for its counts (one host sync)."""
+        return self._recorder.last
+
+    def telemetry_totals(self) -> Telemetry:
+        """Telemetry summed over the calls since the engine was made or
+        :meth:`reset_telemetry` (one host sync per device used)."""
+        return self._recorder.totals()
+
+    def reset_telemetry(self) -> None:
+        """Zero the running telemetry totals."""
+        self._recorder.reset()
+
     def __call__(self, x: torch.Tensor, **row_inputs: torch.Tensor) -> EngineOutput:
-        _check_row_inputs(x, row_inputs)
+        _check_input(x, row_inputs)
         if not self._lock.acquire(blocking=False):
             raise RuntimeError(
                 "eenet.runtime.Engine: this engine is already running a batch (called from "
@@ -328,12 +470,21 @@ class Engine:
         try:
             with torch.no_grad():
                 if self.mode == "full":
-                    return simulate(self.net, self.policy, x, **row_inputs)
-                if self.mode == "mask":
-                    return self._run_mask(x, row_inputs)
-                return self._run_compact(x, row_inputs)
+                    out = simulate(self.net, self.policy, x, guard=self.guard, **row_inputs)
+                elif self.mode == "mask":
+                    out = self._run_mask(x, row_inputs)
+                else:
+                    out = self._run_compact(x, row_inputs)
+                rows = x.shape[0]
+                self._recorder.record(out.exit_index, out.forced, out.logits,
+                                      None if self.guard is None else
+                                      self.guard.batch_limit(rows))
+            return out
         finally:
             self._lock.release()
+
+    def _ledger(self, rows: int) -> GuardLedger | None:
+        return None if self.guard is None else self.guard.ledger(rows)
 
     def _stage_kwargs(self, device: torch.device) -> list[dict[str, Any]]:
         """Per exit, the op's keyword arguments that do not change from batch to batch (the
@@ -368,8 +519,8 @@ class Engine:
             (torch.zeros(k, n, dtype=torch.int64, device=device)
              if self.policy.needs_preds else None),
             dict(row_inputs))
-        run_stages(self.net.stages, x, rows,
-                   _MaskStep(self.net.heads, out, self._stage_kwargs(device)))
+        run_stages(_stages(self.net), x, rows, _MaskStep(
+            self.net.heads, out, self._stage_kwargs(device), self._ledger(n)))
         return out
 
     def _run_compact(self, x: torch.Tensor, row_inputs: dict[str, torch.Tensor]
@@ -389,11 +540,80 @@ class Engine:
             first = buffers.state[1]
             rows = RowState(buffers.row_numbers[:n0], first.scores, first.preds,
                             dict(row_inputs))
-            run_stages(self.net.stages, x, rows, _CompactStep(
-                self.net.heads, out, stage_kwargs, buffers, stage_kwargs[0]["backend"]))
+            run_stages(_stages(self.net), x, rows, _CompactStep(
+                self.net.heads, out, stage_kwargs, buffers, stage_kwargs[0]["backend"],
+                self._ledger(n0)))
         finally:
             self._cache.trim()
         return out
+
+
+# -- argument checks -------------------------------------------------------------------------
+
+
+def _check_guard(guard: object, num_exits: int) -> None:
+    if not isinstance(guard, BudgetGuard):
+        raise TypeError(f"guard must be an eenet.runtime.BudgetGuard, got "
+                        f"{type(guard).__name__}")
+    if guard.num_exits != num_exits:
+        raise ValueError(f"the guard's costs have {guard.num_exits} values but the network "
+                         f"has {num_exits} exits")
+
+
+def _check_input(x: object, row_inputs: dict[str, object]) -> None:
+    """x a tensor with a batch dimension, row inputs as :func:`_check_row_inputs`."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor with one row per sample, got "
+                        f"{type(x).__name__}")
+    if x.dim() == 0:
+        raise ValueError("x must have a batch dimension, (N, ...), got a 0-dim tensor")
+    _check_row_inputs(x, row_inputs)
+
+
+def _exit_features(k: int, head: Any, h: object, rows: int) -> torch.Tensor:
+    """Exit head k's features of stage k's output h: (rows, D) or (rows, D, S), D the
+    head's classifier's ``in_features``; ``ValueError`` / ``TypeError`` naming the stage or
+    the head otherwise."""
+    if not isinstance(h, torch.Tensor):
+        raise TypeError(f"stage {k} returned a {type(h).__name__}, not a tensor")
+    f = head.features(h)
+    d = head.classifier.in_features
+    if not isinstance(f, torch.Tensor) or f.dim() not in (2, 3) or f.shape[0] != rows or (
+            f.shape[1] != d):
+        got = tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__
+        raise ValueError(f"exit head {k}: its features must be ({rows}, {d}) or ({rows}, {d}, "
+                         f"S) to fit its classifier (in_features = {d}) and the {rows} rows, "
+                         f"got {got}")
+    return f
+
+
+class _FirstStage:
+    """Stage 0 as the loops call it: a plain ``RuntimeError`` it raises on x comes back as
+    ``TypeError`` (x's dtype is not the stage's parameters') or ``ValueError`` naming x."""
+
+    def __init__(self, stage: torch.nn.Module) -> None:
+        self.stage = stage
+
+    def __call__(self, x: torch.Tensor, **row_inputs: torch.Tensor) -> torch.Tensor:
+        try:
+            return self.stage(x, **row_inputs)
+        except RuntimeError as exc:
+            if type(exc) is not RuntimeError:  # e.g. out of memory: not about x
+                raise
+            dtype = next((p.dtype for p in self.stage.parameters() if p.is_floating_point()),
+                         None)
+            if dtype is not None and x.dtype != dtype:
+                raise TypeError(f"x has dtype {x.dtype} but the network's first stage computes "
+                                f"in {dtype} and fails on it: {exc}") from exc
+            raise ValueError(f"x of shape {tuple(x.shape)} and dtype {x.dtype} does not fit the "
+                             f"network's first stage, which fails on it: {exc}") from exc
+
+
+def _stages(net: torch.nn.Module) -> list[Callable[..., torch.Tensor]]:
+    """The network's stages, the first one behind :class:`_FirstStage`."""
+    stages: list[Callable[..., torch.Tensor]] = list(net.stages)
+    stages[0] = _FirstStage(net.stages[0])
+    return stages
 
 
 def _check_row_inputs(x: torch.Tensor, row_inputs: dict[str, object]) -> None:

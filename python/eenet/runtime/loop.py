@@ -9,6 +9,7 @@ boolean indexing, ...), is a :class:`Step`'s business; the loop holds no state o
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
@@ -66,10 +67,11 @@ class Step(Protocol[Decision]):
         ...
 
 
-def run_stages(stages: torch.nn.ModuleList, x: torch.Tensor, rows: RowState,
+def run_stages(stages: Sequence[Callable[..., torch.Tensor]], x: torch.Tensor, rows: RowState,
                step: Step[Decision]) -> None:
-    """Run ``stages`` on x (N, ...) and the rows ``rows`` describes, stage by stage, with
-    ``step``'s exit decisions between them; the results are what ``step`` wrote."""
+    """Run ``stages`` (modules, or callables like them: ``stage(h, **rows.inputs)``) on x
+    (N, ...) and the rows ``rows`` describes, stage by stage, with ``step``'s exit decisions
+    between them; the results are what ``step`` wrote."""
     h = x
     last = len(stages) - 1
     for k, stage in enumerate(stages):
