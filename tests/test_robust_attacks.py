@@ -220,6 +220,34 @@ def test_leaves_modes_and_parameter_grads_alone(trained: Trained, form: str,
                                       form, k))
 
 
+class _Plain(torch.nn.Module):
+    """A multi-exit model that is not a MultiExitNetwork: its exits are only known from
+    its output."""
+
+    def __init__(self, net: MultiExitNetwork) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return list(self.net(x))
+
+
+@pytest.mark.parametrize(("form", "k"), ALL, ids=IDS)
+def test_any_module_returning_the_exits(trained: Trained, form: str, k: int | None) -> None:
+    plain = _Plain(copy.deepcopy(trained.net)).train()
+    before = copy.deepcopy(plain.state_dict())
+    x, y = trained.x_val[:16], trained.y_val[:16]
+    got = _attack(plain, x, y, form, k)
+    assert plain.training and all(m.training for m in plain.modules())
+    after = plain.state_dict()
+    assert all(torch.equal(before[key], after[key]) for key in before)
+    # the same arithmetic as on the network itself (which runs only the stages it needs)
+    torch.testing.assert_close(got, _attack(trained.net, x, y, form, k), rtol=0, atol=1e-6)
+    if form == "single":
+        with pytest.raises(ValueError, match="out of range for a network with 3 exits"):
+            pgd(plain, x, y, "single", CFG, exit_index=3)
+
+
 @pytest.mark.parametrize(("form", "k"), ALL, ids=IDS)
 def test_tiny_batches(trained: Trained, form: str, k: int | None) -> None:
     x, y = trained.x_val, trained.y_val
@@ -322,3 +350,26 @@ def test_uniform_entropy_policy_uses_every_exit_equally(trained: Trained) -> Non
     assert all(abs(c - n / 3) <= 1 for c in counts), counts
     # the logits form gives the same policy
     assert uniform_entropy_policy_logits(logits).thresholds == policy.thresholds
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("form", "k"), ALL, ids=IDS)
+def test_on_cuda(trained: Trained, form: str, k: int | None) -> None:
+    net = copy.deepcopy(trained.net).cuda()
+    x, y = trained.x_val[:64], trained.y_val[:64]
+    xc, yc = x.cuda(), y.cuda()
+    x_adv = _attack(net, xc, yc, form, k)
+    assert x_adv.device == xc.device and x_adv.dtype == xc.dtype
+    assert float((x_adv - xc).abs().max()) <= CFG.eps + 1e-6
+    assert float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0
+    assert float((x_adv - xc).abs().gt(0).float().mean()) > 0.5
+    # the random start is drawn on the CPU: the same on every device
+    start = AttackConfig(CFG.eps, CFG.step, 0, seed=CFG.seed)
+    torch.testing.assert_close(_attack(net, xc, yc, form, k, start).cpu(),
+                               _attack(trained.net, x, y, form, k, start), rtol=0, atol=0)
+    # and the attack is as strong as on the CPU
+    if form != "slowdown":
+        with torch.no_grad():
+            acc_gpu = _acc(net, x_adv, yc)
+            acc_cpu = _acc(trained.net, _attack(trained.net, x, y, form, k), y)
+        assert max(abs(a - b) for a, b in zip(acc_gpu, acc_cpu, strict=True)) <= 0.1

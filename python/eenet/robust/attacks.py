@@ -177,7 +177,7 @@ def _num_exits(net: nn.Module, x: torch.Tensor) -> int | None:
         return k
     if x.shape[0] == 0:
         return None
-    with torch.no_grad():
+    with _eval_mode(net), torch.no_grad():   # eval: no batch-norm statistics update
         return len(exit_logits(net, x))
 
 
