@@ -156,6 +156,24 @@ def test_bad_arguments(trained: Trained) -> None:
         slowdown(single_exit(net), x, CFG)
 
 
+def test_standardised_inputs_with_the_mapped_config(trained: Trained) -> None:
+    """Standardised inputs (float32 rounding included) pass the range check once the config
+    is mapped with to_range, and the attack is the pixel-space attack in those units."""
+    mean, std = 0.3, 0.45
+    x, y = trained.x_val[:16], trained.y_val[:16]
+    xs = (x - mean) / std
+    cfg = CFG.to_range(-mean / std, (1 - mean) / std)
+    with pytest.raises(ValueError, match="outside the attack's clip range"):
+        pgd(trained.net, xs, y, "main", CFG)
+    x_adv = pgd(trained.net, xs, y, "main", cfg)
+    assert float((x_adv - xs).abs().max()) <= cfg.eps * (1 + 1e-5)
+    # the clip range in float32, the inputs' dtype
+    assert float(x_adv.min()) >= float(torch.tensor(cfg.clip[0]))
+    assert float(x_adv.max()) <= float(torch.tensor(cfg.clip[1]))
+    with pytest.raises(ValueError, match="outside the attack's clip range"):
+        pgd(trained.net, xs - 1e-3, y, "main", cfg)
+
+
 # -- invariants of every attack ----------------------------------------------------------
 
 

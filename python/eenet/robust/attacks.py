@@ -46,10 +46,13 @@ from torch import nn
 
 from ..nn import MultiExitNetwork
 
-__all__ = ["DEFAULTS", "FORMS", "SLOWDOWN_OBJECTIVES", "AttackConfig", "attack_defaults",
-           "exit_logits", "pgd", "slowdown", "summed_exit_loss"]
+__all__ = ["CLIP_SLACK", "DEFAULTS", "FORMS", "SLOWDOWN_OBJECTIVES", "AttackConfig",
+           "attack_defaults", "exit_logits", "pgd", "slowdown", "summed_exit_loss"]
 
 FORMS: tuple[str, ...] = ("main", "single", "average", "max_average")
+CLIP_SLACK = 1e-5
+"""How far (relative to the clip range's width) inputs may lie outside ``config.clip``
+before an attack refuses them: the rounding of standardised data and of its mapped range."""
 SLOWDOWN_OBJECTIVES: tuple[str, ...] = ("uniform", "entropy")
 
 
@@ -58,8 +61,9 @@ class AttackConfig:
     """An L-inf PGD attack: radius ``eps``, step size ``step``, ``steps`` iterations.
 
     ``random_start``: start uniform in the eps ball (else at x). ``clip``: the input range
-    ``(low, high)`` every adversarial example is clipped to (inputs must lie inside it), or
-    None for no clipping. ``seed`` seeds the random start. All in the input's units.
+    ``(low, high)`` every adversarial example is clipped to (inputs must lie inside it, up to
+    :data:`CLIP_SLACK` of its width), or None for no clipping. ``seed`` seeds the random
+    start. All in the input's units.
     """
 
     eps: float
@@ -209,7 +213,8 @@ def _check_x(x: torch.Tensor, config: AttackConfig) -> None:
     if config.clip is not None and x.numel() > 0:
         low, high = config.clip
         lo, hi = float(x.min()), float(x.max())
-        if lo < low or hi > high:
+        slack = CLIP_SLACK * (high - low)   # rounding of standardised data and of its range
+        if lo < low - slack or hi > high + slack:
             raise ValueError(
                 f"x has values in [{lo:.4g}, {hi:.4g}], outside the attack's clip range "
                 f"({low:.4g}, {high:.4g}); for standardised inputs map the config with "
