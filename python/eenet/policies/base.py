@@ -20,6 +20,7 @@ Reading a file of another format or another version raises ``ValueError`` saying
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -57,6 +58,8 @@ class ExitPolicy:
         if len(thresholds) < 1:
             raise ValueError("a policy needs one threshold per exit (at least one exit)")
         self.thresholds = [float(t) for t in thresholds]
+        if not all(math.isfinite(t) for t in self.thresholds):
+            raise ValueError(f"thresholds must be finite, got {self.thresholds}")
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -86,15 +89,37 @@ class ExitPolicy:
             raise ValueError(f"{type(self).__name__} has {self.num_exits} exit rules but the "
                              f"network has {num_exits} exits")
 
+    def check_logits(self, logits: list[torch.Tensor]) -> None:
+        """Raise unless ``logits`` is one floating-point (N, C) tensor per exit, with the same
+        N and C >= 2 throughout (and the policy's own C, for a policy that has one)."""
+        if not isinstance(logits, list | tuple):
+            raise TypeError(f"logits must be a list of K tensors (N, C), one per exit, got "
+                            f"{type(logits).__name__}")
+        self.check_network(len(logits))
+        classes = getattr(self, "num_classes", None)
+        for k, z in enumerate(logits):
+            if not isinstance(z, torch.Tensor) or not z.is_floating_point():
+                what = z.dtype if isinstance(z, torch.Tensor) else type(z).__name__
+                raise TypeError(f"logits[{k}] must be a floating-point tensor, got {what}")
+            first = logits[0].shape
+            if z.dim() != 2 or z.shape[1] < 2 or z.shape != first:
+                raise ValueError(f"logits[{k}] must be (N, C) with C >= 2 and the shape of "
+                                 f"logits[0], {tuple(first)}, got {tuple(z.shape)}")
+            if classes is not None and z.shape[1] != classes:
+                raise ValueError(f"logits[{k}] has {z.shape[1]} classes but the "
+                                 f"{type(self).__name__} policy is for {classes}")
+
     # -- offline oracle -------------------------------------------------------------------
 
     def scores(self, logits: list[torch.Tensor]) -> torch.Tensor:
         """(N, K) float32 score of every sample at every exit (reference semantics).
 
-        ``logits``: K tensors (N, C), exit k's logits for all N samples. Exit k sees the
-        scores / argmax of exits < k as its history, as in the runtime.
+        ``logits``: K floating-point tensors (N, C), exit k's logits for all N samples, the
+        same N and C >= 2 at every exit (``TypeError`` / ``ValueError`` naming the entry
+        otherwise). Exit k sees the scores / argmax of exits < k as its history, as in the
+        runtime.
         """
-        self.check_network(len(logits))
+        self.check_logits(logits)
         rules = self.rules()
         n = logits[0].shape[0]
         scores = torch.empty(n, len(logits), dtype=torch.float32, device=logits[0].device)
