@@ -79,7 +79,7 @@ def _triton_importable() -> bool:
 
 
 def backend_unavailable(name: str) -> str | None:
-    """Why backend ``name`` cannot run on CPU tensors in this session (None: it can)."""
+    """Why backend ``name`` cannot run on CPU tensors here (None: it can)."""
     if name == "reference":
         return None
     if name == "cpp":
@@ -94,7 +94,7 @@ def backend_unavailable(name: str) -> str | None:
 # the backends compared with the reference (each skips where unavailable)
 PARITY_BACKENDS = ("cpp", "triton")
 ALL_BACKENDS = ("reference", *PARITY_BACKENDS)
-# parity backends that run in this session
+# parity backends that run here
 AVAILABLE_PARITY_BACKENDS = tuple(b for b in PARITY_BACKENDS if backend_unavailable(b) is None)
 
 
