@@ -548,3 +548,11 @@ def test_flops_per_stage_and_head_hand_computed() -> None:
     assert net.training  # the mode is restored
     # cumulative, they are what eenet.budget.count_flops gives per exit
     assert count_flops(net, torch.randn(5, 6)).values == [96 + 48, 96 + 48 + 64 + 24]
+
+
+def test_head_placed_like_a_module() -> None:
+    module = torch.nn.Linear(3, 3).double().eval()
+    head = ExitHead.linear(3, 4).placed_like(module)
+    assert head.classifier.weight.dtype == torch.float64 and not head.training
+    assert ExitHead.linear(3, 4).placed_like(torch.nn.ReLU()).classifier.weight.dtype == (
+        torch.float32)

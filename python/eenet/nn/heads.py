@@ -59,6 +59,14 @@ class ExitHead(nn.Module):
         """D, the classifier's ``in_features``."""
         return self.classifier.in_features
 
+    def placed_like(self, module: nn.Module) -> ExitHead:
+        """This head on the device and floating dtype of ``module``'s first floating
+        parameter (unchanged when it has none), in ``module``'s train/eval mode; returns it."""
+        ref = next((p for p in module.parameters() if p.is_floating_point()), None)
+        head = self if ref is None else self.to(device=ref.device, dtype=ref.dtype)
+        head.train(module.training)
+        return head
+
     def features(self, h: torch.Tensor) -> torch.Tensor:
         """``body(h)``: (N, D), or (N, D, S) whose S positions the classifier averages."""
         return self.body(h)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .heads import ExitHead
-from .multi_exit import ChainStage, MultiExitNetwork, _like_backbone, record_architecture
+from .multi_exit import ChainStage, MultiExitNetwork, record_architecture
 
 __all__ = ["HFEncoderStage", "hf_encoder_exits"]
 
@@ -129,7 +129,7 @@ def hf_encoder_exits(model: nn.Module, after_layers: Sequence[int], num_classes:
         stages.append(HFEncoderStage(blocks, names, unwrap))
         start = end
     hidden = _hidden_size(model)
-    heads = [_like_backbone(ExitHead.token(hidden, num_classes), model) for _ in stages]
+    heads = [ExitHead.token(hidden, num_classes).placed_like(model) for _ in stages]
     net = MultiExitNetwork(stages, heads)
     if example_input is not None:
         _check_stages(model, net, example_input)

@@ -605,7 +605,7 @@ def attach_exits(backbone: nn.Module, after: Sequence[str], num_classes: int,
             new = _make_head(kind, shape, body_items[:cut + 1], num_classes, where,
                              encoder=(form == "encoder"), head_width=head_width,
                              head_stride=head_stride)
-            heads.append(_like_backbone(new, backbone))
+            heads.append(new.placed_like(backbone))
         else:
             body: nn.Module = FirstTokenIfSequence() if form == "encoder" else nn.Flatten(1)
             heads.append(ExitHead(body, classifier))
@@ -639,14 +639,6 @@ def _record_attached(net: MultiExitNetwork, backbone: nn.Module, after: list[str
     record_architecture(net, "attach_exits", {
         "backbone": spec, "after": list(after), "num_classes": num_classes, "head": head,
         "example_input": example, "head_width": head_width, "head_stride": head_stride})
-
-
-def _like_backbone(head: ExitHead, backbone: nn.Module) -> ExitHead:
-    ref = next((p for p in backbone.parameters() if p.is_floating_point()), None)
-    if ref is not None:
-        head = head.to(device=ref.device, dtype=ref.dtype)
-    head.train(backbone.training)
-    return head
 
 
 @torch.no_grad()
