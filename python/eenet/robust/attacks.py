@@ -13,7 +13,9 @@ around x and the clip to the input range. The PGD forms of :func:`pgd`:
 - ``"max_average"``: per sample, among the K single-exit attacks, the adversarial example
   whose cross-entropy summed over all K exits is largest. The K single-exit attacks start
   from the same random point (one start per call), so ``pgd(..., "single", exit_index=k)``
-  with the same config returns exactly the k-th candidate.
+  with the same config returns exactly the k-th candidate (the authors' code draws one
+  start per exit; a shared start makes max-average comparable sample by sample with each
+  single-exit attack).
 
 :func:`slowdown` pushes every early exit (all but the last) towards the uniform
 distribution, so that confidence-based policies let the samples run to the end.
@@ -120,10 +122,15 @@ class AttackConfig:
 # (train, test) settings per dataset, pixel units (images in [0, 1]):
 # - mnist: the authors' code, eps 0.3, step 0.01, 40 steps in training and evaluation;
 # - cifar10: the paper, eps 8/255, step 2/255, 10 steps in training, 20 in evaluation;
-# - digits (scikit-learn's 8x8, 17 grey levels): MNIST's step and step count with eps 0.1.
-#   Every 8x8 pixel averages a 4x4 block of the 32x32 bitmap, so one pixel carries what 16
-#   MNIST-sized pixels do, and at eps 0.3 a 40-step attack turns many digits into others
-#   outright (no robust classifier exists to be learnt there); 0.1 is 1.6 grey levels.
+# - digits (scikit-learn's 8x8, 17 grey levels): MNIST's step with eps 0.1 and 20 steps
+#   (travel 0.2 = 2 eps, as MNIST's 0.4 for 0.3 is about). Every 8x8 pixel averages a 4x4
+#   block of the 32x32 bitmap, so a pixel carries far more of the digit than an MNIST one,
+#   and eps 0.3 is much stronger here. Measured with small_cnn(image_size=8, widths=(16, 32,
+#   64)), 1200 training digits, 30 epochs of rdi_train (Adam, lr 2e-3), 300 held-out
+#   digits: at eps 0.1 clean accuracy 0.99 and max-average accuracy 0.81-0.85 per exit; at
+#   eps 0.3 (40 steps) clean 0.94-0.95 and max-average 0.42-0.45, still rising, at twice
+#   the training time. 0.1 gives the regime of the paper's MNIST results (robust accuracy
+#   well above chance, below clean) in a CPU-sized run.
 DEFAULTS: dict[str, tuple[AttackConfig, AttackConfig]] = {
     "mnist": (AttackConfig(0.3, 0.01, 40), AttackConfig(0.3, 0.01, 40)),
     "cifar10": (AttackConfig(8 / 255, 2 / 255, 10), AttackConfig(8 / 255, 2 / 255, 20)),

@@ -3,7 +3,9 @@
 - :func:`rdi_train`: per exit, 1/2 CE(clean) + 1/2 CE(adversarial), summed over the K exits
   (:func:`rdi_loss`), with the adversarial examples of the max-average attack
   (:func:`eenet.robust.attacks.pgd`, form ``"max_average"``) crafted in eval mode on the
-  current weights; the training step then runs in train mode.
+  current weights; the training step then runs in train mode. (The authors' script crafts
+  them in train mode, on batch statistics; in eval mode the attack depends on the weights
+  alone and only the training step updates the batch-norm running statistics.)
 - :func:`adversarial_train`: PGD adversarial training of a single-output model (the paper's
   baseline): 1/2 CE(clean) + 1/2 CE(adversarial) on its one output, the attack on the
   output (the ``"main"`` form).
