@@ -123,7 +123,7 @@ class AttackConfig:
 # - mnist: the authors' code, eps 0.3, step 0.01, 40 steps in training and evaluation;
 # - cifar10: the paper, eps 8/255, step 2/255, 10 steps in training, 20 in evaluation;
 # - digits (scikit-learn's 8x8, 17 grey levels): MNIST's step with eps 0.1 and 20 steps
-#   (travel 0.2 = 2 eps, as MNIST's 0.4 for 0.3 is about). Every 8x8 pixel averages a 4x4
+#   (travel 20 x 0.01 = 2 eps; MNIST: 40 x 0.01 = 1.3 eps). Every 8x8 pixel averages a 4x4
 #   block of the 32x32 bitmap, so a pixel carries far more of the digit than an MNIST one,
 #   and eps 0.3 is much stronger here. Measured with small_cnn(image_size=8, widths=(16, 32,
 #   64)), 1200 training digits, 30 epochs of rdi_train (Adam, lr 2e-3), 300 held-out
