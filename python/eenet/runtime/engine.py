@@ -107,7 +107,8 @@ def check_network(net: torch.nn.Module, policy: ExitPolicy) -> None:
     """Raise ``TypeError`` / ``ValueError`` naming the culprit unless ``net`` has
     ``stages`` and one exit head per stage, each with ``features`` and an ``nn.Linear``
     ``classifier``, all of them predicting the same C >= 2 classes, and ``policy`` is an
-    :class:`~eenet.policies.ExitPolicy` with one rule per exit, finite thresholds and (if it
+    :class:`~eenet.policies.ExitPolicy` with one rule per exit, thresholds the op takes
+    (finite; in [0, 1] for probability-like scores, >= 0 for patience streaks) and (if it
     has its own class count, as EENet's score heads do) the network's C."""
     from ..policies.base import ExitPolicy
 
@@ -133,8 +134,13 @@ def check_network(net: torch.nn.Module, policy: ExitPolicy) -> None:
         raise TypeError(f"policy must be an eenet.policies.ExitPolicy, got "
                         f"{type(policy).__name__}")
     policy.check_network(len(heads))
-    if not all(math.isfinite(t) for t in policy.thresholds):
-        raise ValueError(f"policy thresholds must be finite, got {policy.thresholds}")
+    for k, rule in enumerate(policy.rules()):
+        t = rule.threshold
+        low, high = (0.0, math.inf) if rule.policy == "patience" else (0.0, 1.0)
+        if not (math.isfinite(t) and low <= t <= high):
+            where = ">= 0" if high == math.inf else "in [0, 1]"
+            raise ValueError(f"policy threshold {k} is {t:g}: a {rule.policy!r} threshold "
+                             f"must be finite and {where} (thresholds {policy.thresholds})")
     policy_classes = getattr(policy, "num_classes", None)
     if policy_classes is not None and policy_classes != classes[0]:
         raise ValueError(f"the {type(policy).__name__} policy's score heads are for "
