@@ -136,8 +136,8 @@ def check_network(net: torch.nn.Module, policy: ExitPolicy) -> None:
     policy.check_network(len(heads))
     for k, rule in enumerate(policy.rules()):
         t = rule.threshold
-        low, high = (0.0, math.inf) if rule.policy == "patience" else (0.0, 1.0)
-        if not (math.isfinite(t) and low <= t <= high):
+        high = math.inf if rule.policy == "patience" else 1.0
+        if not (math.isfinite(t) and 0.0 <= t <= high):
             where = ">= 0" if high == math.inf else "in [0, 1]"
             raise ValueError(f"policy threshold {k} is {t:g}: a {rule.policy!r} threshold "
                              f"must be finite and {where} (thresholds {policy.thresholds})")
