@@ -220,6 +220,12 @@ def test_compact_stage_is_the_op_and_the_compaction(kind: type[ExitPolicy]) -> N
     first_only = Engine(net, MaxProb([0.0] * 4))  # one stage instead of four
     assert bool((first_only(x).exit_index == 0).all())
     assert _runtime_ops(lambda: first_only(x))["telemetry.py"] == TELEMETRY_OPS
+    quiet = Engine(net, engine.policy, telemetry=False)
+    _assert_same(quiet(x), engine(x))
+    assert "telemetry.py" not in _runtime_ops(lambda: quiet(x))
+    assert quiet.last_telemetry is None
+    with pytest.raises(RuntimeError, match="telemetry is off"):
+        quiet.telemetry_totals()
 
 
 def _syncs(fn: Callable[[], object]) -> int:

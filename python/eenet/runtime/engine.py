@@ -374,7 +374,8 @@ class Engine:
     sync) and writes the forced rows from the op's results at exit k (no extra stage).
     Without a guard nothing changes.
 
-    Telemetry: after each call, :attr:`last_telemetry` is the batch's
+    Telemetry (on unless ``telemetry=False``, which saves its few device ops per call):
+    after each call, :attr:`last_telemetry` is the batch's
     :class:`~eenet.runtime.telemetry.Telemetry` (rows per exit, forced rows, rows with
     non-finite logits, cost spent and allowed), :meth:`telemetry_totals` the sums since the
     engine was made or :meth:`reset_telemetry`. Costs come from the guard, or from
@@ -405,7 +406,7 @@ class Engine:
     def __init__(self, net: torch.nn.Module, policy: ExitPolicy, mode: str = "compact",
                  backend: str | None = None, cache_shapes: int = 8,
                  cache_bytes: int = CACHE_BYTES, guard: BudgetGuard | None = None,
-                 costs: Costs | None = None) -> None:
+                 costs: Costs | None = None, telemetry: bool = True) -> None:
         from ..budget import Costs
 
         if mode not in MODES:
@@ -440,7 +441,8 @@ class Engine:
         self._stage_kwargs_by_device: dict[torch.device, list[dict[str, Any]]] = {}
         self._lock = threading.Lock()
         self._recorder = Recorder(num_exits, costs if costs is not None else (
-            guard.costs if guard is not None else None), guarded=guard is not None)
+            guard.costs if guard is not None else None), guarded=guard is not None
+        ) if telemetry else None
 
     @property
     def num_exits(self) -> int:
@@ -454,17 +456,21 @@ class Engine:
     @property
     def last_telemetry(self) -> Telemetry | None:
         """The last call's telemetry (None before the first call); the first read of a
-        call's telemetry waits for its counts (one host sync)."""
-        return self._recorder.last
+        call's telemetry waits for its counts (one host sync); None with telemetry off."""
+        return None if self._recorder is None else self._recorder.last
 
     def telemetry_totals(self) -> Telemetry:
         """Telemetry summed over the calls since the engine was made or
         :meth:`reset_telemetry` (one host sync per device used)."""
+        if self._recorder is None:
+            raise RuntimeError("eenet.runtime.Engine: telemetry is off for this engine "
+                               "(Engine(..., telemetry=True) counts the batches)")
         return self._recorder.totals()
 
     def reset_telemetry(self) -> None:
         """Zero the running telemetry totals."""
-        self._recorder.reset()
+        if self._recorder is not None:
+            self._recorder.reset()
 
     def __call__(self, x: torch.Tensor, **row_inputs: torch.Tensor) -> EngineOutput:
         _check_input(x, row_inputs)
@@ -482,9 +488,10 @@ class Engine:
                 else:
                     out = self._run_compact(x, row_inputs)
                 rows = x.shape[0]
-                self._recorder.record(out.exit_index, out.forced, out.logits,
-                                      None if self.guard is None else
-                                      self.guard.batch_limit(rows))
+                if self._recorder is not None:
+                    self._recorder.record(out.exit_index, out.forced, out.logits,
+                                          None if self.guard is None else
+                                          self.guard.batch_limit(rows))
             return out
         finally:
             self._lock.release()
