@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .nn import MultiExitNetwork
 
-__all__ = ["multi_exit", "multi_exit_loss"]
+__all__ = ["Progress", "device_of", "multi_exit", "multi_exit_loss"]
 
 
 def multi_exit_loss(logits: Sequence[torch.Tensor], target: torch.Tensor,
@@ -66,7 +66,9 @@ def multi_exit_loss(logits: Sequence[torch.Tensor], target: torch.Tensor,
     return ce + distill_weight * t * t * kl
 
 
-def _device_of(net: torch.nn.Module) -> torch.device:
+def device_of(net: torch.nn.Module) -> torch.device:
+    """Where ``net``'s parameters live (the CPU for a module without parameters): the
+    default training device."""
     p = next(net.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
 
@@ -83,6 +85,51 @@ def _isatty(stream: Any) -> bool:
         return bool(stream.isatty())
     except (AttributeError, ValueError):  # no isatty, or a closed stream
         return False
+
+
+class Progress:
+    """Progress of a training loop on ``stream`` (default stderr): a tqdm bar of
+    ``epochs`` x ``len(loader)`` batches (a bar without a total for a loader without a
+    length) when the stream is a terminal, else (CI logs, a pipe) one line per epoch,
+    ``<what>: epoch 3/8 <text>``. ``enabled=False`` reports nothing.
+
+    Use it as a context manager (the bar is closed on exit); after each batch call
+    :meth:`batch` with the bar's running values, after each epoch :meth:`epoch` with the
+    epoch's line.
+    """
+
+    def __init__(self, what: str, loader: Iterable[Any], epochs: int, enabled: bool = True,
+                 stream: Any = None) -> None:
+        self.what = what
+        self.epochs = epochs
+        self.enabled = enabled
+        self.stream = sys.stderr if stream is None else stream
+        self.tty = enabled and _isatty(self.stream)
+        steps = _length(loader)
+        self._bar = tqdm(total=None if steps is None else steps * epochs, disable=not self.tty,
+                         desc=what, unit="batch", file=self.stream)
+
+    def batch(self, **postfix: Any) -> None:
+        """One batch done: advance the bar and show ``postfix`` (terminal only)."""
+        if self.tty:
+            self._bar.update(1)
+            self._bar.set_postfix(**postfix)
+
+    def epoch(self, epoch: int, text: str) -> None:
+        """Epoch ``epoch`` (1-based) done: its line, ``<what>: epoch e/E <text>`` (not on a
+        terminal, where the bar shows the progress)."""
+        if self.enabled and not self.tty:
+            print(f"{self.what}: epoch {epoch}/{self.epochs} {text}", file=self.stream,
+                  flush=True)
+
+    def close(self) -> None:
+        self._bar.close()
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def multi_exit(net: MultiExitNetwork, train_loader: Iterable[Any], epochs: int = 10,
@@ -109,7 +156,7 @@ def multi_exit(net: MultiExitNetwork, train_loader: Iterable[Any], epochs: int =
         raise ValueError(f"epochs must be a non-negative int, got {epochs!r}")
     if not lr > 0:
         raise ValueError(f"lr must be positive, got {lr}")
-    dev = torch.device(device) if device is not None else _device_of(net)
+    dev = torch.device(device) if device is not None else device_of(net)
     net.to(dev)
     forked = [dev.index or 0] if dev.type == "cuda" else []
     history: list[dict[str, Any]] = []
@@ -118,49 +165,39 @@ def multi_exit(net: MultiExitNetwork, train_loader: Iterable[Any], epochs: int =
             torch.manual_seed(seed)
         opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=lr,
                                weight_decay=weight_decay)
-        steps = _length(train_loader)
-        stream = sys.stderr
-        tty = progress and _isatty(stream)
-        bar = tqdm(total=None if steps is None else steps * epochs, disable=not tty,
-                   desc="multi-exit training", unit="batch", file=stream)
-        try:
-            net.train()
-            for epoch in range(1, epochs + 1):
-                total_loss, seen = 0.0, 0
-                correct = torch.zeros(net.num_exits, dtype=torch.int64, device=dev)
-                for batch in train_loader:
-                    x, y = batch[0], batch[1]
-                    x, y = x.to(dev), y.to(dev)
-                    outs = net(x)
-                    loss = multi_exit_loss(outs, y, distill_temperature, distill_weight)
-                    if not torch.isfinite(loss):
-                        raise RuntimeError(f"the loss became {loss.item()} at epoch {epoch}; "
-                                           "lower the learning rate")
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    n = y.shape[0]
-                    total_loss += loss.item() * n
-                    seen += n
-                    with torch.no_grad():
-                        correct += torch.stack([(z.argmax(dim=1) == y).sum() for z in outs])
-                    if tty:
-                        bar.update(1)
-                        bar.set_postfix(epoch=epoch, loss=f"{loss.item():.4f}")
-                if seen == 0:
-                    raise ValueError("train_loader yielded no samples")
-                record = {
-                    "epoch": epoch,
-                    "loss": total_loss / seen,
-                    "acc_per_exit": [float(c) / seen for c in correct.tolist()],
-                }
-                history.append(record)
-                if progress and not tty:
+        with Progress("multi-exit training", train_loader, epochs, progress) as report:
+            try:
+                net.train()
+                for epoch in range(1, epochs + 1):
+                    total_loss, seen = 0.0, 0
+                    correct = torch.zeros(net.num_exits, dtype=torch.int64, device=dev)
+                    for batch in train_loader:
+                        x, y = batch[0], batch[1]
+                        x, y = x.to(dev), y.to(dev)
+                        outs = net(x)
+                        loss = multi_exit_loss(outs, y, distill_temperature, distill_weight)
+                        if not torch.isfinite(loss):
+                            raise RuntimeError(f"the loss became {loss.item()} at epoch "
+                                               f"{epoch}; lower the learning rate")
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                        opt.step()
+                        n = y.shape[0]
+                        total_loss += loss.item() * n
+                        seen += n
+                        with torch.no_grad():
+                            correct += torch.stack([(z.argmax(dim=1) == y).sum() for z in outs])
+                        report.batch(epoch=epoch, loss=f"{loss.item():.4f}")
+                    if seen == 0:
+                        raise ValueError("train_loader yielded no samples")
+                    record = {
+                        "epoch": epoch,
+                        "loss": total_loss / seen,
+                        "acc_per_exit": [float(c) / seen for c in correct.tolist()],
+                    }
+                    history.append(record)
                     accs = " ".join(f"{a:.3f}" for a in record["acc_per_exit"])
-                    print(f"multi-exit training: epoch {epoch}/{epochs} loss "
-                          f"{record['loss']:.4f} train acc per exit {accs}", file=stream,
-                          flush=True)
-        finally:
-            bar.close()
-            net.eval()
+                    report.epoch(epoch, f"loss {record['loss']:.4f} train acc per exit {accs}")
+            finally:
+                net.eval()
     return history

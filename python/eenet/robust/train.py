@@ -14,25 +14,23 @@
   scratch).
 
 Optimiser: SGD with momentum 0.9 and weight decay 5e-4 (the authors' MNIST script, lr 0.033)
-or Adam (lr 1e-3), constant learning rate. Progress reporting as in :func:`eenet.train.multi_exit`:
-a tqdm bar on a terminal, one line per epoch otherwise.
+or Adam (lr 1e-3), constant learning rate. Progress reporting as in :func:`eenet.train.multi_exit`
+(:class:`eenet.train.Progress`): a tqdm bar on a terminal, one line per epoch otherwise.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..nn import MultiExitNetwork
-from ..train import _device_of, _isatty, _length
+from ..train import Progress, device_of
 from .attacks import AttackConfig, exit_logits, pgd
 
 __all__ = ["OPTIMIZERS", "SingleExit", "adversarial_train", "rdi_loss", "rdi_train",
@@ -171,7 +169,7 @@ def _robust_train(model: nn.Module, loader: Iterable[Any], epochs: int, attack: 
         raise ValueError(f"momentum must be non-negative, got {momentum}")
     if not weight_decay >= 0:
         raise ValueError(f"weight_decay must be non-negative, got {weight_decay}")
-    dev = torch.device(device) if device is not None else _device_of(model)
+    dev = torch.device(device) if device is not None else device_of(model)
     model.to(dev)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -183,64 +181,66 @@ def _robust_train(model: nn.Module, loader: Iterable[Any], epochs: int, attack: 
         if seed is not None:
             torch.manual_seed(seed)
         opt = _make_optimizer(params, optimizer, lr, momentum, weight_decay)
-        steps = _length(loader)
-        stream = sys.stderr
-        tty = progress and _isatty(stream)
-        bar = tqdm(total=None if steps is None else steps * epochs, disable=not tty,
-                   desc=what, unit="batch", file=stream)
-        try:
-            for epoch in range(1, epochs + 1):
-                sums = {"loss": 0.0, "clean_loss": 0.0, "adv_loss": 0.0}
-                seen = 0
-                correct_clean: torch.Tensor | None = None
-                correct_adv: torch.Tensor | None = None
-                for batch in loader:
-                    x, y = batch[0].to(dev), batch[1].to(dev).long()
-                    if y.shape[0] == 0:
-                        continue
-                    cfg = dataclasses.replace(attack, seed=attack.seed + batch_index)
-                    batch_index += 1
-                    model.train()
-                    x_adv = pgd(model, x, y, form, cfg)   # in eval mode, mode restored
-                    clean, adv = exit_logits(model, x), exit_logits(model, x_adv)
-                    if not multi and len(clean) != 1:
-                        raise ValueError(f"adversarial_train trains a single-output model; "
-                                         f"this one returns {len(clean)} outputs (use "
-                                         "rdi_train for multi-exit networks)")
-                    loss, clean_ce, adv_ce = rdi_loss(clean, adv, y)
-                    if not torch.isfinite(loss):
-                        raise RuntimeError(f"the loss became {loss.item()} at epoch {epoch}; "
-                                           "lower the learning rate")
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    n = y.shape[0]
-                    seen += n
-                    for key, value in (("loss", loss), ("clean_loss", clean_ce),
-                                       ("adv_loss", adv_ce)):
-                        sums[key] += float(value.detach()) * n
-                    with torch.no_grad():
-                        cc = torch.stack([(z.argmax(1) == y).sum() for z in clean])
-                        ca = torch.stack([(z.argmax(1) == y).sum() for z in adv])
-                    correct_clean = cc if correct_clean is None else correct_clean + cc
-                    correct_adv = ca if correct_adv is None else correct_adv + ca
-                    if tty:
-                        bar.update(1)
-                        bar.set_postfix(epoch=epoch, clean=f"{sums['clean_loss'] / seen:.4f}",
-                                        adv=f"{sums['adv_loss'] / seen:.4f}")
-                if seen == 0 or correct_clean is None or correct_adv is None:
-                    raise ValueError("the loader yielded no samples")
-                record: dict[str, Any] = {"epoch": epoch}
-                record.update({key: value / seen for key, value in sums.items()})
-                record["clean_acc"] = [float(c) / seen for c in correct_clean.tolist()]
-                record["adv_acc"] = [float(c) / seen for c in correct_adv.tolist()]
-                history.append(record)
-                if progress and not tty:
+        with Progress(what, loader, epochs, progress) as report:
+            try:
+                for epoch in range(1, epochs + 1):
+                    record = _epoch(model, loader, attack, form, opt, dev, multi, epoch,
+                                    batch_index, report)
+                    batch_index += record.pop("batches")
+                    history.append(record)
                     accs = " ".join(f"{a:.3f}" for a in record["adv_acc"])
-                    print(f"{what}: epoch {epoch}/{epochs} clean loss {record['clean_loss']:.4f}"
-                          f" adv loss {record['adv_loss']:.4f} adv acc per exit {accs}",
-                          file=stream, flush=True)
-        finally:
-            bar.close()
-            model.eval()
+                    report.epoch(epoch, f"clean loss {record['clean_loss']:.4f} adv loss "
+                                        f"{record['adv_loss']:.4f} adv acc per exit {accs}")
+            finally:
+                model.eval()
     return history
+
+
+def _epoch(model: nn.Module, loader: Iterable[Any], attack: AttackConfig, form: str,
+           opt: torch.optim.Optimizer, dev: torch.device, multi: bool, epoch: int,
+           batch_index: int, report: Progress) -> dict[str, Any]:
+    """One epoch of :func:`_robust_train`, its batches counted from ``batch_index`` (the
+    attack seeds); returns the epoch's record plus ``batches``, the batches it attacked."""
+    sums = {"loss": 0.0, "clean_loss": 0.0, "adv_loss": 0.0}
+    seen = batches = 0
+    correct_clean: torch.Tensor | None = None
+    correct_adv: torch.Tensor | None = None
+    for batch in loader:
+        x, y = batch[0].to(dev), batch[1].to(dev).long()
+        if y.shape[0] == 0:
+            continue
+        cfg = dataclasses.replace(attack, seed=attack.seed + batch_index + batches)
+        batches += 1
+        model.train()
+        x_adv = pgd(model, x, y, form, cfg)   # in eval mode, mode restored
+        clean, adv = exit_logits(model, x), exit_logits(model, x_adv)
+        if not multi and len(clean) != 1:
+            raise ValueError(f"adversarial_train trains a single-output model; this one "
+                             f"returns {len(clean)} outputs (use rdi_train for multi-exit "
+                             "networks)")
+        loss, clean_ce, adv_ce = rdi_loss(clean, adv, y)
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"the loss became {loss.item()} at epoch {epoch}; lower the "
+                               "learning rate")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        n = y.shape[0]
+        seen += n
+        for key, value in (("loss", loss), ("clean_loss", clean_ce), ("adv_loss", adv_ce)):
+            sums[key] += float(value.detach()) * n
+        with torch.no_grad():
+            cc = torch.stack([(z.argmax(1) == y).sum() for z in clean])
+            ca = torch.stack([(z.argmax(1) == y).sum() for z in adv])
+        correct_clean = cc if correct_clean is None else correct_clean + cc
+        correct_adv = ca if correct_adv is None else correct_adv + ca
+        report.batch(epoch=epoch, clean=f"{sums['clean_loss'] / seen:.4f}",
+                     adv=f"{sums['adv_loss'] / seen:.4f}")
+    if seen == 0 or correct_clean is None or correct_adv is None:
+        raise ValueError("the loader yielded no samples")
+    record: dict[str, Any] = {"epoch": epoch}
+    record.update({key: value / seen for key, value in sums.items()})
+    record["clean_acc"] = [float(c) / seen for c in correct_clean.tolist()]
+    record["adv_acc"] = [float(c) / seen for c in correct_adv.tolist()]
+    record["batches"] = batches
+    return record
