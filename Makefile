@@ -68,3 +68,10 @@ bench-gpu: setup
 
 clean:
 	rm -rf build *.egg-info eenet_kernels/*.so .setup-system-done $(VENV)
+
+# RDI-Nets vs the PGD-trained single-exit baseline, the slowdown attack and the budget guard
+# on the digits (python/eenet/robust/reproduce.py, about 15 minutes on 2 CPU cores); the
+# tables go to bench/results/cpu/robust.md (and robust.json)
+.PHONY: robust
+robust: setup
+	$(PYTHON) -m eenet.robust.reproduce --out bench/results/cpu

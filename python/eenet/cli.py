@@ -1,12 +1,16 @@
-"""``eenet`` command line: ``demo``, ``calibrate`` and ``report``.
+"""``eenet`` command line: ``demo``, ``calibrate``, ``report`` and ``robust``.
 
     eenet demo [--datasets mnist digits] [--epochs 8] [--out demo_out]
     eenet calibrate --model M.pt [--dataset mnist] --policy EENet --budget 0.5 --out P.json
     eenet report --model M.pt --policy P.json [--dataset mnist]
+    eenet robust [--dataset digits] [--epochs 40] [--train-steps 5] [--out robust_out]
 
 ``demo`` saves its trained models as ``<out>/<dataset>_model.pt``; ``calibrate`` fits a
 policy on the validation split of the dataset the model was trained on; ``report`` serves
-the test split with the runtime engine and prints accuracy, achieved cost and exit mix.
+the test split with the runtime engine and prints accuracy, achieved cost and exit mix;
+``robust`` trains RDI-Nets, the PGD-trained single-exit baseline and a standard multi-exit
+model, attacks and serves them (:mod:`eenet.robust.reproduce`) and writes the tables to
+``<out>/robust.md``.
 
 Every argument is checked before any data is loaded or trained on, and the files are
 checked against each other: a model trained on another dataset, a policy calibrated on
@@ -17,6 +21,7 @@ is refused. Usage errors print one line, ``eenet <command>: error: <what>``, and
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
 import os
 import sys
@@ -28,7 +33,7 @@ import torch
 from . import budget as budget_mod
 from . import data, demo
 from .nn import MultiExitNetwork
-from .policies import collect_exit_logits
+from .policies import EENet, collect_exit_logits
 from .runtime import MODES, Engine
 from .saving import fingerprint, load_model, load_policy, save_policy
 
@@ -82,6 +87,16 @@ def _fraction(text: str) -> float:
     if not (math.isfinite(value) and 0.0 < value <= 1.0):
         raise argparse.ArgumentTypeError(
             f"a budget is a fraction of the full model's cost in (0, 1], got {value:g}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value:g}")
     return value
 
 
@@ -192,6 +207,18 @@ def cmd_demo(args: argparse.Namespace) -> None:
               progress=not args.no_progress)
 
 
+def cmd_robust(args: argparse.Namespace) -> None:
+    from .robust import reproduce
+
+    schedule = reproduce.Schedule(
+        dataset=args.dataset, epochs=args.epochs, std_epochs=args.std_epochs or args.epochs,
+        train_steps=args.train_steps, lr=args.lr, budget=args.budget,
+        serve_batch=args.batch, train_samples=args.train_samples,
+        test_samples=args.test_samples, seed=args.seed,
+        eenet_options={"epochs": args.eenet_epochs})
+    reproduce.run(schedule, out_dir=args.out, progress=not args.no_progress)
+
+
 def cmd_calibrate(args: argparse.Namespace) -> None:
     net, meta = load_model(args.model)
     dataset = _dataset_for(args, meta)
@@ -283,6 +310,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=MODES, default="compact",
                    help="runtime mode (compact drops the exited rows; full and mask do not)")
     p.set_defaults(func=cmd_report)
+
+    from .robust.reproduce import Schedule
+
+    defaults = Schedule()
+    p = sub.add_parser("robust", help="RDI-Nets vs the PGD-trained baseline, the slowdown "
+                       "attack and the budget guard", formatter_class=_Formatter)
+    p.add_argument("--dataset", choices=data.DATASETS, default=defaults.dataset,
+                   help="dataset to train and attack on")
+    p.add_argument("--epochs", type=_positive_int, default=defaults.epochs,
+                   help="epochs of RDI-Nets and of the PGD-trained baseline")
+    p.add_argument("--std-epochs", type=_positive_int, default=None,
+                   help="epochs of the standard multi-exit model (default: --epochs)")
+    p.add_argument("--train-steps", type=_positive_int, default=defaults.train_steps,
+                   help="PGD steps of the training attack (the test attack's travel in that "
+                   "many steps)")
+    p.add_argument("--lr", type=_positive_float, default=defaults.lr,
+                   help="learning rate (Adam) of every model")
+    p.add_argument("--budget", type=_fraction, default=defaults.budget,
+                   help="EENet's and MaxProb's budget, a fraction of the backbone's FLOPs")
+    p.add_argument("--batch", type=_positive_int, default=defaults.serve_batch,
+                   help="batch size the test split is served in")
+    p.add_argument("--eenet-epochs", type=_positive_int,
+                   default=inspect.signature(EENet.fit_logits).parameters["epochs"].default,
+                   help="training epochs of the EENet scheduler")
+    p.add_argument("--train-samples", type=_positive_int, default=None,
+                   help="use only the first N training samples (default: all)")
+    p.add_argument("--test-samples", type=_positive_int, default=None,
+                   help="use only the first N test samples (default: all)")
+    p.add_argument("--seed", type=int, default=defaults.seed,
+                   help="seed of the splits, the initialisation and the training")
+    p.add_argument("--out", type=_output_dir, default="robust_out",
+                   help="directory for robust.md and robust.json (created if missing)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no training progress (bar on a terminal, a line per epoch otherwise)")
+    p.set_defaults(func=cmd_robust)
     return parser
 
 

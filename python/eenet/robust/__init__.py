@@ -1,7 +1,10 @@
 """Robust multi-exit networks (RDI-Nets, ICLR 2020): PGD attacks in the paper's four forms
 and the DeepSloth slowdown attack (:mod:`.attacks`), RDI training and the single-exit
-adversarially trained baseline (:mod:`.train`), and the test-time policy with exits used
-uniformly on clean validation data (:mod:`.policy`)."""
+adversarially trained baseline (:mod:`.train`), the test-time policy with exits used
+uniformly on clean validation data (:mod:`.policy`), evaluation as deployed: attacks served
+by the runtime engine under a policy, with bootstrap intervals (:mod:`.evaluate`), and the
+reproduction of RDI-Nets' comparison and of DeepSloth with the budget guard
+(:mod:`.reproduce`, ``eenet robust``, ``make robust``)."""
 
 from __future__ import annotations
 
