@@ -396,7 +396,7 @@ def test_cli_usage_errors(model_file: str, tmp_path: os.PathLike,
 def test_cli_help_documents_every_option(capsys: pytest.CaptureFixture[str]) -> None:
     parser = cli.build_parser()
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(subparsers.choices) == {"demo", "calibrate", "report"}
+    assert set(subparsers.choices) == {"demo", "calibrate", "report", "robust"}
     for name, sub in subparsers.choices.items():
         for action in sub._actions:
             assert action.help, f"eenet {name} {action.option_strings} has no help"
