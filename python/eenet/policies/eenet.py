@@ -71,10 +71,8 @@ parameters, so the thresholds, accuracy and cost reported in ``fit_info`` are ex
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -83,6 +81,7 @@ from torch import nn
 from eenet_kernels import reference
 
 from ..budget import Budget, Costs, as_budget
+from ..threads import intra_op_threads
 from .base import ExitPolicy, ExitRule, first_exit
 from .calibration import collect_exit_logits, thresholds_for_fractions
 
@@ -174,7 +173,7 @@ class EENet(ExitPolicy):
         (N,) int; ``costs``: K cumulative costs; ``budget``: a fraction of the full cost or a
         :class:`Budget`. See the module docstring for the loss, phases and calibration.
         """
-        with _single_thread():
+        with intra_op_threads(1):
             return cls._fit(logits, labels, costs, budget, use_vote=use_vote, epochs=epochs,
                             restarts=restarts, lr=lr, batch_size=batch_size,
                             weight_decay=weight_decay, a_ce=a_ce, a_cost=a_cost, beta=beta,
@@ -467,18 +466,6 @@ def eenet_loss(
     cost = (expected.mean() - budget).abs() / budget
     total = bce + a_ce * kl + a_cost * cost
     return {"bce": bce, "kl": kl, "cost": cost, "total": total}
-
-
-@contextlib.contextmanager
-def _single_thread() -> Iterator[None]:
-    """Run torch on one intra-op thread: the scheduler's matrices are tiny (N x ~C), and
-    OpenMP threads only add barrier waits (20 ms per op instead of 80 us on a loaded host)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 # -- data and evaluation ---------------------------------------------------------------------

@@ -27,7 +27,6 @@ The tables go to stdout and, with the schedule, the wall time and the machine, t
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -35,7 +34,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +46,7 @@ from ..demo import fit_policy
 from ..nn import MultiExitNetwork
 from ..policies import EENet, ExitPolicy, MaxProb, collect_exit_logits
 from ..runtime import BudgetGuard
+from ..threads import intra_op_threads
 from ..train import multi_exit
 from .attacks import AttackConfig, attack_defaults, slowdown
 from .evaluate import (
@@ -381,25 +381,12 @@ def machine() -> str:
             f"{torch.__version__}")
 
 
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """Torch on one intra-op thread for the block: the models are tiny, and OpenMP threads
-    only add barrier waits (several times slower on a loaded host); one thread also fixes
-    the order of every float reduction."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def run(schedule: Schedule | None = None, out_dir: str | None = None, progress: bool = True
         ) -> Report:
     """Train, attack and serve (module docstring) on one intra-op thread; print the tables
     and, with ``out_dir``, write ``robust.md`` and ``robust.json`` there. Returns the
     :class:`Report`."""
-    with _one_thread():
+    with intra_op_threads(1):
         return _run(schedule or Schedule(), out_dir, progress)
 
 
