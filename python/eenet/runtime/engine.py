@@ -12,6 +12,10 @@ Modes:
   host sync per stage that continues (the survivor count); buffers are reused from batch to
   batch.
 
+- ``compiled``: the compact loop captured whole by ``torch.compile(fullgraph=True)``
+  (:mod:`.compiled`): the survivor counts are unbacked sizes of one graph, so no pattern of
+  exits recompiles it; no budget guard.
+
 ``mask`` and ``compact`` run the shared stage loop (:func:`eenet.runtime.loop.run_stages`).
 All modes return results in the input order.
 
@@ -32,6 +36,7 @@ import torch
 
 import eenet_kernels as ek
 
+from .compiled import COMPILE_BACKENDS, CompactLoop, CompiledLoop
 from .guard import BudgetGuard, GuardLedger
 from .loop import RowState, run_stages
 from .telemetry import Recorder, Telemetry
@@ -42,6 +47,9 @@ if TYPE_CHECKING:  # annotations only: eenet.budget imports eenet.runtime (timin
     from ..policies.base import ExitPolicy
 
 MODES: tuple[str, ...] = ("full", "mask", "compact")
+"""The eager modes (every one takes a budget guard)."""
+ALL_MODES: tuple[str, ...] = (*MODES, "compiled")
+"""Every mode of :class:`Engine`: the eager ones and ``compiled``."""
 CACHE_BYTES = 256 << 20
 """Default byte cap of the compact mode's buffer cache (256 MiB)."""
 
@@ -398,6 +406,21 @@ class Engine:
     few sizes reuses the buffers and allocates nothing per batch. :attr:`buffer_bytes` is
     what the cache holds.
 
+    Compiled mode: ``mode="compiled"`` runs the compact loop as one
+    ``torch.compile(fullgraph=True)`` graph per device and input shape class
+    (:mod:`eenet.runtime.compiled`), compiled on the first call with
+    ``compile_backend`` (``"inductor"``, default: generated code for the stages, seconds to
+    tens of seconds per graph on a CPU; ``"aot_eager"``: the captured graph run op by op,
+    quick to compile; ``"eager"``). Survivor counts are unbacked sizes of the graph, so no
+    exit pattern recompiles it; the batch dimension is dynamic (sizes >= 2 share a graph,
+    save where a layer's kernel choice depends on the size, e.g. CPU convolutions at 16 rows).
+    Results equal compact mode's up to float rounding (a row within rounding of a threshold
+    may exit elsewhere). No budget guard (``ValueError``): the guard's cut is a host
+    decision after every exit; the ops run the dispatcher's kernels (a ``backend`` override
+    to another raises ``ValueError``). :attr:`compiled_graphs` and :attr:`compile_seconds`
+    say what was compiled and how long it took. The lock, the input checks and the
+    telemetry run outside the graph; the buffer cache is not used (the graph allocates).
+
     Threads: an engine keeps per-call state (its buffers) and runs one batch at a time; a
     call while another is running (from another thread) raises ``RuntimeError``. Give each
     worker thread (or CUDA stream) its own engine; engines can share the same ``net``.
@@ -406,11 +429,19 @@ class Engine:
     def __init__(self, net: torch.nn.Module, policy: ExitPolicy, mode: str = "compact",
                  backend: str | None = None, cache_shapes: int = 8,
                  cache_bytes: int = CACHE_BYTES, guard: BudgetGuard | None = None,
-                 costs: Costs | None = None, telemetry: bool = True) -> None:
+                 costs: Costs | None = None, telemetry: bool = True,
+                 compile_backend: str = "inductor") -> None:
         from ..budget import Costs
 
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode not in ALL_MODES:
+            raise ValueError(f"mode must be one of {ALL_MODES}, got {mode!r}")
+        if compile_backend not in COMPILE_BACKENDS:
+            raise ValueError(f"compile_backend must be one of {COMPILE_BACKENDS}, got "
+                             f"{compile_backend!r}")
+        if mode == "compiled" and guard is not None:
+            raise ValueError("mode='compiled' does not support a budget guard: the guard "
+                             "decides on the host after every exit, which one compiled graph "
+                             "cannot do; use mode='compact' with the guard")
         if isinstance(cache_shapes, bool) or not isinstance(cache_shapes, int) or (
                 cache_shapes < 1):
             raise ValueError(f"cache_shapes must be a positive int, got {cache_shapes!r}")
@@ -436,6 +467,8 @@ class Engine:
         self.mode = mode
         self.backend = backend
         self.guard = guard
+        self.compile_backend = compile_backend
+        self._compiled: dict[torch.device, CompiledLoop] = {}
         self._rules = policy.rules()
         self._cache = _BufferCache(cache_shapes, cache_bytes)
         self._stage_kwargs_by_device: dict[torch.device, list[dict[str, Any]]] = {}
@@ -452,6 +485,16 @@ class Engine:
     def buffer_bytes(self) -> int:
         """Bytes held by the compact mode's buffer cache."""
         return self._cache.nbytes
+
+    @property
+    def compiled_graphs(self) -> int:
+        """Graphs compiled so far by compiled mode (0 in the other modes)."""
+        return sum(loop.graphs for loop in self._compiled.values())
+
+    @property
+    def compile_seconds(self) -> list[float]:
+        """Compiled mode: the wall time of each call that compiled a graph, in seconds."""
+        return [t for loop in self._compiled.values() for t in loop.compile_seconds]
 
     @property
     def last_telemetry(self) -> Telemetry | None:
@@ -485,6 +528,8 @@ class Engine:
                     out = simulate(self.net, self.policy, x, guard=self.guard, **row_inputs)
                 elif self.mode == "mask":
                     out = self._run_mask(x, row_inputs)
+                elif self.mode == "compiled":
+                    out = self._run_compiled(x, row_inputs)
                 else:
                     out = self._run_compact(x, row_inputs)
                 rows = x.shape[0]
@@ -535,6 +580,25 @@ class Engine:
         run_stages(_stages(self.net), x, rows, _MaskStep(
             self.net.heads, out, self._stage_kwargs(device), self._ledger(n)))
         return out
+
+    def _run_compiled(self, x: torch.Tensor, row_inputs: dict[str, torch.Tensor]
+                      ) -> EngineOutput:
+        device = x.device
+        if x.shape[0] == 0:
+            return self._empty_output(x)
+        loop = self._compiled.get(device)
+        if loop is None:
+            stage_kwargs = self._stage_kwargs(device)
+            chosen = stage_kwargs[0]["backend"]
+            if chosen != ek.ops.dispatcher_backend(device):
+                raise ValueError(f"mode='compiled' runs the dispatcher's kernels "
+                                 f"({ek.ops.dispatcher_backend(device)!r} on {device}); "
+                                 f"backend {chosen!r} was requested")
+            loop = CompiledLoop(CompactLoop(self.net, stage_kwargs, self.policy.needs_scores,
+                                            self.policy.needs_preds), self.compile_backend)
+            self._compiled[device] = loop
+        logits, exit_index, score = loop(x, row_inputs)
+        return EngineOutput(logits, exit_index, score)
 
     def _run_compact(self, x: torch.Tensor, row_inputs: dict[str, torch.Tensor]
                      ) -> EngineOutput:
