@@ -52,7 +52,6 @@ import itertools
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,6 +60,7 @@ import torch
 import torch.nn.functional as F
 
 import eenet_kernels as ek
+from eenet.threads import intra_op_threads
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -132,17 +132,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
-
-
-@contextmanager
-def intra_op_threads(count: int) -> Iterator[None]:
-    """Run the block with ``count`` intra-op threads, then restore the previous setting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.fixture

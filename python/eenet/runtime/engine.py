@@ -544,6 +544,21 @@ class Engine:
     def _ledger(self, rows: int) -> GuardLedger | None:
         return None if self.guard is None else self.guard.ledger(rows)
 
+    def compact_loop(self, device: torch.device, purpose: str = "a compact loop runs"
+                     ) -> CompactLoop:
+        """The compact loop of this engine's network and policy on ``device`` as one module
+        (:class:`~eenet.runtime.compiled.CompactLoop`), for ``torch.compile`` and
+        ``torch.export``; a traced loop records the dispatcher's kernels, so a ``backend``
+        override raises ``ValueError`` (``purpose`` starts its message)."""
+        stage_kwargs = self._stage_kwargs(device)
+        chosen = stage_kwargs[0]["backend"]
+        if chosen != ek.ops.dispatcher_backend(device):
+            raise ValueError(f"{purpose} the dispatcher's kernels "
+                             f"({ek.ops.dispatcher_backend(device)!r} on {device}); backend "
+                             f"{chosen!r} was requested")
+        return CompactLoop(self.net, stage_kwargs, self.policy.needs_scores,
+                           self.policy.needs_preds)
+
     def _stage_kwargs(self, device: torch.device) -> list[dict[str, Any]]:
         """Per exit, the op's keyword arguments that do not change from batch to batch (the
         rule, its scheduler weights on ``device``, the backend), built once per device."""
@@ -588,14 +603,8 @@ class Engine:
             return self._empty_output(x)
         loop = self._compiled.get(device)
         if loop is None:
-            stage_kwargs = self._stage_kwargs(device)
-            chosen = stage_kwargs[0]["backend"]
-            if chosen != ek.ops.dispatcher_backend(device):
-                raise ValueError(f"mode='compiled' runs the dispatcher's kernels "
-                                 f"({ek.ops.dispatcher_backend(device)!r} on {device}); "
-                                 f"backend {chosen!r} was requested")
-            loop = CompiledLoop(CompactLoop(self.net, stage_kwargs, self.policy.needs_scores,
-                                            self.policy.needs_preds), self.compile_backend)
+            loop = CompiledLoop(self.compact_loop(device, "mode='compiled' runs"),
+                                self.compile_backend)
             self._compiled[device] = loop
         logits, exit_index, score = loop(x, row_inputs)
         return EngineOutput(logits, exit_index, score)

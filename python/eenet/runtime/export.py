@@ -26,8 +26,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-import eenet_kernels as ek
-
 from .compiled import CompactLoop
 
 if TYPE_CHECKING:
@@ -76,14 +74,7 @@ def export_engine(net: torch.nn.Module, policy: ExitPolicy, example_x: torch.Ten
         raise ValueError(f"example_x must have at least 2 rows (PyTorch specialises a batch "
                          f"of 0 or 1 and the program would take only that size), got "
                          f"{tuple(example_x.shape)}")
-    device = example_x.device
-    stage_kwargs = engine._stage_kwargs(device)
-    chosen = stage_kwargs[0]["backend"]
-    if chosen != ek.ops.dispatcher_backend(device):
-        raise ValueError(f"export_engine records the dispatcher's kernels "
-                         f"({ek.ops.dispatcher_backend(device)!r} on {device}); backend "
-                         f"{chosen!r} was requested")
-    loop = CompactLoop(engine.net, stage_kwargs, policy.needs_scores, policy.needs_preds)
+    loop = engine.compact_loop(example_x.device, "export_engine records")
     names = list(example_row_inputs)
     module = _loop_module(loop, names)
     batch = torch.export.Dim("batch", min=1)
