@@ -19,6 +19,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 POLICIES: tuple[str, ...] = ("max_prob", "entropy", "patience", "eenet")
@@ -239,8 +240,6 @@ def check_exit_values(
 
 def _has_data(t: torch.Tensor) -> bool:
     """Whether t's values can be read (not a meta or fake tensor)."""
-    from torch._subclasses.fake_tensor import is_fake
-
     return t.device.type != "meta" and not is_fake(t) and t.numel() > 0
 
 

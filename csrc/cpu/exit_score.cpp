@@ -260,8 +260,9 @@ ExitResult exit_score_write_cpu(
                          {"prev_scores", &prev_scores},
                          {"prev_preds", &prev_preds},
                          {"sched_weight", &sched_weight}});
-  // a private copy of the indices: they are read again while the outputs are written
-  const at::Tensor rows_t = row_index.to(at::kLong, /*non_blocking=*/false, /*copy=*/true);
+  // no copy needed: the indices are read again while the outputs are written, and
+  // check_exit_write_args has ruled out every output overlapping them
+  const at::Tensor rows_t = row_index.to(at::kLong).contiguous();
   check_exit_values(op, policy == "eenet" ? &sched_weight.value() : nullptr, &rows_t,
                     out_score.size(0));
 
