@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -513,18 +513,31 @@ def check_against_float64(res: ek.ExitScore, feats: torch.Tensor, weight: torch.
     assert torch.equal(res.keep, ~res.exit_mask), ctx
 
 
-@pytest.mark.parametrize("row", grid_params(REFERENCE_GRID))
-def test_reference_matches_float64(row: dict[str, Any]) -> None:
-    """reference.exit_score against float64 logits and scores computed here."""
+def prepare_row(row: dict[str, Any], logits_fn: Callable[..., torch.Tensor]
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict[str, Any],
+                           float]:
+    """A grid row's inputs: (feats, weight, bias, policy kwargs, threshold), seeded by the
+    row's id. The policy kwargs (history, scheduler weights) are drawn from the clean
+    logits ``logits_fn(feats, weight, bias)``; NaN/inf rows are injected after that; the
+    threshold comes from the reference's scores."""
     torch.manual_seed(row_seed(row_id(row)))
     case: Case = row["case"]
-    n, c, is_last = row["n"], row["c"], row["is_last"]
-    feats, weight, bias = make_head(n, row["d"], c, row["dtype"], row["pooled"], row["bias"])
-    kw = policy_kwargs(case, float64_logits(feats, weight, bias).float())
+    feats, weight, bias = make_head(row["n"], row["d"], row["c"], row["dtype"], row["pooled"],
+                                    row["bias"])
+    kw = policy_kwargs(case, logits_fn(feats, weight, bias))
     if row["nonfinite"]:
         feats = inject_nonfinite(feats)
     probe = reference_result(feats, weight, bias, case, 0.0, False, kw)
-    threshold = choose_threshold(row["threshold"], case, probe.score)
+    return feats, weight, bias, kw, choose_threshold(row["threshold"], case, probe.score)
+
+
+@pytest.mark.parametrize("row", grid_params(REFERENCE_GRID))
+def test_reference_matches_float64(row: dict[str, Any]) -> None:
+    """reference.exit_score against float64 logits and scores computed here."""
+    case: Case = row["case"]
+    is_last = row["is_last"]
+    feats, weight, bias, kw, threshold = prepare_row(
+        row, lambda f, w, b: float64_logits(f, w, b).float())
     ctx = f"[reference] {row_id(row)} threshold={threshold!r}"
     res = reference_result(feats, weight, bias, case, threshold, is_last, kw)
     check_against_float64(res, feats, weight, bias, case, kw, threshold, is_last, ctx)
@@ -546,16 +559,9 @@ def test_reference_matches_float64(row: dict[str, Any]) -> None:
 
 
 def run_parity_row(backend: str, row: dict[str, Any], threads: int = 1) -> None:
-    torch.manual_seed(row_seed(row_id(row)))
     case: Case = row["case"]
     is_last = row["is_last"]
-    feats, weight, bias = make_head(row["n"], row["d"], row["c"], row["dtype"], row["pooled"],
-                                    row["bias"])
-    kw = policy_kwargs(case, ref.exit_logits(feats, weight, bias))
-    if row["nonfinite"]:
-        feats = inject_nonfinite(feats)
-    probe = reference_result(feats, weight, bias, case, 0.0, False, kw)
-    threshold = choose_threshold(row["threshold"], case, probe.score)
+    feats, weight, bias, kw, threshold = prepare_row(row, ref.exit_logits)
     ctx = f"[{backend}] {row_id(row)} threshold={threshold!r}"
     expect = reference_result(feats, weight, bias, case, threshold, is_last, kw)
     with intra_op_threads(threads):
