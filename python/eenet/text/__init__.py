@@ -1,0 +1,1 @@
+"""Text workloads: SST-2 with a multi-exit MiniLM."""
