@@ -161,3 +161,123 @@ def test_save_and_load_round_trip(kind: str, tmp_path) -> None:
         for a, b in zip(loaded(ids, attention_mask=mask), net(ids, attention_mask=mask),
                         strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_masked_mean_pool_matches_a_per_row_mean() -> None:
+    from eenet.nn import MaskedMeanPool
+
+    h = torch.randn(5, 7, 4, dtype=torch.float64)
+    lengths = [7, 1, 3, 0, 5]
+    mask = (torch.arange(7)[None, :] < torch.tensor(lengths)[:, None]).long()
+    got = MaskedMeanPool()(h, mask)
+    for i, n in enumerate(lengths):  # independently: the mean of the row's first n tokens
+        want = h[i, :n].mean(dim=0) if n else torch.zeros(4, dtype=torch.float64)
+        torch.testing.assert_close(got[i], want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(MaskedMeanPool()(h), h.mean(dim=1))  # no mask: every token
+    half = MaskedMeanPool()(h.to(torch.bfloat16), mask.bool())
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.double(), got, rtol=2e-2, atol=2e-2)
+    with pytest.raises(ValueError, match="attention_mask must be"):
+        MaskedMeanPool()(h, mask[:, :6])
+    with pytest.raises(ValueError, match="batch-first"):
+        MaskedMeanPool()(h[0], mask[0])
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+def test_mean_heads_ignore_the_padding(kind: str) -> None:
+    model = _tiny(kind)
+    net = hf_encoder_exits(model, (1, 2), C, head="mean").eval()
+    assert all(h.row_inputs == ("attention_mask",) for h in net.heads)
+    ids, mask = _padded(6)
+    with torch.no_grad():
+        padded = net(ids, attention_mask=mask)
+        for i in range(ids.shape[0]):  # each row alone, unpadded: the same logits
+            n = int(mask[i].sum())
+            alone = net(ids[i:i + 1, :n])
+            for z, z1 in zip(padded, alone, strict=True):
+                torch.testing.assert_close(z[i:i + 1], z1, rtol=1e-4, atol=1e-5)
+        # the first-token head ignores the mask in its pooling; mean heads do not
+        wrong = [net.heads[k](h) for k, h in enumerate(_stage_outputs(net, ids, mask))]
+    assert max(float((a - b).abs().max()) for a, b in zip(wrong, padded, strict=True)) > 1e-3
+
+
+def _stage_outputs(net: MultiExitNetwork, ids: torch.Tensor, mask: torch.Tensor
+                   ) -> list[torch.Tensor]:
+    outs, h = [], ids
+    for stage in net.stages:
+        h = stage(h, attention_mask=mask)
+        outs.append(h)
+    return outs
+
+
+def _between(scores: torch.Tensor, q: float) -> float:
+    """A threshold halfway between two neighbouring scores near quantile q: no row lies
+    within rounding of it."""
+    s = scores.sort().values
+    i = min(max(int(q * len(s)), 1), len(s) - 1)
+    return float((s[i - 1] + s[i]) / 2)
+
+
+@pytest.mark.parametrize("mode", ["compact", "mask", "compiled"])
+def test_engine_hands_the_mask_to_mean_heads(mode: str) -> None:
+    model = _tiny()
+    net = hf_encoder_exits(model, (1, 2), C, head="mean").eval()
+    ids, mask = _padded(40)
+    with torch.no_grad():
+        scores = MaxProb([0.0] * 3).scores([z.float() for z in net(ids, attention_mask=mask)])
+    policy = MaxProb([_between(scores[:, 0], 0.6), _between(scores[:, 1], 0.5), 0.0])
+    oracle = simulate(net, policy, ids, attention_mask=mask)
+    assert 0 < int((oracle.exit_index == 0).sum()) < 40  # a mixed batch
+    with torch.no_grad():
+        full = torch.stack([z.float() for z in net(ids, attention_mask=mask)], dim=1)
+    torch.testing.assert_close(oracle.logits, full[torch.arange(40), oracle.exit_index],
+                               rtol=1e-5, atol=1e-5)
+    kw = {"compile_backend": "eager"} if mode == "compiled" else {}
+    out = Engine(net, policy, mode=mode, **kw)(ids, attention_mask=mask)
+    assert torch.equal(out.exit_index, oracle.exit_index)
+    torch.testing.assert_close(out.logits, oracle.logits, rtol=1e-5, atol=1e-5)
+
+
+def test_head_factory_and_bad_heads() -> None:
+    from eenet.nn import ExitHead
+
+    model = _tiny()
+    made: list[int] = []
+
+    def factory(hidden: int, classes: int) -> ExitHead:
+        made.append(hidden)
+        return ExitHead.token(hidden, classes, pool="mean")
+
+    net = hf_encoder_exits(model, (2,), C, head=factory)
+    assert made == [HIDDEN, HIDDEN] and net.heads[0].row_inputs == ("attention_mask",)
+    assert architecture_of(net)["arch"] is None  # a factory cannot be saved by name
+    with pytest.raises(ValueError, match="unknown head"):
+        hf_encoder_exits(model, (2,), C, head="max")
+    with pytest.raises(TypeError, match=r"must return an eenet\.nn\.ExitHead"):
+        hf_encoder_exits(model, (2,), C, head=lambda hidden, classes: torch.nn.Identity())
+    with pytest.raises(TypeError, match="takes the row input attention_mask only"):
+        net.stages[0](_ids(2), attention_mask=torch.ones(2, 12), token_type_ids=_ids(2))
+
+
+def test_mean_heads_save_and_load(tmp_path) -> None:
+    net = hf_encoder_exits(_tiny(), (1, 3), C, head="mean").eval()
+    path = str(tmp_path / "net.pt")
+    save_model(net, path)
+    loaded, _ = load_model(path)
+    assert loaded.heads[0].row_inputs == ("attention_mask",)
+    ids, mask = _padded(4)
+    with torch.no_grad():
+        for a, b in zip(loaded(ids, attention_mask=mask), net(ids, attention_mask=mask),
+                        strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_flops_and_latency_costs_take_the_mask() -> None:
+    from eenet import budget
+
+    net = hf_encoder_exits(_tiny(), (1, 2), C, head="mean").eval()
+    ids, mask = _padded(4)
+    flops = budget.count_flops(net, ids, attention_mask=mask)
+    assert len(flops.values) == 3 and flops.values[0] < flops.values[1] < flops.values[2]
+    ms = budget.measure(net, ids, repeats=2, warmup=1, attention_mask=mask)
+    assert len(ms.values) == 3 and ms.unit == "ms"

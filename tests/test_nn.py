@@ -436,7 +436,7 @@ def test_attach_transformer_encoder_stack() -> None:
     net = attach_exits(model, ["layers.0", "layers.1"], 3)
     assert net.num_exits == 3 and net.num_classes == 3
     assert net.stages[2].names == ("layers.2", "norm")
-    assert all(isinstance(h.body[0], FirstToken) for h in net.heads)  # token heads
+    assert all(isinstance(h.body.pool, FirstToken) for h in net.heads)  # token heads
     assert [h.classifier.in_features for h in net.heads] == [16, 16, 16]
     assert_shared(net, model)
     assert [o.shape for o in net(x)] == [(4, 3)] * 3

@@ -93,14 +93,14 @@ def as_budget(budget: float | Budget) -> Budget:
     return budget if isinstance(budget, Budget) else Budget(float(budget), "fraction")
 
 
-def _prefix_runner(net: MultiExitNetwork, k: int):
+def _prefix_runner(net: MultiExitNetwork, k: int, row_inputs: dict[str, torch.Tensor]):
     """What a sample that leaves at exit k has run: stages 0..k and exit heads 0..k."""
 
     def run(x: torch.Tensor) -> list[torch.Tensor]:
         h, outs = x, []
         for stage, head in zip(net.stages[: k + 1], net.heads[: k + 1], strict=True):
-            h = stage(h)
-            outs.append(head(h))
+            h = stage(h, **row_inputs)
+            outs.append(head(h, **row_inputs))
         return outs
 
     return run
@@ -108,7 +108,7 @@ def _prefix_runner(net: MultiExitNetwork, k: int):
 
 @torch.no_grad()
 def measure(net: MultiExitNetwork, example_batch: torch.Tensor, repeats: int = 10,
-            warmup: int = 3) -> Costs:
+            warmup: int = 3, **row_inputs: torch.Tensor) -> Costs:
     """Measured cumulative latency per exit, in ms per sample, at the example batch's size.
 
     Every stage and every exit head is timed on its own, on the activation it receives in
@@ -117,7 +117,9 @@ def measure(net: MultiExitNetwork, example_batch: torch.Tensor, repeats: int = 1
     the batch size. Exit k's cost is the sum of stages 0..k and heads 0..k. Each term is a
     measured, positive time, so the costs increase along the exits as measured, with no
     adjustment. ``meta`` keeps the terms: ``stage_ms`` and ``head_ms`` (K values each, ms per
-    sample), with ``batch_size``, ``device`` and ``repeats``.
+    sample), with ``batch_size``, ``device`` and ``repeats``. ``row_inputs`` (each (N, ...),
+    e.g. a padded batch's ``attention_mask``) go to every stage and head, as in the network's
+    forward.
     """
     was_training = net.training
     net.eval()
@@ -130,9 +132,9 @@ def measure(net: MultiExitNetwork, example_batch: torch.Tensor, repeats: int = 1
     stage_ms, head_ms = [], []
     h = example_batch
     for stage, head in zip(net.stages, net.heads, strict=True):
-        stage_ms.append(per_sample_ms(lambda stage=stage, h=h: stage(h)))
-        h = stage(h)
-        head_ms.append(per_sample_ms(lambda head=head, h=h: head(h)))
+        stage_ms.append(per_sample_ms(lambda stage=stage, h=h: stage(h, **row_inputs)))
+        h = stage(h, **row_inputs)
+        head_ms.append(per_sample_ms(lambda head=head, h=h: head(h, **row_inputs)))
     net.train(was_training)
     values = list(itertools.accumulate(s + t for s, t in zip(stage_ms, head_ms, strict=True)))
     return Costs(values, "ms", {"batch_size": n, "device": str(device), "repeats": repeats,
@@ -140,8 +142,10 @@ def measure(net: MultiExitNetwork, example_batch: torch.Tensor, repeats: int = 1
 
 
 @torch.no_grad()
-def count_flops(net: MultiExitNetwork, example_batch: torch.Tensor) -> Costs:
-    """Counted cumulative FLOPs per sample per exit (``torch.utils.flop_counter``)."""
+def count_flops(net: MultiExitNetwork, example_batch: torch.Tensor,
+                **row_inputs: torch.Tensor) -> Costs:
+    """Counted cumulative FLOPs per sample per exit (``torch.utils.flop_counter``);
+    ``row_inputs`` as in :func:`measure`."""
     was_training = net.training
     net.eval()
     n = max(1, example_batch.shape[0])
@@ -149,7 +153,7 @@ def count_flops(net: MultiExitNetwork, example_batch: torch.Tensor) -> Costs:
     for k in range(net.num_exits):
         counter = FlopCounterMode(display=False)
         with counter:
-            _prefix_runner(net, k)(example_batch)
+            _prefix_runner(net, k, row_inputs)(example_batch)
         values.append(counter.get_total_flops() / n)
     net.train(was_training)
     return Costs(values, "flops", {"batch_size": n})

@@ -161,8 +161,8 @@ def _attached(backbone: dict[str, Any], after: list[str], num_classes: int, head
 
 
 @register("hf_encoder_exits")
-def _hf_encoder(model: dict[str, Any], after_layers: list[int], num_classes: int
-                ) -> MultiExitNetwork:
+def _hf_encoder(model: dict[str, Any], after_layers: list[int], num_classes: int,
+                head: str = "first") -> MultiExitNetwork:
     """:func:`eenet.nn.hf_encoder_exits` on a randomly initialised transformers model
     ``{"class": name in transformers, "config": its config as a dict}`` (the weights come
     from the file)."""
@@ -176,4 +176,4 @@ def _hf_encoder(model: dict[str, Any], after_layers: list[int], num_classes: int
             and hasattr(cls, "config_class")):
         raise ValueError(f"{model.get('class')!r} is not a transformers model class")
     encoder = cls(cls.config_class.from_dict(model["config"])).eval()
-    return hf_encoder_exits(encoder, after_layers, num_classes)
+    return hf_encoder_exits(encoder, after_layers, num_classes, head=head)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .batches import check_padding, split_batch
 from .nn import MultiExitNetwork
 
 __all__ = ["Progress", "device_of", "multi_exit", "multi_exit_loss"]
@@ -138,8 +139,11 @@ def multi_exit(net: MultiExitNetwork, train_loader: Iterable[Any], epochs: int =
                progress: bool = True, seed: int | None = 0) -> list[dict[str, Any]]:
     """Train every exit of ``net`` jointly with :func:`multi_exit_loss` (Adam, constant lr).
 
-    ``train_loader`` yields ``(x, y)`` batches: x whatever the first stage takes, y (N,) int
-    labels. ``device``: where to train (default: where ``net``'s parameters are; ``net`` is
+    ``train_loader`` yields batches in any form of :mod:`eenet.batches`: ``(x, y)``,
+    ``(x, y, row_inputs)`` or a dict (``{"input_ids", "attention_mask", "labels"}``); x is
+    whatever the first stage takes, y (N,) int labels, and the row inputs go to every stage
+    and head (padded token ids without their ``attention_mask`` are refused). ``device``:
+    where to train (default: where ``net``'s parameters are; ``net`` is
     moved there). ``seed`` seeds torch's RNG for the run (the loader's shuffling, dropout)
     inside a forked RNG state, so the caller's global RNG is left untouched; ``None`` keeps
     the current RNG. ``progress`` reports on stderr: a tqdm bar when stderr is a terminal,
@@ -172,9 +176,11 @@ def multi_exit(net: MultiExitNetwork, train_loader: Iterable[Any], epochs: int =
                     total_loss, seen = 0.0, 0
                     correct = torch.zeros(net.num_exits, dtype=torch.int64, device=dev)
                     for batch in train_loader:
-                        x, y = batch[0], batch[1]
+                        x, y, row_inputs = split_batch(batch)
+                        check_padding(net, x, row_inputs)
                         x, y = x.to(dev), y.to(dev)
-                        outs = net(x)
+                        row_inputs = {k: v.to(dev) for k, v in row_inputs.items()}
+                        outs = net(x, **row_inputs)
                         loss = multi_exit_loss(outs, y, distill_temperature, distill_weight)
                         if not torch.isfinite(loss):
                             raise RuntimeError(f"the loss became {loss.item()} at epoch "

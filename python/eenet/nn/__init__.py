@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .heads import ExitHead, FirstToken
-from .hf import HFEncoderStage, hf_encoder_exits
+from .heads import TOKEN_POOLS, ExitHead, FirstToken, MaskedMeanPool, TokenPooler, head_row_inputs
+from .hf import HF_HEADS, HFEncoderStage, hf_encoder_exits, pad_token_id
 from .multi_exit import (
     ChainStage,
     ExitFlops,
@@ -16,16 +16,22 @@ from .multi_exit import (
 )
 
 __all__ = [
+    "HF_HEADS",
+    "TOKEN_POOLS",
     "ChainStage",
     "ExitFlops",
     "ExitHead",
     "FirstToken",
     "FirstTokenIfSequence",
     "HFEncoderStage",
+    "MaskedMeanPool",
     "MultiExitNetwork",
+    "TokenPooler",
     "architecture_of",
     "attach_exits",
     "conv_head_shape",
+    "head_row_inputs",
     "hf_encoder_exits",
+    "pad_token_id",
     "record_architecture",
 ]

@@ -5,49 +5,129 @@ Shapes: N rows, D features, S pooled positions, C classes. A head's ``features(h
 (N, D) or (N, D, S); in the latter case the S positions are averaged (the global average
 pool of a CNN head) before the classifier, which is exactly what the fused kernel does
 itself, so the runtime can hand ``features(h)`` and ``classifier`` straight to the op.
+
+Row inputs: a head may read per-row side inputs of the batch (a padded batch's
+``attention_mask``): it names them in ``ExitHead.row_inputs``, and every caller (the
+network's forward, the runtime engine, the cost model) hands it those it has, compacted
+with the rows, through :func:`head_row_inputs`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 import torch
 from torch import nn
 
-__all__ = ["ExitHead", "FirstToken"]
+__all__ = ["TOKEN_POOLS", "ExitHead", "FirstToken", "MaskedMeanPool", "TokenPooler",
+           "head_row_inputs"]
+
+# how a token head reduces a sequence (N, L, H) to one vector per row
+TOKEN_POOLS: tuple[str, ...] = ("first", "mean")
+
+
+def _check_sequence(what: str, h: torch.Tensor) -> None:
+    if h.dim() != 3:
+        raise ValueError(f"{what} expects a batch-first (N, L, H) sequence, got shape "
+                         f"{tuple(h.shape)}")
 
 
 class FirstToken(nn.Module):
     """``h[:, 0]``: the first ([CLS]) token of a batch-first sequence (N, L, H) -> (N, H)."""
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        if h.dim() != 3:
-            raise ValueError(f"FirstToken expects a batch-first (N, L, H) sequence, got shape "
-                             f"{tuple(h.shape)}")
+        _check_sequence("FirstToken", h)
         return h[:, 0]
 
 
+class MaskedMeanPool(nn.Module):
+    """The mean over the tokens of a batch-first sequence (N, L, H) -> (N, H), padding left
+    out: ``sum_l m[n, l] h[n, l] / sum_l m[n, l]`` with the (N, L) ``attention_mask`` m
+    (1 = token, 0 = padding; any integer, bool or float dtype). Without a mask every
+    position counts, which is exact for unpadded batches. A row with no token gives zeros.
+    Computed in h's dtype for float32/float64, in float32 for half types (and cast back)."""
+
+    def forward(self, h: torch.Tensor, attention_mask: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        _check_sequence("MaskedMeanPool", h)
+        if attention_mask is None:
+            return h.mean(dim=1)
+        if attention_mask.shape != h.shape[:2]:
+            raise ValueError(f"attention_mask must be (N, L) = {tuple(h.shape[:2])} to pool a "
+                             f"sequence of shape {tuple(h.shape)}, got "
+                             f"{tuple(attention_mask.shape)}")
+        acc = torch.promote_types(h.dtype, torch.float32)
+        m = attention_mask.to(acc)
+        total = torch.bmm(m.unsqueeze(1), h.to(acc)).squeeze(1)  # (N, H)
+        count = m.sum(dim=1, keepdim=True).clamp(min=1.0)
+        return (total / count).to(h.dtype)
+
+
+class TokenPooler(nn.Module):
+    """A sequence (N, L, H) to features (N, H): the tokens pooled (``"first"``: the first
+    token, as BERT's pooler; ``"mean"``: :class:`MaskedMeanPool`, as sentence-transformers'
+    MiniLM), then Linear(H, H) and tanh. ``attention_mask`` (N, L) is used by ``"mean"``."""
+
+    def __init__(self, hidden: int, pool: str = "first") -> None:
+        super().__init__()
+        if pool not in TOKEN_POOLS:
+            raise ValueError(f"unknown token pool {pool!r}; expected one of {TOKEN_POOLS}")
+        self.pool_kind = pool
+        self.pool: nn.Module = FirstToken() if pool == "first" else MaskedMeanPool()
+        self.dense = nn.Linear(hidden, hidden)
+
+    def forward(self, h: torch.Tensor, attention_mask: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        pooled = self.pool(h) if self.pool_kind == "first" else self.pool(h, attention_mask)
+        return torch.tanh(self.dense(pooled))
+
+    def extra_repr(self) -> str:
+        return f"pool={self.pool_kind!r}"
+
+
+def head_row_inputs(head: Any, row_inputs: Mapping[str, torch.Tensor]
+                    ) -> dict[str, torch.Tensor]:
+    """The row inputs ``head`` reads (its ``row_inputs`` names; none for a head without
+    that attribute) among those the batch carries: what to pass to ``head.features``."""
+    names: Sequence[str] = getattr(head, "row_inputs", ())
+    return {name: row_inputs[name] for name in names if name in row_inputs}
+
+
 class ExitHead(nn.Module):
-    """An exit: ``logits = classifier(pool(body(h)))``.
+    """An exit: ``logits = classifier(pool(body(h, **row_inputs)))``.
 
     ``body`` maps a stage's activation ``h`` to features (N, D) or (N, D, S); 3-D features
     are mean-pooled over their last dimension (S) before ``classifier``, an ``nn.Linear``
     with weight (C, D) and bias (C,). Logits come out in the classifier's dtype, (N, C).
 
+    ``row_inputs`` names the per-row side inputs the body takes as keyword arguments (e.g.
+    ``("attention_mask",)`` for a masked mean pool); the head picks them out of whatever
+    row inputs it is given and ignores the rest. A body is called with only those the batch
+    carries, so it must accept their absence (an unpadded batch carries no mask).
+
     Build the usual heads with :meth:`conv` (the EENet paper's CNN head), :meth:`token`
-    (a BERT-style pooler on the first token) and :meth:`linear` (flatten + Linear).
+    (a BERT-style pooler on the first token, or a masked mean pool) and :meth:`linear`
+    (flatten + Linear).
     """
 
     body: nn.Module
     classifier: nn.Linear
 
-    def __init__(self, body: nn.Module, classifier: nn.Linear) -> None:
+    def __init__(self, body: nn.Module, classifier: nn.Linear,
+                 row_inputs: Sequence[str] = ()) -> None:
         super().__init__()
         if not isinstance(body, nn.Module):
             raise TypeError(f"ExitHead body must be an nn.Module, got {type(body).__name__}")
         if not isinstance(classifier, nn.Linear):
             raise TypeError("ExitHead classifier must be an nn.Linear (weight (C, D), bias "
                             f"(C,)), got {type(classifier).__name__}")
+        if isinstance(row_inputs, str) or not all(
+                isinstance(n, str) and n for n in row_inputs):
+            raise TypeError(f"row_inputs must be a sequence of names, got {row_inputs!r}")
         self.body = body
         self.classifier = classifier
+        self.row_inputs: tuple[str, ...] = tuple(row_inputs)
 
     @property
     def num_classes(self) -> int:
@@ -67,13 +147,15 @@ class ExitHead(nn.Module):
         head.train(module.training)
         return head
 
-    def features(self, h: torch.Tensor) -> torch.Tensor:
-        """``body(h)``: (N, D), or (N, D, S) whose S positions the classifier averages."""
-        return self.body(h)
+    def features(self, h: torch.Tensor, **row_inputs: torch.Tensor) -> torch.Tensor:
+        """``body(h, **those row_inputs it reads)``: (N, D), or (N, D, S) whose S positions
+        the classifier averages."""
+        return self.body(h, **head_row_inputs(self, row_inputs))
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        """Logits (N, C) = classifier(features(h), mean-pooled over S when 3-D)."""
-        f = self.features(h)
+    def forward(self, h: torch.Tensor, **row_inputs: torch.Tensor) -> torch.Tensor:
+        """Logits (N, C) = classifier(features(h, **row_inputs), mean-pooled over S when
+        3-D)."""
+        f = self.features(h, **row_inputs)
         if f.dim() == 3:
             f = f.mean(dim=-1)
         elif f.dim() != 2:
@@ -106,15 +188,18 @@ class ExitHead(nn.Module):
         return cls(nn.Sequential(*layers), nn.Linear(width, num_classes))
 
     @classmethod
-    def token(cls, hidden: int, num_classes: int) -> ExitHead:
+    def token(cls, hidden: int, num_classes: int, pool: str = "first") -> ExitHead:
         """Transformer head for batch-first (N, L, hidden) activations.
 
-        body: the BERT pooler, first token h[:, 0] -> Linear(hidden, hidden) -> tanh, giving
-        features (N, hidden); classifier Linear(hidden, num_classes).
+        body: :class:`TokenPooler`, the tokens pooled -> Linear(hidden, hidden) -> tanh,
+        giving features (N, hidden); classifier Linear(hidden, num_classes). ``pool``:
+        ``"first"`` (BERT's pooler: the [CLS] token) or ``"mean"`` (the mean over the tokens,
+        padding left out through the ``attention_mask`` row input: for mean-pooling models
+        such as sentence-transformers' MiniLM, whose first token carries little).
         """
         _check_positive(hidden=hidden, num_classes=num_classes)
-        body = nn.Sequential(FirstToken(), nn.Linear(hidden, hidden), nn.Tanh())
-        return cls(body, nn.Linear(hidden, num_classes))
+        return cls(TokenPooler(hidden, pool), nn.Linear(hidden, num_classes),
+                   row_inputs=("attention_mask",) if pool == "mean" else ())
 
     @classmethod
     def linear(cls, in_features: int, num_classes: int) -> ExitHead:

@@ -8,15 +8,20 @@ Shapes: input ids (N, L) int64; hidden states (N, L, H) batch first; exit logits
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
-from .heads import ExitHead
-from .multi_exit import ChainStage, MultiExitNetwork, record_architecture
+from .heads import TOKEN_POOLS, ExitHead
+from .multi_exit import ChainStage, MultiExitNetwork, _show, record_architecture
 
-__all__ = ["HFEncoderStage", "hf_encoder_exits"]
+__all__ = ["HF_HEADS", "HFEncoderStage", "hf_encoder_exits", "pad_token_id"]
+
+# the exit heads hf_encoder_exits builds by name: ExitHead.token with that pool
+HF_HEADS: tuple[str, ...] = TOKEN_POOLS
+# the attribute under which hf_encoder_exits records the model's padding token id
+PAD_ATTR = "eenet_pad_token_id"
 
 
 def additive_attention_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -35,8 +40,11 @@ class HFEncoderStage(ChainStage):
     every other, which is exact for unpadded batches.
     """
 
-    def forward(self, h: torch.Tensor, attention_mask: torch.Tensor | None = None
-                ) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                **row_inputs: torch.Tensor) -> torch.Tensor:
+        if row_inputs:
+            raise TypeError(f"the encoder stage of {_show(self.names, 4)} takes the row input "
+                            f"attention_mask only, got {sorted(row_inputs)} as well")
         additive = None
         for block, name, unwrap in zip(self.blocks, self.names, self.unwrap, strict=True):
             if name == "embeddings":
@@ -75,16 +83,33 @@ def _hidden_size(model: nn.Module) -> int:
                      "its embeddings end with no 1-D LayerNorm")
 
 
+def pad_token_id(net: nn.Module) -> int | None:
+    """The padding token id recorded by :func:`hf_encoder_exits` (from the model's config),
+    or None: lets training and calibration refuse padded ids that come without their
+    ``attention_mask``."""
+    value = getattr(net, PAD_ATTR, None)
+    return value if isinstance(value, int) else None
+
+
+HeadFactory = Callable[[int, int], ExitHead]
+
+
 def hf_encoder_exits(model: nn.Module, after_layers: Sequence[int], num_classes: int,
-                     example_input: torch.Tensor | None = None) -> MultiExitNetwork:
+                     example_input: torch.Tensor | None = None,
+                     head: str | HeadFactory = "first") -> MultiExitNetwork:
     """A :class:`MultiExitNetwork` over a Hugging Face encoder, exits after the given layers.
 
     Stage 0 is ``model.embeddings`` followed by layers ``0 .. after_layers[0] - 1``; stage k
     runs the next layers, and the last stage ends with the model's last layer. Every exit is a
-    new :meth:`ExitHead.token` (first token -> Linear -> tanh -> Linear, as BERT's pooler and
-    classifier); the model's own pooler is not used. The stages hold the model's own modules
-    (no weight copied). E.g. BERT-base with ``after_layers=(3, 6, 9)``: exits after layers
-    3, 6, 9 and 12.
+    new head (the model's own pooler is not used): ``head="first"`` builds
+    :meth:`ExitHead.token` (first token -> Linear -> tanh -> Linear, as BERT's pooler and
+    classifier), ``head="mean"`` the same on the masked mean of the tokens (for
+    mean-pooling models such as all-MiniLM-L6-v2, whose first token carries little at the
+    lower layers; the head reads the ``attention_mask`` row input), and a callable
+    ``head(hidden, num_classes) -> ExitHead`` builds custom heads (one call per exit; a
+    head that reads the mask names it in its ``row_inputs``). The stages hold the model's
+    own modules (no weight copied). E.g. BERT-base with ``after_layers=(3, 6, 9)``: exits
+    after layers 3, 6, 9 and 12.
 
     The network records the model's class and config (:func:`eenet.nn.architecture_of`), so
     that :func:`eenet.saving.save_model` can save it and ``load_model`` rebuild it.
@@ -100,14 +125,22 @@ def hf_encoder_exits(model: nn.Module, after_layers: Sequence[int], num_classes:
         num_classes: C, the classes of every exit head.
         example_input: optional (N, L) input ids (unpadded); if given, the stages' output is
             checked against ``model(example_input).last_hidden_state``.
+        head: ``"first"``, ``"mean"`` or a head factory, as above. Networks with named heads
+            record how to rebuild them (for :func:`eenet.saving.save_model`); with a factory
+            they record that they cannot be rebuilt.
 
     Raises:
-        ValueError: a model without ``embeddings`` / ``encoder.layer``, bad ``after_layers``
-            or ``num_classes``, or stages that do not reproduce the model's hidden states.
+        ValueError: a model without ``embeddings`` / ``encoder.layer``, bad ``after_layers``,
+            ``num_classes`` or ``head``, or stages that do not reproduce the model's hidden
+            states.
+        TypeError: a head factory that does not return an :class:`ExitHead`.
     """
     layers = _layers_of(model)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes <= 0:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    if not callable(head) and head not in HF_HEADS:
+        raise ValueError(f"unknown head {head!r}; expected one of {HF_HEADS} or a callable "
+                         "(hidden, num_classes) -> ExitHead")
     cuts = list(after_layers)
     n = len(layers)
     for c in cuts:
@@ -129,17 +162,33 @@ def hf_encoder_exits(model: nn.Module, after_layers: Sequence[int], num_classes:
         stages.append(HFEncoderStage(blocks, names, unwrap))
         start = end
     hidden = _hidden_size(model)
-    heads = [ExitHead.token(hidden, num_classes).placed_like(model) for _ in stages]
+    heads = [_make_head(head, hidden, num_classes, k).placed_like(model)
+             for k in range(len(stages))]
     net = MultiExitNetwork(stages, heads)
+    net.train(model.training)  # the model's mode, for the wrapper as for the heads
     if example_input is not None:
         _check_stages(model, net, example_input)
-    _record(net, model, cuts, num_classes)
+    _record(net, model, cuts, num_classes, head)
+    pad = getattr(getattr(model, "config", None), "pad_token_id", None)
+    if isinstance(pad, int) and not isinstance(pad, bool):
+        object.__setattr__(net, PAD_ATTR, pad)
     return net
 
 
-def _record(net: MultiExitNetwork, model: nn.Module, cuts: list[int], num_classes: int) -> None:
+def _make_head(head: str | HeadFactory, hidden: int, num_classes: int, k: int) -> ExitHead:
+    if isinstance(head, str):
+        return ExitHead.token(hidden, num_classes, pool=head)
+    made = head(hidden, num_classes)
+    if not isinstance(made, ExitHead):
+        raise TypeError(f"the head factory returned a {type(made).__name__} for exit {k}; it "
+                        "must return an eenet.nn.ExitHead")
+    return made
+
+
+def _record(net: MultiExitNetwork, model: nn.Module, cuts: list[int], num_classes: int,
+            head: str | HeadFactory) -> None:
     """Record how to rebuild ``net``: the transformers class and its config (self-describing:
-    no registration needed), the cuts and the classes."""
+    no registration needed), the cuts, the classes and the heads' name."""
     cls = type(model)
     config = getattr(model, "config", None)
     if not cls.__module__.startswith("transformers.") or not callable(
@@ -147,9 +196,13 @@ def _record(net: MultiExitNetwork, model: nn.Module, cuts: list[int], num_classe
         record_architecture(net, None, None, reason=(
             f"its encoder ({cls.__name__}) is not a transformers model with a config"))
         return
+    if not isinstance(head, str):
+        record_architecture(net, None, None, reason=(
+            "its exit heads come from a head factory, which cannot be saved by name"))
+        return
     record_architecture(net, "hf_encoder_exits", {
         "model": {"class": cls.__name__, "config": config.to_dict()},
-        "after_layers": list(cuts), "num_classes": num_classes})
+        "after_layers": list(cuts), "num_classes": num_classes, "head": head})
 
 
 @torch.no_grad()

@@ -145,13 +145,14 @@ class MultiExitNetwork(nn.Module):
         """The K exits' logits, each (N, C), for input x (whatever the first stage takes).
 
         ``row_inputs``: per-row side inputs, each (N, ...), passed to every stage as keyword
-        arguments (``attention_mask`` for :func:`eenet.nn.hf_encoder_exits` stages).
+        arguments (``attention_mask`` for :func:`eenet.nn.hf_encoder_exits` stages), and to
+        every exit head that reads them (:attr:`ExitHead.row_inputs`).
         """
         outs: list[torch.Tensor] = []
         h = x
         for stage, head in zip(self.stages, self.heads, strict=True):
             h = stage(h, **row_inputs)
-            outs.append(head(h))
+            outs.append(head(h, **row_inputs))
         return outs
 
     @torch.no_grad()
@@ -174,7 +175,7 @@ class MultiExitNetwork(nn.Module):
                 stages.append(counter.get_total_flops() / n)
                 counter = FlopCounterMode(display=False)
                 with counter:
-                    head(h)
+                    head(h, **row_inputs)
                 heads.append(counter.get_total_flops() / n)
         finally:
             self.train(was_training)
@@ -198,7 +199,13 @@ class ChainStage(nn.Module):
         self.names: tuple[str, ...] = tuple(names)
         self.unwrap: tuple[bool, ...] = tuple(bool(u) for u in unwrap)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, **row_inputs: torch.Tensor) -> torch.Tensor:
+        if row_inputs:
+            raise TypeError(
+                f"the stage of blocks {_show(self.names, 4)} takes no row inputs, got "
+                f"{sorted(row_inputs)}: attach_exits chains blocks that take the activation "
+                "only; for a padded Hugging Face encoder use eenet.nn.hf_encoder_exits, or "
+                "write a stage that takes these keyword arguments")
         for block, unwrap in zip(self.blocks, self.unwrap, strict=True):
             h = block(h)
             if unwrap and isinstance(h, tuple):

@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from ..batches import check_padding, split_batch
 from ..budget import Costs
 
 
@@ -116,15 +117,20 @@ def geometric_scan(scores: torch.Tensor, costs: Costs, budget: float, never: flo
 def collect_exit_logits(net: torch.nn.Module, loader) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Every exit's logits on a whole loader: (K tensors (N, C) float32, labels (N,) int64).
 
-    ``net(x)`` must return the list of its K exits' logits (``MultiExitNetwork`` does).
+    ``loader`` yields batches in any form of :mod:`eenet.batches` (``(x, y)``, ``(x, y,
+    row_inputs)``, a dict). ``net(x, **row_inputs)`` must return the list of its K exits'
+    logits (``MultiExitNetwork`` does).
     """
     was_training = net.training
     net.eval()
     per_exit: list[list[torch.Tensor]] = []
     labels = []
-    for x, y in loader:
-        device = next(net.parameters()).device
-        outs = net(x.to(device))
+    first = next(net.parameters(), None)
+    device = first.device if first is not None else torch.device("cpu")
+    for batch in loader:
+        x, y, row_inputs = split_batch(batch)
+        check_padding(net, x, row_inputs)
+        outs = net(x.to(device), **{k: v.to(device) for k, v in row_inputs.items()})
         if not per_exit:
             per_exit = [[] for _ in outs]
         for k, z in enumerate(outs):

@@ -264,7 +264,8 @@ class EENet(ExitPolicy):
     @classmethod
     def fit(cls, net: nn.Module, val_loader, costs: Costs, budget: float | Budget,
             **kw: Any) -> EENet:
-        """Run ``net`` over ``val_loader`` (batches ``(x, y)``) and :meth:`fit_logits`."""
+        """Run ``net`` over ``val_loader`` (batches in any form of :mod:`eenet.batches`) and
+        :meth:`fit_logits`."""
         logits, labels = collect_exit_logits(net, val_loader)
         return cls.fit_logits(logits, labels, costs, budget, **kw)
 

@@ -41,7 +41,8 @@ class HeuristicPolicy(ExitPolicy):
     @classmethod
     def fit(cls, net: torch.nn.Module, val_loader, costs: Costs, budget: float | Budget
             ) -> HeuristicPolicy:
-        """Run ``net`` over ``val_loader`` and :meth:`fit_logits` on its exits' logits."""
+        """Run ``net`` over ``val_loader`` (batches in any form of :mod:`eenet.batches`) and
+        :meth:`fit_logits` on its exits' logits."""
         logits, _ = collect_exit_logits(net, val_loader)
         return cls.fit_logits(logits, costs, budget)
 

@@ -40,6 +40,8 @@ import torch
 
 import eenet_kernels as ek
 
+from ..nn.heads import head_row_inputs
+
 COMPILE_BACKENDS: tuple[str, ...] = ("inductor", "aot_eager", "eager")
 """Backends of ``Engine(mode="compiled", compile_backend=...)``: ``inductor`` (default:
 generated code for the stages around the ops' kernels; about 6 s per graph for a small model
@@ -83,7 +85,7 @@ class CompactLoop(torch.nn.Module):
         last = len(self.stages) - 1
         for k, (stage, head) in enumerate(zip(self.stages, self.heads, strict=True)):
             h = stage(h, **inputs)
-            f = head.features(h)
+            f = head.features(h, **head_row_inputs(head, inputs))
             n = index.shape[0]
             prev_scores = prev_preds = None
             if self.needs_scores:

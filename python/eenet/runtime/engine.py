@@ -36,6 +36,7 @@ import torch
 
 import eenet_kernels as ek
 
+from ..nn.heads import head_row_inputs
 from .compiled import COMPILE_BACKENDS, CompactLoop, CompiledLoop
 from .guard import BudgetGuard, GuardLedger
 from .loop import RowState, run_stages
@@ -95,7 +96,7 @@ def simulate(net: torch.nn.Module, policy: ExitPolicy, x: torch.Tensor,
     h = x
     for k, (stage, head) in enumerate(zip(_stages(net), net.heads, strict=True)):
         h = stage(h, **row_inputs)
-        f = _exit_features(k, head, h, x.shape[0])
+        f = _exit_features(k, head, h, x.shape[0], row_inputs)
         logits.append(head.classifier(f.mean(dim=-1) if f.dim() == 3 else f).float())
     exit_index, score = policy.decide(logits)
     forced = torch.zeros(exit_index.shape, dtype=torch.bool, device=exit_index.device)
@@ -274,8 +275,9 @@ class _MaskStep:
 
     def exit(self, k: int, h: torch.Tensor, rows: RowState) -> ek.ExitScore:
         head = self.heads[k]
-        res = ek.exit_score(_exit_features(k, head, h, rows.rows), head.classifier.weight,
-                            head.classifier.bias, prev_scores=rows.prev_scores(k),
+        res = ek.exit_score(_exit_features(k, head, h, rows.rows, rows.inputs),
+                            head.classifier.weight, head.classifier.bias,
+                            prev_scores=rows.prev_scores(k),
                             prev_preds=rows.prev_preds(k), **self.stage_kwargs[k])
         self._write(k, res, res.exit_mask & self.active)
         return res
@@ -324,7 +326,8 @@ class _CompactStep:
     def exit(self, k: int, h: torch.Tensor, rows: RowState) -> ek.ExitScore:
         head = self.heads[k]
         return ek.exit_score_write(
-            _exit_features(k, head, h, rows.rows), head.classifier.weight, head.classifier.bias,
+            _exit_features(k, head, h, rows.rows, rows.inputs), head.classifier.weight,
+            head.classifier.bias,
             row_index=rows.index, exit_index=k, out_logits=self.out.logits,
             out_score=self.out.score, out_exit=self.out.exit_index,
             prev_scores=rows.prev_scores(k), prev_preds=rows.prev_preds(k),
@@ -366,12 +369,14 @@ class Engine:
     """Batched early-exit inference of a multi-exit network under an exit policy.
 
     ``net`` has ``stages`` and ``heads`` (``eenet.nn.MultiExitNetwork``); head k exposes
-    ``features(h)`` ((N, D) or (N, D, S)) and ``classifier`` (the Linear the fused kernel
-    consumes). ``engine(x)`` returns an :class:`EngineOutput`.
+    ``features(h, **row_inputs)`` ((N, D) or (N, D, S)) and ``classifier`` (the Linear the
+    fused kernel consumes). ``engine(x)`` returns an :class:`EngineOutput`.
 
     Row inputs: ``engine(x, name=t, ...)`` passes per-row side inputs t, each (N, ...) on x's
     device, to every stage as ``stage(h, name=t)`` (e.g. the ``attention_mask`` of padded
-    transformer batches); in compact mode they are compacted with the rows.
+    transformer batches), and to every exit head that reads them (its ``row_inputs``
+    names, :func:`eenet.nn.head_row_inputs`); in compact mode they are compacted with the
+    rows.
 
     Budget guard: ``guard=BudgetGuard(costs, limit)`` caps what each batch spends, ``limit``
     an average cost per sample (a float: a fraction of the full model's cost); once the
@@ -656,13 +661,14 @@ def _check_input(x: object, row_inputs: dict[str, object]) -> None:
     _check_row_inputs(x, row_inputs)
 
 
-def _exit_features(k: int, head: Any, h: object, rows: int) -> torch.Tensor:
-    """Exit head k's features of stage k's output h: (rows, D) or (rows, D, S), D the
-    head's classifier's ``in_features``; ``ValueError`` / ``TypeError`` naming the stage or
-    the head otherwise."""
+def _exit_features(k: int, head: Any, h: object, rows: int,
+                   row_inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Exit head k's features of stage k's output h (and the row inputs it reads, see
+    :func:`eenet.nn.head_row_inputs`): (rows, D) or (rows, D, S), D the head's classifier's
+    ``in_features``; ``ValueError`` / ``TypeError`` naming the stage or the head otherwise."""
     if not isinstance(h, torch.Tensor):
         raise TypeError(f"stage {k} returned a {type(h).__name__}, not a tensor")
-    f = head.features(h)
+    f = head.features(h, **head_row_inputs(head, row_inputs))
     d = head.classifier.in_features
     if not isinstance(f, torch.Tensor) or f.dim() not in (2, 3) or f.shape[0] != rows or (
             f.shape[1] != d):
