@@ -75,3 +75,12 @@ clean:
 .PHONY: robust
 robust: setup
 	$(PYTHON) -m eenet.robust.reproduce --out bench/results/cpu
+
+# SST-2 with a multi-exit all-MiniLM-L6-v2 (python/eenet/text, about 20 minutes on 2 CPU
+# cores): fine-tune, fit every policy on the dev sentences, evaluate on the test sentences;
+# the tables go to bench/results/cpu/sst2.md (with .json and .png). SST2_DIR points at the
+# data (train.tsv, dev.tsv, test.tsv).
+SST2_DIR ?= ../shared/data/sst2
+.PHONY: text-demo
+text-demo: setup
+	$(PYTHON) -m eenet text --data-dir $(SST2_DIR) --out text_out --report bench/results/cpu/sst2.md

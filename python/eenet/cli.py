@@ -4,13 +4,16 @@
     eenet calibrate --model M.pt [--dataset mnist] --policy EENet --budget 0.5 --out P.json
     eenet report --model M.pt --policy P.json [--dataset mnist]
     eenet robust [--dataset digits] [--epochs 40] [--train-steps 5] [--out robust_out]
+    eenet text [--data-dir DIR] [--train-phrases 20000] [--out text_out] [--report R.md]
 
 ``demo`` saves its trained models as ``<out>/<dataset>_model.pt``; ``calibrate`` fits a
 policy on the validation split of the dataset the model was trained on; ``report`` serves
 the test split with the runtime engine and prints accuracy, achieved cost and exit mix;
 ``robust`` trains RDI-Nets, the PGD-trained single-exit baseline and a standard multi-exit
 model, attacks and serves them (:mod:`eenet.robust.reproduce`) and writes the tables to
-``<out>/robust.md``.
+``<out>/robust.md``; ``text`` fine-tunes a multi-exit MiniLM on SST-2, fits every policy
+on the dev sentences and evaluates it on the test sentences (:mod:`eenet.text.report`),
+writing ``<out>/sst2.md`` (or ``--report``) with its JSON and plot.
 
 Every argument is checked before any data is loaded or trained on, and the files are
 checked against each other: a model trained on another dataset, a policy calibrated on
@@ -207,6 +210,32 @@ def cmd_demo(args: argparse.Namespace) -> None:
               progress=not args.no_progress)
 
 
+def cmd_text(args: argparse.Namespace) -> None:
+    from .text import data as text_data
+    from .text.recipe import SST2Config
+    from .text.report import reproduce
+
+    try:
+        text_data.split_path("dev", args.data_dir)  # a missing folder fails before training
+        text_data.minilm_path()
+    except FileNotFoundError as exc:
+        raise UsageError(str(exc), prog="eenet text") from None
+    cfg = SST2Config(data_dir=args.data_dir, out=args.out, train_phrases=args.train_phrases,
+                     epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                     threads=args.threads, seed=args.seed, dev_limit=args.dev_limit,
+                     test_limit=args.test_limit)
+    options = {"epochs": args.eenet_epochs} if args.eenet_epochs else None
+    content = reproduce(cfg, args.report, resamples=args.resamples, eenet_options=options,
+                        reuse=args.reuse, progress=not args.quiet)
+    report = args.report or os.path.join(args.out, "sst2.md")
+    print(f"SST-2 test accuracy per exit: "
+          f"{', '.join(f'{a:.3f}' for a in content['test_exit_accuracy'])}")
+    for c in content["comparisons"]:
+        print(f"budget {c['budget']:.0%}: EENet - {c['heuristic']} = {c['diff']:+.3f} "
+              f"[{c['low']:+.3f}, {c['high']:+.3f}] ({c['verdict']})")
+    print(f"report: {os.path.abspath(report)} ({content['seconds'] / 60:.1f} min)")
+
+
 def cmd_robust(args: argparse.Namespace) -> None:
     from .robust import reproduce
 
@@ -345,6 +374,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true",
                    help="no training progress (bar on a terminal, a line per epoch otherwise)")
     p.set_defaults(func=cmd_robust)
+
+    from .text.recipe import SST2Config
+
+    text = SST2Config()
+    p = sub.add_parser("text", help="SST-2 with a multi-exit MiniLM: fine-tune, fit every "
+                       "policy on dev, evaluate on test", formatter_class=_Formatter)
+    p.add_argument("--data-dir", default=None,
+                   help="the SST-2 folder (train/dev/test.tsv; default: $EENET_SST2_DIR, "
+                   "else ../shared/data/sst2)")
+    p.add_argument("--train-phrases", type=_positive_int, default=text.train_phrases,
+                   help="fine-tune on a seeded subset of this many train phrases")
+    p.add_argument("--epochs", type=_positive_int, default=text.epochs,
+                   help="fine-tuning epochs")
+    p.add_argument("--batch-size", type=_positive_int, default=text.batch_size,
+                   help="fine-tuning batch size (phrases of similar length)")
+    p.add_argument("--lr", type=_positive_float, default=text.lr, help="Adam learning rate")
+    p.add_argument("--threads", type=_positive_int, default=text.threads,
+                   help="torch intra-op threads (one is fastest on a loaded 2-core machine)")
+    p.add_argument("--seed", type=int, default=text.seed, help="seed of the subset and the run")
+    p.add_argument("--dev-limit", type=_positive_int, default=None,
+                   help="use a seeded subset of this many dev sentences (default: all)")
+    p.add_argument("--test-limit", type=_positive_int, default=None,
+                   help="use a seeded subset of this many test sentences (default: all)")
+    p.add_argument("--eenet-epochs", type=_positive_int, default=None,
+                   help="training epochs of the EENet scheduler (default: its own)")
+    p.add_argument("--resamples", type=_positive_int, default=2000,
+                   help="bootstrap resamples of the intervals")
+    p.add_argument("--out", type=_output_dir, default=text.out,
+                   help="directory for the model, the logits and the report")
+    p.add_argument("--report", type=_output_file, default=None,
+                   help="the report's markdown file (default: <out>/sst2.md; .json and .png "
+                   "beside it)")
+    p.add_argument("--reuse", action="store_true",
+                   help="evaluate the logits of an earlier run in --out instead of training")
+    p.add_argument("--quiet", action="store_true", help="no training progress")
+    p.set_defaults(func=cmd_text)
     return parser
 
 

@@ -136,7 +136,8 @@ class Progress:
 def multi_exit(net: MultiExitNetwork, train_loader: Iterable[Any], epochs: int = 10,
                lr: float = 1e-3, weight_decay: float = 5e-4, distill_temperature: float = 3.0,
                distill_weight: float = 0.5, device: str | torch.device | None = None,
-               progress: bool = True, seed: int | None = 0) -> list[dict[str, Any]]:
+               progress: bool = True, seed: int | None = 0,
+               autocast: torch.dtype | None = None) -> list[dict[str, Any]]:
     """Train every exit of ``net`` jointly with :func:`multi_exit_loss` (Adam, constant lr).
 
     ``train_loader`` yields batches in any form of :mod:`eenet.batches`: ``(x, y)``,
@@ -148,7 +149,10 @@ def multi_exit(net: MultiExitNetwork, train_loader: Iterable[Any], epochs: int =
     inside a forked RNG state, so the caller's global RNG is left untouched; ``None`` keeps
     the current RNG. ``progress`` reports on stderr: a tqdm bar when stderr is a terminal,
     else (CI logs, a pipe) one line per epoch, ``multi-exit training: epoch 3/8 loss 0.4125
-    train acc per exit 0.81 0.88 0.90 0.91``.
+    train acc per exit 0.81 0.88 0.90 0.91``. ``autocast``: a dtype (``torch.bfloat16``)
+    to run the forward pass under ``torch.autocast`` on the training device (the weights and
+    the optimiser stay in their dtype; the loss is computed in float32); None (default)
+    runs in the weights' dtype. Parameters with ``requires_grad=False`` are frozen.
 
     Returns one dict per epoch: ``{"epoch": int (1-based), "loss": float (mean per sample),
     "acc_per_exit": [float, ...] (training accuracy of each exit, in train mode)}``.
@@ -180,7 +184,9 @@ def multi_exit(net: MultiExitNetwork, train_loader: Iterable[Any], epochs: int =
                         check_padding(net, x, row_inputs)
                         x, y = x.to(dev), y.to(dev)
                         row_inputs = {k: v.to(dev) for k, v in row_inputs.items()}
-                        outs = net(x, **row_inputs)
+                        with torch.autocast(dev.type, dtype=autocast,
+                                            enabled=autocast is not None):
+                            outs = net(x, **row_inputs)
                         loss = multi_exit_loss(outs, y, distill_temperature, distill_weight)
                         if not torch.isfinite(loss):
                             raise RuntimeError(f"the loss became {loss.item()} at epoch "

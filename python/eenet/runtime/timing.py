@@ -16,6 +16,7 @@ numpy), the mean, min and max, in seconds.
 
 from __future__ import annotations
 
+import platform
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -146,3 +147,16 @@ def time_fn(fn: Callable[[], object], *, warmup: int = 3, repeats: int = 20,
     """Time ``fn()`` alone: :func:`time_entries` with the one entry ``timed(fn)``."""
     return time_entries({"fn": timed(fn)}, warmup=warmup, repeats=repeats, device=device,
                         flush=flush, setup=setup, timer=timer)["fn"]
+
+
+def cpu_name() -> str:
+    """The CPU's ``model name`` from /proc/cpuinfo (``platform.processor()`` elsewhere), to
+    name the machine a measurement was taken on."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
