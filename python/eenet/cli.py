@@ -41,6 +41,7 @@ from .runtime import MODES, Engine
 from .saving import fingerprint, load_model, load_policy, save_policy
 
 POLICY_NAMES: tuple[str, ...] = tuple(c.__name__ for c in demo.POLICY_CLASSES)
+BUDGET_DEFAULTS: tuple[float, ...] = demo.BUDGETS
 EXIT_USAGE = 2
 
 
@@ -91,6 +92,13 @@ def _fraction(text: str) -> float:
         raise argparse.ArgumentTypeError(
             f"a budget is a fraction of the full model's cost in (0, 1], got {value:g}")
     return value
+
+
+def _budget_list(text: str) -> tuple[float, ...]:
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError(f"expected comma-separated budgets, got {text!r}")
+    return tuple(_fraction(p) for p in parts)
 
 
 def _positive_float(text: str) -> float:
@@ -225,7 +233,8 @@ def cmd_text(args: argparse.Namespace) -> None:
                      threads=args.threads, seed=args.seed, dev_limit=args.dev_limit,
                      test_limit=args.test_limit)
     options = {"epochs": args.eenet_epochs} if args.eenet_epochs else None
-    content = reproduce(cfg, args.report, resamples=args.resamples, eenet_options=options,
+    content = reproduce(cfg, args.report, budgets=args.budgets, resamples=args.resamples,
+                        eenet_options=options,
                         reuse=args.reuse, progress=not args.quiet)
     report = args.report or os.path.join(args.out, "sst2.md")
     print(f"SST-2 test accuracy per exit: "
@@ -399,6 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use a seeded subset of this many test sentences (default: all)")
     p.add_argument("--eenet-epochs", type=_positive_int, default=None,
                    help="training epochs of the EENet scheduler (default: its own)")
+    p.add_argument("--budgets", type=_budget_list, default=BUDGET_DEFAULTS,
+                   help="comma-separated budgets, fractions of the full model's FLOPs")
     p.add_argument("--resamples", type=_positive_int, default=2000,
                    help="bootstrap resamples of the intervals")
     p.add_argument("--out", type=_output_dir, default=text.out,

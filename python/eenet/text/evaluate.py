@@ -19,16 +19,13 @@ from typing import Any
 import torch
 
 from ..budget import Costs
-from ..demo import POLICY_CLASSES, fit_policy
+from ..demo import BUDGETS, POLICY_CLASSES, fit_policy
 from ..policies import ExitPolicy
 from ..stats import bootstrap_ci, paired_bootstrap
 from .recipe import SplitLogits
 
 __all__ = ["BUDGETS", "Comparison", "PolicyRow", "compare", "evaluate_policies",
            "exit_accuracies", "verdict"]
-
-BUDGETS: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-
 
 @dataclass
 class PolicyRow:

