@@ -12,7 +12,7 @@ import torch
 from eenet.budget import Costs
 from eenet.policies import Entropy, MaxProb
 from eenet.text import data
-from eenet.text.evaluate import Comparison, compare, evaluate_policies, verdict
+from eenet.text.evaluate import Comparison, compare, evaluate_policies, score_auc, verdict
 from eenet.text.recipe import SplitLogits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -81,12 +81,28 @@ def test_compare_picks_the_best_heuristic_and_says_which_way() -> None:
     correct[("EENet", 0.6)] = (torch.rand(n, generator=g) < 0.99).double()  # far better
     rows.append(type(rows[0])(0.6, "EENet", float(correct[("EENet", 0.6)].mean()), 0, 1, 0.6,
                               0.6, [0.0, 1.0, 0.0]))
-    (c,) = compare(rows, correct, resamples=500)
+    (c,) = compare(rows, correct, 0.9, resamples=500)
     best = max((r for r in rows if r.policy != "EENet"), key=lambda r: r.accuracy)
     assert isinstance(c, Comparison) and c.heuristic == best.policy
     diff = float((correct[("EENet", 0.6)] - correct[(best.policy, 0.6)]).mean())
     assert c.diff == pytest.approx(diff) and c.low <= c.diff <= c.high
     assert c.verdict == "wins" and c.p_le_0 == 0.0
+    assert c.headroom == pytest.approx(0.9 - best.accuracy)
+
+
+def test_score_auc_against_pairwise_counting() -> None:
+    g = torch.Generator().manual_seed(0)
+    for n in (2, 7, 50):
+        score = torch.randint(0, 5, (n,), generator=g).float()  # many ties
+        positive = torch.rand(n, generator=g) < 0.5
+        positive[0], positive[-1] = True, False
+        pos, neg = score[positive], score[~positive]
+        pairs = (pos[:, None] > neg[None, :]).double() + 0.5 * (pos[:, None] == neg[None, :])
+        assert score_auc(score, positive) == pytest.approx(float(pairs.mean()), abs=1e-12)
+    assert math.isnan(score_auc(torch.ones(3), torch.ones(3, dtype=torch.bool)))
+    assert score_auc(torch.tensor([0.1, 0.9]), torch.tensor([False, True])) == 1.0
+    with pytest.raises(ValueError, match="alike"):
+        score_auc(torch.ones(3), torch.ones(2, dtype=torch.bool))
 
 
 def test_text_cli_short_run(tmp_path) -> None:

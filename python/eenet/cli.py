@@ -41,7 +41,6 @@ from .runtime import MODES, Engine
 from .saving import fingerprint, load_model, load_policy, save_policy
 
 POLICY_NAMES: tuple[str, ...] = tuple(c.__name__ for c in demo.POLICY_CLASSES)
-BUDGET_DEFAULTS: tuple[float, ...] = demo.BUDGETS
 EXIT_USAGE = 2
 
 
@@ -384,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no training progress (bar on a terminal, a line per epoch otherwise)")
     p.set_defaults(func=cmd_robust)
 
+    from .text.evaluate import TEXT_BUDGETS
     from .text.recipe import SST2Config
 
     text = SST2Config()
@@ -408,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use a seeded subset of this many test sentences (default: all)")
     p.add_argument("--eenet-epochs", type=_positive_int, default=None,
                    help="training epochs of the EENet scheduler (default: its own)")
-    p.add_argument("--budgets", type=_budget_list, default=BUDGET_DEFAULTS,
+    p.add_argument("--budgets", type=_budget_list, default=TEXT_BUDGETS,
                    help="comma-separated budgets, fractions of the full model's FLOPs")
     p.add_argument("--resamples", type=_positive_int, default=2000,
                    help="bootstrap resamples of the intervals")

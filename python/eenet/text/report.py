@@ -11,15 +11,18 @@ from typing import Any
 import torch
 
 from ..budget import Costs
+from ..demo import fit_policy
+from ..policies import EENet, MaxProb
 from ..runtime.timing import cpu_name
 from .evaluate import (
-    BUDGETS,
+    TEXT_BUDGETS,
     Comparison,
     PolicyRow,
     compare,
     evaluate_policies,
     exit_accuracies,
     rows_to_dicts,
+    score_aucs,
 )
 from .recipe import LOGITS_FILE, SplitLogits, SST2Config, run
 
@@ -55,11 +58,19 @@ def _policy_table(rows: list[PolicyRow]) -> str:
 
 
 def _comparison_table(comps: list[Comparison]) -> str:
-    lines = ["| budget | best heuristic | EENet - heuristic [95% CI] | P(diff <= 0) | EENet |",
-             "|---|---|---|---|---|"]
+    lines = ["| budget | best heuristic | EENet - heuristic [95% CI] | P(diff <= 0) | EENet | "
+             "headroom (full model - heuristic) |", "|---|---|---|---|---|---|"]
     for c in comps:
         lines.append(f"| {c.budget:.0%} | {c.heuristic} | {c.diff:+.3f} [{c.low:+.3f}, "
-                     f"{c.high:+.3f}] | {c.p_le_0:.3f} | {c.verdict} |")
+                     f"{c.high:+.3f}] | {c.p_le_0:.3f} | {c.verdict} | {c.headroom:+.3f} |")
+    return "\n".join(lines)
+
+
+def _auc_table(aucs: dict[str, list[float]]) -> str:
+    names = list(aucs)
+    lines = ["| exit | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for k in range(len(next(iter(aucs.values())))):
+        lines.append(f"| {k} | " + " | ".join(f"{aucs[n][k]:.3f}" for n in names) + " |")
     return "\n".join(lines)
 
 
@@ -85,7 +96,8 @@ def _plot(rows: list[PolicyRow], path: str) -> None:
     plt.close(fig)
 
 
-def reproduce(cfg: SST2Config, report: str | None = None, budgets: tuple[float, ...] = BUDGETS,
+def reproduce(cfg: SST2Config, report: str | None = None,
+              budgets: tuple[float, ...] = TEXT_BUDGETS,
               resamples: int = 2000, eenet_options: dict[str, Any] | None = None,
               reuse: bool = False, progress: bool = True) -> dict[str, Any]:
     """Run the recipe (or, with ``reuse``, read ``<out>/sst2_logits.pt`` of an earlier
@@ -102,7 +114,11 @@ def reproduce(cfg: SST2Config, report: str | None = None, budgets: tuple[float, 
     flops, ms = Costs.from_dict(result["costs_flops"]), Costs.from_dict(result["costs_ms"])
     rows, correct = evaluate_policies(dev, test, flops, ms, budgets, resamples=resamples,
                                       eenet_options=eenet_options)
-    comps = compare(rows, correct, resamples=resamples)
+    comps = compare(rows, correct, exit_accuracies(test)[-1], resamples=resamples)
+    low = min(budgets)
+    aucs = {"MaxProb": score_aucs(MaxProb([0.0] * len(test.logits)), test),
+            f"EENet (fitted at {low:.0%})": score_aucs(
+                fit_policy(EENet, dev.logits, dev.labels, flops, low, eenet_options), test)}
     report = report or os.path.join(cfg.out, "sst2.md")
     base = os.path.splitext(report)[0]
     os.makedirs(os.path.dirname(os.path.abspath(report)), exist_ok=True)
@@ -111,7 +127,7 @@ def reproduce(cfg: SST2Config, report: str | None = None, budgets: tuple[float, 
                "history": result["history"], "costs_flops": result["costs_flops"],
                "costs_ms": result["costs_ms"], "dev_exit_accuracy": exit_accuracies(dev),
                "test_exit_accuracy": exit_accuracies(test), "rows": rows_to_dicts(rows),
-               "comparisons": rows_to_dicts(comps), "threads": cfg.threads,
+               "comparisons": rows_to_dicts(comps), "score_auc": aucs, "threads": cfg.threads,
                "cpu": cpu_name(), "torch": torch.__version__,
                "seconds": time.perf_counter() - start}
     with open(base + ".json", "w") as f:
@@ -146,6 +162,10 @@ def reproduce(cfg: SST2Config, report: str | None = None, budgets: tuple[float, 
         "## EENet vs the best heuristic (paired bootstrap on the test sentences)",
         "",
         _comparison_table(comps),
+        "",
+        "## How well each exit's score ranks that exit's right answers (test, AUC)",
+        "",
+        _auc_table(aucs),
         "",
         f"![accuracy vs cost]({os.path.basename(base)}.png)",
         "",
