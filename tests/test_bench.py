@@ -1,7 +1,8 @@
 """The benchmark suite's machinery (no timings asserted): the timing loop's statistics on a
 fake timer (``eenet.runtime.timing`` and the runner's interleaving on it), host-sync
-counting, the results writer's stamp, and that every peer execution mode runs the runtime's
-stage loop and returns exactly the oracle's exits and logits."""
+counting, the results writer's stamp, that every peer execution mode runs the runtime's
+stage loop and returns exactly the oracle's exits and logits (also on padded transformer
+batches, their attention_mask a row input), and the SST-2 workload's batches."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root ho
 
 from bench import peers, runner
 from bench.e2e import ForcedRate
-from eenet.nn import ExitHead, MultiExitNetwork
+from eenet.nn import ExitHead, MultiExitNetwork, hf_encoder_exits
 from eenet.policies import ExitPolicy, MaxProb, Patience
 from eenet.runtime import simulate, timing
 from eenet_kernels.triton import interpreting
@@ -269,8 +270,9 @@ def test_ideal_inputs_are_the_survivors() -> None:
     exits = simulate(net, policy, x).exit_index
     acts = peers.stage_activations(net, x)
     inputs = peers.survivor_inputs(acts, exits)
-    assert [t.shape[0] for t in inputs] == [int((exits >= k).sum()) for k in range(4)]
-    assert len(peers.ideal_segments(net, inputs)) == sum(t.shape[0] > 0 for t in inputs)
+    assert [t.h.shape[0] for t in inputs] == [int((exits >= k).sum()) for k in range(4)]
+    assert all(t.row_inputs == {} for t in inputs)
+    assert len(peers.ideal_segments(net, inputs)) == sum(t.h.shape[0] > 0 for t in inputs)
     stats = runner.time_segments(lambda: peers.ideal_segments(net, inputs), warmup=0,
                                  repeats=2)
     assert stats.runs == 2
@@ -290,6 +292,121 @@ def test_forced_rate_policy_leaves_the_given_fraction(rate: float) -> None:
     for k in range(2):
         assert counts[k] / present == pytest.approx(rate, abs=0.01)
         present -= float(counts[k])
+
+
+# -- padded transformer batches (the attention_mask a row input) ----------------------------
+
+VOCAB = 100
+
+
+def _tiny_bert(seed: int = 0) -> MultiExitNetwork:
+    """A random 3-layer transformers BertModel (hidden 16, 2 heads) with masked-mean exits
+    after layers 1, 2 and 3."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=3,
+                                     num_attention_heads=2, intermediate_size=32,
+                                     max_position_embeddings=64)
+    model = transformers.BertModel(config, add_pooling_layer=False)
+    return hf_encoder_exits(model, (1, 2), 2, head="mean").eval()
+
+
+def _padded_ids(n: int, width: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, width) ids padded with 0 where the (n, width) int64 mask is 0; random lengths in
+    [1, width], row 0 of length 1 and row 1 of full width."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, width + 1, (n,), generator=g)
+    lengths[0], lengths[1] = 1, width
+    mask = (torch.arange(width)[None] < lengths[:, None]).to(torch.int64)
+    ids = torch.randint(1, VOCAB, (n, width), generator=g) * mask
+    return ids, mask
+
+
+@pytest.mark.parametrize("rate", [0.3, 0.5])
+def test_every_mode_matches_the_oracle_on_padded_batches(rate: float) -> None:
+    net = _tiny_bert()
+    ids, mask = _padded_ids(40, 12, seed=int(rate * 10))
+    with torch.no_grad():
+        logits = [z.float() for z in net(ids, attention_mask=mask)]
+        unmasked = net(ids)[0]
+    assert not torch.allclose(unmasked, logits[0], atol=1e-3)  # the mask matters
+    # thresholds halfway between neighbouring scores (ForcedRate): no row on a threshold
+    policy = ForcedRate.calibrate(logits, rate)
+    oracle = simulate(net, policy, ids, attention_mask=mask)
+    counts = torch.bincount(oracle.exit_index, minlength=3)
+    assert bool((counts > 0).all()), counts  # rows leave at every exit
+    runners = {m: peers.make_runner(m, net, policy) for m in peers.MODES if m != "batchcond"}
+    tables = _tables(net, policy, ids[:8])
+    tables["profiled"] = peers.profile_costs(net, policy, ids[:8], warmup=0, repeats=1,
+                                             row_inputs={"attention_mask": mask[:8]})
+    for name, table in tables.items():
+        runners[f"batchcond/{name}"] = peers.make_runner("batchcond", net, policy, table=table)
+    for name, run in runners.items():
+        out = run(ids, attention_mask=mask)
+        assert torch.equal(out.exit_index, oracle.exit_index), name
+        torch.testing.assert_close(out.logits, oracle.logits, rtol=1e-5, atol=1e-5, msg=name)
+        torch.testing.assert_close(out.score, oracle.score, rtol=1e-5, atol=1e-5, msg=name)
+    drop = runners["batchcond/always_drop"]
+    assert isinstance(drop, peers.BatchCond) and any(d[3] for d in drop.decisions)
+
+
+def test_ideal_inputs_carry_the_row_inputs() -> None:
+    net = _tiny_bert()
+    ids, mask = _padded_ids(20, 8, seed=3)
+    with torch.no_grad():
+        logits = [z.float() for z in net(ids, attention_mask=mask)]
+    policy = ForcedRate.calibrate(logits, 0.5)
+    exits = simulate(net, policy, ids, attention_mask=mask).exit_index
+    acts = peers.stage_activations(net, ids, attention_mask=mask)
+    inputs = peers.survivor_inputs(acts, exits, {"attention_mask": mask})
+    for k, inp in enumerate(inputs):
+        assert torch.equal(inp.row_inputs["attention_mask"], mask[exits >= k])
+        assert inp.h.shape[0] == inp.row_inputs["attention_mask"].shape[0]
+    for k, seg in enumerate(peers.ideal_segments(net, inputs)):
+        torch.testing.assert_close(seg(), logits[k][exits >= k].to(seg().dtype),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def _sst2_missing() -> str | None:
+    from bench import e2e
+
+    return e2e.sst2_unavailable()
+
+
+def test_sst2_workload_batches_are_padded_and_bucketed() -> None:
+    from bench import e2e
+
+    reason = _sst2_missing()
+    if reason is not None:
+        pytest.skip(reason)
+    w = e2e.WORKLOADS["minilm-sst2"](torch.device("cpu"), False, True)
+    assert w.batches == tuple(e2e.SST2_QUICK_PLAN)
+    assert "fresh random exit heads" in w.description or "trained" in w.description
+    assert "dev split" in w.description and "Padded positions" in w.description
+    for b, (rows, reps) in e2e.SST2_QUICK_PLAN.items():
+        stream = w.streams[b]
+        assert w.repeats[b] == reps and w.stream_size(b) == b * -(-rows // b)
+        for ids, row_inputs in stream:
+            assert set(row_inputs) == {"attention_mask"}
+            mask = row_inputs["attention_mask"]
+            assert ids.shape == mask.shape and ids.shape[0] == b and ids.dtype == torch.int64
+            lengths = mask.sum(dim=1)
+            positions = torch.arange(ids.shape[1])[None]
+            assert torch.equal(mask, (positions < lengths[:, None]).to(mask.dtype))
+            assert torch.equal(ids != 0, mask.bool())  # pad id 0 exactly where masked
+            assert ids.shape[1] <= -(-int(lengths.max()) // 8) * 8  # bucketed: padded to
+            assert ids.shape[1] % 8 == 0 or ids.shape[1] == int(lengths.max())  # its longest
+
+
+def test_sst2_left_out_without_its_data(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from bench import e2e
+
+    names, notes = e2e.default_workloads(str(tmp_path / "missing"))
+    assert names == ["resnet56", "bert", "mnist"]
+    assert len(notes) == 1 and notes[0].startswith("minilm-sst2 left out")
+    assert e2e.main(["--workloads", "minilm-sst2", "--data-dir",
+                     str(tmp_path / "missing")]) == 2
+    assert "minilm-sst2 skipped" in capsys.readouterr().out
 
 
 # -- benchmark drivers (smoke: tiny sizes, one run, nothing written) -------------------------
@@ -316,8 +433,10 @@ def test_micro_drivers_smoke(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_e2e_driver_smoke() -> None:
     from bench import e2e
 
-    w = e2e.Workload("tiny", "tiny MLP", _mlp_net(), torch.randn(16, 12), batches=(1, 8),
-                     repeats={1: 1, 8: 1}, stream=4, warmup=1, profile_repeats=1)
+    w = e2e.Workload.from_pool("tiny", "tiny MLP", _mlp_net(), torch.randn(16, 12),
+                               batches=(1, 8), repeats={1: 1, 8: 1}, stream=4, warmup=1,
+                               profile_repeats=1)
+    assert [len(w.streams[b]) for b in w.batches] == [4, 1]
     rows = e2e.measure_workload(w, torch.device("cpu"), rates=(0.0, 0.5))
     modes = {r["mode"] for r in rows}
     assert modes == {*peers.MODES, "ideal"}
@@ -326,6 +445,25 @@ def test_e2e_driver_smoke() -> None:
     assert {r["stream"] for r in rows} == {4, 8}
     sections = e2e.sections_for(rows, [w])
     assert sections[0].rows and "ours/ideal" in [c.header for c in sections[0].columns]
+
+
+def test_e2e_driver_smoke_with_row_inputs() -> None:
+    """Batches of different widths, each with its attention_mask, through every mode, the
+    oracle, the ideal and BatchCond's profiling."""
+    from bench import e2e
+
+    net = _tiny_bert()
+    stream = []
+    for j, width in enumerate((8, 16, 8)):
+        ids, mask = _padded_ids(4, width, seed=j)
+        stream.append((ids, {"attention_mask": mask}))
+    w = e2e.Workload("tiny-text", "tiny BERT", net, {4: stream}, {4: 1}, warmup=1,
+                     batch1_max=4, profile_repeats=1)
+    rows = e2e.measure_workload(w, torch.device("cpu"), rates=(0.5,))
+    assert {r["mode"] for r in rows} == {*peers.MODES, "ideal"}
+    assert all(r["agree"] == 1.0 and r["max_logit_err"] < 1e-5 for r in rows
+               if r["agree"] is not None)
+    assert {r["stream"] for r in rows} == {12}
 
 
 def test_tune_candidates_and_cpu_exit() -> None:
