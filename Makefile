@@ -56,6 +56,7 @@ bench: setup
 	$(PYTHON) -m bench.micro
 	$(PYTHON) -m bench.micro --backend reference --no-compile
 	$(PYTHON) -m bench.e2e
+	$(PYTHON) -m bench.serve
 
 # the CPU microbenchmarks under pytest-benchmark (add --benchmark-autosave to keep a run)
 bench-pytest: setup
@@ -65,6 +66,7 @@ bench-gpu: setup
 	$(PYTHON) -m bench.micro --device cuda
 	$(PYTHON) -m bench.micro --device cuda --backend reference --no-compile
 	$(PYTHON) -m bench.e2e --device cuda
+	$(PYTHON) -m bench.serve --device cuda
 
 clean:
 	rm -rf build *.egg-info eenet_kernels/*.so .setup-system-done $(VENV)

@@ -496,3 +496,20 @@ def test_tune_sweeps_run_interpreted(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tune, "COMPACT_PROGRAMS_PER_SM", (1, 2))
     summary, every = tune.tune_compact([40], [16], 1, 0, device="cpu")
     assert summary[0]["best"] in {r["config"] for r in every} - {"builtin"}
+
+
+# -- serving under load (bench.serve) ------------------------------------------------------
+
+
+def test_serve_benchmark_runs_every_configuration() -> None:
+    """A tiny Poisson stream through all four configurations: every request is answered or
+    counted as rejected, and every answer takes the oracle's exit (no timing asserted)."""
+    from bench import serve
+
+    rows, info = serve.measure("mnist", torch.device("cpu"), loads=(0.5,), requests=40,
+                               seconds=0.2, max_batch=16, max_wait_ms=1.0, quick=True)
+    assert [r["config"] for r in rows] == list(serve.CONFIGS)
+    for r in rows:
+        assert r["sent"] + r["rejected"] == 40 and r["rejected"] == 0
+        assert r["agree"] == 1.0 and r["p50_ms"] <= r["p99_ms"]
+    assert set(info["capacity"]) == set(serve.CONFIGS) and info["plans"]
