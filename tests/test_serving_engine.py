@@ -1,0 +1,740 @@
+"""The re-batching serving engine: answers equal the offline oracle under every rebatch mode
+(many submitting threads, row inputs of a padded transformer batch), re-batching merges,
+failures fail only their run's rows and every future completes exactly once, back-pressure,
+cancellation, deadlines, closing, bad inputs and an internal error in the worker."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import itertools
+import json
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+from eenet.budget import Costs
+from eenet.models import small_cnn
+from eenet.nn import ExitHead, MultiExitNetwork
+from eenet.policies import EENet, ExitPolicy, MaxProb, Patience
+from eenet.runtime import EngineOutput, simulate
+from eenet.serving import (
+    Answer,
+    DeadlineExceeded,
+    EngineClosed,
+    QueueFull,
+    RequestCancelled,
+    ServingConfig,
+    ServingEngine,
+    ServingStats,
+    StageFailed,
+    plan_from_profile,
+)
+
+C = 5
+WIDTH = 10
+TOL = 1e-5
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# -- networks, policies, stage wrappers ------------------------------------------------------
+
+
+def _mlp(seed: int = 0, exits: int = 4) -> MultiExitNetwork:
+    torch.manual_seed(seed)
+    stages = [nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.Tanh()) for _ in range(exits)]
+    heads = [ExitHead.linear(WIDTH, C) for _ in range(exits)]
+    return MultiExitNetwork(stages, heads).eval()
+
+
+def _drifting_mlp(seed: int = 0, exits: int = 4) -> MultiExitNetwork:
+    """Stages near the identity and one classifier for every exit: predictions drift from
+    exit to exit, so that patience streaks end at several exits."""
+    torch.manual_seed(seed)
+    stages = []
+    for _ in range(exits):
+        stage = nn.Linear(WIDTH, WIDTH)
+        with torch.no_grad():
+            stage.weight.copy_(torch.eye(WIDTH) + 0.4 * torch.randn(WIDTH, WIDTH) / WIDTH**0.5)
+        stages.append(stage)
+    first = ExitHead.linear(WIDTH, C)
+    heads = [first] + [ExitHead.linear(WIDTH, C) for _ in range(exits - 1)]
+    for head in heads[1:]:
+        head.load_state_dict(first.state_dict())
+    return MultiExitNetwork(stages, heads).eval()
+
+
+def _cnn() -> MultiExitNetwork:
+    torch.manual_seed(0)
+    net = small_cnn(num_classes=C, image_size=12, widths=(8, 12, 16), head_width=6).eval()
+    with torch.no_grad():  # random init leaves every row's features alike: spread them
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_var.fill_(0.1)
+        for head in net.heads:
+            head.classifier.weight.mul_(4.0)
+    return net
+
+
+def _halfway(scores: torch.Tensor) -> float:
+    """A threshold halfway between two neighbouring scores in the middle half of ``scores``
+    (N,): the widest such gap, so that no row lies within rounding of it."""
+    s = scores.sort().values
+    lo, hi = len(s) // 4, 3 * len(s) // 4
+    gaps = s[lo + 1:hi + 1] - s[lo:hi]
+    i = lo + int(gaps.argmax())
+    assert float(gaps.max()) > 20 * TOL
+    return float((s[i] + s[i + 1]) / 2)
+
+
+def _policy(kind: str, net: MultiExitNetwork, x: torch.Tensor,
+            **row_inputs: torch.Tensor) -> ExitPolicy:
+    """A ``kind`` policy whose thresholds sit halfway between neighbouring scores on x."""
+    k = len(net.heads)
+    if kind == "patience":
+        return Patience([0.5] * k)  # integer streaks: 0.5 is halfway
+    with torch.no_grad():
+        logits = [z.float() for z in net(x, **row_inputs)]
+    if kind == "eenet":
+        g = torch.Generator().manual_seed(1)
+        weights = [torch.randn(C + 3 + j, generator=g) for j in range(k)]
+        scores = EENet([0.0] * k, weights, [0.1] * k, use_vote=True).scores(logits)
+        return EENet([_halfway(scores[:, j]) for j in range(k)], weights, [0.1] * k,
+                     use_vote=True)
+    scores = MaxProb([0.0] * k).scores(logits)
+    return MaxProb([_halfway(scores[:, j]) for j in range(k)])
+
+
+class _Wrap(nn.Module):
+    """A stage (or head body) with a hook before it: ``before(h)`` may sleep, block, record
+    or raise."""
+
+    def __init__(self, inner: nn.Module, before: Callable[[torch.Tensor], None]) -> None:
+        super().__init__()
+        self.inner = inner
+        self.before = before
+
+    def forward(self, h: torch.Tensor, **row_inputs: torch.Tensor) -> torch.Tensor:
+        self.before(h)
+        return self.inner(h, **row_inputs)
+
+
+class Flaky(RuntimeError):
+    """The injected failure."""
+
+
+class _Gate:
+    """Blocks the wrapped stage while closed; ``entered`` is set once a call arrives."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.open = threading.Event()
+
+    def __call__(self, h: torch.Tensor) -> None:
+        self.entered.set()
+        assert self.open.wait(20), "the test never opened the gate"
+
+
+def _never_exits(k: int = 4) -> MaxProb:
+    return MaxProb([1.0] * k)  # a softmax of these small logits never reaches 1
+
+
+def _check(ans: Answer, ref: EngineOutput, i: int) -> None:
+    assert isinstance(ans, Answer)
+    assert ans.exit_index == int(ref.exit_index[i]), i
+    assert ans.logits.shape == (C,) and ans.logits.dtype == torch.float32
+    assert ans.logits.device.type == "cpu"
+    torch.testing.assert_close(ans.logits, ref.logits[i], atol=TOL, rtol=0)
+    assert abs(ans.score - float(ref.score[i])) <= TOL
+    assert not ans.forced and ans.latency_s >= 0
+
+
+def _wait_until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.001)
+
+
+# -- answers equal the oracle ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rebatch", ["always", "never", "auto"])
+@pytest.mark.parametrize("case", ["cnn-maxprob", "mlp-eenet", "mlp-patience"])
+def test_answers_match_the_oracle_from_many_threads(rebatch: str, case: str) -> None:
+    n = 96
+    torch.manual_seed(3)
+    if case == "cnn-maxprob":
+        net, x = _cnn(), torch.randn(n, 1, 12, 12)
+    elif case == "mlp-patience":
+        net, x = _drifting_mlp(), torch.randn(n, WIDTH) * 2
+    else:
+        net, x = _mlp(), torch.randn(n, WIDTH) * 2
+    policy = _policy(case.split("-")[1], net, x)
+    ref = simulate(net, policy, x)
+    assert len(set(ref.exit_index.tolist())) >= 3  # rows leave at several exits
+    futs: list[cf.Future | None] = [None] * n
+    cfg = ServingConfig(max_batch=16, max_wait_ms=5.0, rebatch=rebatch)
+    with ServingEngine(net, policy, cfg) as engine:
+        def client(t: int) -> None:
+            for i in range(t * 3, n, 12):  # thread t: rows 3t..3t+2, then 12 further
+                if i % 2:
+                    futs[i:i + 3] = engine.submit_many(x[i:i + 3])
+                else:
+                    for j in range(i, i + 3):
+                        futs[j] = engine.submit(x[j])
+
+        threads = [threading.Thread(target=client, args=(t,)) for t in range(4)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        answers = [f.result(timeout=30) for f in futs]
+        stats = engine.snapshot()
+    for i, ans in enumerate(answers):
+        _check(ans, ref, i)
+    assert stats.submitted == stats.answered == n and stats.failed == stats.cancelled == 0
+    k = len(net.heads)
+    assert list(stats.exits) == torch.bincount(ref.exit_index, minlength=k).tolist()
+    assert stats.queue_depth == 0 and stats.stage_pending == (0,) * k
+    assert stats.stage_rows[0] == n and max(max(b, default=0) for b in stats.batch_sizes) <= 16
+    plan = next(iter(engine.plans.values()))
+    if rebatch == "never":
+        assert plan.merge == (True,) + (False,) * (k - 1)
+    elif rebatch == "auto":
+        assert plan.sizes == (1, 4, 16) and len(plan.per_row_s) == k
+
+
+def test_row_inputs_of_a_padded_transformer_match_the_oracle() -> None:
+    transformers = pytest.importorskip("transformers")
+    from eenet.nn import hf_encoder_exits
+
+    torch.manual_seed(0)
+    model = transformers.BertModel(transformers.BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=40)).eval()
+    net = hf_encoder_exits(model, (1, 2, 3), C, head="mean").eval()
+    g = torch.Generator().manual_seed(5)
+    groups = []  # two bucketed lengths: two shape groups
+    for length, n in ((8, 24), (12, 16)):
+        ids = torch.randint(3, 100, (n, length), generator=g)
+        used = torch.randint(2, length + 1, (n,), generator=g)
+        mask = (torch.arange(length)[None] < used[:, None]).long()
+        groups.append((ids * mask, mask))
+    with torch.no_grad():
+        all_logits = [torch.cat(zs) for zs in zip(*(
+            [z.float() for z in net(ids, attention_mask=mask)] for ids, mask in groups),
+            strict=True)]
+    scores = MaxProb([0.0] * 4).scores(all_logits)
+    policy = MaxProb([_halfway(scores[:, j]) for j in range(4)])
+    with ServingEngine(net, policy, ServingConfig(max_batch=8, rebatch="always")) as engine:
+        futs = [[engine.submit(ids[i], attention_mask=mask[i]) for i in range(len(ids))]
+                for ids, mask in groups]
+        answers = [[f.result(timeout=30) for f in fs] for fs in futs]
+    for (ids, mask), ans in zip(groups, answers, strict=True):
+        ref = simulate(net, policy, ids, attention_mask=mask)
+        for i, a in enumerate(ans):
+            _check(a, ref, i)
+    assert len(engine.plans) == 2
+
+
+# -- re-batching -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rebatch", ["always", "never"])
+def test_survivors_merge_only_when_rebatching(rebatch: str) -> None:
+    net = _mlp()
+    calls: list[tuple[int, int]] = []  # (stage, rows) in call order
+
+    def record(k: int) -> Callable[[torch.Tensor], None]:
+        def before(h: torch.Tensor) -> None:
+            calls.append((k, h.shape[0]))
+            time.sleep(0.003)
+        return before
+
+    for k in range(4):
+        net.stages[k] = _Wrap(net.stages[k], record(k))
+    torch.manual_seed(0)
+    x = torch.randn(40, WIDTH)
+    cfg = ServingConfig(max_batch=8, max_wait_ms=1000.0, rebatch=rebatch)
+    with ServingEngine(net, _never_exits(), cfg) as engine:
+        futs = []
+        for i in range(len(x)):  # one request at a time
+            futs.append(engine.submit(x[i]))
+            time.sleep(0.001)
+        for f in futs:
+            assert f.result(timeout=30).exit_index == 3
+        stats = engine.snapshot()
+    assert stats.stage_rows == (40,) * 4
+    means = stats.mean_batch_sizes
+    if rebatch == "always":
+        assert all(m is not None and m > 1 for m in means[1:]), means
+        # no row leaves early, so fewer runs for the same rows means batches merged
+        assert stats.stage_runs[3] < stats.stage_runs[0], stats.stage_runs
+    else:
+        assert stats.stage_runs == (stats.stage_runs[0],) * 4
+        # each admitted group runs stages 0, 1, 2, 3 by itself before the next one starts
+        assert [k for k, _ in calls] == [0, 1, 2, 3] * stats.stage_runs[0]
+        for j in range(0, len(calls), 4):
+            group = [rows for _, rows in calls[j:j + 4]]
+            assert group == [group[0]] * 4
+
+
+def test_never_runs_a_group_alone_while_rows_leave() -> None:
+    """With early exits, a stage of ``rebatch="never"`` never runs more rows than the stage
+    before it ran for the same admitted group."""
+    net = _mlp()
+    calls: list[tuple[int, int]] = []
+    for k in range(4):
+        net.stages[k] = _Wrap(net.stages[k], lambda h, k=k: calls.append((k, h.shape[0])))
+    torch.manual_seed(1)
+    x = torch.randn(64, WIDTH) * 2
+    policy = _policy("maxprob", _mlp(), x)
+    ref = simulate(_mlp(), policy, x)
+    with ServingEngine(net, policy, ServingConfig(max_batch=8, rebatch="never")) as engine:
+        futs = engine.submit_many(x)
+        for i, f in enumerate(futs):
+            _check(f.result(timeout=30), ref, i)
+    last = None
+    for k, rows in calls:
+        if k == 0:
+            assert rows <= 8
+        else:
+            assert last is not None and last[0] == k - 1 and rows <= last[1]
+        last = (k, rows)
+
+
+def test_auto_merges_only_where_bigger_batches_are_cheaper_per_row() -> None:
+    net = _mlp()
+    # stage 1 costs the same at any batch size (merging pays), stage 2 the same per row
+    net.stages[1] = _Wrap(net.stages[1], lambda h: time.sleep(0.003))
+    net.stages[2] = _Wrap(net.stages[2], lambda h: time.sleep(0.002 * h.shape[0]))
+    cfg = ServingConfig(max_batch=8, rebatch="auto")
+    with ServingEngine(net, _never_exits(), cfg) as engine:
+        engine.submit(torch.randn(WIDTH)).result(timeout=30)
+    (plan,) = engine.plans.values()
+    assert plan.sizes == (1, 4, 8)
+    assert plan.merge[0] and plan.merge[1] and not plan.merge[2]
+    assert plan.per_row_s[1][-1] < 0.5 * plan.per_row_s[1][0]
+    assert plan.error is None and engine.describe_plans()
+
+
+def test_plan_from_profile_thresholds() -> None:
+    plan = plan_from_profile((1, 4, 16, 64), [
+        (4e-4, 2e-4, 7e-5, 5e-5),      # 8x cheaper per row at 64: merge
+        (1e-4, 1e-4, 0.95e-4, 0.9e-4),  # 10% cheaper: below the 20% bar (no merge)
+        (1e-4, 0.81e-4, 0.8e-4, 0.8e-4),  # exactly 20%: merge; saturated from 4 rows
+    ])
+    assert plan.merge == (True, False, True)
+    assert plan.target == (64, 16, 4)  # stage 1's target is unused: it does not merge
+    with pytest.raises(ValueError, match="start at 1"):
+        plan_from_profile((2, 4), [(1.0, 1.0)])
+
+
+# -- failures ---------------------------------------------------------------------------------
+
+
+def test_random_failures_complete_every_future_exactly_once() -> None:
+    clean = _mlp()
+    torch.manual_seed(2)
+    x = torch.randn(300, WIDTH) * 2
+    policy = _policy("maxprob", clean, x)
+    ref = simulate(clean, policy, x)
+    net = _mlp()
+    rng = random.Random(7)
+    failing = threading.Event()
+    failing.set()
+
+    def flaky(where: str) -> Callable[[torch.Tensor], None]:
+        def before(h: torch.Tensor) -> None:
+            if failing.is_set() and rng.random() < 0.15:
+                raise Flaky(f"injected failure in {where}")
+        return before
+
+    for k in range(4):
+        net.stages[k] = _Wrap(net.stages[k], flaky(f"stage {k}"))
+    net.heads[2].body = _Wrap(net.heads[2].body, flaky("exit 2"))
+    calls: Counter[int] = Counter()
+    lock = threading.Lock()
+
+    def callback_for(i: int) -> Callable[[cf.Future], None]:
+        def callback(fut: cf.Future) -> None:
+            with lock:
+                calls[i] += 1
+        return callback
+
+    cfg = ServingConfig(max_batch=16, rebatch="always")
+    with ServingEngine(net, policy, cfg) as engine:
+        futs: list[cf.Future | None] = [None] * len(x)
+
+        def client(t: int) -> None:
+            for i in range(t, len(x), 3):
+                futs[i] = engine.submit(x[i], callback=callback_for(i))
+
+        threads = [threading.Thread(target=client, args=(t,)) for t in range(3)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        cf.wait(futs, timeout=30)
+        _wait_until(lambda: sum(calls.values()) == len(x))
+        failed_stages = Counter()
+        for i, f in enumerate(futs):
+            exc = f.exception()
+            if exc is None:
+                _check(f.result(), ref, i)
+            else:
+                assert isinstance(exc, StageFailed)
+                assert f"stage {exc.stage}" in str(exc) and exc.attempts == 1
+                assert isinstance(exc.__cause__, Flaky)
+                failed_stages[exc.stage] += 1
+        assert calls == Counter(range(len(x)))  # none twice, none missing
+        assert len(failed_stages) >= 3, failed_stages  # failures at several stages
+        stats = engine.snapshot()
+        assert stats.failed == sum(failed_stages.values()) > 0
+        assert stats.answered + stats.failed == stats.submitted == len(x)
+        failing.clear()  # the engine still serves
+        more = engine.submit_many(x[:20])
+        for i, f in enumerate(more):
+            _check(f.result(timeout=30), ref, i)
+
+
+def test_retries_absorb_transient_failures_and_then_give_up() -> None:
+    clean = _mlp()
+    x = torch.randn(40, WIDTH) * 2
+    policy = _policy("maxprob", clean, x)
+    ref = simulate(clean, policy, x)
+    net = _mlp()
+    count = itertools.count()
+
+    def every_other(h: torch.Tensor) -> None:
+        if next(count) % 2 == 0:
+            raise Flaky("transient")
+
+    net.stages[1] = _Wrap(net.stages[1], every_other)
+    with ServingEngine(net, policy, ServingConfig(max_batch=8, retries=2)) as engine:
+        for i, f in enumerate(engine.submit_many(x)):
+            _check(f.result(timeout=30), ref, i)
+
+    broken = _mlp()
+    runs = Counter()
+
+    def always(h: torch.Tensor) -> None:
+        runs["calls"] += 1
+        raise Flaky("permanent")
+
+    broken.stages[2] = _Wrap(broken.stages[2], always)
+    cfg = ServingConfig(max_batch=8, retries=1, rebatch="always")
+    with ServingEngine(broken, policy, cfg) as engine:
+        futs = engine.submit_many(x)
+        cf.wait(futs, timeout=30)
+        stats = engine.snapshot()
+    reaching = [i for i in range(len(x)) if int(ref.exit_index[i]) >= 2]
+    for i, f in enumerate(futs):
+        if i in reaching:
+            exc = f.exception()
+            assert isinstance(exc, StageFailed) and exc.stage == 2 and exc.attempts == 2
+            assert "stage 2" in str(exc) and "2 attempts" in str(exc)
+            assert isinstance(exc.__cause__, Flaky)
+        else:
+            _check(f.result(), ref, i)
+    assert runs["calls"] > 0 and runs["calls"] % 2 == 0  # two attempts per run
+    assert stats.failed == len(reaching) and stats.stage_runs[2] == 0
+
+
+def test_an_internal_error_fails_pending_futures_and_closes_the_engine() -> None:
+    engine = ServingEngine(_mlp(), _never_exits(), ServingConfig())
+
+    def boom(now: float, closing: bool) -> None:
+        raise KeyError("scheduler bug")
+
+    engine._pick = boom  # type: ignore[method-assign]
+    fut = engine.submit(torch.randn(WIDTH))
+    assert isinstance(fut.exception(timeout=10), KeyError)
+    with pytest.raises(EngineClosed, match="internal error") as info:
+        engine.submit(torch.randn(WIDTH))
+    assert isinstance(info.value.__cause__, KeyError)
+    assert engine.closed and engine.snapshot().failed == 1
+    engine.close()
+
+
+# -- back-pressure, cancellation, deadlines --------------------------------------------------
+
+
+def _gated(stage: int = 0) -> tuple[MultiExitNetwork, _Gate]:
+    net, gate = _mlp(), _Gate()
+    net.stages[stage] = _Wrap(net.stages[stage], gate)
+    return net, gate
+
+
+def test_reject_when_the_queue_is_full() -> None:
+    net, gate = _gated()
+    cfg = ServingConfig(queue_size=2, on_full="reject", rebatch="always")
+    with ServingEngine(net, _never_exits(), cfg) as engine:
+        first = engine.submit(torch.randn(WIDTH))
+        assert gate.entered.wait(10)  # the worker runs it: the queue is empty again
+        queued = [engine.submit(torch.randn(WIDTH)) for _ in range(2)]
+        with pytest.raises(QueueFull):
+            engine.submit(torch.randn(WIDTH))
+        with pytest.raises(QueueFull):
+            engine.submit_many(torch.randn(3, WIDTH))  # more than fits, all refused
+        stats = engine.snapshot()
+        assert stats.rejected == 4 and stats.submitted == 3 and stats.queue_depth == 2
+        gate.open.set()
+        for f in [first, *queued]:
+            assert f.result(timeout=10).exit_index == 3
+    assert engine.snapshot().answered == 3
+
+
+def test_block_waits_for_room_or_times_out() -> None:
+    net, gate = _gated()
+    cfg = ServingConfig(queue_size=1, on_full="block", block_timeout_s=0.05, rebatch="always")
+    with ServingEngine(net, _never_exits(), cfg) as engine:
+        engine.submit(torch.randn(WIDTH))
+        assert gate.entered.wait(10)
+        engine.submit(torch.randn(WIDTH))  # fills the queue
+        t0 = time.monotonic()
+        with pytest.raises(QueueFull, match="stayed full"):
+            engine.submit(torch.randn(WIDTH))
+        assert time.monotonic() - t0 >= 0.05
+        assert engine.snapshot().rejected == 1
+        gate.open.set()
+    net, gate = _gated()
+    cfg = ServingConfig(queue_size=1, on_full="block", block_timeout_s=10.0, rebatch="always")
+    with ServingEngine(net, _never_exits(), cfg) as engine:
+        engine.submit(torch.randn(WIDTH))
+        assert gate.entered.wait(10)
+        engine.submit(torch.randn(WIDTH))
+        threading.Timer(0.05, gate.open.set).start()
+        t0 = time.monotonic()
+        blocked = engine.submit(torch.randn(WIDTH))  # waits until the gate opens
+        assert time.monotonic() - t0 >= 0.04
+        assert blocked.result(timeout=10).exit_index == 3
+    assert engine.snapshot().answered == 3
+
+
+def test_cancelled_requests_are_never_answered() -> None:
+    net, gate = _gated()
+    done: Counter[int] = Counter()
+    cfg = ServingConfig(max_batch=2, rebatch="always")
+    with ServingEngine(net, _never_exits(), cfg) as engine:
+        futs = [engine.submit(torch.randn(WIDTH), callback=lambda f, i=i: done.update([i]))
+                for i in range(6)]
+        assert gate.entered.wait(10)
+        assert futs[2].cancel() and futs[3].cancel() and futs[5].cancel()
+        assert futs[0].cancel()  # running at stage 0: not answered yet, so cancellable
+        assert futs[2].cancelled()
+        with pytest.raises(RequestCancelled):
+            futs[2].result()
+        with pytest.raises(cf.CancelledError):  # RequestCancelled is one
+            futs[3].exception()
+        # concurrent.futures.wait sees the cancelled futures as done
+        finished, _ = cf.wait([futs[2], futs[3]], timeout=1)
+        assert len(finished) == 2
+        gate.open.set()
+        for i in (1, 4):
+            assert futs[i].result(timeout=10).exit_index == 3
+        assert not futs[1].cancel()  # answered
+        _wait_until(lambda: engine.snapshot().stage_pending == (0,) * 4)
+        stats = engine.snapshot()
+    assert done == Counter(range(6))
+    assert futs[0].cancelled()
+    assert (stats.submitted, stats.answered, stats.cancelled, stats.failed) == (6, 2, 4, 0)
+    assert stats.queue_depth == 0
+
+
+def test_deadline_forces_the_exit_reached() -> None:
+    net = _mlp()
+    slow = threading.Event()
+    net.stages[1] = _Wrap(net.stages[1], lambda h: slow.is_set() and time.sleep(0.3))
+    x = torch.randn(WIDTH)
+    with torch.no_grad():
+        exit1 = net(x[None])[1][0].float()
+    with ServingEngine(net, _never_exits(), ServingConfig(rebatch="always")) as engine:
+        engine.submit(x).result(timeout=10)  # warm
+        slow.set()
+        ans = engine.submit(x, deadline_s=0.1).result(timeout=10)
+        stats = engine.snapshot()
+    assert ans.forced and ans.exit_index == 1
+    torch.testing.assert_close(ans.logits, exit1, atol=TOL, rtol=0)
+    assert ans.score == pytest.approx(float(torch.softmax(exit1, 0).max()), abs=TOL)
+    assert stats.deadline_forced == 1 and stats.answered == 2 and stats.exits[1] == 1
+
+    cfg = ServingConfig(on_deadline="error", rebatch="always")
+    with ServingEngine(net, _never_exits(), cfg) as engine:
+        fut = engine.submit(x, deadline_s=0.1)
+        with pytest.raises(DeadlineExceeded, match="after exit 1"):
+            fut.result(timeout=10)
+        assert engine.snapshot().deadline_errors == 1
+
+
+def test_deadline_before_any_exit_and_earliest_deadline_first() -> None:
+    net, gate = _gated()
+    seen: list[list[float]] = []
+    net.stages[1] = _Wrap(net.stages[1], lambda h: seen.append(h[:, 0].tolist()))
+    cfg = ServingConfig(max_batch=2, rebatch="never")
+    with ServingEngine(net, _never_exits(), cfg) as engine:
+        engine.submit(torch.randn(WIDTH))
+        assert gate.entered.wait(10)
+        late = engine.submit(torch.randn(WIDTH), deadline_s=0.02)
+        xs = torch.randn(4, WIDTH)
+        # submitted in this order, deadlines the other way round: EDF runs 3 and 2 first
+        futs = [engine.submit(xs[i], deadline_s=30.0 - i) for i in range(4)]
+        time.sleep(0.05)
+        gate.open.set()
+        with pytest.raises(DeadlineExceeded, match="before its first exit"):
+            late.result(timeout=10)
+        for f in futs:
+            assert not f.result(timeout=10).forced
+        stats = engine.snapshot()
+    assert stats.deadline_errors == 1 and stats.failed == 1 and stats.answered == 5
+    # stage 0's second run (after the gated one) took the two earliest deadlines
+    with torch.no_grad():
+        first_of = net.stages[0].inner(xs)[:, 0]
+    second_run = sorted(seen[1])
+    assert second_run == pytest.approx(sorted(first_of[[3, 2]].tolist()), abs=TOL)
+
+
+# -- closing ---------------------------------------------------------------------------------
+
+
+def test_close_drain_answers_everything_admitted() -> None:
+    net = _mlp()
+    net.stages[2] = _Wrap(net.stages[2], lambda h: time.sleep(0.002))
+    engine = ServingEngine(net, _never_exits(), ServingConfig(max_batch=4)).start()
+    futs = engine.submit_many(torch.randn(30, WIDTH))
+    engine.close(drain=True)
+    assert all(f.done() and f.result().exit_index == 3 for f in futs)
+    with pytest.raises(EngineClosed):
+        engine.submit(torch.randn(WIDTH))
+    assert engine.snapshot().answered == 30
+
+
+def test_close_without_drain_fails_the_pending_requests() -> None:
+    net, gate = _gated()
+    engine = ServingEngine(net, _never_exits(), ServingConfig(max_batch=1, rebatch="always"))
+    futs = [engine.submit(torch.randn(WIDTH))]
+    assert gate.entered.wait(10)
+    futs += [engine.submit(torch.randn(WIDTH)) for _ in range(4)]
+    closer = threading.Thread(target=engine.close, kwargs={"drain": False})
+    closer.start()
+    _wait_until(lambda: engine.closed)
+    with pytest.raises(EngineClosed):
+        engine.submit(torch.randn(WIDTH))
+    gate.open.set()  # the run in progress ends; its row was still pending after stage 0
+    closer.join(10)
+    assert not closer.is_alive()
+    for f in futs:
+        assert isinstance(f.exception(timeout=1), EngineClosed)
+    stats = engine.snapshot()
+    assert stats.failed == 5 and stats.answered == 0 and stats.queue_depth == 0
+
+
+def test_close_before_start() -> None:
+    engine = ServingEngine(_mlp(), _never_exits())
+    engine.close()
+    with pytest.raises(EngineClosed):
+        engine.submit(torch.randn(WIDTH))
+
+
+# -- bad inputs ------------------------------------------------------------------------------
+
+
+def test_bad_inputs_raise_at_submit_or_fail_their_own_future() -> None:
+    net = _cnn()
+    policy = MaxProb([0.5] * 3)
+    good = torch.randn(1, 12, 12)
+    with ServingEngine(net, policy, ServingConfig(rebatch="always")) as engine:
+        # at submit
+        with pytest.raises(TypeError, match=r"must be a torch\.Tensor"):
+            engine.submit([[0.0] * 12] * 12)
+        with pytest.raises(TypeError, match=r"first stage computes in torch\.float32"):
+            engine.submit(good.double())
+        with pytest.raises(ValueError, match="on meta"):
+            engine.submit(torch.empty(1, 12, 12, device="meta"))
+        with pytest.raises(TypeError, match="row input 'mask'"):
+            engine.submit(good, mask=[1, 2])
+        with pytest.raises(ValueError, match="one row per sample"):
+            engine.submit_many(torch.randn(3, 1, 12, 12), mask=torch.ones(2, 4))
+        with pytest.raises(ValueError, match="batch dimension"):
+            engine.submit_many(torch.tensor(1.0))
+        with pytest.raises(ValueError, match="deadline_s"):
+            engine.submit(good, deadline_s=-1.0)
+        # found by the network: the request's own future, StageFailed at stage 0
+        wrong_shape = engine.submit(torch.randn(3, 12, 12))
+        wrong_dtype = engine.submit(torch.ones(1, 12, 12, dtype=torch.int64))
+        fine = engine.submit_many(torch.randn(8, 1, 12, 12))
+        exc = wrong_shape.exception(timeout=10)
+        assert isinstance(exc, StageFailed) and exc.stage == 0
+        assert isinstance(exc.__cause__, ValueError) and "does not fit" in str(exc.__cause__)
+        exc = wrong_dtype.exception(timeout=10)
+        assert isinstance(exc, StageFailed) and isinstance(exc.__cause__, TypeError)
+        assert all(isinstance(f.result(timeout=10), Answer) for f in fine)
+        assert isinstance(engine.submit(good).result(timeout=10), Answer)  # still serving
+        stats = engine.snapshot()
+    assert stats.failed == 2 and stats.answered == 9 and stats.submitted == 11
+
+
+def test_config_is_checked() -> None:
+    for bad in ({"max_batch": 0}, {"buckets": (4, 2)}, {"max_wait_ms": -1},
+                {"queue_size": 0}, {"on_full": "drop"}, {"retries": -1},
+                {"rebatch": "sometimes"}, {"on_deadline": "ignore"}, {"budget": 0.5}):
+        with pytest.raises(ValueError):
+            ServingConfig(**bad)
+    with pytest.raises(TypeError, match="ServingConfig"):
+        ServingEngine(_mlp(), _never_exits(), {"max_batch": 4})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="costs has 2 values"):
+        ServingEngine(_mlp(), _never_exits(), ServingConfig(costs=Costs([1, 2], "flops")))
+
+
+# -- telemetry -------------------------------------------------------------------------------
+
+
+def test_stats_snapshot_is_json_and_prices_the_exits() -> None:
+    net = _mlp()
+    x = torch.randn(50, WIDTH) * 2
+    policy = _policy("maxprob", net, x)
+    ref = simulate(net, policy, x)
+    costs = Costs([1.0, 2.0, 3.0, 4.0], "flops")
+    cfg = ServingConfig(costs=costs, budget=0.5, max_batch=8)
+    with ServingEngine(net, policy, cfg) as engine:
+        before = engine.snapshot()
+        assert before.latency_p50_s is None and before.cost_per_sample is None
+        cf.wait(engine.submit_many(x), timeout=30)
+        stats = engine.snapshot()
+    assert isinstance(stats, ServingStats)
+    data = json.loads(json.dumps(stats.to_dict()))
+    assert data["exits"] == torch.bincount(ref.exit_index, minlength=4).tolist()
+    assert sum(stats.exit_rates) == pytest.approx(1.0)
+    assert stats.cost_per_sample == pytest.approx(float((ref.exit_index + 1).double().mean()))
+    assert stats.budget == 2.0 and stats.cost_unit == "flops"
+    assert 0 <= stats.latency_p50_s <= stats.latency_p99_s <= stats.latency_max_s
+    assert stats.uptime_s > 0 and stats.in_flight == 0
+    assert [len(b) for b in stats.batch_sizes] == list(stats.stage_runs)
+    assert sum(stats.batch_sizes[0]) == 50
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rebatch", ["always", "never", "auto"])
+def test_cuda_answers_match_the_oracle(rebatch: str) -> None:
+    """On a CUDA network: CPU samples are moved per batch; answers come back on the CPU."""
+    net = _mlp().cuda()
+    torch.manual_seed(4)
+    x = torch.randn(64, WIDTH) * 2
+    policy = _policy("eenet", _mlp(), x)
+    on_device = simulate(net, policy, x.cuda())
+    ref = EngineOutput(*(t.cpu() for t in (on_device.logits, on_device.exit_index,
+                                           on_device.score, on_device.forced)))
+    with ServingEngine(net, policy, ServingConfig(max_batch=16, rebatch=rebatch)) as engine:
+        assert engine.device.type == "cuda"
+        futs = [engine.submit(x[i]) if i % 2 else engine.submit(x[i].cuda())
+                for i in range(len(x))]
+        answers = [f.result(timeout=60) for f in futs]
+    for i, ans in enumerate(answers):
+        _check(ans, ref, i)
