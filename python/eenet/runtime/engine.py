@@ -94,9 +94,9 @@ def simulate(net: torch.nn.Module, policy: ExitPolicy, x: torch.Tensor,
     _check_input(x, row_inputs)
     logits = []
     h = x
-    for k, (stage, head) in enumerate(zip(_stages(net), net.heads, strict=True)):
+    for k, (stage, head) in enumerate(zip(guarded_stages(net), net.heads, strict=True)):
         h = stage(h, **row_inputs)
-        f = _exit_features(k, head, h, x.shape[0], row_inputs)
+        f = exit_features(k, head, h, x.shape[0], row_inputs)
         logits.append(head.classifier(f.mean(dim=-1) if f.dim() == 3 else f).float())
     exit_index, score = policy.decide(logits)
     forced = torch.zeros(exit_index.shape, dtype=torch.bool, device=exit_index.device)
@@ -275,7 +275,7 @@ class _MaskStep:
 
     def exit(self, k: int, h: torch.Tensor, rows: RowState) -> ek.ExitScore:
         head = self.heads[k]
-        res = ek.exit_score(_exit_features(k, head, h, rows.rows, rows.inputs),
+        res = ek.exit_score(exit_features(k, head, h, rows.rows, rows.inputs),
                             head.classifier.weight, head.classifier.bias,
                             prev_scores=rows.prev_scores(k),
                             prev_preds=rows.prev_preds(k), **self.stage_kwargs[k])
@@ -326,7 +326,7 @@ class _CompactStep:
     def exit(self, k: int, h: torch.Tensor, rows: RowState) -> ek.ExitScore:
         head = self.heads[k]
         return ek.exit_score_write(
-            _exit_features(k, head, h, rows.rows, rows.inputs), head.classifier.weight,
+            exit_features(k, head, h, rows.rows, rows.inputs), head.classifier.weight,
             head.classifier.bias,
             row_index=rows.index, exit_index=k, out_logits=self.out.logits,
             out_score=self.out.score, out_exit=self.out.exit_index,
@@ -555,7 +555,7 @@ class Engine:
         (:class:`~eenet.runtime.compiled.CompactLoop`), for ``torch.compile`` and
         ``torch.export``; a traced loop records the dispatcher's kernels, so a ``backend``
         override raises ``ValueError`` (``purpose`` starts its message)."""
-        stage_kwargs = self._stage_kwargs(device)
+        stage_kwargs = self.exit_op_kwargs(device)
         chosen = stage_kwargs[0]["backend"]
         if chosen != ek.ops.dispatcher_backend(device):
             raise ValueError(f"{purpose} the dispatcher's kernels "
@@ -564,9 +564,11 @@ class Engine:
         return CompactLoop(self.net, stage_kwargs, self.policy.needs_scores,
                            self.policy.needs_preds)
 
-    def _stage_kwargs(self, device: torch.device) -> list[dict[str, Any]]:
-        """Per exit, the op's keyword arguments that do not change from batch to batch (the
-        rule, its scheduler weights on ``device``, the backend), built once per device."""
+    def exit_op_kwargs(self, device: torch.device) -> list[dict[str, Any]]:
+        """Per exit, the keyword arguments of ``eenet_kernels.exit_score`` /
+        ``exit_score_write`` that do not change from batch to batch (the rule, its scheduler
+        weights on ``device``, the backend), built once per device: what any executor that
+        runs this policy's exits (the serving engine) hands the op."""
         kwargs = self._stage_kwargs_by_device.get(device)
         if kwargs is None:
             backend = ek.resolve_backend(device, self.backend)
@@ -597,8 +599,8 @@ class Engine:
             (torch.zeros(k, n, dtype=torch.int64, device=device)
              if self.policy.needs_preds else None),
             dict(row_inputs))
-        run_stages(_stages(self.net), x, rows, _MaskStep(
-            self.net.heads, out, self._stage_kwargs(device), self._ledger(n)))
+        run_stages(guarded_stages(self.net), x, rows, _MaskStep(
+            self.net.heads, out, self.exit_op_kwargs(device), self._ledger(n)))
         return out
 
     def _run_compiled(self, x: torch.Tensor, row_inputs: dict[str, torch.Tensor]
@@ -625,13 +627,13 @@ class Engine:
                tuple((name, tuple(t.shape[1:]), t.dtype) for name, t in row_inputs.items()))
         buffers = self._cache.get(key, lambda: _Buffers(size, self.num_exits, self.policy,
                                                         device, row_inputs))
-        stage_kwargs = self._stage_kwargs(device)
+        stage_kwargs = self.exit_op_kwargs(device)
         try:
             # stage 0 reads no history and compacts into member 0: member 1 is the source
             first = buffers.state[1]
             rows = RowState(buffers.row_numbers[:n0], first.scores, first.preds,
                             dict(row_inputs))
-            run_stages(_stages(self.net), x, rows, _CompactStep(
+            run_stages(guarded_stages(self.net), x, rows, _CompactStep(
                 self.net.heads, out, stage_kwargs, buffers, stage_kwargs[0]["backend"],
                 self._ledger(n0)))
         finally:
@@ -661,7 +663,7 @@ def _check_input(x: object, row_inputs: dict[str, object]) -> None:
     _check_row_inputs(x, row_inputs)
 
 
-def _exit_features(k: int, head: Any, h: object, rows: int,
+def exit_features(k: int, head: Any, h: object, rows: int,
                    row_inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """Exit head k's features of stage k's output h (and the row inputs it reads, see
     :func:`eenet.nn.head_row_inputs`): (rows, D) or (rows, D, S), D the head's classifier's
@@ -701,7 +703,7 @@ class _FirstStage:
                              f"network's first stage, which fails on it: {exc}") from exc
 
 
-def _stages(net: torch.nn.Module) -> list[Callable[..., torch.Tensor]]:
+def guarded_stages(net: torch.nn.Module) -> list[Callable[..., torch.Tensor]]:
     """The network's stages, the first one behind :class:`_FirstStage`."""
     stages: list[Callable[..., torch.Tensor]] = list(net.stages)
     stages[0] = _FirstStage(net.stages[0])

@@ -97,7 +97,7 @@ import torch
 
 import eenet_kernels as ek
 
-from ..runtime.engine import Engine, _exit_features, _stages, check_network
+from ..runtime.engine import Engine, check_network, exit_features, guarded_stages
 from .stats import ServingStats, StatsRecorder
 
 if TYPE_CHECKING:
@@ -460,8 +460,8 @@ class ServingEngine:
         self.num_classes = net.heads[-1].classifier.out_features
         # the per-exit arguments of the fused op, exactly as the batched engine builds them
         self._exit_kwargs: list[dict[str, Any]] = Engine(
-            net, policy, telemetry=False)._stage_kwargs(device)
-        self._stages = _stages(net)
+            net, policy, telemetry=False).exit_op_kwargs(device)
+        self._stages = guarded_stages(net)
         self._heads = list(net.heads)
         first = next((p for p in net.stages[0].parameters() if p.is_floating_point()), None)
         self._input_dtype = None if first is None else first.dtype
@@ -903,7 +903,7 @@ class ServingEngine:
                           torch.empty(n, 0, dtype=torch.int64, device=device))
         h = self._stages[k](x, **inputs)
         head = self._heads[k]
-        feats = _exit_features(k, head, h, n, inputs)
+        feats = exit_features(k, head, h, n, inputs)
         res = ek.exit_score(feats, head.classifier.weight, head.classifier.bias,
                             prev_scores=prev_scores, prev_preds=prev_preds,
                             **self._exit_kwargs[k])
@@ -1018,7 +1018,7 @@ class ServingEngine:
                          prev_s: torch.Tensor | None = prev_s,
                          prev_p: torch.Tensor | None = prev_p) -> torch.Tensor:
                     out = self._stages[k](h, **inputs)
-                    f = _exit_features(k, head, out, b, inputs)
+                    f = exit_features(k, head, out, b, inputs)
                     res = ek.exit_score(f, head.classifier.weight, head.classifier.bias,
                                         prev_scores=prev_s, prev_preds=prev_p,
                                         **self._exit_kwargs[k])
