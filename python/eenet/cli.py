@@ -1,10 +1,11 @@
-"""``eenet`` command line: ``demo``, ``calibrate``, ``report`` and ``robust``.
+"""``eenet`` command line: ``demo``, ``calibrate``, ``report``, ``robust``, ``text`` and ``serve``.
 
     eenet demo [--datasets mnist digits] [--epochs 8] [--out demo_out]
     eenet calibrate --model M.pt [--dataset mnist] --policy EENet --budget 0.5 --out P.json
     eenet report --model M.pt --policy P.json [--dataset mnist]
     eenet robust [--dataset digits] [--epochs 40] [--train-steps 5] [--out robust_out]
     eenet text [--data-dir DIR] [--train-phrases 20000] [--out text_out] [--report R.md]
+    eenet serve M.pt P.json [--host 127.0.0.1] [--port 8000] [--ray] [--max-batch 64]
 
 ``demo`` saves its trained models as ``<out>/<dataset>_model.pt``; ``calibrate`` fits a
 policy on the validation split of the dataset the model was trained on; ``report`` serves
@@ -13,7 +14,11 @@ the test split with the runtime engine and prints accuracy, achieved cost and ex
 model, attacks and serves them (:mod:`eenet.robust.reproduce`) and writes the tables to
 ``<out>/robust.md``; ``text`` fine-tunes a multi-exit MiniLM on SST-2, fits every policy
 on the dev sentences and evaluates it on the test sentences (:mod:`eenet.text.report`),
-writing ``<out>/sst2.md`` (or ``--report``) with its JSON and plot.
+writing ``<out>/sst2.md`` (or ``--report``) with its JSON and plot; ``serve`` serves a
+model with its policy over HTTP (``POST /v1/predict``, ``GET /v1/stats``, ``/healthz``,
+``/metrics``) through the re-batching :class:`eenet.serving.ServingEngine`, with the plain
+front-end of :mod:`eenet.serving.http` or, with ``--ray``, as a Ray Serve deployment on a
+local Ray (:mod:`eenet.serving.ray_app`), until Ctrl-C.
 
 Every argument is checked before any data is loaded or trained on, and the files are
 checked against each other: a model trained on another dataset, a policy calibrated on
@@ -108,6 +113,33 @@ def _positive_float(text: str) -> float:
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"expected a positive number, got {value:g}")
     return value
+
+
+def _nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value:g}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is in 0..65535 (0: any free one), got "
+                                         f"{value}")
+    return value
+
+
+def _host(text: str) -> str:
+    if not text.strip() or any(c.isspace() for c in text):
+        raise argparse.ArgumentTypeError(f"expected a host name or address, got {text!r}")
+    return text
 
 
 def _policy_name(text: str) -> str:
@@ -300,6 +332,32 @@ def cmd_report(args: argparse.Namespace) -> None:
           f"full model (asked {info.get('budget')})")
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    config = {"max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms,
+              "queue_size": args.queue_size, "on_full": args.on_full}
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"eenet serve: warning: listening on {args.host}, not the loopback interface; "
+              "the server has no authentication", file=sys.stderr)
+    if args.ray:
+        from .serving import ray_app
+
+        ray_app.require_ray()  # a missing extra fails before Ray or the model is loaded
+        ray_app.run_ray(args.model, args.policy, args.host, args.port, threads=args.threads,
+                        **config)
+        return
+    from .serving.http import load_engine, run_http
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    engine = load_engine(args.model, args.policy, **config)
+    try:
+        with engine:
+            run_http(engine, args.host, args.port)
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {args.host}:{args.port}: "
+                         f"{exc.strerror or exc}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="eenet", description=__doc__.split("\n")[0],
                      formatter_class=_Formatter)
@@ -421,6 +479,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate the logits of an earlier run in --out instead of training")
     p.add_argument("--quiet", action="store_true", help="no training progress")
     p.set_defaults(func=cmd_text)
+
+    p = sub.add_parser("serve", help="serve a model and its policy over HTTP (re-batching "
+                       "engine; Ray Serve with --ray) until Ctrl-C", formatter_class=_Formatter)
+    p.add_argument("model", metavar="MODEL", type=_existing_file,
+                   help="model file (eenet.saving.save_model)")
+    p.add_argument("policy", metavar="POLICY", type=_existing_file,
+                   help="policy file calibrated for this model (eenet calibrate)")
+    p.add_argument("--host", type=_host, default="127.0.0.1",
+                   help="address to listen on (the server has no authentication)")
+    p.add_argument("--port", type=_port, default=8000, help="port to listen on (0: any free "
+                   "one, without --ray)")
+    p.add_argument("--ray", action="store_true",
+                   help="serve as a Ray Serve deployment on a local Ray (the serve extra)")
+    p.add_argument("--max-batch", type=_positive_int, default=64,
+                   help="rows per stage run, at most")
+    p.add_argument("--max-wait-ms", type=_nonnegative_float, default=2.0,
+                   help="how long a stage's oldest pending row waits for more rows")
+    p.add_argument("--queue-size", type=_positive_int, default=1024,
+                   help="requests (samples) admitted and not started, at most")
+    p.add_argument("--on-full", choices=("reject", "block"), default="reject",
+                   help="a full queue: answer 429 at once, or wait up to a second for room")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch intra-op threads (default: torch's)")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

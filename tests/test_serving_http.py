@@ -1,0 +1,505 @@
+"""The HTTP front-end of the serving engine (eenet.serving.http), its Prometheus metrics and
+the ``eenet serve`` command line: answers against the offline oracle, the error replies,
+back-pressure, statistics, shutdown; loopback only."""
+
+from __future__ import annotations
+
+import http.client
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from eenet import cli, models
+from eenet.budget import Costs
+from eenet.data import MissingExtraError
+from eenet.nn import ExitHead, MultiExitNetwork
+from eenet.policies import MaxProb
+from eenet.runtime import simulate
+from eenet.saving import fingerprint, save_model, save_policy
+from eenet.serving import ServingConfig, ServingEngine
+from eenet.serving.http import BadRequest, InputSpec, parse_predict, serve_http
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SAMPLE = (1, 8, 8)
+
+
+def _tiny_cnn() -> tuple[MultiExitNetwork, MaxProb, torch.Tensor]:
+    """A 3-exit small_cnn on 8x8 images, a MaxProb policy whose thresholds (the median
+    score at each early exit) spread the samples over the exits, and 48 samples."""
+    torch.manual_seed(0)
+    net = models.small_cnn(in_channels=1, num_classes=10, image_size=8, widths=(8, 16, 16),
+                           head_width=4).eval()
+    x = torch.randn(48, *SAMPLE)
+    with torch.no_grad():
+        probs = [z.softmax(1).amax(1) for z in net(x)]
+    thresholds = [float(p.median()) for p in probs[:-1]] + [0.0]
+    return net, MaxProb(thresholds), x
+
+
+class _Toy(nn.Module):
+    """A stage that sleeps 0.3 s on a batch holding a 7 and raises on one holding a 13 (its
+    engines use ``rebatch="always"``: "auto" would profile the stage on the first batch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if bool((h == 13).any()):
+            raise RuntimeError("the toy stage refuses 13")
+        if bool((h == 7).any()):
+            time.sleep(0.3)
+        return self.linear(h)
+
+
+TOY_CONFIG = ServingConfig(max_wait_ms=0.0, rebatch="always")
+
+
+def _toy_net() -> MultiExitNetwork:
+    torch.manual_seed(0)
+    return MultiExitNetwork([_Toy(), _Toy()], [ExitHead.linear(4, 3), ExitHead.linear(4, 3)])
+
+
+def _call(url: str, doc: Any = None, body: bytes | None = None, method: str | None = None,
+          timeout: float = 30.0) -> tuple[int, Any, bytes]:
+    """(status, headers (case-insensitive), body) of one HTTP call."""
+    data = body if body is not None else (None if doc is None else json.dumps(doc).encode())
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.headers, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers, e.read()
+
+
+def _json(url: str, doc: Any = None, **kw: Any) -> tuple[int, Any]:
+    status, headers, body = _call(url, doc, **kw)
+    assert headers.get("Content-Type") == "application/json", headers
+    return status, json.loads(body)
+
+
+@pytest.fixture
+def cnn_server():
+    net, policy, x = _tiny_cnn()
+    with ServingEngine(net, policy, ServingConfig(max_batch=16, max_wait_ms=2.0)) as engine:
+        server = serve_http(engine, port=0)
+        try:
+            yield server, net, policy, x
+        finally:
+            server.close()
+
+
+def _check_outputs(outputs: list[dict], ref: Any, rows: range | list[int]) -> None:
+    assert len(outputs) == len(rows)
+    for out, i in zip(outputs, rows, strict=True):
+        assert out["exit"] == int(ref.exit_index[i]), f"sample {i}"
+        logits = torch.tensor(out["logits"], dtype=torch.float32)
+        torch.testing.assert_close(logits, ref.logits[i], rtol=0, atol=1e-5)
+        assert out["label"] == int(ref.logits[i].argmax())
+        assert abs(out["score"] - float(ref.score[i])) <= 1e-5
+        assert out["forced"] is False
+        assert out["latency_ms"] >= 0
+
+
+# -- answers -----------------------------------------------------------------------------------
+
+
+def test_concurrent_calls_match_the_oracle(cnn_server) -> None:
+    server, net, policy, x = cnn_server
+    ref = simulate(net, policy, x)
+    assert len(set(ref.exit_index.tolist())) == 3  # every exit is taken
+    # calls of 1 to 5 samples from 8 threads: 48 samples in 15 calls
+    cuts = [0]
+    while cuts[-1] < len(x):
+        cuts.append(min(len(x), cuts[-1] + 1 + len(cuts) % 5))
+    spans = list(itertools.pairwise(cuts))
+
+    def post(span: tuple[int, int]) -> tuple[int, Any]:
+        a, b = span
+        return _json(server.url + "/v1/predict", {"inputs": x[a:b].tolist()})
+
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(post, spans))
+    for (a, b), (status, doc) in zip(spans, replies, strict=True):
+        assert status == 200, doc
+        _check_outputs(doc["outputs"], ref, range(a, b))
+
+    status, stats = _json(server.url + "/v1/stats")
+    assert status == 200
+    assert stats["submitted"] == stats["answered"] == len(x)
+    assert stats["failed"] == stats["rejected"] == stats["cancelled"] == 0
+    assert stats["exits"] == torch.bincount(ref.exit_index, minlength=3).tolist()
+    assert stats["stage_rows"][0] == len(x)
+    assert stats["queue_depth"] == 0 and stats["latency_p50_s"] is not None
+
+
+def test_deadline_is_passed_on(cnn_server) -> None:
+    server, net, policy, x = cnn_server
+    status, doc = _json(server.url + "/v1/predict", {"inputs": x[:3].tolist(),
+                                                     "deadline_ms": 10_000})
+    assert status == 200
+    _check_outputs(doc["outputs"], simulate(net, policy, x[:3]), range(3))
+
+
+def test_text_model_takes_ids_and_mask() -> None:
+    transformers = pytest.importorskip("transformers")
+    from eenet.nn import hf_encoder_exits
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=32,
+                                     max_position_embeddings=16)
+    net = hf_encoder_exits(transformers.BertModel(config).eval(), (1,), 2, head="mean")
+    lengths = torch.tensor([8, 3, 5, 1, 8, 2])
+    mask = (torch.arange(8)[None, :] < lengths[:, None]).long()
+    ids = torch.randint(3, 50, (6, 8)).masked_fill(mask == 0, 0)
+    policy = MaxProb([0.6, 0.0])
+    ref = simulate(net, policy, ids, attention_mask=mask)
+    with (ServingEngine(net, policy, ServingConfig(max_batch=8)) as engine,
+          serve_http(engine, port=0) as server):
+        assert server.spec.field == "input_ids"
+        status, doc = _json(server.url + "/v1/predict", {"input_ids": ids.tolist(),
+                                                         "attention_mask": mask.tolist()})
+        assert status == 200, doc
+        _check_outputs(doc["outputs"], ref, range(6))
+        status, doc = _json(server.url + "/v1/predict", {"inputs": ids.tolist()})
+        assert status == 400 and "takes 'input_ids'" in doc["error"]
+
+
+# -- refused input -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    (b"{not json", "not valid JSON"),
+    (b"[1, 2]", "must be a JSON object"),
+    (b"{}", "exactly one of 'inputs'"),
+    (b'{"inputs": [], "x": 1}', "unknown fields ['x']"),
+    (b'{"inputs": []}', "non-empty list of samples"),
+    (b'{"inputs": [1, 2, 3]}', "each a list"),
+    (b'{"inputs": [[1, 2], [3]]}', "not a rectangular array"),
+    (b'{"inputs": [["a", "b"]]}', "not a rectangular array"),
+    (b'{"inputs": [[NaN, 1]]}', "not valid JSON"),
+    (b'{"inputs": [[1e999, 1]]}', "not finite"),
+    (b'{"inputs": [[[[0, 0], [0, 0]]]]}', "shape (1, 8, 8), got samples of shape (1, 2, 2)"),
+    (b'{"input_ids": [[1, 2]]}', "takes 'inputs', not 'input_ids'"),
+    (b'{"inputs": [[[' + b",".join([b"[" + b",".join([b"0"] * 8) + b"]"] * 8) + b"]]], "
+     b'"deadline_ms": -5}', "deadline_ms must be a positive number"),
+])
+def test_bad_input_is_400_with_the_reason(cnn_server, body: bytes, message: str) -> None:
+    server = cnn_server[0]
+    status, doc = _json(server.url + "/v1/predict", body=body)
+    assert status == 400, doc
+    assert doc["type"] == "BadRequest" and message in doc["error"], doc["error"]
+
+
+def test_routes_methods_and_body_limits(cnn_server) -> None:
+    server = cnn_server[0]
+    status, doc = _json(server.url + "/v2/predict", {"inputs": [[0]]})
+    assert status == 404 and "no route /v2/predict" in doc["error"]
+    status, headers, _ = _call(server.url + "/v1/predict")
+    assert status == 405 and headers["Allow"] == "POST"
+    status, doc = _json(server.url + "/v1/stats", {"inputs": [[0]]})
+    assert status == 405
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    conn.putrequest("POST", "/v1/predict")
+    conn.endheaders()  # no Content-Length
+    reply = conn.getresponse()
+    assert reply.status == 411 and "Content-Length" in json.loads(reply.read())["error"]
+    conn.close()
+    # keep-alive: several calls on one connection
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    for _ in range(3):
+        conn.request("GET", "/healthz")
+        reply = conn.getresponse()
+        assert reply.status == 200 and json.loads(reply.read()) == {"status": "ok"}
+    conn.close()
+
+
+def test_body_and_sample_limits() -> None:
+    net, policy, x = _tiny_cnn()
+    with (ServingEngine(net, policy) as engine,
+          serve_http(engine, port=0, max_body_bytes=2048, max_samples=2) as server):
+        status, doc = _json(server.url + "/v1/predict", {"inputs": x[:3].tolist()})
+        assert status == 413 and "at most 2048" in doc["error"]
+        status, doc = _json(server.url + "/v1/predict", {"inputs": [[[0.0]]] * 3})
+        assert status == 400 and "at most 2" in doc["error"]
+
+
+def test_parse_predict_units() -> None:
+    call = parse_predict(b'{"input_ids": [[1, 2, 0]], "attention_mask": [[1, 1, 0]]}',
+                         InputSpec("input_ids", (None,)))
+    assert call.x.dtype == torch.int64 and call.x.shape == (1, 3)
+    assert call.row_inputs["attention_mask"].tolist() == [[1, 1, 0]]
+    x, rows = call.sample(0)
+    assert x.shape == (3,) and rows["attention_mask"].shape == (3,)
+    for body, message in [
+        (b'{"input_ids": [[1.5, 2]]}', "must hold integers"),
+        (b'{"input_ids": [[1, 2]], "attention_mask": [[1]]}', "must match"),
+        (b'{"input_ids": [[1, 2]], "attention_mask": [[1, 2]]}', "0 (padding) and 1"),
+        (b'{"input_ids": [[[1, 2]]]}', "(n, L) token ids"),
+    ]:
+        with pytest.raises(BadRequest, match=message.replace("(", r"\(").replace(")", r"\)")):
+            parse_predict(body, InputSpec("input_ids", (None,)))
+    assert parse_predict(b'{"inputs": [[1, 2]], "deadline_ms": 250}').deadline_s == 0.25
+
+
+def test_unknown_architecture_shapes_are_probed() -> None:
+    """A network without a recorded architecture: a shape it refuses is a 400 (found by
+    running one sample), the shapes it takes are served."""
+    net = _toy_net()
+    policy = MaxProb([1.0, 0.0])
+    x = torch.randn(5, 4)
+    ref = simulate(net, policy, x)
+    with ServingEngine(net, policy, TOY_CONFIG) as engine, serve_http(engine, port=0) as server:
+        assert server.spec.shape is None and server.probe is not None
+        for _ in range(2):  # the second time from the probe's cache
+            status, doc = _json(server.url + "/v1/predict", {"inputs": [[1.0, 2.0]] * 2})
+            assert status == 400 and "does not take samples of shape (2,)" in doc["error"]
+        status, doc = _json(server.url + "/v1/predict", {"inputs": x.tolist()})
+        assert status == 200
+        _check_outputs(doc["outputs"], ref, range(5))
+        assert engine.snapshot().submitted == 5
+
+
+# -- engine errors -----------------------------------------------------------------------------
+
+
+def test_queue_full_is_429() -> None:
+    net = _toy_net()
+    cfg = ServingConfig(queue_size=1, max_wait_ms=0.0, rebatch="always")
+    slow = [[7.0, 0.0, 0.0, 0.0]]
+    with (ServingEngine(net, MaxProb([1.0, 0.0]), cfg) as engine,
+          serve_http(engine, port=0) as server):
+        url = server.url + "/v1/predict"
+        status, headers, body = _call(url, {"inputs": [[0.0] * 4] * 2})  # 2 > queue_size
+        assert status == 429 and headers["Retry-After"] == "1"
+        assert json.loads(body)["type"] == "QueueFull"
+        with ThreadPoolExecutor(4) as pool:
+            first = pool.submit(_json, url, {"inputs": slow})
+            time.sleep(0.1)  # its stage sleeps 0.3 s: the others queue behind it
+            later = [pool.submit(_json, url, {"inputs": slow}) for _ in range(3)]
+            replies = [first.result()] + [f.result() for f in later]
+        assert replies[0][0] == 200
+        codes = sorted(status for status, _ in replies)
+        assert 429 in codes and set(codes) <= {200, 429}, codes
+        for status, doc in replies:
+            if status == 429:
+                assert doc["type"] == "QueueFull" and "queue is full" in doc["error"]
+        assert engine.snapshot().rejected == 2 + codes.count(429)
+
+
+def test_stage_failure_is_500_deadline_504_closed_503() -> None:
+    net = _toy_net()
+    with ServingEngine(net, MaxProb([1.0, 0.0]), TOY_CONFIG) as engine:
+        server = serve_http(engine, port=0)
+        url = server.url + "/v1/predict"
+        status, doc = _json(url, {"inputs": [[13.0, 0, 0, 0]]})
+        assert status == 500 and doc["type"] == "StageFailed", doc
+        assert doc["index"] == 0 and "stage 0" in doc["error"], doc
+        with ThreadPoolExecutor(2) as pool:
+            slow = pool.submit(_json, url, {"inputs": [[7.0, 0, 0, 0]]})
+            time.sleep(0.1)
+            status, doc = _json(url, {"inputs": [[1.0, 0, 0, 0]], "deadline_ms": 50})
+            assert slow.result()[0] == 200
+        assert status == 504 and doc["type"] == "DeadlineExceeded", doc
+        engine.close()
+        status, doc = _json(url, {"inputs": [[1.0, 0, 0, 0]]})
+        assert status == 503 and doc["type"] == "EngineClosed"
+        assert _json(server.url + "/healthz") == (503, {"status": "closed"})
+        stats = engine.snapshot()
+        assert stats.failed == 2 and stats.deadline_errors == 1 and stats.answered == 1
+        server.close()
+
+
+# -- statistics, metrics, shutdown ---------------------------------------------------------
+
+
+def test_metrics_in_prometheus_text(cnn_server) -> None:
+    pytest.importorskip("prometheus_client")
+    server, net, policy, x = cnn_server
+    assert _json(server.url + "/v1/predict", {"inputs": x[:6].tolist()})[0] == 200
+    status, headers, body = _call(server.url + "/metrics")
+    assert status == 200 and headers["Content-Type"].startswith("text/plain")
+    text = body.decode()
+    exits = torch.bincount(simulate(net, policy, x[:6]).exit_index, minlength=3).tolist()
+    for line in ["eenet_serving_submitted_total 6.0", "eenet_serving_answered_total 6.0",
+                 "eenet_serving_rejected_total 0.0", "eenet_serving_queue_depth 0.0",
+                 *(f'eenet_serving_exit_answers_total{{exit="{k}"}} {n:.1f}'
+                   for k, n in enumerate(exits)),
+                 'eenet_serving_stage_rows_total{stage="0"} 6.0',
+                 'eenet_serving_stage_pending{stage="0"} 0.0']:
+        assert line in text.splitlines(), line
+    for name in ["eenet_serving_stage_mean_batch_size{stage=\"0\"}",
+                 "eenet_serving_latency_seconds{quantile=\"0.99\"}",
+                 "eenet_serving_uptime_seconds"]:
+        assert any(ln.startswith(name + " ") for ln in text.splitlines()), name
+
+
+def test_metrics_without_prometheus_client_is_404() -> None:
+    net, policy, _ = _tiny_cnn()
+    with ServingEngine(net, policy) as engine, serve_http(engine, port=0,
+                                                          metrics=False) as server:
+        status, doc = _json(server.url + "/metrics")
+        assert status == 404 and "serve extra" in doc["error"]
+
+
+def test_collector_reads_the_snapshot_at_scrape_time() -> None:
+    prometheus_client = pytest.importorskip("prometheus_client")
+    from eenet.serving.prometheus import register_metrics
+
+    net, policy, x = _tiny_cnn()
+    costs = Costs([1.0, 2.0, 3.0], "flops")
+    with ServingEngine(net, policy, ServingConfig(costs=costs, budget=0.5)) as engine:
+        registry = prometheus_client.CollectorRegistry()
+        register_metrics(engine, registry, labels={"model": "tiny"})
+        with pytest.raises(ValueError, match="Duplicated"):
+            register_metrics(engine, registry)
+        value = registry.get_sample_value
+        assert value("eenet_serving_answered_total", {"model": "tiny"}) == 0
+        for f in engine.submit_many(x[:5]):
+            f.result(timeout=30)
+        assert value("eenet_serving_answered_total", {"model": "tiny"}) == 5
+        stats = engine.snapshot()
+        assert value("eenet_serving_cost_per_sample", {"model": "tiny", "unit": "flops"}
+                     ) == pytest.approx(stats.cost_per_sample)
+        assert value("eenet_serving_budget", {"model": "tiny", "unit": "flops"}
+                     ) == pytest.approx(stats.budget)
+
+
+def test_close_answers_the_calls_in_flight_then_refuses() -> None:
+    net = _toy_net()
+    with ServingEngine(net, MaxProb([1.0, 0.0]), TOY_CONFIG) as engine:
+        server = serve_http(engine, port=0)
+        url = server.url + "/v1/predict"
+        with ThreadPoolExecutor(1) as pool:
+            slow = pool.submit(_json, url, {"inputs": [[7.0, 0, 0, 0]]})
+            time.sleep(0.1)
+            server.close()
+            status, doc = slow.result()
+        assert status == 200 and doc["outputs"][0]["exit"] == 1
+        assert not server._thread.is_alive()
+        with pytest.raises(urllib.error.URLError):
+            urllib.request.urlopen(url, timeout=5)
+        server.close()  # idempotent
+        assert not engine.closed  # the engine is the caller's
+
+
+# -- eenet serve -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def saved(tmp_path: os.PathLike) -> tuple[str, str, MultiExitNetwork, MaxProb]:
+    net, policy, _ = _tiny_cnn()
+    model = os.path.join(tmp_path, "model.pt")
+    save_model(net, model, meta={"dataset": "digits"})
+    path = os.path.join(tmp_path, "policy.json")
+    save_policy(policy, path, Costs([1.0, 2.0, 3.0], "flops"), 0.5,
+                {"dataset": "digits", "model_fingerprint": fingerprint(net)})
+    return model, path, net, policy
+
+
+def _fail_if_started(*args: Any, **kwargs: Any) -> None:
+    raise AssertionError("the server was started")
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--port", "70000"], "argument --port: a port is in 0..65535"),
+    (["--port", "http"], "argument --port: expected a port number"),
+    (["--max-batch", "0"], "argument --max-batch: expected a positive integer"),
+    (["--max-wait-ms", "-1"], "argument --max-wait-ms: expected a number >= 0"),
+    (["--queue-size", "many"], "argument --queue-size: expected a positive integer"),
+    (["--on-full", "drop"], "argument --on-full: invalid choice: 'drop'"),
+    (["--threads", "0"], "argument --threads: expected a positive integer"),
+    (["--host", ""], "argument --host: expected a host name"),
+])
+def test_cli_serve_argument_errors(saved, extra: list[str], message: str,
+                                   monkeypatch: pytest.MonkeyPatch,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr("eenet.serving.http.run_http", _fail_if_started)
+    model, policy, _, _ = saved
+    assert cli.main(["serve", model, policy, *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("eenet serve: error: ") and message in err, err
+
+
+def test_cli_serve_file_errors(saved, tmp_path: os.PathLike, monkeypatch: pytest.MonkeyPatch,
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr("eenet.serving.http.run_http", _fail_if_started)
+    model, policy, _, _ = saved
+    assert cli.main(["serve", model]) == 2
+    assert "required: POLICY" in capsys.readouterr().err
+    assert cli.main(["serve", os.path.join(tmp_path, "none.pt"), policy]) == 2
+    assert "none.pt does not exist" in capsys.readouterr().err
+    assert cli.main(["serve", model, model]) == 2
+    assert "not an eenet policy file" in capsys.readouterr().err
+    torch.manual_seed(1)
+    other = os.path.join(tmp_path, "other.pt")
+    save_model(models.small_cnn(in_channels=1, num_classes=10, image_size=8,
+                                widths=(8, 16, 16), head_width=4), other)
+    assert cli.main(["serve", other, policy]) == 2
+    assert "calibrated for another model" in capsys.readouterr().err
+    two = os.path.join(tmp_path, "two.pt")
+    save_model(models.small_cnn(in_channels=1, num_classes=10, image_size=8, widths=(8, 16),
+                                head_width=4), two)
+    assert cli.main(["serve", two, policy]) == 2
+    assert "exits" in capsys.readouterr().err
+
+
+def test_cli_serve_ray_without_the_extra(saved, monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from eenet.serving import ray_app
+
+    def missing() -> None:
+        raise MissingExtraError("serving with Ray needs the Python package 'ray'; it comes "
+                                "with the serve extra", name="ray")
+
+    monkeypatch.setattr(ray_app, "require_ray", missing)
+    monkeypatch.setattr(ray_app, "run_ray", _fail_if_started)
+    model, policy, _, _ = saved
+    assert cli.main(["serve", model, policy, "--ray"]) == 2
+    assert "serve extra" in capsys.readouterr().err
+
+
+def test_cli_serve_runs_until_interrupted(saved) -> None:
+    """``eenet serve`` in a process of its own: answers like the oracle, stops on SIGINT
+    with exit code 0."""
+    model, policy_path, net, policy = saved
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "eenet", "serve", model, policy_path,
+                             "--port", "0", "--threads", "1", "--max-wait-ms", "1"],
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.append(proc.stderr.readline()),
+                                  daemon=True)
+        reader.start()
+        reader.join(60)
+        assert lines and "listening on http://127.0.0.1:" in lines[0], lines
+        url = lines[0].split("listening on ")[1].split()[0]
+        x = torch.randn(6, *SAMPLE)
+        status, doc = _json(url + "/v1/predict", {"inputs": x.tolist()})
+        assert status == 200, doc
+        _check_outputs(doc["outputs"], simulate(net, policy, x), range(6))
+        status, stats = _json(url + "/v1/stats")
+        assert stats["answered"] == 6 and stats["cost_unit"] == "flops"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
