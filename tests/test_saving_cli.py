@@ -388,15 +388,15 @@ def test_cli_usage_errors(model_file: str, tmp_path: os.PathLike,
     assert "not an eenet policy file" in _error(capsys, "report")
     assert cli.main(["demo", "--epochs", "0"]) == 2
     assert "argument --epochs" in _error(capsys, "demo")
-    assert cli.main(["serve"]) == 2
+    assert cli.main(["train"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("eenet: error: argument COMMAND: invalid choice: 'serve'"), err
+    assert err.startswith("eenet: error: argument COMMAND: invalid choice: 'train'"), err
 
 
 def test_cli_help_documents_every_option(capsys: pytest.CaptureFixture[str]) -> None:
     parser = cli.build_parser()
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(subparsers.choices) == {"demo", "calibrate", "report", "robust"}
+    assert set(subparsers.choices) == {"demo", "calibrate", "report", "robust", "text", "serve"}
     for name, sub in subparsers.choices.items():
         for action in sub._actions:
             assert action.help, f"eenet {name} {action.option_strings} has no help"
