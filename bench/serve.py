@@ -7,8 +7,11 @@
   the per-batch compact loop of the runtime engine, fed with the batches that form in the
   admission queue;
 - ``rebatch``: the early-exit policy, survivors of different batches merged at each stage
-  where the profiled stage time says a bigger batch pays (``rebatch="auto"``);
-- ``rebatch_always``: merged at every stage.
+  where the profiled stage time says a bigger batch pays (``rebatch="auto"``), a stage's
+  oldest row waiting at most ``--max-wait-ms`` for more;
+- ``rebatch_wait``: the same with a longer wait (``--long-wait-ms``): on a CPU a stage run
+  at batch 64 takes milliseconds, so rows reach a short wait before a second run can join
+  them.
 
 The policy is the suite's forced-rate MaxProb (:class:`bench.e2e.ForcedRate`, 50% of the rows
 still present leave at each exit). Offered loads are fractions of the full model's capacity,
@@ -41,7 +44,7 @@ from eenet.serving import ServingConfig, ServingEngine
 from .e2e import WORKLOADS, ForcedRate, pool_pass
 from .runner import Column, Section, environment, load_note, set_cpu_threads, write_results
 
-CONFIGS: tuple[str, ...] = ("full", "compact", "rebatch", "rebatch_always")
+CONFIGS: tuple[str, ...] = ("full", "compact", "rebatch", "rebatch_wait")
 LOADS: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0, 1.5)
 EXIT_RATE = 0.5
 
@@ -115,8 +118,8 @@ def poisson_stream(engine: ServingEngine, pool: torch.Tensor, rate: float, reque
 
 
 def measure(workload: str, device: torch.device, loads: Sequence[float], requests: int,
-            seconds: float, max_batch: int, max_wait_ms: float, quick: bool
-            ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+            seconds: float, max_batch: int, max_wait_ms: float, quick: bool,
+            long_wait_ms: float = 10.0) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     w = WORKLOADS[workload](device, device.type == "cuda", quick)
     net = w.net
     pool = torch.cat([x for x, _ in w.streams[max(w.streams)]])[:max(64, max_batch)]
@@ -127,10 +130,12 @@ def measure(workload: str, device: torch.device, loads: Sequence[float], request
     info = {"workload": w.description, "pool": pool.shape[0],
             "exit_fractions": "/".join(f"{float((oracle['early'] == k).float().mean()):.0%}"
                                        for k in range(len(net.heads)))}
-    settings = {"full": ("none", "never"), "compact": ("early", "never"),
-                "rebatch": ("early", "auto"), "rebatch_always": ("early", "always")}
-    engines = {c: _engine(net, policies[p], r, max_batch, max_wait_ms)
-               for c, (p, r) in settings.items()}
+    settings = {"full": ("none", "never", max_wait_ms),
+                "compact": ("early", "never", max_wait_ms),
+                "rebatch": ("early", "auto", max_wait_ms),
+                "rebatch_wait": ("early", "auto", long_wait_ms)}
+    engines = {c: _engine(net, policies[p], r, max_batch, wait)
+               for c, (p, r, wait) in settings.items()}
     rows: list[dict[str, Any]] = []
     try:
         for e in engines.values():
@@ -205,6 +210,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="at most this many seconds of arrivals per stream")
     ap.add_argument("--max-batch", type=int, default=64)
     ap.add_argument("--max-wait-ms", type=float, default=2.0)
+    ap.add_argument("--long-wait-ms", type=float, default=10.0,
+                    help="the rebatch_wait configuration's wait")
     ap.add_argument("--quick", action="store_true", help="two loads, short streams")
     ap.add_argument("--name", default=None, help="results name (default serve)")
     args = ap.parse_args(argv)
@@ -214,13 +221,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     requests, seconds = (200, 0.5) if args.quick else (args.requests, args.seconds)
     stamp = environment(device)
     rows, info = measure(args.workload, device, loads, requests, seconds, args.max_batch,
-                         args.max_wait_ms, args.quick)
+                         args.max_wait_ms, args.quick, args.long_wait_ms)
     notes = [load_note(), f"workload: {info['workload']}; {info['pool']} distinct samples; "
              f"exit mix of the early-exit policy {info['exit_fractions']}",
              "closed-loop capacity (samples/s): " + ", ".join(
                  f"{c} {v:.0f}" for c, v in info["capacity"].items()),
              "re-batching plan (auto): " + "; ".join(info["plans"]),
-             f"max_batch {args.max_batch}, max_wait_ms {args.max_wait_ms}, "
+             f"max_batch {args.max_batch}, max_wait_ms {args.max_wait_ms} (rebatch_wait: "
+             f"{args.long_wait_ms}), "
              f"{args.threads} torch thread(s); streams of at most {requests} requests / "
              f"{seconds:g} s of arrivals"]
     columns = [Column("load", "load (x full capacity)", "{:.2f}"),
