@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +38,7 @@ import eenet_kernels as ek
 
 from ..nn.heads import head_row_inputs
 from .compiled import COMPILE_BACKENDS, CompactLoop, CompiledLoop
+from .graphs import DEFAULT_BUCKETS, CudaGraphs, GraphLoop, check_buckets
 from .guard import BudgetGuard, GuardLedger
 from .loop import RowState, run_stages
 from .telemetry import Recorder, Telemetry
@@ -49,7 +50,7 @@ if TYPE_CHECKING:  # annotations only: eenet.budget imports eenet.runtime (timin
 
 MODES: tuple[str, ...] = ("full", "mask", "compact")
 """The eager modes (every one takes a budget guard)."""
-ALL_MODES: tuple[str, ...] = (*MODES, "compiled")
+ALL_MODES: tuple[str, ...] = (*MODES, "compiled", "graph")
 """Every mode of :class:`Engine`: the eager ones and ``compiled``."""
 CACHE_BYTES = 256 << 20
 """Default byte cap of the compact mode's buffer cache (256 MiB)."""
@@ -426,6 +427,14 @@ class Engine:
     say what was compiled and how long it took. The lock, the input checks and the
     telemetry run outside the graph; the buffer cache is not used (the graph allocates).
 
+    Graph mode: ``mode="graph"`` (CUDA tensors only) captures CUDA graphs per (stage,
+    batch-size bucket) on static buffers (:mod:`eenet.runtime.graphs`; buckets
+    ``graph_buckets``, default :data:`~eenet.runtime.graphs.DEFAULT_BUCKETS`; larger batches
+    are served in chunks of the largest); each stage replays the smallest bucket holding the
+    survivors, chosen after one device-to-host read of the survivor count per stage.
+    :attr:`graph_captures` and :attr:`graph_bytes` report what was captured and held. No
+    budget guard (``ValueError``).
+
     Threads: an engine keeps per-call state (its buffers) and runs one batch at a time; a
     call while another is running (from another thread) raises ``RuntimeError``. Give each
     worker thread (or CUDA stream) its own engine; engines can share the same ``net``.
@@ -435,7 +444,8 @@ class Engine:
                  backend: str | None = None, cache_shapes: int = 8,
                  cache_bytes: int = CACHE_BYTES, guard: BudgetGuard | None = None,
                  costs: Costs | None = None, telemetry: bool = True,
-                 compile_backend: str = "inductor") -> None:
+                 compile_backend: str = "inductor",
+                 graph_buckets: Sequence[int] = DEFAULT_BUCKETS) -> None:
         from ..budget import Costs
 
         if mode not in ALL_MODES:
@@ -443,10 +453,11 @@ class Engine:
         if compile_backend not in COMPILE_BACKENDS:
             raise ValueError(f"compile_backend must be one of {COMPILE_BACKENDS}, got "
                              f"{compile_backend!r}")
-        if mode == "compiled" and guard is not None:
-            raise ValueError("mode='compiled' does not support a budget guard: the guard "
-                             "decides on the host after every exit, which one compiled graph "
+        if mode in ("compiled", "graph") and guard is not None:
+            raise ValueError(f"mode={mode!r} does not support a budget guard: the guard "
+                             "decides on the host after every exit, which a captured graph "
                              "cannot do; use mode='compact' with the guard")
+        self.graph_buckets = check_buckets(graph_buckets)
         if isinstance(cache_shapes, bool) or not isinstance(cache_shapes, int) or (
                 cache_shapes < 1):
             raise ValueError(f"cache_shapes must be a positive int, got {cache_shapes!r}")
@@ -474,6 +485,7 @@ class Engine:
         self.guard = guard
         self.compile_backend = compile_backend
         self._compiled: dict[torch.device, CompiledLoop] = {}
+        self._graphs: dict[torch.device, GraphLoop] = {}
         self._rules = policy.rules()
         self._cache = _BufferCache(cache_shapes, cache_bytes)
         self._stage_kwargs_by_device: dict[torch.device, list[dict[str, Any]]] = {}
@@ -495,6 +507,16 @@ class Engine:
     def compiled_graphs(self) -> int:
         """Graphs compiled so far by compiled mode (0 in the other modes)."""
         return sum(loop.graphs for loop in self._compiled.values())
+
+    @property
+    def graph_captures(self) -> int:
+        """Graph mode: (stage, bucket) graphs captured so far (0 in the other modes)."""
+        return sum(loop.captures for loop in self._graphs.values())
+
+    @property
+    def graph_bytes(self) -> int:
+        """Graph mode: bytes of the static buffers plus what the captures reserved."""
+        return sum(loop.nbytes for loop in self._graphs.values())
 
     @property
     def compile_seconds(self) -> list[float]:
@@ -535,6 +557,8 @@ class Engine:
                     out = self._run_mask(x, row_inputs)
                 elif self.mode == "compiled":
                     out = self._run_compiled(x, row_inputs)
+                elif self.mode == "graph":
+                    out = self._run_graph(x, row_inputs)
                 else:
                     out = self._run_compact(x, row_inputs)
                 rows = x.shape[0]
@@ -613,6 +637,22 @@ class Engine:
             loop = CompiledLoop(self.compact_loop(device, "mode='compiled' runs"),
                                 self.compile_backend)
             self._compiled[device] = loop
+        logits, exit_index, score = loop(x, row_inputs)
+        return EngineOutput(logits, exit_index, score)
+
+    def _run_graph(self, x: torch.Tensor, row_inputs: dict[str, torch.Tensor]
+                   ) -> EngineOutput:
+        device = x.device
+        if device.type != "cuda":
+            raise ValueError(f"mode='graph' captures CUDA graphs and needs CUDA tensors, got x "
+                             f"on {device}; use mode='compact' or 'compiled' there")
+        if x.shape[0] == 0:
+            return self._empty_output(x)
+        loop = self._graphs.get(device)
+        if loop is None:
+            loop = GraphLoop(self.net, self.exit_op_kwargs(device), self.policy.needs_scores,
+                             self.policy.needs_preds, CudaGraphs(device), self.graph_buckets)
+            self._graphs[device] = loop
         logits, exit_index, score = loop(x, row_inputs)
         return EngineOutput(logits, exit_index, score)
 

@@ -1,0 +1,333 @@
+"""The engine's ``graph`` mode: the compact loop as CUDA graphs captured per (stage,
+batch-size bucket), replayed on static buffers.
+
+Per stage k and bucket b a graph holds what compact mode runs eagerly for b rows: stage k on
+the first b rows of the stage's static input buffers, exit head k's features, the fused
+``exit_score_write`` (the leaving rows' results written at their input positions) and, except
+after the last exit, ``compact_out`` of the staying rows' activation and state into the next
+stage's static buffers, with the survivor count copied into a static device scalar. Between
+stages the host reads that count (the one device-to-host read per stage) and replays the
+next stage's graph of the smallest bucket that holds the survivors.
+
+Rows of a bucket beyond the rows present are padding: stale rows of the static buffers
+(zeros at first) whose row indices point into *trash rows*, one per bucket position, past
+the largest batch in the result buffers, so that their results land there and nowhere else
+(one trash row per position keeps every index of a call distinct, as the op requires).
+Every graph sets the indices of the next stage's bucket rows to their trash rows before it
+compacts the survivors over the first of them, so no stale index of an earlier batch
+survives.
+
+Graphs are captured on first use of a (stage, bucket) for an input signature (the trailing
+shapes and dtypes of x and of every row input); :attr:`GraphLoop.captures` counts them and
+:attr:`GraphLoop.nbytes` reports the static buffers' memory plus, on CUDA, what the
+captures reserved in their memory pool. A stage that cannot be captured (it synchronises
+with the host or allocates in a way CUDA graphs forbid) raises ``RuntimeError`` naming the
+stage and bucket.
+
+How a graph is captured and replayed is a :class:`GraphBackend`'s business:
+:class:`CudaGraphs` captures ``torch.cuda.CUDAGraph`` objects sharing one memory pool;
+:class:`EagerGraphs` records the stage function and calls it again on replay, so that the
+host-side logic (bucket choice, static-buffer reuse, the trash slot, capture bookkeeping) is
+tested on CPU against compact mode.
+
+Not supported: the budget guard (the engine refuses it in this mode) and batches larger
+than the largest bucket, which are served in chunks of it. Choosing the bucket on the device
+(CUDA graph conditional nodes), which would remove the per-stage read, is not implemented.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+import eenet_kernels as ek
+
+from ..nn.heads import head_row_inputs
+
+__all__ = ["DEFAULT_BUCKETS", "CudaGraphs", "EagerGraphs", "GraphBackend", "GraphLoop",
+           "choose_bucket"]
+
+DEFAULT_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def check_buckets(buckets: Sequence[int]) -> tuple[int, ...]:
+    """Strictly increasing positive ints, at least one: the graph mode's batch buckets."""
+    out = tuple(buckets)
+    if not out or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in out):
+        raise ValueError(f"graph buckets must be positive ints, got {buckets!r}")
+    if any(b <= a for a, b in itertools.pairwise(out)):
+        raise ValueError(f"graph buckets must be strictly increasing, got {buckets!r}")
+    return out
+
+
+def choose_bucket(n: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket that holds ``n`` rows (1 <= n <= the largest bucket)."""
+    for b in buckets:
+        if b >= n:
+            return b
+    raise ValueError(f"{n} rows exceed the largest graph bucket {buckets[-1]}")
+
+
+class Replayable(Protocol):
+    def replay(self) -> None: ...
+
+
+class GraphBackend(Protocol):
+    """Captures a function into something that replays it on the same buffers."""
+
+    def capture(self, fn: Callable[[], None]) -> Replayable: ...
+
+    def reserved_bytes(self) -> int: ...
+
+
+class _Recorded:
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self.fn = fn
+
+    def replay(self) -> None:
+        self.fn()
+
+
+class EagerGraphs:
+    """A stand-in for CUDA graphs on any device: ``capture(fn)`` runs ``fn`` once and
+    returns an object whose ``replay()`` runs it again, on the same static buffers."""
+
+    def capture(self, fn: Callable[[], None]) -> Replayable:
+        fn()
+        return _Recorded(fn)
+
+    def reserved_bytes(self) -> int:
+        return 0
+
+
+class CudaGraphs:
+    """``torch.cuda.CUDAGraph`` capture on ``device``: two warm-up calls on a side stream
+    (lazy initialisations and autotuning happen outside the capture), then the capture into
+    a memory pool that every graph of this backend shares (they replay one after another on
+    one stream, and their temporaries are dead between replays)."""
+
+    def __init__(self, device: torch.device) -> None:
+        if device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device, got {device}")
+        self.device = device
+        self.pool = torch.cuda.graph_pool_handle()
+        self.stream = torch.cuda.Stream(device)
+        self._reserved = 0
+
+    def capture(self, fn: Callable[[], None]) -> Replayable:
+        current = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(current)
+        with torch.cuda.stream(self.stream):
+            for _ in range(2):
+                fn()
+        current.wait_stream(self.stream)
+        before = torch.cuda.memory_reserved(self.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            fn()
+        self._reserved += max(0, torch.cuda.memory_reserved(self.device) - before)
+        return graph
+
+    def reserved_bytes(self) -> int:
+        return self._reserved
+
+
+@dataclass
+class _StageBuffers:
+    """Static per-row state of the rows entering one stage, ``rows`` = the largest bucket:
+    activation (rows, ...), row index (rows,) int64, row inputs (rows, ...), the history of
+    earlier exits' scores (K, rows) float32 and predictions (K, rows) int64 (or None)."""
+
+    x: torch.Tensor
+    index: torch.Tensor
+    inputs: dict[str, torch.Tensor]
+    scores: torch.Tensor | None
+    preds: torch.Tensor | None
+
+    def nbytes(self) -> int:
+        ts = [self.x, self.index, *self.inputs.values()]
+        ts += [t for t in (self.scores, self.preds) if t is not None]
+        return sum(t.numel() * t.element_size() for t in ts)
+
+
+class GraphLoop:
+    """The compact loop of ``net`` under fixed exit rules as replayed graphs (module
+    docstring). ``stage_kwargs``: per exit, the keyword arguments of
+    ``ek.exit_score_write`` that do not change from batch to batch
+    (:meth:`eenet.runtime.Engine.exit_op_kwargs`). ``loop(x, row_inputs)`` returns
+    ``(logits (N, C) float32, exit_index (N,) int64, score (N,) float32)`` in input order,
+    fresh tensors each call."""
+
+    def __init__(self, net: torch.nn.Module, stage_kwargs: Sequence[dict[str, Any]],
+                 needs_scores: bool, needs_preds: bool, backend: GraphBackend,
+                 buckets: Sequence[int] = DEFAULT_BUCKETS) -> None:
+        self.stages = list(net.stages)
+        self.heads = list(net.heads)
+        self.stage_kwargs = [dict(kw) for kw in stage_kwargs]
+        self.needs_scores = needs_scores
+        self.needs_preds = needs_preds
+        self.backend = backend
+        self.buckets = check_buckets(buckets)
+        self.num_classes = self.heads[-1].classifier.out_features
+        self.captures = 0
+        # per input signature: static buffers per stage, result buffers, counts, graphs
+        self._plans: dict[tuple, _Plan] = {}
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the static buffers of every input signature seen, plus what the captures
+        reserved in the backend's memory pool."""
+        return sum(p.nbytes() for p in self._plans.values()) + self.backend.reserved_bytes()
+
+    def __call__(self, x: torch.Tensor, row_inputs: dict[str, torch.Tensor]
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        n_all = x.shape[0]
+        step = self.buckets[-1]
+        parts = [self._run_chunk(x[i:i + step], {k: v[i:i + step] for k, v in
+                                                 row_inputs.items()})
+                 for i in range(0, n_all, step)]
+        if len(parts) == 1:
+            return parts[0]
+        return tuple(torch.cat(p) for p in zip(*parts, strict=True))  # type: ignore[return-value]
+
+    # -- one chunk of at most the largest bucket -------------------------------------------
+
+    def _run_chunk(self, x: torch.Tensor, row_inputs: dict[str, torch.Tensor]
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        n = x.shape[0]
+        plan = self._plan(x, row_inputs)
+        first = plan.stage[0]
+        b = choose_bucket(n, self.buckets)
+        first.x[:n].copy_(x)
+        for name, t in row_inputs.items():
+            first.inputs[name][:n].copy_(t)
+        first.index[:n].copy_(plan.arange[:n])
+        first.index[n:b].copy_(plan.trash[n:b])
+        plan.out_exit[:n].fill_(-1)
+        last = len(self.stages) - 1
+        for k in range(len(self.stages)):
+            self._graph(plan, k, b).replay()
+            if k == last:
+                break
+            survivors = int(plan.counts[k])  # the stage's one device-to-host read
+            if survivors == 0:
+                break
+            b = choose_bucket(survivors, self.buckets)
+        return plan.out_logits[:n].clone(), plan.out_exit[:n].clone(), plan.out_score[:n].clone()
+
+    def _graph(self, plan: _Plan, k: int, b: int) -> Replayable:
+        graph = plan.graphs.get((k, b))
+        if graph is None:
+            try:
+                graph = self.backend.capture(lambda: self._stage_step(plan, k, b))
+            except Exception as exc:
+                raise RuntimeError(
+                    f"graph mode: stage {k} (bucket of {b} rows) could not be captured: "
+                    f"{type(exc).__name__}: {exc}. A stage captured in a CUDA graph must "
+                    "not synchronise with the host (.item(), .tolist(), nonzero, printing a "
+                    "tensor) nor depend on values read back; use mode='compact' for it"
+                ) from exc
+            plan.graphs[(k, b)] = graph
+            self.captures += 1
+        return graph
+
+    def _stage_step(self, plan: _Plan, k: int, b: int) -> None:
+        """Stage k on the first b rows of its static buffers: what a graph records."""
+        src = plan.stage[k]
+        inputs = {name: t[:b] for name, t in src.inputs.items()}
+        h = self.stages[k](src.x[:b], **inputs)
+        head = self.heads[k]
+        f = head.features(h, **head_row_inputs(head, inputs))
+        res = ek.exit_score_write(
+            f, head.classifier.weight, head.classifier.bias, row_index=src.index[:b],
+            exit_index=k, out_logits=plan.out_logits, out_score=plan.out_score,
+            out_exit=plan.out_exit,
+            prev_scores=None if src.scores is None else src.scores[:k, :b].t(),
+            prev_preds=None if src.preds is None else src.preds[:k, :b].t(),
+            **self.stage_kwargs[k])
+        if k == len(self.stages) - 1:
+            return
+        dst = plan.stage[k + 1]
+        dst.index[:b].copy_(plan.trash[:b])  # rows past the survivors are padding
+        names = list(inputs)
+        sources = [h, src.index[:b], *(inputs[name] for name in names)]
+        targets = [dst.x[:b], dst.index[:b], *(dst.inputs[name][:b] for name in names)]
+        if src.scores is not None and dst.scores is not None:
+            sources += [*src.scores[:k, :b], res.score]
+            targets += [*dst.scores[:k + 1, :b]]
+        if src.preds is not None and dst.preds is not None:
+            sources += [*src.preds[:k, :b], res.pred]
+            targets += [*dst.preds[:k + 1, :b]]
+        real = src.index[:b] < plan.trash[0]  # padding rows never go on, whatever they score
+        count = ek.compact(res.keep & real, sources, out=targets,
+                           backend=self.stage_kwargs[k]["backend"])[1]
+        plan.counts[k].copy_(count)
+
+    # -- static buffers per input signature ------------------------------------------------
+
+    def _plan(self, x: torch.Tensor, row_inputs: dict[str, torch.Tensor]) -> _Plan:
+        key = (tuple(x.shape[1:]), x.dtype, x.device,
+               tuple((name, tuple(t.shape[1:]), t.dtype) for name, t in row_inputs.items()))
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = self._allocate(x, row_inputs)
+        return plan
+
+    def _allocate(self, x: torch.Tensor, row_inputs: dict[str, torch.Tensor]) -> _Plan:
+        rows, device = self.buckets[-1], x.device
+        k_exits = len(self.stages)
+        # each stage's input shape, from one row run through the stages (a probe, untimed)
+        shapes, dtypes = [], []
+        h = x[:1]
+        probe_inputs = {name: t[:1] for name, t in row_inputs.items()}
+        for k, stage in enumerate(self.stages):
+            shapes.append(tuple(h.shape[1:]))
+            dtypes.append(h.dtype)
+            if k < k_exits - 1:
+                h = stage(h, **probe_inputs)
+
+        def history(dtype: torch.dtype, needed: bool) -> torch.Tensor | None:
+            return torch.zeros((k_exits, rows), dtype=dtype, device=device) if needed else None
+
+        stage = [_StageBuffers(
+            torch.zeros((rows, *shape), dtype=dtype, device=device),
+            torch.arange(rows, 2 * rows, device=device),
+            {name: torch.zeros((rows, *t.shape[1:]), dtype=t.dtype, device=device)
+             for name, t in row_inputs.items()},
+            history(torch.float32, self.needs_scores), history(torch.int64, self.needs_preds))
+            for shape, dtype in zip(shapes, dtypes, strict=True)]
+        return _Plan(
+            stage=stage, arange=torch.arange(rows, device=device),
+            trash=torch.arange(rows, 2 * rows, device=device),
+            out_logits=torch.zeros((2 * rows, self.num_classes), dtype=torch.float32,
+                                   device=device),
+            out_score=torch.zeros((2 * rows,), dtype=torch.float32, device=device),
+            out_exit=torch.full((2 * rows,), -1, dtype=torch.int64, device=device),
+            counts=torch.zeros((k_exits,), dtype=torch.int64, device=device))
+
+
+@dataclass
+class _Plan:
+    """Everything one input signature's graphs read and write: per stage its static input
+    buffers, the result buffers (rows ``rows .. 2 rows - 1`` are the trash rows, ``trash``
+    their indices), the survivor count of every exit, and the graphs captured so far by
+    (stage, bucket)."""
+
+    stage: list[_StageBuffers]
+    arange: torch.Tensor
+    trash: torch.Tensor
+    out_logits: torch.Tensor
+    out_score: torch.Tensor
+    out_exit: torch.Tensor
+    counts: torch.Tensor
+    graphs: dict[tuple[int, int], Replayable] = field(default_factory=dict)
+
+    def nbytes(self) -> int:
+        ts = [self.out_logits, self.out_score, self.out_exit, self.counts, self.arange,
+              self.trash]
+        return sum(s.nbytes() for s in self.stage) + sum(
+            t.numel() * t.element_size() for t in ts)

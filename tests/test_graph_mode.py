@@ -1,0 +1,197 @@
+"""Engine graph mode: the compact loop as graphs per (stage, batch-size bucket) on static
+buffers. On CPU the graphs are stood in for by :class:`EagerGraphs` (each capture records the
+stage function, each replay calls it again on the same buffers), which tests everything but
+the CUDA capture itself: bucket choice, the trash rows of padding, static-buffer reuse across
+batches and exit patterns, chunking, capture bookkeeping. The CUDA tests run the engine's
+``mode="graph"`` itself."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import pytest
+import torch
+from test_compiled_mode import _assert_matches_compact, _median_policy, _mlp_net, _switch_batch
+from test_compiled_mode import _switch_net as switch_net
+
+from eenet.budget import Costs
+from eenet.policies import EENet, MaxProb, Patience
+from eenet.runtime import BudgetGuard, Engine, EngineOutput
+from eenet.runtime.graphs import EagerGraphs, GraphLoop, check_buckets, choose_bucket
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+BUCKETS = (1, 2, 4, 8, 16)
+
+
+class CountingGraphs(EagerGraphs):
+    """EagerGraphs that count captures and replays, and can refuse one stage's capture."""
+
+    def __init__(self, refuse: Callable[[], bool] = lambda: False) -> None:
+        self.captured = 0
+        self.replayed = 0
+        self.refuse = refuse
+
+    def capture(self, fn: Callable[[], None]):
+        if self.refuse():
+            raise RuntimeError("operation not permitted when stream is capturing")
+        self.captured += 1
+        graph = super().capture(fn)
+        outer = self
+
+        class Counted:
+            def replay(self) -> None:
+                outer.replayed += 1
+                graph.replay()
+
+        return Counted()
+
+
+def _loop(engine: Engine, backend: EagerGraphs | None = None,
+          buckets: tuple[int, ...] = BUCKETS) -> GraphLoop:
+    policy = engine.policy
+    return GraphLoop(engine.net, engine.exit_op_kwargs(torch.device("cpu")),
+                     policy.needs_scores, policy.needs_preds, backend or EagerGraphs(), buckets)
+
+
+def _run(loop: GraphLoop, x: torch.Tensor, **row_inputs: torch.Tensor) -> EngineOutput:
+    with torch.no_grad():
+        return EngineOutput(*loop(x, row_inputs))
+
+
+def test_bucket_choice_and_checks() -> None:
+    assert [choose_bucket(n, BUCKETS) for n in (1, 2, 3, 5, 8, 9, 16)] == [1, 2, 4, 8, 8, 16, 16]
+    with pytest.raises(ValueError, match="exceed the largest"):
+        choose_bucket(17, BUCKETS)
+    assert check_buckets([3, 5]) == (3, 5)
+    for bad in ([], [0, 2], [4, 4], [8, 2], [1.5], [True]):
+        with pytest.raises(ValueError, match="graph buckets"):
+            check_buckets(bad)
+
+
+@pytest.mark.parametrize("kind", [MaxProb, Patience, EENet])
+@pytest.mark.parametrize("n", [1, 3, 8, 9, 16, 40])
+def test_matches_compact_at_every_size(kind: type, n: int) -> None:
+    """Sizes inside, at and above the buckets (40 runs in chunks of 16); the policy's history
+    (EENet with the vote feature reads earlier scores and predictions) travels with the
+    rows through the static buffers."""
+    net = _mlp_net(seed=n)
+    x = torch.randn(n, 10, generator=torch.Generator().manual_seed(n))
+    policy = _median_policy(kind, net, torch.randn(64, 10))
+    compact = Engine(net, policy, mode="compact")
+    loop = _loop(compact)
+    with torch.no_grad():
+        want = compact(x)
+    _assert_matches_compact(_run(loop, x), want, policy, net, x)
+
+
+def test_static_buffers_carry_nothing_between_calls() -> None:
+    """Batches with different exit patterns and sizes, one after another on the same
+    buffers: stale rows of a bigger earlier batch never leak into a later one."""
+    net = switch_net()
+    engine = Engine(net, MaxProb([0.9] * 3), mode="compact")
+    loop = _loop(engine)
+    patterns = [[2] * 16, [0, 1, 2], [1] * 9, [2, 2], [0] * 5, [2, 0, 1, 2, 2, 1, 0, 2, 2]]
+    for pattern in patterns:
+        x = _switch_batch(pattern)
+        out = _run(loop, x)
+        assert out.exit_index.tolist() == pattern
+        with torch.no_grad():
+            want = engine(x)
+        torch.testing.assert_close(out.logits, want.logits, rtol=0, atol=0)
+
+
+def test_captures_once_per_stage_and_bucket() -> None:
+    net = switch_net()
+    backend = CountingGraphs()
+    loop = _loop(Engine(net, MaxProb([0.9] * 3)), backend)
+    _run(loop, _switch_batch([2] * 5))             # stages 0, 1, 2 at bucket 8
+    assert (backend.captured, loop.captures) == (3, 3)
+    _run(loop, _switch_batch([0, 2, 2, 1, 2]))     # 0 @ 8, then 3 rows: 1 @ 4, 1 row: 2 @ 1
+    assert loop.captures == 5
+    replays = backend.replayed
+    _run(loop, _switch_batch([0, 2, 2, 1, 2]))     # the same pattern: replays only
+    assert loop.captures == 5 and backend.replayed == replays + 3
+    _run(loop, _switch_batch([0] * 8))             # nobody goes on: stage 0 only
+    assert backend.replayed == replays + 4
+    held = loop.nbytes
+    assert held > 0
+    _run(loop, torch.zeros(4, 10))                 # the same input signature: no new buffers
+    assert loop.nbytes == held
+
+
+def test_a_stage_that_cannot_be_captured_is_named() -> None:
+    calls = {"n": 0}
+
+    def refuse() -> bool:  # the second capture (stage 1) fails
+        calls["n"] += 1
+        return calls["n"] == 2
+
+    loop = _loop(Engine(switch_net(), MaxProb([0.9] * 3)), CountingGraphs(refuse))
+    with pytest.raises(RuntimeError, match=r"stage 1 \(bucket of 4 rows\) could not be captured"):
+        _run(loop, _switch_batch([2, 2, 2]))
+
+
+def test_row_inputs_travel_with_the_rows() -> None:
+    net = _mlp_net(row_input=True)
+    x = torch.randn(13, 10)
+    scale = torch.rand(13, 1) + 0.5
+    policy = _median_policy(MaxProb, net, torch.randn(64, 10), scale=torch.rand(64, 1) + 0.5)
+    compact = Engine(net, policy, mode="compact")
+    with torch.no_grad():
+        want = compact(x, scale=scale)
+    _assert_matches_compact(_run(_loop(compact), x, scale=scale), want, policy, net, x,
+                            scale=scale)
+
+
+def test_padded_text_through_graphs() -> None:
+    transformers = pytest.importorskip("transformers")
+    from eenet.nn import hf_encoder_exits
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=3,
+                                     num_attention_heads=2, intermediate_size=32,
+                                     max_position_embeddings=16)
+    net = hf_encoder_exits(transformers.BertModel(config).eval(), (1, 2), 2, head="mean")
+    lengths = torch.tensor([12, 3, 7, 1, 12, 5, 9, 2, 11, 4, 6])
+    mask = (torch.arange(12)[None, :] < lengths[:, None]).long()
+    ids = torch.randint(3, 60, (11, 12)).masked_fill(mask == 0, 0)
+    policy = _median_policy(MaxProb, net, ids, attention_mask=mask)
+    compact = Engine(net, policy, mode="compact")
+    with torch.no_grad():
+        want = compact(ids, attention_mask=mask)
+    _assert_matches_compact(_run(_loop(compact), ids, attention_mask=mask), want, policy, net,
+                            ids, attention_mask=mask)
+
+
+def test_engine_graph_mode_refuses_cpu_and_the_guard() -> None:
+    net = _mlp_net()
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        Engine(net, MaxProb([0.5] * 3), mode="graph")(torch.randn(4, 10))
+    guard = BudgetGuard(Costs([1.0, 2.0, 3.0], "flops"), 0.5)
+    with pytest.raises(ValueError, match="does not support a budget guard"):
+        Engine(net, MaxProb([0.5] * 3), mode="graph", guard=guard)
+    with pytest.raises(ValueError, match="graph buckets"):
+        Engine(net, MaxProb([0.5] * 3), mode="graph", graph_buckets=(4, 2))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [1, 7, 64, 200])
+def test_cuda_graph_mode_matches_compact(n: int) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    net = _mlp_net().cuda()
+    x = torch.randn(n, 10, device="cuda")
+    policy = _median_policy(EENet, net, torch.randn(256, 10, device="cuda"))
+    compact = Engine(net, policy, mode="compact")
+    graph = Engine(net, policy, mode="graph", graph_buckets=(1, 8, 64))
+    with torch.no_grad():
+        want = compact(x)
+        for _ in range(3):  # capture, then replays on the same buffers
+            out = graph(x)
+    def cpu(o: EngineOutput) -> EngineOutput:
+        return EngineOutput(o.logits.cpu(), o.exit_index.cpu(), o.score.cpu(), o.forced.cpu())
+
+    _assert_matches_compact(cpu(out), cpu(want), policy, copy.deepcopy(net).cpu(), x.cpu())
+    assert graph.graph_captures >= 1 and graph.graph_bytes > 0
