@@ -562,8 +562,8 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def measure_workload(w: Workload, device: torch.device, rates: Sequence[float] = RATES
-                     ) -> list[dict[str, Any]]:
+def measure_workload(w: Workload, device: torch.device, rates: Sequence[float] = RATES,
+                     engine_modes: Sequence[str] = ()) -> list[dict[str, Any]]:
     """All modes at every batch size and exit rate of ``w``: one row per measurement.
 
     At batch size B, a timed run is one pass over a fixed stream (``w.streams[B]``: batches
@@ -594,6 +594,7 @@ def measure_workload(w: Workload, device: torch.device, rates: Sequence[float] =
              f"({time.perf_counter() - start:.0f} s)")
         for r in rates:
             modes = [m for m in peers.MODES if m != "batch1" or b <= w.batch1_max]
+            modes += list(engine_modes)
             runners = {m: peers.make_runner(m, net, policies[r], table=table) for m in modes}
             info = {m: _check(m, run, stream, exits[r], chosen, device)
                     for m, run in runners.items()}  # also the first warm-up run
@@ -653,7 +654,7 @@ def _check(mode: str, run: peers.Runner, stream: Sequence[Batch], exits: torch.T
 # Report.
 
 MODE_ORDER: tuple[str, ...] = ("full", "mask", "bool_index", "batchcond", "batch1", "compact",
-                               "ideal")
+                               "compiled", "graph", "ideal")
 MODE_COLORS: dict[str, str] = {m: f"C{i}" for i, m in enumerate(MODE_ORDER)}
 
 
@@ -719,6 +720,9 @@ def sections_for(rows: list[dict[str, Any]], workloads: list[Workload]) -> list[
         piv = _pivot(rows, w.name)
         if not piv:
             continue
+        measured = {r["mode"] for r in rows if r["workload"] == w.name}
+        shown = [m for m in MODE_ORDER if m in measured]
+        compared = [m for m in (*peers.PEERS, *peers.ENGINE_MODES) if m in measured]
         runs = ", ".join(f"{b}: {w.repeats[b]}" for b in w.batches)
         streams = ", ".join(f"{w.stream_size(b)} ({b})" for b in w.batches)
         secs.append(Section(
@@ -732,21 +736,21 @@ def sections_for(rows: list[dict[str, Any]], workloads: list[Workload]) -> list[
             piv,
             [Column("batch", "batch"), Column("rate", "exit rate", "{:.0%}"),
              Column("exit_fractions", "exits"),
-             *[Column(f"{m}:throughput", m, "{:.1f}") for m in MODE_ORDER]]))
+             *[Column(f"{m}:throughput", m, "{:.1f}") for m in shown]]))
         secs.append(Section(
             f"{w.name}: ours/X = t(X) / t(ours) (> 1: ours faster)",
             "",
             piv,
             [Column("batch", "batch"), Column("rate", "exit rate", "{:.0%}"),
              Column("ideal:ours_over_this", "ours/ideal", _x),
-             *[Column(f"{m}:ours_over_this", f"ours/{m}", _x) for m in peers.PEERS]]))
+             *[Column(f"{m}:ours_over_this", f"ours/{m}", _x) for m in compared]]))
         secs.append(Section(
             f"{w.name}: batch latency p50 / p99 (ms) · host syncs per batch",
             "Percentiles over every batch of every timed run (for the ideal: the sum of the "
             "batch's stage segments); syncs counted on the stream's first batch.",
             piv,
             [Column("batch", "batch"), Column("rate", "exit rate", "{:.0%}"),
-             *[_LatColumn(m) for m in MODE_ORDER]]))
+             *[_LatColumn(m) for m in shown]]))
     return secs
 
 
@@ -819,6 +823,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help=f"the SST-2 folder for minilm-sst2 (default ${text_data.SST2_ENV}, "
                          f"else {text_data.DEFAULT_SST2_DIR})")
     ap.add_argument("--quick", action="store_true", help="2 timed runs each (smoke test)")
+    ap.add_argument("--engine-modes", default=None,
+                    help=f"comma-separated engine modes timed beside compact, of "
+                         f"{list(peers.ENGINE_MODES)} (default: graph on cuda, none on cpu; "
+                         "compiled compiles a graph per batch size first)")
     ap.add_argument("--name", default=None, help="results name (default e2e, e2e_quick)")
     args = ap.parse_args(argv)
     if cuda_missing("bench.e2e", args.device):
@@ -838,6 +846,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     stamp = environment(device)
     start = time.perf_counter()
     gpu = device.type == "cuda"
+    engine_modes = (["graph"] if gpu else []) if args.engine_modes is None else [
+        m.strip() for m in args.engine_modes.split(",") if m.strip()]
+    bad = [m for m in engine_modes if m not in peers.ENGINE_MODES or (m == "graph" and not gpu)]
+    if bad:
+        ap.error(f"engine modes {bad} cannot run here; choose from {list(peers.ENGINE_MODES)} "
+                 "(graph needs --device cuda)")
     workloads, rows = [], []
     for n in names:
         started = time.perf_counter()
@@ -848,7 +862,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _log(f"note: {skipped[-1]}")
             continue
         workloads.append(w)
-        rows += measure_workload(w, device)
+        rows += measure_workload(w, device, engine_modes=engine_modes)
         _log(f"[{n}] done in {time.perf_counter() - started:.0f} s")
     if not workloads:
         _log("bench.e2e: no workload could be run; nothing written")

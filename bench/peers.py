@@ -53,6 +53,9 @@ from eenet_kernels import reference
 MODES: tuple[str, ...] = ("full", "mask", "bool_index", "batchcond", "batch1", "compact")
 PEERS: tuple[str, ...] = ("full", "mask", "bool_index", "batchcond", "batch1")
 OURS = "compact"
+# the engine's other execution modes, measured beside compact when asked for: the compact
+# loop as one torch.compile graph, and as CUDA graphs per (stage, bucket) (CUDA only)
+ENGINE_MODES: tuple[str, ...] = ("compiled", "graph")
 
 Runner = Callable[..., EngineOutput]  # runner(x, **row_inputs)
 RowInputs = Mapping[str, torch.Tensor]
@@ -359,9 +362,12 @@ class _BatchCondStep:
 
 def make_runner(mode: str, net: torch.nn.Module, policy: ExitPolicy, *,
                 table: CostTable | None = None, backend: str | None = None) -> Runner:
-    """The runner of ``mode`` (:data:`MODES`); ``batchcond`` needs its cost ``table``."""
+    """The runner of ``mode`` (:data:`MODES`, or one of the engine's own :data:`ENGINE_MODES`);
+    ``batchcond`` needs its cost ``table``."""
     if mode in ("full", "mask", "compact"):
         return Engine(net, policy, mode=mode, backend=backend)
+    if mode in ENGINE_MODES:
+        return Engine(net, policy, mode=mode)
     if mode == "bool_index":
         return BoolIndex(net, policy)
     if mode == "batch1":
