@@ -117,3 +117,24 @@ def test_bad_network_policy_and_example() -> None:
         export_engine(net, MaxProb([0.9] * 3), _switch_batch([0]))
     with pytest.raises(ValueError, match="row input 'scale' must have one row per input row"):
         export_engine(net, MaxProb([0.9] * 3), _switch_batch([0, 1]), scale=torch.ones(3, 1))
+
+
+def test_aoti_package_runs_the_loop(tmp_path: Path) -> None:
+    """The loop compiled ahead of time (AOTInductor) into a .pt2 package, loaded back: the
+    exits of every pattern of a switch network, and logits equal to compact mode's."""
+    from eenet.runtime import package_engine
+
+    net = _switch_net()
+    policy = MaxProb([0.9] * 3)
+    path = package_engine(net, policy, str(tmp_path / "loop.pt2"),
+                          _switch_batch([0, 1, 2, 2]))
+    runner = torch._inductor.aoti_load_package(path)
+    compact = Engine(net, policy, mode="compact")
+    for pattern in ([2, 0, 1], [0] * 5, [1, 2], [2] * 9, [0]):
+        x = _switch_batch(pattern)
+        with torch.no_grad():
+            logits, exit_index, score = runner(x)
+            want = compact(x)
+        assert exit_index.tolist() == pattern
+        torch.testing.assert_close(logits, want.logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(score, want.score, rtol=1e-5, atol=1e-5)

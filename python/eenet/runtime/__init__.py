@@ -16,12 +16,31 @@ from .engine import (
     check_network,
     simulate,
 )
-from .export import export_engine
+from .export import export_engine, package_engine
 from .guard import BudgetGuard
 from .loop import RowState, Step, run_stages
 from .telemetry import Telemetry
 
-__all__ = ["ALL_MODES", "CACHE_BYTES", "MODES", "BudgetGuard", "Engine", "EngineOutput",
-           "RowState", "Step", "Telemetry", "bucket_rows", "check_network", "compiled", "export",
-           "export_engine", "guard",
-           "loop", "run_stages", "simulate", "telemetry", "timing"]
+__all__ = [
+    "ALL_MODES",
+    "CACHE_BYTES",
+    "MODES",
+    "BudgetGuard",
+    "Engine",
+    "EngineOutput",
+    "RowState",
+    "Step",
+    "Telemetry",
+    "bucket_rows",
+    "check_network",
+    "compiled",
+    "export",
+    "export_engine",
+    "guard",
+    "loop",
+    "package_engine",
+    "run_stages",
+    "simulate",
+    "telemetry",
+    "timing",
+]
