@@ -8,7 +8,7 @@ USE_VENV    := $(filter $(VENV)/bin/python,$(PYTHON))
 SETUP_STAMP := $(if $(USE_VENV),$(VENV)/.setup-done,.setup-system-done)
 PYTEST_ARGS ?=
 
-.PHONY: setup build test test-fast test-wheel test-asan lint demo clean
+.PHONY: setup build test test-fast test-wheel test-asan cmake-check lint demo clean
 
 setup: $(SETUP_STAMP)
 
@@ -25,16 +25,23 @@ $(SETUP_STAMP): $(if $(USE_VENV),$(VENV)/bin/python) pyproject.toml setup.py $(w
 build: setup
 	$(PYTHON) setup.py build_ext --inplace
 
-# lint, the test suite, then the wheel as a user installs it
+# lint, the test suite, the wheel as a user installs it, then the CMake library (cmake-check)
 test: setup
 	$(PYTHON) -m ruff check .
 	TRITON_INTERPRET=1 $(PYTHON) -m pytest -q $(PYTEST_ARGS)
 	PYTHON=$(PYTHON) bash scripts/check_wheel.sh
+	PYTHON=$(PYTHON) bash scripts/cmake_check.sh
 
 # builds the wheel, installs it into a throw-away venv (torch reused, no checkout, no triton)
 # and checks that every module imports and the ops and the runtime run (scripts/check_wheel.sh)
 test-wheel: setup
 	PYTHON=$(PYTHON) bash scripts/check_wheel.sh
+
+# the C++ library built by CMake against $(PYTHON)'s libtorch, without Python: build/cmake,
+# the example examples/cpp/ops_check run from the build tree and from an install
+# (scripts/cmake_check.sh; under a minute from scratch on 2 cores, about 20 s again)
+cmake-check: setup
+	PYTHON=$(PYTHON) bash scripts/cmake_check.sh
 
 # the op tests against the extension built with ASan + UBSan, in a copy of the tree
 # (scripts/test_asan.sh); not part of `make test`

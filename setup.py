@@ -45,7 +45,8 @@ def extensions() -> list:
     if os.environ.get("EENET_SANITIZE", "0") == "1":
         cxx_flags = ["-O1", *cxx_flags[1:], *SANITIZE_FLAGS]
         link_flags += SANITIZE_FLAGS
-    sources = ["csrc/ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
+    # csrc/python_module.cpp (the module init) only here: the CMake library has no Python
+    sources = ["csrc/ops.cpp", "csrc/python_module.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
     return [
         CppExtension(
             name="eenet_kernels._C",

@@ -2,18 +2,12 @@
 // Autograd pass-through. Device kernels register themselves in csrc/cpu/*.cpp. Keep the
 // schema strings identical to eenet_kernels/_schemas.py (tests/test_registration.py
 // compares them).
-#include <Python.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
-// A loadable Python module so that `import eenet_kernels._C` runs the registrations below.
-extern "C" {
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
-}
+// No Python here: the module init of `eenet_kernels._C` is csrc/python_module.cpp, part of the
+// Python extension only, so that the CMake library `eenet_ops` links libtorch alone.
 
 #define EENET_EXIT_SCORE_ARGS                                                            \
   "Tensor feats, Tensor weight, Tensor? bias, str policy, float threshold, "              \

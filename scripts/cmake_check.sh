@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Builds the C++ library with CMake, as a C++ serving stack does, and checks it without Python:
+#   1. configure + build CMakeLists.txt (eenet_ops and the example ops_check) in build/cmake
+#      against $PYTHON's libtorch (torch.utils.cmake_prefix_path), with ninja when there is one;
+#   2. libeenet_ops.so must not depend on libpython;
+#   3. run ops_check from the build tree (the ops through the dispatcher against plain
+#      libtorch, examples/cpp/ops_check.cpp);
+#   4. install into a temporary prefix, build examples/cpp on its own against the installed
+#      CMake package (find_package(eenet)) and run that ops_check, which must load the
+#      installed library.
+#
+#   PYTHON=.venv/bin/python scripts/cmake_check.sh       (make cmake-check)
+#
+# JOBS (default 2) parallel compile jobs. build/cmake is kept between runs (only what changed
+# is rebuilt); the installed copy and its example build are temporary.
+set -euo pipefail
+PYTHON=${PYTHON:-python3}
+JOBS=${JOBS:-2}
+root=$(cd "$(dirname "$0")/.." && pwd)
+build=$root/build/cmake
+start=$(date +%s)
+step() { echo "cmake-check: $* ($(($(date +%s) - start)) s)"; }
+
+command -v cmake >/dev/null || { echo "cmake-check: cmake not found" >&2; exit 1; }
+prefix=$("$PYTHON" -c 'import torch; print(torch.utils.cmake_prefix_path)')
+generator=()
+if command -v ninja >/dev/null; then generator=(-G Ninja); fi
+# a build directory configured with another generator cannot be reused
+if [[ -f $build/CMakeCache.txt ]]; then
+  cached=$(sed -n 's/^CMAKE_GENERATOR:INTERNAL=//p' "$build/CMakeCache.txt")
+  want=${generator[1]:-Unix Makefiles}
+  [[ $cached == "$want" ]] || rm -rf "$build"
+fi
+
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/eenet-cmake-check.XXXXXX")
+trap 'rm -rf "$tmp"' EXIT
+
+# 1. configure and build (Torch_DIR given explicitly: a cached one from another torch would win)
+step "configuring against $prefix"
+cmake -S "$root" -B "$build" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release \
+  -DCMAKE_PREFIX_PATH="$prefix" -DTorch_DIR="$prefix/Torch" -DEENET_EXAMPLES=ON >"$tmp/configure.log" 2>&1 \
+  || { cat "$tmp/configure.log"; exit 1; }
+step "building (-j$JOBS)"
+cmake --build "$build" -j "$JOBS"
+
+# 2. no Python in the library
+lib=$build/libeenet_ops.so
+if readelf -d "$lib" | grep -i 'NEEDED.*python'; then
+  echo "cmake-check: $lib depends on libpython" >&2
+  exit 1
+fi
+
+# 3. the example from the build tree
+step "running ops_check (build tree)"
+"$build/examples/cpp/ops_check"
+
+# 4. install, and the example as a separate project against the installed package
+step "installing into a temporary prefix"
+cmake --install "$build" --prefix "$tmp/install" >/dev/null
+cmake -S "$root/examples/cpp" -B "$tmp/example" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release \
+  -DCMAKE_PREFIX_PATH="$prefix;$tmp/install" >"$tmp/configure-example.log" 2>&1 \
+  || { cat "$tmp/configure-example.log"; exit 1; }
+cmake --build "$tmp/example" -j "$JOBS" >/dev/null
+loaded=$(ldd "$tmp/example/ops_check" | awk '/libeenet_ops/ {print $3}')
+if [[ $loaded != "$tmp/install/"* ]]; then
+  echo "cmake-check: the installed example loads libeenet_ops from '$loaded'" >&2
+  exit 1
+fi
+step "running ops_check (installed)"
+"$tmp/example/ops_check" | tail -1
+step "OK"
