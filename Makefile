@@ -25,12 +25,14 @@ $(SETUP_STAMP): $(if $(USE_VENV),$(VENV)/bin/python) pyproject.toml setup.py $(w
 build: setup
 	$(PYTHON) setup.py build_ext --inplace
 
-# lint, the test suite, the wheel as a user installs it, then the CMake library (cmake-check)
+# lint, the test suite, the wheel as a user installs it, the CMake library (cmake-check), then
+# the CUDA kernels compiled for sm_80 / sm_90 (nvcc-check)
 test: setup
 	$(PYTHON) -m ruff check .
 	TRITON_INTERPRET=1 $(PYTHON) -m pytest -q $(PYTEST_ARGS)
 	PYTHON=$(PYTHON) bash scripts/check_wheel.sh
 	PYTHON=$(PYTHON) bash scripts/cmake_check.sh
+	PYTHON=$(PYTHON) bash scripts/nvcc_check.sh
 
 # builds the wheel, installs it into a throw-away venv (torch reused, no checkout, no triton)
 # and checks that every module imports and the ops and the runtime run (scripts/check_wheel.sh)
@@ -42,6 +44,13 @@ test-wheel: setup
 # (scripts/cmake_check.sh; under a minute from scratch on 2 cores, about 20 s again)
 cmake-check: setup
 	PYTHON=$(PYTHON) bash scripts/cmake_check.sh
+
+# compile-only check of the CUDA kernels (csrc/cuda/*.cu) for sm_80 and sm_90, no GPU needed:
+# fails on a compile error or a register spill, prints registers per kernel; skips without
+# nvcc (scripts/nvcc_check.sh; about 1.5 min on 2 cores)
+.PHONY: nvcc-check
+nvcc-check: setup
+	PYTHON=$(PYTHON) bash scripts/nvcc_check.sh
 
 # the op tests against the extension built with ASan + UBSan, in a copy of the tree
 # (scripts/test_asan.sh); not part of `make test`

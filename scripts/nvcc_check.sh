@@ -1,0 +1,166 @@
+#!/usr/bin/env bash
+# Compile-only check of the CUDA kernels (csrc/cuda/*.cu) for sm_80 and sm_90: no GPU needed.
+#
+# Every .cu is compiled as setup.py's CUDA build compiles it (torch's include paths and
+# nvcc flags from the torch that $PYTHON imports, C++20), with ptxas' resource usage
+# (-Xptxas -v). The script fails on any compile error and on any kernel that spills
+# registers (spill stores or spill loads > 0: every kernel here is on the hot path of a
+# stage), and prints each kernel's registers, spills, shared memory and stack per
+# architecture. Without nvcc it prints why and exits 0 (a CPU-only machine). Host-only
+# code called from __host__ __device__ helpers is an error (cross-execution-space-call).
+#
+# Time: one nvcc per source builds every architecture (the front end's pass over torch's
+# headers is most of the cost and runs once); the sources compile in parallel. Host code is
+# compiled at -O0 (nvcc's -O is the host optimisation; device code goes through cicc and
+# ptxas at -O3 either way, so the registers and spills reported are the build's): about
+# 1.5 minutes on 2 cores.
+#
+# Environment: PYTHON (default .venv/bin/python, else python3), NVCC (default: nvcc on
+# PATH, else $CUDA_HOME/bin/nvcc, else /usr/local/cuda/bin/nvcc), NVCC_CHECK_ARCHS (default
+# "80 90"), NVCC_CHECK_JOBS (parallel compiles, default: the number of CPUs),
+# NVCC_CHECK_HOST_OPT (default -O0), NVCC_CHECK_FLAGS (extra nvcc flags).
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+
+nvcc="${NVCC:-}"
+if [[ -z "$nvcc" ]]; then
+  nvcc="$(command -v nvcc || true)"
+  for candidate in "${CUDA_HOME:-}/bin/nvcc" /usr/local/cuda/bin/nvcc; do
+    [[ -z "$nvcc" && -x "$candidate" ]] && nvcc="$candidate"
+  done
+fi
+if [[ -z "$nvcc" || ! -x "$nvcc" ]]; then
+  echo "nvcc-check: skipped: nvcc not found (set NVCC or CUDA_HOME, or put it on PATH)"
+  exit 0
+fi
+
+python="${PYTHON:-}"
+if [[ -z "$python" ]]; then
+  if [[ -x .venv/bin/python ]]; then python=.venv/bin/python; else python=python3; fi
+fi
+if ! torch_info="$("$python" - <<'PY'
+import torch
+from torch.utils.cpp_extension import include_paths, COMMON_NVCC_FLAGS
+print(" ".join(include_paths()))
+print(int(torch._C._GLIBCXX_USE_CXX11_ABI))
+print(" ".join(COMMON_NVCC_FLAGS))
+PY
+)"; then
+  echo "nvcc-check: FAILED: $python cannot import torch (its headers are needed)" >&2
+  exit 1
+fi
+mapfile -t info <<<"$torch_info"
+read -r -a torch_includes <<<"${info[0]}"
+cxx11_abi="${info[1]}"
+read -r -a common_flags <<<"${info[2]}"
+
+archs="${NVCC_CHECK_ARCHS:-80 90}"
+jobs="${NVCC_CHECK_JOBS:-$(nproc 2>/dev/null || echo 2)}"
+sources=(csrc/cuda/*.cu)
+if [[ ! -e "${sources[0]}" ]]; then
+  echo "nvcc-check: FAILED: no csrc/cuda/*.cu" >&2
+  exit 1
+fi
+
+flags=(-c -std=c++20 "${NVCC_CHECK_HOST_OPT:--O0}" -Icsrc "${common_flags[@]}" -Xcompiler -fPIC
+       -DTORCH_API_INCLUDE_EXTENSION_H -DTORCH_EXTENSION_NAME=_C
+       "-D_GLIBCXX_USE_CXX11_ABI=$cxx11_abi" -Xptxas -v
+       -Werror cross-execution-space-call)
+read -r -a extra_flags <<<"${NVCC_CHECK_FLAGS:-}"
+flags+=("${extra_flags[@]}")
+for inc in "${torch_includes[@]}"; do flags+=("-I$inc"); done
+# a CPU build of torch ships c10/cuda without the header its CMake generates (it only
+# defines the Windows export macro)
+macros_found=0
+for inc in "${torch_includes[@]}"; do
+  [[ -f "$inc/c10/cuda/impl/cuda_cmake_macros.h" ]] && macros_found=1
+done
+[[ "$macros_found" == 1 ]] || flags+=(-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE)
+
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+
+echo "nvcc-check: $("$nvcc" --version | tail -n 2 | head -n 1)"
+echo "nvcc-check: ${#sources[@]} source(s) x sm_${archs// /, sm_}, $jobs parallel job(s)"
+start=$(date +%s)
+
+# one job per source, every architecture in it: the front end's pass over torch's headers
+# (cudafe++ and the host compile, most of the time) then runs once per source
+gencode=()
+for arch in $archs; do gencode+=(-gencode "arch=compute_$arch,code=sm_$arch"); done
+logs=()
+running=0
+for src in "${sources[@]}"; do
+  name="$(basename "$src" .cu)"
+  log="$work/$name.log"
+  logs+=("$log")
+  ( "$nvcc" "${flags[@]}" "${gencode[@]}" "$src" -o "$work/$name.o" >"$log" 2>&1
+    echo $? >"$log.rc" ) &
+  running=$((running + 1))
+  if (( running >= jobs )); then
+    wait -n 2>/dev/null || true
+    running=$((running - 1))
+  fi
+done
+wait
+
+status=0
+for log in "${logs[@]}"; do
+  rc="$(cat "$log.rc" 2>/dev/null || echo 1)"
+  if [[ "$rc" != 0 ]]; then
+    echo "nvcc-check: FAILED: $(basename "$log" .log) does not compile (exit $rc):" >&2
+    grep -v '^ptxas info' "$log" | head -n 60 >&2
+    status=1
+  fi
+done
+[[ $status == 0 ]] || exit 1
+
+"$python" - "$archs" "${logs[@]}" <<'PY'
+import re
+import shutil
+import subprocess
+import sys
+
+entry = re.compile(r"Compiling entry function '(\S+)' for '(sm_\d+)'")
+props = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+used = re.compile(r"Used (\d+) registers(?:.*?(\d+) bytes smem)?")
+rows = []
+for path in sys.argv[2:]:
+    source = path.rsplit("/", 1)[-1].removesuffix(".log") + ".cu"
+    name = arch = None
+    stack = st = ld = "0"
+    for line in open(path, encoding="utf-8", errors="replace"):
+        if m := entry.search(line):
+            name, arch = m.group(1), m.group(2)
+            stack = st = ld = "0"
+        elif (m := props.search(line)) and name:
+            stack, st, ld = m.groups()
+        elif (m := used.search(line)) and name:
+            rows.append([source, arch, int(m.group(1)), int(st), int(ld), int(m.group(2) or 0),
+                         int(stack), name])
+            name = None
+archs = sys.argv[1].split()
+for path in sys.argv[2:]:
+    source = path.rsplit("/", 1)[-1].removesuffix(".log") + ".cu"
+    for arch in archs:
+        if not any(r[0] == source and r[1] == f"sm_{arch}" for r in rows):
+            sys.exit(f"nvcc-check: FAILED: no kernel of {source} compiled for sm_{arch}")
+if shutil.which("c++filt"):
+    out = subprocess.run(["c++filt"], input="\n".join(r[-1] for r in rows), text=True,
+                         capture_output=True, check=True).stdout.splitlines()
+    for row, name in zip(rows, out, strict=True):
+        row[-1] = name.split("(")[0]  # without the argument list
+rows.sort(key=lambda r: (r[0], r[-1], r[1]))
+print(f"{'source':<15} {'arch':<6} {'regs':>4} {'spill st/ld':>11} {'smem':>6} {'stack':>5}  kernel")
+spilling = 0
+for source, arch, regs, st, ld, smem, stack, name in rows:
+    spills = st > 0 or ld > 0
+    spilling += spills
+    mark = "  <-- SPILLS" if spills else ""
+    print(f"{source:<15} {arch:<6} {regs:>4} {f'{st}/{ld}':>11} {smem:>6} {stack:>5}  "
+          f"{name[:100]}{mark}")
+if spilling:
+    sys.exit(f"nvcc-check: FAILED: {spilling} kernel(s) spill registers")
+PY
+echo "nvcc-check: ok in $(( $(date +%s) - start )) s (no compile error, no spill)"
