@@ -7,16 +7,19 @@ that op is the one path of every call: the public functions below, the engine,
 callers all reach the same kernels, chosen once per dispatch key at import:
 
 - CPU: the compiled C++ kernel when the extension is built, else the reference;
-- CUDA: the Triton launcher (triton imported on the first call; the reference when triton
-  cannot be imported); a compiled CUDA kernel, when built, takes the key instead;
+- CUDA: the compiled CUDA kernels (csrc/cuda, backend ``cuda``) when the extension was
+  built with them; else the Triton launcher (triton imported on the first call; the
+  reference when triton cannot be imported);
 - Meta / fake tensors: the fake kernels (metadata checks and output shapes);
 - Autograd: the ops are inference ops, and no output ever requires grad, whatever the
   backend (a pass-through kernel runs the op below autograd);
 - sparse and quantized tensors: the argument checks, which reject them by name.
 
-``EENET_BACKEND=auto|reference|cpp|triton`` (or ``backend=`` per call) is a debugging
+``EENET_BACKEND=auto|reference|cpp|triton|cuda`` (or ``backend=`` per call) is a debugging
 override: a backend other than the dispatcher's choice for the device is called directly.
-``triton`` on CPU tensors runs only under the interpreter (``TRITON_INTERPRET=1``, tests).
+``triton`` on CPU tensors runs only under the interpreter (``TRITON_INTERPRET=1``, tests);
+``cuda`` needs CUDA tensors and an extension built with the CUDA kernels (``triton`` stays
+available on CUDA tensors next to it).
 
 ``exit_score(..., check_finite=False)``: the kernels never let a row with NaN/inf logits
 exit before the last exit (its score is NaN), so the default path costs no host sync;
@@ -36,7 +39,7 @@ from . import checks, reference
 from . import triton as _triton
 from ._schemas import SCHEMAS
 
-BACKENDS: tuple[str, ...] = ("auto", "reference", "cpp", "triton")
+BACKENDS: tuple[str, ...] = ("auto", "reference", "cpp", "triton", "cuda")
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
@@ -71,6 +74,11 @@ _COMPILED_KEYS: dict[str, tuple[str, ...]] = {
                 if torch._C._dispatch_has_kernel_for_dispatch_key(f"eenet::{name}", k))
     for name in SCHEMAS
 }
+
+
+# Whether the extension was built with the CUDA kernels (csrc/cuda): they then hold the CUDA
+# key of every op, and no Triton forwarder is registered for it (below).
+HAVE_CUDA_KERNELS: bool = all("CUDA" in keys for keys in _COMPILED_KEYS.values())
 
 
 def compiled_backends(name: str) -> tuple[str, ...]:
@@ -187,17 +195,20 @@ def _compact_out_fake(keep, src, dst):
 
 
 def dispatcher_backend(device: torch.device) -> str:
-    """The backend that ``torch.ops.eenet.*`` runs on ``device``: ``cpp``, ``triton`` or
-    ``reference``."""
+    """The backend that ``torch.ops.eenet.*`` runs on ``device``: ``cpp``, ``cuda``,
+    ``triton`` or ``reference``."""
     if device.type == "cpu":
         return "cpp" if HAVE_EXTENSION else "reference"
     if device.type == "cuda":
+        if HAVE_CUDA_KERNELS:
+            return "cuda"
         return "triton" if _triton.is_available() else "reference"
     return "reference"
 
 
 def resolve_backend(device: torch.device, backend: str | None = None) -> str:
-    """The backend that will run an op on ``device``: ``reference``, ``cpp`` or ``triton``.
+    """The backend that will run an op on ``device``: ``reference``, ``cpp``, ``triton`` or
+    ``cuda``.
 
     ``backend`` (or ``EENET_BACKEND`` when None) may be ``auto`` (the dispatcher's choice,
     :func:`dispatcher_backend`). A backend that cannot run here raises ``RuntimeError``
@@ -218,6 +229,10 @@ def resolve_backend(device: torch.device, backend: str | None = None) -> str:
             why = "triton cannot be imported"
         if why is not None:
             raise RuntimeError(f"eenet: backend 'triton' was requested but {why}")
+    if choice == "cuda" and (device.type != "cuda" or not HAVE_CUDA_KERNELS):
+        why = ("the extension was built without the CUDA kernels (csrc/cuda)"
+               if not HAVE_CUDA_KERNELS else f"it runs on CUDA tensors, not {device.type}")
+        raise RuntimeError(f"eenet: backend 'cuda' was requested but {why}")
     if choice == "cpp" and (device.type != "cpu" or not HAVE_EXTENSION):
         why = ("the compiled extension is not loaded" if not HAVE_EXTENSION
                else f"it runs on CPU tensors, not {device.type}")
