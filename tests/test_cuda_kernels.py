@@ -197,10 +197,9 @@ def test_serving_sizes(n: int, d: int, c: int, dtype: torch.dtype, pooled: int |
         expect = reference_result(feats, weight, bias, case, threshold, False, kw)
         out = ek.exit_score(feats, weight, bias, policy=case.policy, threshold=threshold,
                             backend=BACKEND, **kw)
-        check_parity(cpu_result(out), cpu_result(expect), feats.cpu(), weight.cpu(),
-                     bias.cpu(), case, {k: v.cpu() if isinstance(v, torch.Tensor) else v
-                                        for k, v in kw.items()},
-                     threshold, False, f"[cuda] {case} {n, d, c}")
+        # the comparison on the GPU too (check_parity is device-agnostic)
+        check_parity(out, expect, feats, weight, bias, case, kw, threshold, False,
+                     f"[cuda] {case} {n, d, c}")
 
 
 def test_strided_inputs() -> None:
