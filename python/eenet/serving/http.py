@@ -732,9 +732,12 @@ def run_http(engine: Any, host: str = "127.0.0.1", port: int = 8000, *,
     ``on_ready(server)`` runs once it listens (default: a line on stderr with its URL)."""
     stop = threading.Event()
     server = serve_http(engine, host, port, **options)
-    previous = None
+    previous: dict[int, Any] = {}
     if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        # SIGINT too, explicitly: a process started in the background by a non-interactive
+        # shell inherits SIGINT ignored, and Ctrl-C / kill -INT would do nothing
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda *_: stop.set())
     try:
         if on_ready is None:
             print(f"eenet serve: listening on {server.url} (POST /v1/predict, GET /v1/stats, "
@@ -749,5 +752,5 @@ def run_http(engine: Any, host: str = "127.0.0.1", port: int = 8000, *,
         server.close()
         if close_engine:
             engine.close(drain=True)
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -360,7 +360,7 @@ def run_ray(model_path: str, policy_path: str, host: str = "127.0.0.1", port: in
     ray = start_ray(num_cpus=num_cpus)
     _, serve = require_ray()
     stop = threading.Event()
-    previous = None
+    previous: dict[int, Any] = {}
     try:
         deploy(model_path, policy_path, host, port, **config)
         url = f"http://{host}:{port}"
@@ -371,14 +371,17 @@ def run_ray(model_path: str, policy_path: str, host: str = "127.0.0.1", port: in
         else:
             on_ready(url)
         if threading.current_thread() is threading.main_thread():
-            previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+            # SIGINT explicitly too: a background process of a non-interactive shell
+            # inherits SIGINT ignored
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous[sig] = signal.signal(sig, lambda *_: stop.set())
         while not stop.wait(0.5):
             pass
     except KeyboardInterrupt:
         pass
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         try:
             serve.shutdown()
         finally:
