@@ -7,17 +7,24 @@
 #      libtorch, examples/cpp/ops_check.cpp);
 #   4. install into a temporary prefix, build examples/cpp on its own against the installed
 #      CMake package (find_package(eenet)) and run that ops_check, which must load the
-#      installed library.
+#      installed library;
+#   5. an exported model from C++: examples/cpp/make_package.py ($PYTHON) compiles a small
+#      multi-exit CNN with eenet.runtime.package_engine (AOTInductor) into <build>/aoti/
+#      loop.pt2 and writes the Python engine's outputs on two batches beside it; aoti_run
+#      (the build tree's, no Python in the process) loads the package with
+#      AOTIModelPackageLoader, runs it and compares. The package is compiled in the
+#      background while steps 1-4 run.
 #
 #   PYTHON=.venv/bin/python scripts/cmake_check.sh       (make cmake-check)
 #
-# JOBS (default 2) parallel compile jobs. build/cmake is kept between runs (only what changed
-# is rebuilt); the installed copy and its example build are temporary.
+# JOBS (default 2) parallel compile jobs. BUILD_DIR (default build/cmake) is kept between
+# runs (only what changed is rebuilt; the package is made anew every run); the installed
+# copy and its example build are temporary.
 set -euo pipefail
 PYTHON=${PYTHON:-python3}
 JOBS=${JOBS:-2}
 root=$(cd "$(dirname "$0")/.." && pwd)
-build=$root/build/cmake
+build=${BUILD_DIR:-$root/build/cmake}
 start=$(date +%s)
 step() { echo "cmake-check: $* ($(($(date +%s) - start)) s)"; }
 
@@ -33,7 +40,22 @@ if [[ -f $build/CMakeCache.txt ]]; then
 fi
 
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/eenet-cmake-check.XXXXXX")
-trap 'rm -rf "$tmp"' EXIT
+package_pid=
+cleanup() {
+  if [[ -n $package_pid ]]; then
+    kill "$package_pid" 2>/dev/null || true
+    wait "$package_pid" 2>/dev/null || true
+  fi
+  rm -rf "$tmp"
+}
+trap cleanup EXIT
+
+# 5 (started now): the exported model, compiled by AOTInductor while CMake builds
+aoti=$build/aoti
+rm -rf "$aoti"
+mkdir -p "$aoti"
+"$PYTHON" "$root/examples/cpp/make_package.py" "$aoti" >"$tmp/make_package.log" 2>&1 &
+package_pid=$!
 
 # 1. configure and build (Torch_DIR given explicitly: a cached one from another torch would win)
 step "configuring against $prefix"
@@ -60,7 +82,8 @@ cmake --install "$build" --prefix "$tmp/install" >/dev/null
 cmake -S "$root/examples/cpp" -B "$tmp/example" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release \
   -DCMAKE_PREFIX_PATH="$prefix;$tmp/install" >"$tmp/configure-example.log" 2>&1 \
   || { cat "$tmp/configure-example.log"; exit 1; }
-cmake --build "$tmp/example" -j "$JOBS" >/dev/null
+# (ops_check only: aoti_run links the same targets, and is built and run from the build tree)
+cmake --build "$tmp/example" -j "$JOBS" --target ops_check >/dev/null
 loaded=$(ldd "$tmp/example/ops_check" | awk '/libeenet_ops/ {print $3}')
 if [[ $loaded != "$tmp/install/"* ]]; then
   echo "cmake-check: the installed example loads libeenet_ops from '$loaded'" >&2
@@ -68,4 +91,17 @@ if [[ $loaded != "$tmp/install/"* ]]; then
 fi
 step "running ops_check (installed)"
 "$tmp/example/ops_check" | tail -1
+
+# 5. the exported model run from C++
+step "waiting for the package (examples/cpp/make_package.py)"
+if ! wait "$package_pid"; then
+  package_pid=
+  cat "$tmp/make_package.log" >&2
+  echo "cmake-check: examples/cpp/make_package.py failed" >&2
+  exit 1
+fi
+package_pid=
+grep '^make_package:' "$tmp/make_package.log"
+step "running aoti_run (build tree)"
+"$build/examples/cpp/aoti_run" "$aoti/loop.pt2" "$aoti/cases.pt"
 step "OK"
