@@ -8,7 +8,9 @@
 // CUB in a namespace of its own, so that its kernels cannot clash with the copy inside
 // libtorch (which wraps its own the same way). Thrust (only its counting iterator is used
 // here) stays as it is: c10's headers name ::thrust.
+#ifndef CUB_WRAPPED_NAMESPACE
 #define CUB_WRAPPED_NAMESPACE eenet_cub
+#endif
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -62,10 +64,10 @@ void compact_rows(const at::Tensor& keep, at::TensorList src, const std::vector<
   int64_t* count_ptr = count.mutable_data_ptr<int64_t>();
   const thrust::counting_iterator<int64_t> first(0);
   size_t temp_bytes = 0;
-  C10_CUDA_CHECK(eenet_cub::cub::DeviceSelect::If(nullptr, temp_bytes, first, rows_ptr,
+  C10_CUDA_CHECK(CUB_NS_QUALIFIER::DeviceSelect::If(nullptr, temp_bytes, first, rows_ptr,
                                                   count_ptr, n, pred, stream));
   at::Tensor temp = at::empty({static_cast<int64_t>(temp_bytes)}, keep.options().dtype(at::kByte));
-  C10_CUDA_CHECK(eenet_cub::cub::DeviceSelect::If(temp.mutable_data_ptr(), temp_bytes, first,
+  C10_CUDA_CHECK(CUB_NS_QUALIFIER::DeviceSelect::If(temp.mutable_data_ptr(), temp_bytes, first,
                                                   rows_ptr, count_ptr, n, pred, stream));
 
   // 2. the rows of every tensor, kMaxSlots tensors per launch
