@@ -119,6 +119,7 @@ def test_bad_network_policy_and_example() -> None:
         export_engine(net, MaxProb([0.9] * 3), _switch_batch([0, 1]), scale=torch.ones(3, 1))
 
 
+@pytest.mark.slow  # ~20 s of AOTInductor compile; make cmake-check runs a package from C++
 def test_aoti_package_runs_the_loop(tmp_path: Path) -> None:
     """The loop compiled ahead of time (AOTInductor) into a .pt2 package, loaded back: the
     exits of every pattern of a switch network, and logits equal to compact mode's."""
