@@ -3,17 +3,19 @@
 # Run from the repository root on the GPU host (its python3 holds a CUDA torch and triton):
 #
 #   bash scripts/gpu_session.sh test    # build, the gpu-marked tests, the whole suite interpreted
-#   bash scripts/gpu_session.sh micro   # bench.micro --device cuda
-#   bash scripts/gpu_session.sh e2e     # bench.e2e --device cuda
+#   bash scripts/gpu_session.sh micro   # bench.micro --device cuda (CUDA and Triton providers)
+#   bash scripts/gpu_session.sh e2e     # bench.e2e --device cuda (with the engine's graph mode)
+#   bash scripts/gpu_session.sh serve   # bench.serve --device cuda (request stream, re-batching)
 #   bash scripts/gpu_session.sh tune    # bench.tune (launch-configuration sweep)
 #
-# Every step builds the extension first (about a minute on a fresh host) and leaves its log,
+# Every step builds the extension with its CUDA kernels first (EENET_CUDA=1; a few minutes on
+# a fresh host) and leaves its log,
 # and for the benchmarks a tarball of bench/results/<gpu>/, under $OUT.
 # Wheels of packages the host lacks (scripts/fetch_gpu_wheels.sh puts them in .whl/) are
 # installed first when .whl/ is there; copy .whl and demo_out (the demo's MNIST model, for
 # the e2e mnist workload) to the host with the tree.
 set -uo pipefail
-step=${1:?usage: gpu_session.sh test|micro|e2e|tune}
+step=${1:?usage: gpu_session.sh test|micro|e2e|serve|tune}
 OUT=${OUT:-/tmp/eenet-gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -25,7 +27,7 @@ log="$OUT/$step.log"
       --target /tmp/site .whl/*.whl || exit 1
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
   fi
-  python3 -m pip install -q -e . --no-build-isolation --no-deps || exit 1
+  EENET_CUDA=1 python3 -m pip install -q -e . --no-build-isolation --no-deps || exit 1
   nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv
   python3 -c "import torch, triton, eenet_kernels as ek; print('torch', torch.__version__, \
 'cuda', torch.version.cuda, 'triton', triton.__version__, 'extension', ek.HAVE_EXTENSION)"
@@ -41,7 +43,7 @@ case "$step" in
       2>&1 | tee -a "$log"
     exit $((status || PIPESTATUS[0]))
     ;;
-  micro | e2e | tune)
+  micro | e2e | serve | tune)
     args=(--device cuda)
     [ "$step" = tune ] && args=()  # GPU-only: it takes no --device
     python3 -m "bench.$step" "${args[@]}" 2>&1 | tee -a "$log"
