@@ -59,6 +59,8 @@ def test_front_end_targets_the_eenet_op(name: str, device: str) -> None:
 
 
 @pytest.mark.skipif(not ek_triton.is_available(), reason="triton cannot be imported")
+@pytest.mark.skipif(ops.HAVE_CUDA_KERNELS, reason="built with the CUDA kernels: they hold the "
+                    "CUDA key (test_cuda_key_runs_the_compiled_kernels)")
 @pytest.mark.parametrize("name", OPS)
 def test_cuda_key_runs_the_triton_launcher(name: str) -> None:
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"eenet::{name}", "CUDA")
@@ -67,6 +69,17 @@ def test_cuda_key_runs_the_triton_launcher(name: str) -> None:
     assert ops.dispatcher_backend(torch.device("cuda")) == "triton"
     # asking for triton on CUDA is asking for the dispatcher's own kernel: same path
     assert ops.op_target(name, torch.device("cuda"), "triton") is getattr(torch.ops.eenet, name)
+
+
+@pytest.mark.skipif(not ops.HAVE_CUDA_KERNELS, reason="built without the CUDA kernels")
+@pytest.mark.parametrize("name", OPS)
+def test_cuda_key_runs_the_compiled_kernels(name: str) -> None:
+    assert "CUDA" in ek.compiled_backends(name)
+    assert ops.dispatcher_backend(torch.device("cuda")) == "cuda"
+    assert ops.op_target(name, torch.device("cuda"), "cuda") is getattr(torch.ops.eenet, name)
+    if ek_triton.is_available():  # triton stays reachable as an override
+        assert ops.op_target(name, torch.device("cuda"), "triton") is not getattr(
+            torch.ops.eenet, name)
 
 
 def test_no_second_operator_namespace() -> None:
