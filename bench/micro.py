@@ -44,6 +44,8 @@ from .runner import (
     count_syncs,
     cuda_missing,
     environment,
+    graph_replay_seconds,
+    host_seconds,
     load_note,
     set_cpu_threads,
     time_many,
@@ -224,6 +226,10 @@ def bench_exit_score(device: torch.device, repeats: int, warmup: int,
         logit_err = float((ours_logits - F.linear(feats, weight, bias).float()).abs().max())
         syncs = {m: count_syncs(fn, device)[0].total for m, fn in fns.items()}
         stats = time_many(fns, warmup=warmup, repeats=repeats, device=device)
+        # launch cost apart from the kernels: host time per call, and on CUDA the time per
+        # call replayed from a CUDA graph (no launch overhead)
+        host = {m: host_seconds(fns[m], device) for m in ("ours_write", "ours_score")}
+        graph = {m: graph_replay_seconds(fns[m], device) for m in ("ours_write", "ours_score")}
         es = feats.element_size()
         moved = es * (n * d + c * d + c) + 4 * n * c + 4 * n + 8 * n
         flops = 2.0 * n * d * c
@@ -240,7 +246,10 @@ def bench_exit_score(device: torch.device, repeats: int, warmup: int,
                          "p90_us": st.p90 * 1e6, "gbps": moved / st.median / 1e9,
                          "gflops": flops / st.median / 1e9, "syncs": syncs[m],
                          "ours_over_this": st.median / t_ours,
-                         "compile_s": compile_s if m == "compile" else None})
+                         "compile_s": compile_s if m == "compile" else None,
+                         "host_us": host[m] * 1e6 if m in host else None,
+                         "graph_us": (graph[m] * 1e6 if graph.get(m) is not None
+                                      else None)})
         _log(f"exit_score N={n:>4} D={d:>3} C={c:>4} {base['dtype']}: " + ", ".join(
             f"{m} {stats[m].median * 1e6:.1f} us" for m in EXIT_METHODS if m in stats)
             + (f" (compile failed: {compile_err})" if compile_err else ""))
@@ -257,7 +266,8 @@ def _pivot(rows: list[dict[str, Any]], keys: Sequence[str]) -> list[dict[str, An
         key = tuple(r[k] for k in keys)
         d = out.setdefault(key, {k: r[k] for k in keys})
         for f in ("p50_us", "p10_us", "p90_us", "gbps", "gflops", "syncs", "ours_over_this",
-                  "over_trivial", "compile_s", "error", "exit_agree", "max_logit_diff"):
+                  "over_trivial", "compile_s", "error", "exit_agree", "max_logit_diff",
+                  "host_us", "graph_us"):
             if f in r:
                 d[f"{r['method']}:{f}"] = r[f]
         d["backend"] = r["backend"]
@@ -366,6 +376,19 @@ def exit_report(rows: list[dict[str, Any]], device: torch.device, stamp: dict[st
                  Column("compile:gflops", "compile GFLOP/s", "{:.1f}"),
                  Column("exit_agree", "agree", "{:.3f}"),
                  Column("max_logit_diff", "max diff", "{:.1e}")]),
+        Section("Launch cost: host time per call and CUDA-graph replay",
+                "host us = median time the host spends inside one call, the device not "
+                "awaited (the front-end's checks, the dispatcher and the launches); on a CPU "
+                "the kernels run inside the call, so it is the call's time. graph us = time "
+                "per call of 20 calls captured in one CUDA graph and replayed (CUDA events): "
+                "the device time without launch overhead (CUDA only). A host time above the "
+                "call's device time means the GPU waits for the host at that size.", piv,
+                [Column("n", "N"), Column("d", "D"), Column("c", "C"), Column("dtype", "dtype"),
+                 Column("ours_write:p50_us", "ours_write us", "{:.1f}"),
+                 Column("ours_write:host_us", "ours_write host us", "{:.1f}"),
+                 Column("ours_write:graph_us", "ours_write graph us", "{:.1f}"),
+                 Column("ours_score:host_us", "ours_score host us", "{:.1f}"),
+                 Column("ours_score:graph_us", "ours_score graph us", "{:.1f}")]),
     ]
 
     def plot(fig: Any) -> None:

@@ -43,6 +43,7 @@ import platform
 import re
 import subprocess
 import sys
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -214,6 +215,55 @@ def time_many(fns: dict[str, Callable[[], object] | Segmented], *, warmup: int =
 
 # ---------------------------------------------------------------------------------------
 # Host-sync counting.
+
+
+def host_seconds(fn: Callable[[], object], device: str | torch.device, repeats: int = 50
+                 ) -> float:
+    """Median seconds the host spends inside one call of ``fn`` with the device not awaited
+    (a CPU-side timer around the call only; the device is synchronised before and after
+    the series): the launch overhead a caller pays per call. On a CPU, where the work runs
+    in the call, it is the call's time."""
+    synchronize(device)
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    synchronize(device)
+    return float(np.median(samples))
+
+
+def graph_replay_seconds(fn: Callable[[], object], device: str | torch.device,
+                         calls: int = 20, repeats: int = 10) -> float | None:
+    """CUDA only: seconds per call of ``fn`` when ``calls`` calls are captured into one CUDA
+    graph and the graph is replayed (median of ``repeats`` replays, CUDA events around each):
+    the device time without the host's launch overhead. None on other devices, or when
+    ``fn`` cannot be captured (a host sync inside it)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    try:
+        with torch.cuda.stream(stream):
+            fn()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                fn()
+    except RuntimeError:
+        return None
+    graph.replay()
+    times = []
+    for _ in range(repeats):
+        start, end = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / calls)
+    return float(np.median(times))
 
 
 @dataclass(frozen=True)

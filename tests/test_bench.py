@@ -427,6 +427,9 @@ def test_micro_drivers_smoke(monkeypatch: pytest.MonkeyPatch) -> None:
     assert {r["method"] for r in rows} == set(micro.EXIT_METHODS)
     ours = next(r for r in rows if r["method"] == "ours_write")
     assert ours["exit_agree"] == 1.0 and ours["max_logit_diff"] < 1e-5 and ours["syncs"] == 0
+    # launch cost: a host time for ours, no CUDA-graph replay on a CPU
+    assert ours["host_us"] > 0 and ours["graph_us"] is None
+    assert next(r for r in rows if r["method"] == "eager")["host_us"] is None
     assert next(r for r in rows if r["method"] == "compile")["error"] == "not run"
 
 
