@@ -48,9 +48,12 @@ case "$step" in
     [ "$step" = tune ] && args=()  # GPU-only: it takes no --device
     python3 -m "bench.$step" "${args[@]}" 2>&1 | tee -a "$log"
     status=${PIPESTATUS[0]}
-    if [ "$step" = micro ]; then  # the reference backend too: every backend in the table
-      python3 -m bench.micro --device cuda --backend reference --no-compile 2>&1 | tee -a "$log"
-      status=$((status || PIPESTATUS[0]))
+    if [ "$step" = micro ]; then  # every backend: the default (CUDA C++ kernels in this
+      # build), Triton, the reference; results suffixed by backend
+      for b in triton reference; do
+        python3 -m bench.micro --device cuda --backend "$b" --no-compile 2>&1 | tee -a "$log"
+        status=$((status || PIPESTATUS[0]))
+      done
     fi
     tar czf "$OUT/results-$step.tgz" bench/results --exclude bench/results/cpu
     exit "$status"
