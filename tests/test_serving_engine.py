@@ -738,3 +738,34 @@ def test_cuda_answers_match_the_oracle(rebatch: str) -> None:
         answers = [f.result(timeout=60) for f in futs]
     for i, ans in enumerate(answers):
         _check(ans, ref, i)
+
+
+@pytest.mark.parametrize("rebatch", ["auto", "always"])
+def test_auto_waits_for_more_rows_only_under_backlog(rebatch: str) -> None:
+    """Request A is at stage 1 when request B arrives (B is submitted from inside A's stage-0
+    run). ``always`` holds A at stage 1 for B (they merge there); ``auto`` with no backlog
+    (1 row waiting, max_batch 8) runs A on at once instead of waiting."""
+    net = _mlp()
+    runs: list[tuple[int, int]] = []
+    box: dict[str, ServingEngine] = {}
+    later: list[cf.Future] = []
+
+    def stage0(h: torch.Tensor) -> None:
+        runs.append((0, h.shape[0]))
+        if len(later) == 0 and h.shape[0] == 1 and "engine" in box and runs.count((0, 1)) == 1:
+            later.append(box["engine"].submit(torch.randn(WIDTH)))
+
+    net.stages[0] = _Wrap(net.stages[0], stage0)
+    net.stages[1] = _Wrap(net.stages[1], lambda h: runs.append((1, h.shape[0])))
+    cfg = ServingConfig(max_batch=8, max_wait_ms=10_000, rebatch=rebatch)
+    with ServingEngine(net, _never_exits(), cfg) as engine:
+        engine.submit_many(torch.randn(8, WIDTH))[0].result(timeout=60)  # auto: profile
+        if rebatch == "auto":
+            (plan,) = engine.plans.values()
+            assert plan.merge[1]  # a merging stage: the difference is only when it waits
+        runs.clear()
+        box["engine"] = engine
+        engine.submit(torch.randn(WIDTH)).result(timeout=60)
+        later[0].result(timeout=60)
+    first_stage1 = next(n for k, n in runs if k == 1)
+    assert first_stage1 == (1 if rebatch == "auto" else 2)

@@ -58,7 +58,12 @@ ready waits while the shallower stages feed it, at most ``max_wait_ms``.
   20% is well above the few percent that repeated timings of one call differ by on a CPU.
   A merging stage's target batch is the smallest profiled size whose time per row is within
   :data:`SATURATION` (10%) of the best one: beyond it, waiting for more rows buys little.
-  Stages that do not merge behave as in ``"never"``. The profile and the decisions are in
+  Stages that do not merge behave as in ``"never"``. A merging stage of ``"auto"`` *waits*
+  (rules 2 and 3) only while its group is backlogged, ``max_batch`` or more rows waiting
+  for stage 0: then the server cannot keep up and bigger batches at the deeper stages buy
+  capacity. Below that it runs at once with the survivors that have gathered (they still
+  merge, without waiting): measured on a CPU, waiting for more rows below saturation only
+  added latency (``bench.serve``). The profile and the decisions are in
   :attr:`ServingEngine.plans`. A profile that raises leaves the group on ``"always"``.
 
 Failures, deadlines, closing
@@ -827,15 +832,23 @@ class ServingEngine:
         if not self._queues:
             return None
         shallowest: dict[tuple, int] = {}
+        backlog: dict[tuple, int] = {}  # rows waiting for stage 0, per group
         for q in self._queues.values():
             s = shallowest.get(q.group)
             if s is None or q.stage < s:
                 shallowest[q.group] = q.stage
+            if q.stage == 0:
+                backlog[q.group] = backlog.get(q.group, 0) + len(q.rows)
         wait = self.config.max_wait_ms / 1e3
+        load_aware = self.config.rebatch == "auto"
         best, best_key = None, None
         for q in self._queues.values():
+            # auto: a merging stage waits for more rows only while its group is backlogged
+            # (a full batch waits for stage 0): then a bigger batch buys capacity; below
+            # that, waiting would only add latency, so it runs with what has gathered
             ready = (closing or q.stage == 0 or q.run is not None or len(q.rows) >= q.target
-                     or q.stage == shallowest[q.group])
+                     or q.stage == shallowest[q.group]
+                     or (load_aware and backlog.get(q.group, 0) < self.config.max_batch))
             oldest = q.oldest()
             if not ready and now - oldest < wait:
                 continue
