@@ -415,3 +415,32 @@ def assert_covers(rows: Sequence[Mapping[str, Any]], axes: Mapping[str, Sequence
         for va, vb in itertools.product(axes[a], axes[b]):
             if allowed({a: va, b: vb}):
                 assert (repr(va), repr(vb)) in seen, f"({a}={va}, {b}={vb}) never runs"
+
+
+# -- tiny padded text models (Hugging Face encoders with masked-mean exits) ------------------
+
+
+def tiny_bert_exits(layers: int = 2, after: Sequence[int] = (1,), vocab: int = 50,
+                    seed: int = 0) -> Any:
+    """A random transformers ``BertModel`` (hidden 16, 2 heads, FFN 32) of ``layers`` layers
+    as an ``eenet.nn.hf_encoder_exits`` network with masked-mean exits after ``after`` and
+    2 classes, in eval mode; skips the test without transformers."""
+    transformers = pytest.importorskip("transformers")
+    from eenet.nn import hf_encoder_exits
+
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(vocab_size=vocab, hidden_size=16, num_hidden_layers=layers,
+                                     num_attention_heads=2, intermediate_size=32,
+                                     max_position_embeddings=64)
+    model = transformers.BertModel(config, add_pooling_layer=False).eval()
+    return hf_encoder_exits(model, tuple(after), 2, head="mean").eval()
+
+
+def padded_ids(lengths: Sequence[int], width: int, vocab: int = 50, seed: int = 0
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids (N, width) int64 from [3, vocab), 0 (the padding id) where the (N, width) int64
+    mask, 1 on each row's first ``lengths[i]`` positions, is 0."""
+    g = torch.Generator().manual_seed(seed)
+    mask = (torch.arange(width)[None, :] < torch.tensor(list(lengths))[:, None]).long()
+    ids = torch.randint(3, vocab, (len(lengths), width), generator=g).masked_fill(mask == 0, 0)
+    return ids, mask

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import padded_ids, tiny_bert_exits
 
 from eenet.batches import check_padding, split_batch
-from eenet.nn import ExitHead, MultiExitNetwork, attach_exits, hf_encoder_exits
+from eenet.nn import ExitHead, MultiExitNetwork, attach_exits
 from eenet.policies import MaxProb, collect_exit_logits
 from eenet.runtime import Engine
 from eenet.train import multi_exit
@@ -37,16 +38,8 @@ def test_split_batch_refuses(batch: object, error: type, match: str) -> None:
 
 
 def _mean_net() -> tuple[MultiExitNetwork, torch.Tensor, torch.Tensor, torch.Tensor]:
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
-                                     num_attention_heads=2, intermediate_size=32,
-                                     max_position_embeddings=16)
-    net = hf_encoder_exits(transformers.BertModel(config).eval(), (1,), 2, head="mean")
-    lengths = torch.tensor([8, 3, 5, 1, 8, 2])
-    mask = (torch.arange(8)[None, :] < lengths[:, None]).long()
-    ids = torch.randint(3, 50, (6, 8)).masked_fill(mask == 0, 0)
-    return net, ids, mask, torch.tensor([0, 1, 0, 1, 1, 0])
+    ids, mask = padded_ids([8, 3, 5, 1, 8, 2], 8)
+    return tiny_bert_exits(), ids, mask, torch.tensor([0, 1, 0, 1, 1, 0])
 
 
 def test_padded_ids_without_their_mask_are_refused() -> None:

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_bert_exits
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root holds bench/
 
 from bench import peers, runner
 from bench.e2e import ForcedRate
-from eenet.nn import ExitHead, MultiExitNetwork, hf_encoder_exits
+from eenet.nn import ExitHead, MultiExitNetwork
 from eenet.policies import ExitPolicy, MaxProb, Patience
 from eenet.runtime import simulate, timing
 from eenet_kernels.triton import interpreting
@@ -300,15 +301,8 @@ VOCAB = 100
 
 
 def _tiny_bert(seed: int = 0) -> MultiExitNetwork:
-    """A random 3-layer transformers BertModel (hidden 16, 2 heads) with masked-mean exits
-    after layers 1, 2 and 3."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(seed)
-    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=3,
-                                     num_attention_heads=2, intermediate_size=32,
-                                     max_position_embeddings=64)
-    model = transformers.BertModel(config, add_pooling_layer=False)
-    return hf_encoder_exits(model, (1, 2), 2, head="mean").eval()
+    """A random 3-layer BERT with masked-mean exits after layers 1, 2 and 3."""
+    return tiny_bert_exits(layers=3, after=(1, 2), vocab=VOCAB, seed=seed)
 
 
 def _padded_ids(n: int, width: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from conftest import padded_ids, tiny_bert_exits
 from test_compiled_mode import _assert_matches_compact, _median_policy, _mlp_net, _switch_batch
 from test_compiled_mode import _switch_net as switch_net
 
@@ -146,17 +147,8 @@ def test_row_inputs_travel_with_the_rows() -> None:
 
 
 def test_padded_text_through_graphs() -> None:
-    transformers = pytest.importorskip("transformers")
-    from eenet.nn import hf_encoder_exits
-
-    torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=3,
-                                     num_attention_heads=2, intermediate_size=32,
-                                     max_position_embeddings=16)
-    net = hf_encoder_exits(transformers.BertModel(config).eval(), (1, 2), 2, head="mean")
-    lengths = torch.tensor([12, 3, 7, 1, 12, 5, 9, 2, 11, 4, 6])
-    mask = (torch.arange(12)[None, :] < lengths[:, None]).long()
-    ids = torch.randint(3, 60, (11, 12)).masked_fill(mask == 0, 0)
+    net = tiny_bert_exits(layers=3, after=(1, 2))
+    ids, mask = padded_ids([12, 3, 7, 1, 12, 5, 9, 2, 11, 4, 6], 12)
     policy = _median_policy(MaxProb, net, ids, attention_mask=mask)
     compact = Engine(net, policy, mode="compact")
     with torch.no_grad():

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import padded_ids, tiny_bert_exits
 from torch import nn
 
 from eenet import cli, models
@@ -157,17 +158,8 @@ def test_deadline_is_passed_on(cnn_server) -> None:
 
 
 def test_text_model_takes_ids_and_mask() -> None:
-    transformers = pytest.importorskip("transformers")
-    from eenet.nn import hf_encoder_exits
-
-    torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
-                                     num_attention_heads=2, intermediate_size=32,
-                                     max_position_embeddings=16)
-    net = hf_encoder_exits(transformers.BertModel(config).eval(), (1,), 2, head="mean")
-    lengths = torch.tensor([8, 3, 5, 1, 8, 2])
-    mask = (torch.arange(8)[None, :] < lengths[:, None]).long()
-    ids = torch.randint(3, 50, (6, 8)).masked_fill(mask == 0, 0)
+    net = tiny_bert_exits()
+    ids, mask = padded_ids([8, 3, 5, 1, 8, 2], 8)
     policy = MaxProb([0.6, 0.0])
     ref = simulate(net, policy, ids, attention_mask=mask)
     with (ServingEngine(net, policy, ServingConfig(max_batch=8)) as engine,
