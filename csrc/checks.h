@@ -246,6 +246,23 @@ inline void check_exit_write_args(
   }
 }
 
+// Every metadata check of an exit_score_write call, as each backend makes it before it runs:
+// the exit_score arguments, then the write arguments (no input may overlap an output).
+inline void check_exit_score_write_call(
+    const at::Tensor& feats, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const std::string& policy, double threshold, const std::optional<at::Tensor>& prev_scores,
+    const std::optional<at::Tensor>& prev_preds, const std::optional<at::Tensor>& sched_weight,
+    bool use_vote, double sched_bias, const at::Tensor& row_index, int64_t exit_index,
+    const at::Tensor& out_logits, const at::Tensor& out_score, const at::Tensor& out_exit) {
+  check_exit_score_args("exit_score_write", feats, weight, bias, policy, threshold,
+                        prev_scores, prev_preds, sched_weight, use_vote, sched_bias);
+  check_exit_write_args(feats, weight, row_index, exit_index, out_logits, out_score, out_exit,
+                        {{"bias", &bias},
+                         {"prev_scores", &prev_scores},
+                         {"prev_preds", &prev_preds},
+                         {"sched_weight", &sched_weight}});
+}
+
 // Value checks of the exit ops (CPU tensors): sched_weight finite; row_index values in
 // [0, n0) and distinct. `rows` is row_index as contiguous int64.
 inline void check_exit_values(const char* op, const at::Tensor* sched_weight,

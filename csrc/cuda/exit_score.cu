@@ -202,13 +202,9 @@ ExitResult exit_score_write_cuda(
     const at::Tensor& out_score, const at::Tensor& out_exit) {
   const std::string policy(policy_sv);
   const char* op = "exit_score_write";
-  check_exit_score_args(op, feats, weight, bias, policy, threshold, prev_scores, prev_preds,
-                        sched_weight, use_vote, sched_bias);
-  check_exit_write_args(feats, weight, row_index, exit_index, out_logits, out_score, out_exit,
-                        {{"bias", &bias},
-                         {"prev_scores", &prev_scores},
-                         {"prev_preds", &prev_preds},
-                         {"sched_weight", &sched_weight}});
+  check_exit_score_write_call(feats, weight, bias, policy, threshold, prev_scores, prev_preds,
+                              sched_weight, use_vote, sched_bias, row_index, exit_index,
+                              out_logits, out_score, out_exit);
   const WriteArgs write{row_index, exit_index, out_logits, out_score, out_exit};
   return run_exit(feats, weight, bias, policy, threshold, is_last, prev_scores, prev_preds,
                   sched_weight, sched_bias, use_vote, &write, op);
