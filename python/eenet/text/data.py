@@ -113,6 +113,16 @@ def verify_file(path: str | os.PathLike) -> str:
     return digest
 
 
+def _check_labels(labels: object, rows: int, what: str) -> None:
+    """``labels`` a 1-D int64 tensor with one label per row (``rows`` ``what``)."""
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 1:
+        raise ValueError("labels must be a 1-D tensor")
+    if labels.dtype != torch.int64:
+        raise ValueError(f"labels must be int64, got {labels.dtype}")
+    if rows != labels.shape[0]:
+        raise ValueError(f"{rows} {what} but {labels.shape[0]} labels")
+
+
 @dataclass(frozen=True)
 class TextSplit:
     """Texts with their labels: ``texts`` N strings, ``labels`` (N,) int64."""
@@ -121,12 +131,7 @@ class TextSplit:
     labels: torch.Tensor
 
     def __post_init__(self) -> None:
-        if not isinstance(self.labels, torch.Tensor) or self.labels.dim() != 1:
-            raise ValueError("labels must be a 1-D tensor")
-        if self.labels.dtype != torch.int64:
-            raise ValueError(f"labels must be int64, got {self.labels.dtype}")
-        if len(self.texts) != self.labels.shape[0]:
-            raise ValueError(f"{len(self.texts)} texts but {self.labels.shape[0]} labels")
+        _check_labels(self.labels, len(self.texts), "texts")
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -278,12 +283,7 @@ class Encoded:
     labels: torch.Tensor
 
     def __post_init__(self) -> None:
-        if not isinstance(self.labels, torch.Tensor) or self.labels.dim() != 1:
-            raise ValueError("labels must be a 1-D tensor")
-        if self.labels.dtype != torch.int64:
-            raise ValueError(f"labels must be int64, got {self.labels.dtype}")
-        if len(self.ids) != self.labels.shape[0]:
-            raise ValueError(f"{len(self.ids)} id rows but {self.labels.shape[0]} labels")
+        _check_labels(self.labels, len(self.ids), "id rows")
         for i, row in enumerate(self.ids):
             if not isinstance(row, torch.Tensor) or row.dim() != 1 or row.dtype != torch.int64:
                 raise ValueError(f"ids[{i}] must be a 1-D int64 tensor")
