@@ -162,20 +162,30 @@ def plot(rows: list[Row], path: str) -> None:
     sets = sorted({r.dataset for r in rows})
     fig, axes = plt.subplots(1, len(sets), figsize=(6 * len(sets), 4.5), squeeze=False)
     for ax, ds in zip(axes[0], sets, strict=True):
-        for cls in POLICY_CLASSES:
-            pts = sorted((r.achieved, r.accuracy, r.low, r.high) for r in rows
-                         if r.dataset == ds and r.policy == cls.__name__)
-            xs = [p[0] for p in pts]
-            ax.plot(xs, [p[1] for p in pts], marker="o", label=cls.__name__)
-            ax.fill_between(xs, [p[2] for p in pts], [p[3] for p in pts], alpha=0.12)
-        ax.set_title(f"{ds}: test accuracy vs cost")
-        ax.set_xlabel("average cost (fraction of the full model's FLOPs)")
-        ax.set_ylabel("accuracy")
-        ax.grid(alpha=0.3)
-        ax.legend()
+        curves = {cls.__name__: [(r.achieved, r.accuracy, r.low, r.high) for r in rows
+                                 if r.dataset == ds and r.policy == cls.__name__]
+                  for cls in POLICY_CLASSES}
+        draw_accuracy_vs_cost(ax, curves, f"{ds}: test accuracy vs cost")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def draw_accuracy_vs_cost(ax: Any, curves: dict[str, list[tuple[float, float, float, float]]],
+                          title: str) -> None:
+    """One line per policy on ``ax``: accuracy against achieved cost (a fraction of the full
+    model's FLOPs), its 95% interval shaded; ``curves`` maps a policy's name to its
+    (cost, accuracy, low, high) points."""
+    for name, points in curves.items():
+        pts = sorted(points)
+        xs = [p[0] for p in pts]
+        ax.plot(xs, [p[1] for p in pts], marker="o", label=name)
+        ax.fill_between(xs, [p[2] for p in pts], [p[3] for p in pts], alpha=0.12)
+    ax.set_title(title)
+    ax.set_xlabel("average cost (fraction of the full model's FLOPs)")
+    ax.set_ylabel("accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend()
 
 
 def require_extras(datasets: tuple[str, ...]) -> None:

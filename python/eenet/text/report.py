@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ..budget import Costs
-from ..demo import fit_policy
+from ..demo import draw_accuracy_vs_cost, fit_policy
 from ..policies import EENet, MaxProb
 from ..runtime.timing import cpu_name
 from .evaluate import (
@@ -81,16 +81,10 @@ def _plot(rows: list[PolicyRow], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for name in dict.fromkeys(r.policy for r in rows):
-        pts = sorted((r.cost_flops, r.accuracy, r.low, r.high) for r in rows if r.policy == name)
-        xs = [p[0] for p in pts]
-        ax.plot(xs, [p[1] for p in pts], marker="o", label=name)
-        ax.fill_between(xs, [p[2] for p in pts], [p[3] for p in pts], alpha=0.12)
-    ax.set_title("SST-2 test: accuracy vs achieved cost (MiniLM-L6, 5 exits)")
-    ax.set_xlabel("average cost (fraction of the full model's FLOPs)")
-    ax.set_ylabel("accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    curves = {name: [(r.cost_flops, r.accuracy, r.low, r.high) for r in rows
+                     if r.policy == name] for name in dict.fromkeys(r.policy for r in rows)}
+    draw_accuracy_vs_cost(ax, curves,
+                          "SST-2 test: accuracy vs achieved cost (MiniLM-L6, 5 exits)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
