@@ -39,7 +39,6 @@ import torch
 from conftest import (
     DTYPES,
     INTERPRET,
-    Tolerance,
     assert_logits_close,
     assert_scores_close,
     exit_tolerance,
@@ -58,7 +57,6 @@ from test_compact import (
     truth,
 )
 from test_exit_score import (  # noqa: F401  (_single_thread: one intra-op thread here too)
-    CAST_RTOL,
     INDEX_DTYPE_PAIRS,
     OUT_KINDS,
     POLICY_CASES,
@@ -69,7 +67,7 @@ from test_exit_score import (  # noqa: F401  (_single_thread: one intra-op threa
     _single_thread,
     _write_feasible,
     check_parity,
-    check_written,
+    check_write_against_reference,
     make_head,
     policy_kwargs,
     prepare_row,
@@ -300,10 +298,9 @@ WRITE_GRID = pairwise_cases(WRITE_AXES, product_seeds(WRITE_AXES, ("out_kind", "
 def test_exit_score_write_matches_reference(row: dict[str, Any]) -> None:
     """As test_exit_score.run_write_row: the op's own result against the reference, exactly
     the exiting rows written at row_index (cast / argmax), the reference write's buffers
-    wherever the decision and argmax agree."""
+    wherever the decision and argmax agree (test_exit_score.check_write_against_reference)."""
     torch.manual_seed(row_seed(row_id(row)))
     case: Case = row["case"]
-    is_last, out_kind = row["is_last"], row["out_kind"]
     feats, weight, bias, kw, threshold, row_index, bufs = write_inputs(row)
     ref_bufs = tuple(b.clone() for b in bufs)
     gpu_bufs = [b.cuda() for b in bufs]
@@ -311,34 +308,10 @@ def test_exit_score_write_matches_reference(row: dict[str, Any]) -> None:
     out = ek.exit_score_write(cuda(feats), cuda(weight), cuda(bias), row_index=row_index.cuda(),
                               exit_index=3, out_logits=gpu_bufs[0], out_score=gpu_bufs[1],
                               out_exit=gpu_bufs[2], policy=case.policy, threshold=threshold,
-                              is_last=is_last, check_finite=not row["nonfinite"],
+                              is_last=row["is_last"], check_finite=not row["nonfinite"],
                               backend=BACKEND, **cuda_kw(kw))
-    out = cpu_result(out)
-    bufs = tuple(b.cpu() for b in gpu_bufs)
-    expect = ek.ExitScore(*ref.exit_score_write(
-        feats, weight, bias, case.policy, threshold, is_last, **kw, row_index=row_index,
-        exit_index=3, out_logits=ref_bufs[0], out_score=ref_bufs[1], out_exit=ref_bufs[2]))
-    alike = check_parity(out, expect, feats, weight, bias, case, kw, threshold, is_last, ctx)
-    check_written(out, bufs, row_index, 3, is_last, ctx)
-    skip = torch.zeros(bufs[1].shape[0], dtype=torch.bool)
-    skip[row_index.long()[~alike]] = True
-    same = ~skip
-    out_logits, out_score, out_exit = bufs
-    assert torch.equal(out_exit[same], ref_bufs[2][same]), f"{ctx}: out_exit vs reference"
-    tol: Tolerance = exit_tolerance(feats, weight, bias, case.policy, kw.get("sched_weight"))
-    at = torch.full(same.shape, -1, dtype=torch.long)
-    at[row_index.long()] = torch.arange(row_index.shape[0])
-    written = same & (at >= 0)
-    score_tol = tol.score_given(out.logits, expect.logits)
-    assert_scores_close(out_score[written], ref_bufs[1][written], score_tol[at[written]], ctx)
-    if out_kind.is_floating_point:
-        got, want = out_logits[written].double(), ref_bufs[0][written].double()
-        bound = tol.logits[at[written]] + CAST_RTOL[out_kind] * want.abs()
-        finite = torch.isfinite(want)
-        assert torch.equal(torch.isfinite(got), finite), f"{ctx}: finiteness"
-        assert bool(((got - want).abs()[finite] <= bound[finite]).all()), ctx
-    else:
-        assert torch.equal(out_logits[same], ref_bufs[0][same]), f"{ctx}: preds vs reference"
+    check_write_against_reference(cpu_result(out), tuple(b.cpu() for b in gpu_bufs), ref_bufs,
+                                  row, feats, weight, bias, kw, threshold, row_index, ctx)
 
 
 def test_write_skips_out_of_range_row_index() -> None:
@@ -451,23 +424,6 @@ def test_triton_backend_still_available() -> None:
     ra = ek.exit_score(feats, weight, bias, policy="entropy", threshold=0.3, backend="triton")
     rb = ek.exit_score(feats, weight, bias, policy="entropy", threshold=0.3, backend=BACKEND)
     torch.testing.assert_close(ra.logits, rb.logits, rtol=1e-4, atol=1e-4)
-
-
-def test_opcheck_cuda_ops() -> None:
-    """Schema, fake kernel and functionalization of torch.ops.eenet.* on the CUDA kernels."""
-    feats, weight, bias = make_head(7, 33, 5, torch.float16, 3, True)
-    args = (feats.cuda(), weight.cuda(), bias.cuda(), "entropy", 0.3)
-    torch.library.opcheck(torch.ops.eenet.exit_score.default, args)
-    outs = {"row_index": torch.tensor([8, 0, 3, 1, 2, 7, 5], device="cuda"), "exit_index": 1,
-            "out_logits": torch.zeros(9, 5, device="cuda"),
-            "out_score": torch.zeros(9, device="cuda"),
-            "out_exit": torch.zeros(9, dtype=torch.int64, device="cuda")}
-    torch.library.opcheck(torch.ops.eenet.exit_score_write.default, args, outs)
-    keep = (torch.arange(9) % 2 == 0).cuda()
-    src = [torch.arange(9).cuda(), torch.randn(9, 4).cuda()]
-    torch.library.opcheck(torch.ops.eenet.compact.default, (keep, src))
-    dst = [torch.zeros_like(s) for s in src]
-    torch.library.opcheck(torch.ops.eenet.compact_out.default, (keep, src, dst))
 
 
 def test_torch_compile_fullgraph() -> None:

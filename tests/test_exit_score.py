@@ -685,13 +685,28 @@ def run_write_row(backend: str, row: dict[str, Any], threads: int = 1) -> None:
     """One exit_score_write call, checked on its own and against the reference write."""
     torch.manual_seed(row_seed(row_id(row)))
     case: Case = row["case"]
-    is_last, out_kind = row["is_last"], row["out_kind"]
     feats, weight, bias, kw, threshold, row_index, bufs = write_inputs(row)
     ref_bufs = tuple(b.clone() for b in bufs)
     ctx = f"[{backend}] {row_id(row)} threshold={threshold!r}"
     with intra_op_threads(threads):
-        out = call_write(backend, feats, weight, bias, case, kw, threshold, is_last, row_index,
-                         bufs, 3, not row["nonfinite"])
+        out = call_write(backend, feats, weight, bias, case, kw, threshold, row["is_last"],
+                         row_index, bufs, 3, not row["nonfinite"])
+    check_write_against_reference(out, bufs, ref_bufs, row, feats, weight, bias, kw,
+                                  threshold, row_index, ctx)
+
+
+def check_write_against_reference(out: ek.ExitScore, bufs: Sequence[torch.Tensor],
+                                  ref_bufs: Sequence[torch.Tensor], row: dict[str, Any],
+                                  feats: torch.Tensor, weight: torch.Tensor,
+                                  bias: torch.Tensor | None, kw: dict[str, Any],
+                                  threshold: float, row_index: torch.Tensor, ctx: str) -> None:
+    """An exit_score_write result ``out`` and the buffers it wrote (CPU tensors), at exit 3
+    of ``row``'s inputs, against the reference write into ``ref_bufs`` (untouched copies
+    of the buffers before the call): the op's own result, exactly the exiting rows written
+    at row_index (cast / argmax), and the reference write's buffers wherever the decision
+    and argmax agree."""
+    case: Case = row["case"]
+    is_last, out_kind = row["is_last"], row["out_kind"]
     expect = ek.ExitScore(*ref.exit_score_write(
         feats, weight, bias, case.policy, threshold, is_last, **kw, row_index=row_index,
         exit_index=3, out_logits=ref_bufs[0], out_score=ref_bufs[1], out_exit=ref_bufs[2]))

@@ -669,8 +669,9 @@ def test_gpu_dispatcher_routes_to_triton(cuda_backend: str) -> None:
 
 @pytest.mark.gpu
 def test_gpu_opcheck_cuda_ops(cuda_backend: str) -> None:
-    """Schema, fake kernel and functionalization of torch.ops.eenet.* on CUDA tensors (the
-    Triton launchers registered for the CUDA key)."""
+    """Schema, fake kernel and functionalization of torch.ops.eenet.* on CUDA tensors: the
+    kernels that hold the CUDA key (the Triton launchers, or the CUDA C++ kernels in an
+    EENET_CUDA=1 build)."""
     feats, weight, bias = make_head(7, 33, 5, torch.float16, 3, True)
     args = (feats.cuda(), weight.cuda(), bias.cuda(), "entropy", 0.3)
     torch.library.opcheck(torch.ops.eenet.exit_score.default, args)
