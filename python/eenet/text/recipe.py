@@ -137,12 +137,11 @@ class SplitLogits:
         return cls(list(d["logits"]), d["labels"], d["lengths"])
 
 
-def split_logits(net: MultiExitNetwork, tokenizer: Any, split: data.TextSplit,
-                 cfg: SST2Config) -> SplitLogits:
-    """:class:`SplitLogits` of ``split``, run in length-bucketed padded batches with their
-    attention masks."""
-    encoded = data.encode(tokenizer, split, cfg.max_length)
-    batches = data.LengthBuckets(encoded, cfg.eval_batch, pad_id=tokenizer.pad_token_id)
+def split_logits(net: MultiExitNetwork, encoded: data.Encoded, pad_id: int, cfg: SST2Config
+                 ) -> SplitLogits:
+    """:class:`SplitLogits` of an encoded split, run in length-bucketed padded batches
+    (padding id ``pad_id``) with their attention masks."""
+    batches = data.LengthBuckets(encoded, cfg.eval_batch, pad_id=pad_id)
     with intra_op_threads(cfg.threads):
         logits, labels = collect_exit_logits(net, batches)
     back = torch.empty_like(batches.order)
@@ -150,16 +149,15 @@ def split_logits(net: MultiExitNetwork, tokenizer: Any, split: data.TextSplit,
     return SplitLogits([z[back] for z in logits], labels[back], encoded.lengths)
 
 
-def serving_batch(tokenizer: Any, split: data.TextSplit, cfg: SST2Config
+def serving_batch(encoded: data.Encoded, pad_id: int, cfg: SST2Config
                   ) -> dict[str, torch.Tensor]:
-    """A padded batch of ``cfg.serve_batch`` sentences of the split around its median
+    """A padded batch of ``cfg.serve_batch`` rows of an encoded split around its median
     length (the batch the costs are measured on)."""
-    encoded = data.encode(tokenizer, split, cfg.max_length)
     order = torch.argsort(encoded.lengths, stable=True)
     n = min(cfg.serve_batch, len(order))
     mid = max(0, len(order) // 2 - n // 2)
     rows = order[mid:mid + n]
-    ids, mask = data.pad_batch([encoded.ids[int(i)] for i in rows], tokenizer.pad_token_id)
+    ids, mask = data.pad_batch([encoded.ids[int(i)] for i in rows], pad_id)
     return {"input_ids": ids, "attention_mask": mask}
 
 
@@ -183,10 +181,12 @@ def run(cfg: SST2Config, progress: bool = True) -> dict[str, Any]:
     net, tokenizer, history, seconds = train_sst2(cfg, progress)
     save_model(net, os.path.join(cfg.out, MODEL_FILE),
                meta={"dataset": "sst2", "config": cfg.to_dict()})
-    flops, ms = exit_costs(net, serving_batch(tokenizer, dev, cfg), cfg.threads)
+    pad = tokenizer.pad_token_id
+    dev_ids, test_ids = (data.encode(tokenizer, split, cfg.max_length) for split in (dev, test))
+    flops, ms = exit_costs(net, serving_batch(dev_ids, pad, cfg), cfg.threads)
     result = {
-        "dev": split_logits(net, tokenizer, dev, cfg).to_dict(),
-        "test": split_logits(net, tokenizer, test, cfg).to_dict(),
+        "dev": split_logits(net, dev_ids, pad, cfg).to_dict(),
+        "test": split_logits(net, test_ids, pad, cfg).to_dict(),
         "costs_flops": flops.to_dict(), "costs_ms": ms.to_dict(),
         "history": history, "train_seconds": seconds, "config": cfg.to_dict()}
     torch.save(result, os.path.join(cfg.out, LOGITS_FILE))
