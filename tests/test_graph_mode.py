@@ -1,9 +1,10 @@
 """Engine graph mode: the compact loop as graphs per (stage, batch-size bucket) on static
-buffers. On CPU the graphs are stood in for by :class:`EagerGraphs` (each capture records the
-stage function, each replay calls it again on the same buffers), which tests everything but
-the CUDA capture itself: bucket choice, the trash rows of padding, static-buffer reuse across
-batches and exit patterns, chunking, capture bookkeeping. The CUDA tests run the engine's
-``mode="graph"`` itself."""
+buffers, the bucket chosen on the host or on the device. On CPU the graphs are stood in for by
+:class:`EagerGraphs` (each capture records the stage function, each replay calls it again on
+the same buffers; a conditional branch tests its boolean on the host), which tests everything
+but the CUDA capture itself: bucket choice, the trash rows of padding, static-buffer reuse
+across batches and exit patterns, chunking, capture bookkeeping, the device-side branch
+booleans. The CUDA tests run the engine's ``mode="graph"`` itself."""
 
 from __future__ import annotations
 
@@ -19,7 +20,15 @@ from test_compiled_mode import _switch_net as switch_net
 from eenet.budget import Costs
 from eenet.policies import EENet, MaxProb, Patience
 from eenet.runtime import BudgetGuard, Engine, EngineOutput
-from eenet.runtime.graphs import EagerGraphs, GraphLoop, check_buckets, choose_bucket
+from eenet.runtime.graphs import (
+    BUCKET_CHOICES,
+    CudaGraphs,
+    EagerGraphs,
+    GraphLoop,
+    check_buckets,
+    choose_bucket,
+    conditional_nodes_missing,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -27,12 +36,19 @@ BUCKETS = (1, 2, 4, 8, 16)
 
 
 class CountingGraphs(EagerGraphs):
-    """EagerGraphs that count captures and replays, and can refuse one stage's capture."""
+    """EagerGraphs that count captures, replays and branches taken, and can refuse a
+    capture."""
 
     def __init__(self, refuse: Callable[[], bool] = lambda: False) -> None:
         self.captured = 0
         self.replayed = 0
+        self.taken = 0
         self.refuse = refuse
+
+    def branch(self, pred: torch.Tensor, fn: Callable[[], None]) -> None:
+        assert pred.shape == () and pred.dtype == torch.bool
+        self.taken += int(pred)
+        super().branch(pred, fn)
 
     def capture(self, fn: Callable[[], None]):
         if self.refuse():
@@ -50,10 +66,11 @@ class CountingGraphs(EagerGraphs):
 
 
 def _loop(engine: Engine, backend: EagerGraphs | None = None,
-          buckets: tuple[int, ...] = BUCKETS) -> GraphLoop:
+          buckets: tuple[int, ...] = BUCKETS, choice: str = "host") -> GraphLoop:
     policy = engine.policy
     return GraphLoop(engine.net, engine.exit_op_kwargs(torch.device("cpu")),
-                     policy.needs_scores, policy.needs_preds, backend or EagerGraphs(), buckets)
+                     policy.needs_scores, policy.needs_preds, backend or EagerGraphs(), buckets,
+                     choice)
 
 
 def _run(loop: GraphLoop, x: torch.Tensor, **row_inputs: torch.Tensor) -> EngineOutput:
@@ -71,9 +88,10 @@ def test_bucket_choice_and_checks() -> None:
             check_buckets(bad)
 
 
+@pytest.mark.parametrize("choice", BUCKET_CHOICES)
 @pytest.mark.parametrize("kind", [MaxProb, Patience, EENet])
 @pytest.mark.parametrize("n", [1, 3, 8, 9, 16, 40])
-def test_matches_compact_at_every_size(kind: type, n: int) -> None:
+def test_matches_compact_at_every_size(kind: type, n: int, choice: str) -> None:
     """Sizes inside, at and above the buckets (40 runs in chunks of 16); the policy's history
     (EENet with the vote feature reads earlier scores and predictions) travels with the
     rows through the static buffers."""
@@ -81,19 +99,22 @@ def test_matches_compact_at_every_size(kind: type, n: int) -> None:
     x = torch.randn(n, 10, generator=torch.Generator().manual_seed(n))
     policy = _median_policy(kind, net, torch.randn(64, 10))
     compact = Engine(net, policy, mode="compact")
-    loop = _loop(compact)
+    loop = _loop(compact, choice=choice)
     with torch.no_grad():
         want = compact(x)
     _assert_matches_compact(_run(loop, x), want, policy, net, x)
 
 
-def test_static_buffers_carry_nothing_between_calls() -> None:
+@pytest.mark.parametrize("choice", BUCKET_CHOICES)
+def test_static_buffers_carry_nothing_between_calls(choice: str) -> None:
     """Batches with different exit patterns and sizes, one after another on the same
-    buffers: stale rows of a bigger earlier batch never leak into a later one."""
+    buffers: stale rows (and, choosing on the device, stale survivor counts) of a bigger
+    earlier batch never leak into a later one."""
     net = switch_net()
     engine = Engine(net, MaxProb([0.9] * 3), mode="compact")
-    loop = _loop(engine)
-    patterns = [[2] * 16, [0, 1, 2], [1] * 9, [2, 2], [0] * 5, [2, 0, 1, 2, 2, 1, 0, 2, 2]]
+    loop = _loop(engine, choice=choice)
+    patterns = [[2] * 16, [0, 1, 2], [1] * 9, [2, 2], [0] * 5, [2, 0, 1, 2, 2, 1, 0, 2, 2],
+                [2] * 4, [0] * 4, [2] * 3, [1, 0, 1]]
     for pattern in patterns:
         x = _switch_batch(pattern)
         out = _run(loop, x)
@@ -122,6 +143,66 @@ def test_captures_once_per_stage_and_bucket() -> None:
     assert loop.nbytes == held
 
 
+def test_device_choice_captures_once_per_first_bucket() -> None:
+    """Choosing on the device, one graph per first-stage bucket runs the whole batch, and
+    each later stage runs at exactly one bucket, the smallest holding its survivors."""
+    net = switch_net()
+    backend = CountingGraphs()
+    loop = _loop(Engine(net, MaxProb([0.9] * 3)), backend, choice="device")
+    _run(loop, _switch_batch([2] * 5))             # stage 0 @ 8; 1 @ 8; 2 @ 8
+    assert (backend.captured, loop.captures) == (1, 1)
+    taken = backend.taken
+    _run(loop, _switch_batch([0, 2, 2, 1, 2]))     # the same first bucket: a replay
+    assert loop.captures == 1 and backend.replayed == 2
+    assert backend.taken == taken + 2              # stage 1 @ 4 (3 rows), stage 2 @ 1
+    _run(loop, _switch_batch([0] * 8))             # nobody goes on: no branch taken
+    assert backend.taken == taken + 2
+    _run(loop, _switch_batch([2, 1, 0]))           # a first bucket of 4: a second graph
+    assert loop.captures == 2
+
+
+@pytest.mark.parametrize("choice", BUCKET_CHOICES)
+def test_a_failing_stage_is_named(choice: str) -> None:
+    class Fails(torch.nn.Module):  # but on the one-row probe that sizes the buffers
+        def __init__(self, stage: torch.nn.Module) -> None:
+            super().__init__()
+            self.stage = stage
+
+        def forward(self, h: torch.Tensor) -> torch.Tensor:
+            if h.shape[0] > 1:
+                raise RuntimeError("cudaErrorStreamCaptureUnsupported")
+            return self.stage(h)
+
+    loop = _loop(Engine(switch_net(), MaxProb([0.9] * 3)), choice=choice)
+    loop.stages[1] = Fails(loop.stages[1])
+    with pytest.raises(RuntimeError, match=r"stage 1 \(bucket of 4 rows\) could not be "
+                       r"captured: RuntimeError: cudaErrorStreamCaptureUnsupported"):
+        _run(loop, _switch_batch([2, 2, 2]))
+
+
+def test_a_batch_graph_that_cannot_be_captured_is_named() -> None:
+    loop = _loop(Engine(switch_net(), MaxProb([0.9] * 3)), CountingGraphs(lambda: True),
+                 choice="device")
+    with pytest.raises(RuntimeError, match=r"the batch graph \(first bucket of 4 rows\)"):
+        _run(loop, _switch_batch([2, 2, 2]))
+
+
+def test_conditional_nodes_missing_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert "is not a CUDA build" in conditional_nodes_missing()
+    with pytest.raises(RuntimeError, match=r"needs CUDA graph conditional nodes: .*not a CUDA"):
+        CudaGraphs(torch.device("cuda"), conditional=True)
+    monkeypatch.setattr(torch.version, "cuda", "12.2")
+    assert "CUDA 12.2 has no graph conditional nodes" in conditional_nodes_missing()
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    if hasattr(torch.cuda.CUDAGraph, "begin_capture_to_if_node"):
+        assert conditional_nodes_missing() is None
+    monkeypatch.delattr(torch.cuda.CUDAGraph, "begin_capture_to_if_node", raising=False)
+    monkeypatch.delattr(torch._C._CUDAGraph, "begin_capture_to_if_node", raising=False)
+    assert "no CUDAGraph.begin_capture_to_if_node" in conditional_nodes_missing()
+
+
 def test_a_stage_that_cannot_be_captured_is_named() -> None:
     calls = {"n": 0}
 
@@ -134,7 +215,8 @@ def test_a_stage_that_cannot_be_captured_is_named() -> None:
         _run(loop, _switch_batch([2, 2, 2]))
 
 
-def test_row_inputs_travel_with_the_rows() -> None:
+@pytest.mark.parametrize("choice", BUCKET_CHOICES)
+def test_row_inputs_travel_with_the_rows(choice: str) -> None:
     net = _mlp_net(row_input=True)
     x = torch.randn(13, 10)
     scale = torch.rand(13, 1) + 0.5
@@ -142,19 +224,20 @@ def test_row_inputs_travel_with_the_rows() -> None:
     compact = Engine(net, policy, mode="compact")
     with torch.no_grad():
         want = compact(x, scale=scale)
-    _assert_matches_compact(_run(_loop(compact), x, scale=scale), want, policy, net, x,
-                            scale=scale)
+    _assert_matches_compact(_run(_loop(compact, choice=choice), x, scale=scale), want, policy,
+                            net, x, scale=scale)
 
 
-def test_padded_text_through_graphs() -> None:
+@pytest.mark.parametrize("choice", BUCKET_CHOICES)
+def test_padded_text_through_graphs(choice: str) -> None:
     net = tiny_bert_exits(layers=3, after=(1, 2))
     ids, mask = padded_ids([12, 3, 7, 1, 12, 5, 9, 2, 11, 4, 6], 12)
     policy = _median_policy(MaxProb, net, ids, attention_mask=mask)
     compact = Engine(net, policy, mode="compact")
     with torch.no_grad():
         want = compact(ids, attention_mask=mask)
-    _assert_matches_compact(_run(_loop(compact), ids, attention_mask=mask), want, policy, net,
-                            ids, attention_mask=mask)
+    _assert_matches_compact(_run(_loop(compact, choice=choice), ids, attention_mask=mask), want,
+                            policy, net, ids, attention_mask=mask)
 
 
 def test_engine_graph_mode_refuses_cpu_and_the_guard() -> None:
@@ -166,18 +249,28 @@ def test_engine_graph_mode_refuses_cpu_and_the_guard() -> None:
         Engine(net, MaxProb([0.5] * 3), mode="graph", guard=guard)
     with pytest.raises(ValueError, match="graph buckets"):
         Engine(net, MaxProb([0.5] * 3), mode="graph", graph_buckets=(4, 2))
+    with pytest.raises(ValueError, match="bucket choice must be one of"):
+        Engine(net, MaxProb([0.5] * 3), mode="graph", graph_bucket_choice="gpu")
+
+
+def _needs_cuda(choice: str) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    if choice == "device" and (missing := conditional_nodes_missing()) is not None:
+        pytest.skip(f"no CUDA graph conditional nodes: {missing}")
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("choice", BUCKET_CHOICES)
 @pytest.mark.parametrize("n", [1, 7, 64, 200])
-def test_cuda_graph_mode_matches_compact(n: int) -> None:
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
+def test_cuda_graph_mode_matches_compact(n: int, choice: str) -> None:
+    _needs_cuda(choice)
     net = _mlp_net().cuda()
     x = torch.randn(n, 10, device="cuda")
     policy = _median_policy(EENet, net, torch.randn(256, 10, device="cuda"))
     compact = Engine(net, policy, mode="compact")
-    graph = Engine(net, policy, mode="graph", graph_buckets=(1, 8, 64))
+    graph = Engine(net, policy, mode="graph", graph_buckets=(1, 8, 64),
+                   graph_bucket_choice=choice)
     with torch.no_grad():
         want = compact(x)
         for _ in range(3):  # capture, then replays on the same buffers
@@ -187,3 +280,31 @@ def test_cuda_graph_mode_matches_compact(n: int) -> None:
 
     _assert_matches_compact(cpu(out), cpu(want), policy, copy.deepcopy(net).cpu(), x.cpu())
     assert graph.graph_captures >= 1 and graph.graph_bytes > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("choice", BUCKET_CHOICES)
+def test_cuda_device_choice_runs_without_host_syncs(choice: str) -> None:
+    """Under CUDA's sync debug mode "error" a host sync raises: the device bucket choice runs
+    replayed batches of changing exit patterns without one, the host choice (one read per
+    stage) raises, which shows the check sees syncs."""
+    _needs_cuda(choice)
+    net = switch_net().cuda()
+    engine = Engine(net, MaxProb([0.9] * 3), mode="graph", graph_buckets=(1, 2, 4, 8),
+                    graph_bucket_choice=choice)
+    patterns = [[2] * 8, [0, 1, 2, 2, 1, 0, 2, 2], [0] * 8, [1, 1, 2, 0, 0, 0, 0, 0]]
+    batches = [_switch_batch(p).cuda() for p in patterns]
+    for x in batches:  # captures
+        engine(x)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        if choice == "host":
+            with pytest.raises(RuntimeError, match="synchroniz"):
+                engine(batches[1])
+            return
+        outs = [engine(x) for x in batches]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    for out, pattern in zip(outs, patterns, strict=True):
+        assert out.exit_index.cpu().tolist() == pattern

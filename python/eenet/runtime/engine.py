@@ -38,7 +38,7 @@ import eenet_kernels as ek
 
 from ..nn.heads import head_row_inputs
 from .compiled import COMPILE_BACKENDS, CompactLoop, CompiledLoop
-from .graphs import DEFAULT_BUCKETS, CudaGraphs, GraphLoop, check_buckets
+from .graphs import DEFAULT_BUCKETS, CudaGraphs, GraphLoop, check_bucket_choice, check_buckets
 from .guard import BudgetGuard, GuardLedger
 from .loop import RowState, run_stages
 from .telemetry import Recorder, Telemetry
@@ -432,8 +432,13 @@ class Engine:
     ``graph_buckets``, default :data:`~eenet.runtime.graphs.DEFAULT_BUCKETS`; larger batches
     are served in chunks of the largest); each stage replays the smallest bucket holding the
     survivors, chosen after one device-to-host read of the survivor count per stage.
-    :attr:`graph_captures` and :attr:`graph_bytes` report what was captured and held. No
-    budget guard (``ValueError``).
+    ``graph_bucket_choice="device"`` chooses it on the device instead: one graph per
+    first-stage bucket holds the whole batch, each later stage's buckets in CUDA graph
+    conditional nodes, so a batch runs with no host sync (CUDA 12.4+ and a torch with
+    conditional-node capture; the first call says what is missing otherwise). It captures
+    more: every stage at every bucket up to the batch's, per first-stage bucket.
+    :attr:`graph_captures` (graphs captured) and :attr:`graph_bytes` report what was
+    captured and held. No budget guard (``ValueError``).
 
     Threads: an engine keeps per-call state (its buffers) and runs one batch at a time; a
     call while another is running (from another thread) raises ``RuntimeError``. Give each
@@ -445,7 +450,8 @@ class Engine:
                  cache_bytes: int = CACHE_BYTES, guard: BudgetGuard | None = None,
                  costs: Costs | None = None, telemetry: bool = True,
                  compile_backend: str = "inductor",
-                 graph_buckets: Sequence[int] = DEFAULT_BUCKETS) -> None:
+                 graph_buckets: Sequence[int] = DEFAULT_BUCKETS,
+                 graph_bucket_choice: str = "host") -> None:
         from ..budget import Costs
 
         if mode not in ALL_MODES:
@@ -458,6 +464,7 @@ class Engine:
                              "decides on the host after every exit, which a captured graph "
                              "cannot do; use mode='compact' with the guard")
         self.graph_buckets = check_buckets(graph_buckets)
+        self.graph_bucket_choice = check_bucket_choice(graph_bucket_choice)
         if isinstance(cache_shapes, bool) or not isinstance(cache_shapes, int) or (
                 cache_shapes < 1):
             raise ValueError(f"cache_shapes must be a positive int, got {cache_shapes!r}")
@@ -650,8 +657,10 @@ class Engine:
             return self._empty_output(x)
         loop = self._graphs.get(device)
         if loop is None:
+            choice = self.graph_bucket_choice
+            backend = CudaGraphs(device, conditional=choice == "device")
             loop = GraphLoop(self.net, self.exit_op_kwargs(device), self.policy.needs_scores,
-                             self.policy.needs_preds, CudaGraphs(device), self.graph_buckets)
+                             self.policy.needs_preds, backend, self.graph_buckets, choice)
             self._graphs[device] = loop
         logits, exit_index, score = loop(x, row_inputs)
         return EngineOutput(logits, exit_index, score)

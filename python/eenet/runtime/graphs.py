@@ -24,19 +24,30 @@ captures reserved in their memory pool. A stage that cannot be captured (it sync
 with the host or allocates in a way CUDA graphs forbid) raises ``RuntimeError`` naming the
 stage and bucket.
 
+Bucket choice on the device (``bucket_choice="device"``): instead of one graph per (stage,
+bucket) and a host read between stages, one graph per first-stage bucket holds the whole
+batch. After each exit, a device-side test of the survivor count against every bucket at or
+below the batch's sets one boolean per bucket, and each bucket's stage step sits in a CUDA
+graph conditional IF node on its boolean, so exactly the smallest bucket that holds the
+survivors runs (none when no row goes on). The survivor counts are zeroed at the start of
+the graph, so that a stage whose predecessor did not run sees no survivors. A batch then
+runs with no host sync at all. It needs conditional nodes (CUDA 12.4 and a torch whose
+``CUDAGraph`` has ``begin_capture_to_if_node``; :func:`conditional_nodes_missing` says what
+is missing) and captures ``stages x buckets`` stage bodies per first-stage bucket.
+
 How a graph is captured and replayed is a :class:`GraphBackend`'s business:
 :class:`CudaGraphs` captures ``torch.cuda.CUDAGraph`` objects sharing one memory pool;
 :class:`EagerGraphs` records the stage function and calls it again on replay, so that the
 host-side logic (bucket choice, static-buffer reuse, the trash slot, capture bookkeeping) is
-tested on CPU against compact mode.
+tested on CPU against compact mode; its conditional branch tests the boolean on the host.
 
-Not supported: the budget guard (the engine refuses it in this mode) and batches larger
-than the largest bucket, which are served in chunks of it. Choosing the bucket on the device
-(CUDA graph conditional nodes), which would remove the per-stage read, is not implemented.
+Not supported: the budget guard (the engine refuses it in this mode). Batches larger than
+the largest bucket are served in chunks of it.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -48,10 +59,12 @@ import eenet_kernels as ek
 
 from ..nn.heads import head_row_inputs
 
-__all__ = ["DEFAULT_BUCKETS", "CudaGraphs", "EagerGraphs", "GraphBackend", "GraphLoop",
-           "choose_bucket"]
+__all__ = ["BUCKET_CHOICES", "DEFAULT_BUCKETS", "CudaGraphs", "EagerGraphs", "GraphBackend",
+           "GraphLoop", "choose_bucket", "conditional_nodes_missing"]
 
 DEFAULT_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
+# "host": a device-to-host read of the survivor count per stage; "device": conditional nodes
+BUCKET_CHOICES: tuple[str, ...] = ("host", "device")
 
 
 def check_buckets(buckets: Sequence[int]) -> tuple[int, ...]:
@@ -72,6 +85,31 @@ def choose_bucket(n: int, buckets: Sequence[int]) -> int:
     raise ValueError(f"{n} rows exceed the largest graph bucket {buckets[-1]}")
 
 
+def check_bucket_choice(choice: str) -> str:
+    """One of :data:`BUCKET_CHOICES`."""
+    if choice not in BUCKET_CHOICES:
+        raise ValueError(f"graph bucket choice must be one of {BUCKET_CHOICES}, got {choice!r}")
+    return choice
+
+
+def conditional_nodes_missing() -> str | None:
+    """Why this torch cannot put CUDA graph conditional nodes in a capture, or ``None`` when
+    it can (a CUDA 12.4+ build whose ``torch.cuda.CUDAGraph`` has
+    ``begin_capture_to_if_node``)."""
+    if torch.version.cuda is None or torch.version.hip is not None:
+        return f"torch {torch.__version__} is not a CUDA build"
+    try:
+        major, minor = (int(p) for p in torch.version.cuda.split(".")[:2])
+    except ValueError:
+        return f"unrecognised CUDA version {torch.version.cuda!r}"
+    if (major, minor) < (12, 4):
+        return f"CUDA {torch.version.cuda} has no graph conditional nodes (they need 12.4)"
+    if not hasattr(torch.cuda.CUDAGraph, "begin_capture_to_if_node"):
+        return (f"torch {torch.__version__} has no CUDAGraph.begin_capture_to_if_node "
+                "(conditional nodes in a stream capture)")
+    return None
+
+
 class Replayable(Protocol):
     def replay(self) -> None: ...
 
@@ -80,6 +118,11 @@ class GraphBackend(Protocol):
     """Captures a function into something that replays it on the same buffers."""
 
     def capture(self, fn: Callable[[], None]) -> Replayable: ...
+
+    def branch(self, pred: torch.Tensor, fn: Callable[[], None]) -> None:
+        """Inside a function being captured: ``fn``'s work runs on replay only where the 0-d
+        bool tensor ``pred`` (on the capture's device, set earlier in the captured work)
+        holds at that point of the replay."""
 
     def reserved_bytes(self) -> int: ...
 
@@ -100,6 +143,11 @@ class EagerGraphs:
         fn()
         return _Recorded(fn)
 
+    def branch(self, pred: torch.Tensor, fn: Callable[[], None]) -> None:
+        """Runs ``fn`` now if ``pred`` holds (read on the host)."""
+        if bool(pred):
+            fn()
+
     def reserved_bytes(self) -> int:
         return 0
 
@@ -108,11 +156,17 @@ class CudaGraphs:
     """``torch.cuda.CUDAGraph`` capture on ``device``: two warm-up calls on a side stream
     (lazy initialisations and autotuning happen outside the capture), then the capture into
     a memory pool that every graph of this backend shares (they replay one after another on
-    one stream, and their temporaries are dead between replays)."""
+    one stream, and their temporaries are dead between replays). ``conditional=True``
+    enables :meth:`branch` (``RuntimeError`` saying what is missing where this torch has no
+    conditional nodes)."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, conditional: bool = False) -> None:
         if device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, got {device}")
+        if conditional and (missing := conditional_nodes_missing()) is not None:
+            raise RuntimeError(f"graph bucket choice 'device' needs CUDA graph conditional "
+                               f"nodes: {missing}; use the bucket choice 'host'")
+        self.conditional = conditional
         self.device = device
         self.pool = torch.cuda.graph_pool_handle()
         self.stream = torch.cuda.Stream(device)
@@ -131,6 +185,22 @@ class CudaGraphs:
             fn()
         self._reserved += max(0, torch.cuda.memory_reserved(self.device) - before)
         return graph
+
+    def branch(self, pred: torch.Tensor, fn: Callable[[], None]) -> None:
+        """During the capture, ``fn`` goes into a conditional IF node on ``pred``. During the
+        warm-up calls (no capture running) ``fn`` runs whatever ``pred`` holds, so that every
+        branch's lazy initialisations happen before the capture."""
+        if not self.conditional:
+            raise RuntimeError("this CudaGraphs backend was made without conditional=True")
+        if not torch.cuda.is_current_stream_capturing():
+            fn()
+            return
+        graph = torch.cuda.CUDAGraph.get_currently_capturing_graph()
+        graph.begin_capture_to_if_node(pred)
+        try:
+            fn()
+        finally:
+            graph.end_capture_to_conditional_node()
 
     def reserved_bytes(self) -> int:
         return self._reserved
@@ -154,17 +224,29 @@ class _StageBuffers:
         return sum(t.numel() * t.element_size() for t in ts)
 
 
+class _StageFailed(Exception):
+    """Raised out of a stage step during a capture: which stage, at which bucket."""
+
+    def __init__(self, stage: int, bucket: int) -> None:
+        super().__init__(f"stage {stage} (bucket of {bucket} rows) failed")
+        self.stage = stage
+        self.bucket = bucket
+
+
 class GraphLoop:
     """The compact loop of ``net`` under fixed exit rules as replayed graphs (module
     docstring). ``stage_kwargs``: per exit, the keyword arguments of
     ``ek.exit_score_write`` that do not change from batch to batch
-    (:meth:`eenet.runtime.Engine.exit_op_kwargs`). ``loop(x, row_inputs)`` returns
+    (:meth:`eenet.runtime.Engine.exit_op_kwargs`). ``bucket_choice``: ``"host"`` (a graph
+    per stage and bucket, the survivor count read between stages) or ``"device"`` (a graph
+    per first-stage bucket, conditional nodes choose the later stages' buckets; the backend
+    must support :meth:`GraphBackend.branch`). ``loop(x, row_inputs)`` returns
     ``(logits (N, C) float32, exit_index (N,) int64, score (N,) float32)`` in input order,
     fresh tensors each call."""
 
     def __init__(self, net: torch.nn.Module, stage_kwargs: Sequence[dict[str, Any]],
                  needs_scores: bool, needs_preds: bool, backend: GraphBackend,
-                 buckets: Sequence[int] = DEFAULT_BUCKETS) -> None:
+                 buckets: Sequence[int] = DEFAULT_BUCKETS, bucket_choice: str = "host") -> None:
         self.stages = list(net.stages)
         self.heads = list(net.heads)
         self.stage_kwargs = [dict(kw) for kw in stage_kwargs]
@@ -172,6 +254,7 @@ class GraphLoop:
         self.needs_preds = needs_preds
         self.backend = backend
         self.buckets = check_buckets(buckets)
+        self.bucket_choice = check_bucket_choice(bucket_choice)
         self.num_classes = self.heads[-1].classifier.out_features
         self.captures = 0
         # per input signature: static buffers per stage, result buffers, counts, graphs
@@ -208,35 +291,66 @@ class GraphLoop:
         first.index[:n].copy_(plan.arange[:n])
         first.index[n:b].copy_(plan.trash[n:b])
         plan.out_exit[:n].fill_(-1)
-        last = len(self.stages) - 1
-        for k in range(len(self.stages)):
-            self._graph(plan, k, b).replay()
-            if k == last:
-                break
-            survivors = int(plan.counts[k])  # the stage's one device-to-host read
-            if survivors == 0:
-                break
-            b = choose_bucket(survivors, self.buckets)
+        if self.bucket_choice == "device":
+            self._graph(plan, ("batch", b), functools.partial(self._batch_step, plan, b)
+                        ).replay()
+        else:
+            last = len(self.stages) - 1
+            for k in range(len(self.stages)):
+                self._graph(plan, (k, b), functools.partial(self._stage_step, plan, k, b)
+                            ).replay()
+                if k == last:
+                    break
+                survivors = int(plan.counts[k])  # the stage's one device-to-host read
+                if survivors == 0:
+                    break
+                b = choose_bucket(survivors, self.buckets)
         return plan.out_logits[:n].clone(), plan.out_exit[:n].clone(), plan.out_score[:n].clone()
 
-    def _graph(self, plan: _Plan, k: int, b: int) -> Replayable:
-        graph = plan.graphs.get((k, b))
+    def _graph(self, plan: _Plan, key: tuple, step: Callable[[], None]) -> Replayable:
+        graph = plan.graphs.get(key)
         if graph is None:
             try:
-                graph = self.backend.capture(lambda: self._stage_step(plan, k, b))
+                graph = self.backend.capture(step)
             except Exception as exc:
+                if isinstance(exc, _StageFailed):
+                    where, cause = f"stage {exc.stage} (bucket of {exc.bucket} rows)", exc.__cause__
+                elif key[0] == "batch":
+                    where, cause = f"the batch graph (first bucket of {key[1]} rows)", exc
+                else:
+                    where, cause = f"stage {key[0]} (bucket of {key[1]} rows)", exc
                 raise RuntimeError(
-                    f"graph mode: stage {k} (bucket of {b} rows) could not be captured: "
-                    f"{type(exc).__name__}: {exc}. A stage captured in a CUDA graph must "
-                    "not synchronise with the host (.item(), .tolist(), nonzero, printing a "
-                    "tensor) nor depend on values read back; use mode='compact' for it"
-                ) from exc
-            plan.graphs[(k, b)] = graph
+                    f"graph mode: {where} could not be captured: {type(cause).__name__}: "
+                    f"{cause}. A stage captured in a CUDA graph must not synchronise with the "
+                    "host (.item(), .tolist(), nonzero, printing a tensor) nor depend on "
+                    "values read back; use mode='compact' for it") from cause
+            plan.graphs[key] = graph
             self.captures += 1
         return graph
 
+    def _batch_step(self, plan: _Plan, b0: int) -> None:
+        """The whole batch from a first-stage bucket of b0 rows, each later stage's bucket
+        chosen on the device: what a ``bucket_choice="device"`` graph records."""
+        plan.counts.zero_()
+        self._stage_step(plan, 0, b0)
+        below = [b for b in self.buckets if b <= b0]
+        for k in range(1, len(self.stages)):
+            survivors = plan.counts[k - 1]
+            smaller = 0
+            for j, b in enumerate(below):
+                pred = plan.branch_preds[k - 1, j]
+                torch.logical_and(survivors > smaller, survivors <= b, out=pred)
+                self.backend.branch(pred, functools.partial(self._stage_step, plan, k, b))
+                smaller = b
+
     def _stage_step(self, plan: _Plan, k: int, b: int) -> None:
         """Stage k on the first b rows of its static buffers: what a graph records."""
+        try:
+            self._stage_work(plan, k, b)
+        except Exception as exc:
+            raise _StageFailed(k, b) from exc
+
+    def _stage_work(self, plan: _Plan, k: int, b: int) -> None:
         src = plan.stage[k]
         inputs = {name: t[:b] for name, t in src.inputs.items()}
         h = self.stages[k](src.x[:b], **inputs)
@@ -307,15 +421,18 @@ class GraphLoop:
                                    device=device),
             out_score=torch.zeros((2 * rows,), dtype=torch.float32, device=device),
             out_exit=torch.full((2 * rows,), -1, dtype=torch.int64, device=device),
-            counts=torch.zeros((k_exits,), dtype=torch.int64, device=device))
+            counts=torch.zeros((k_exits,), dtype=torch.int64, device=device),
+            branch_preds=torch.zeros((max(k_exits - 1, 0), len(self.buckets)),
+                                     dtype=torch.bool, device=device))
 
 
 @dataclass
 class _Plan:
     """Everything one input signature's graphs read and write: per stage its static input
     buffers, the result buffers (rows ``rows .. 2 rows - 1`` are the trash rows, ``trash``
-    their indices), the survivor count of every exit, and the graphs captured so far by
-    (stage, bucket)."""
+    their indices), the survivor count of every exit, the conditional nodes' booleans (exit
+    k - 1, bucket j: whether stage k runs at bucket j; bucket choice "device"), and the graphs
+    captured so far by (stage, bucket), or by ("batch", first bucket)."""
 
     stage: list[_StageBuffers]
     arange: torch.Tensor
@@ -324,10 +441,11 @@ class _Plan:
     out_score: torch.Tensor
     out_exit: torch.Tensor
     counts: torch.Tensor
-    graphs: dict[tuple[int, int], Replayable] = field(default_factory=dict)
+    branch_preds: torch.Tensor
+    graphs: dict[tuple, Replayable] = field(default_factory=dict)
 
     def nbytes(self) -> int:
         ts = [self.out_logits, self.out_score, self.out_exit, self.counts, self.arange,
-              self.trash]
+              self.trash, self.branch_preds]
         return sum(s.nbytes() for s in self.stage) + sum(
             t.numel() * t.element_size() for t in ts)
