@@ -52,6 +52,7 @@ from torch import nn
 
 from eenet.nn import ExitHead, MultiExitNetwork, hf_encoder_exits
 from eenet.policies import MaxProb, thresholds_for_fractions
+from eenet.runtime.graphs import conditional_nodes_missing
 from eenet.runtime.timing import Stats
 from eenet.text import data as text_data
 
@@ -654,7 +655,15 @@ def _check(mode: str, run: peers.Runner, stream: Sequence[Batch], exits: torch.T
 # Report.
 
 MODE_ORDER: tuple[str, ...] = ("full", "mask", "bool_index", "batchcond", "batch1", "compact",
-                               "compiled", "graph", "ideal")
+                               "compiled", "graph", "graph_device", "ideal")
+ENGINE_MODE_NOTES: dict[str, str] = {
+    "compiled": "compiled = Engine compiled (the compact loop as one torch.compile graph, "
+                "compiled before timing)",
+    "graph": "graph = Engine graph (CUDA graphs per stage and batch bucket, the bucket chosen "
+             "after one host read per stage)",
+    "graph_device": "graph_device = Engine graph with graph_bucket_choice='device' (one CUDA "
+                    "graph per batch, the buckets chosen by conditional nodes: no host read)",
+}
 MODE_COLORS: dict[str, str] = {m: f"C{i}" for i, m in enumerate(MODE_ORDER)}
 
 
@@ -825,8 +834,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="2 timed runs each (smoke test)")
     ap.add_argument("--engine-modes", default=None,
                     help=f"comma-separated engine modes timed beside compact, of "
-                         f"{list(peers.ENGINE_MODES)} (default: graph on cuda, none on cpu; "
-                         "compiled compiles a graph per batch size first)")
+                         f"{list(peers.ENGINE_MODES)} (default on cuda: graph, and "
+                         "graph_device where torch has CUDA graph conditional nodes; none on "
+                         "cpu; compiled compiles a graph per batch size first)")
     ap.add_argument("--name", default=None, help="results name (default e2e, e2e_quick)")
     args = ap.parse_args(argv)
     if cuda_missing("bench.e2e", args.device):
@@ -846,12 +856,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     stamp = environment(device)
     start = time.perf_counter()
     gpu = device.type == "cuda"
-    engine_modes = (["graph"] if gpu else []) if args.engine_modes is None else [
-        m.strip() for m in args.engine_modes.split(",") if m.strip()]
-    bad = [m for m in engine_modes if m not in peers.ENGINE_MODES or (m == "graph" and not gpu)]
+    if args.engine_modes is None:
+        engine_modes = ["graph"] if gpu else []
+        if gpu and (missing := conditional_nodes_missing()) is None:
+            engine_modes.append("graph_device")
+        elif gpu:
+            _log(f"note: graph_device not timed: {missing}")
+    else:
+        engine_modes = [m.strip() for m in args.engine_modes.split(",") if m.strip()]
+    bad = [m for m in engine_modes
+           if m not in peers.ENGINE_MODES or (m in peers.GRAPH_MODES and not gpu)]
     if bad:
         ap.error(f"engine modes {bad} cannot run here; choose from {list(peers.ENGINE_MODES)} "
-                 "(graph needs --device cuda)")
+                 "(graph and graph_device need --device cuda)")
     workloads, rows = [], []
     for n in names:
         started = time.perf_counter()
@@ -873,7 +890,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "BatchCond ABR (mask or drop per stage from a profiled table; bench/peers.py); "
         "batch1 = DeeBERT/SDN one sample at a time (only at small batches); compact = ours "
         "(Engine compact); ideal = sum of each stage's (+ exit head's) standalone time at "
-        "its survivor batch size.",
+        "its survivor batch size." + (
+            " Engine modes beside compact: " + "; ".join(ENGINE_MODE_NOTES[m] for m in
+                                                         engine_modes) + "."
+            if engine_modes else ""),
         "per (workload, batch size, exit rate), all modes and the ideal are timed "
         "interleaved run by run on the same stream, so their ratios see the same load.",
         "host syncs on CPU = aten::_local_scalar_dense + aten::nonzero events of one profiled "

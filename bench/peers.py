@@ -54,8 +54,11 @@ MODES: tuple[str, ...] = ("full", "mask", "bool_index", "batchcond", "batch1", "
 PEERS: tuple[str, ...] = ("full", "mask", "bool_index", "batchcond", "batch1")
 OURS = "compact"
 # the engine's other execution modes, measured beside compact when asked for: the compact
-# loop as one torch.compile graph, and as CUDA graphs per (stage, bucket) (CUDA only)
-ENGINE_MODES: tuple[str, ...] = ("compiled", "graph")
+# loop as one torch.compile graph, as CUDA graphs per (stage, bucket) with the bucket chosen
+# after a host read per stage, and as one CUDA graph per batch with the buckets chosen on the
+# device by conditional nodes (both CUDA only)
+ENGINE_MODES: tuple[str, ...] = ("compiled", "graph", "graph_device")
+GRAPH_MODES: tuple[str, ...] = ("graph", "graph_device")
 
 Runner = Callable[..., EngineOutput]  # runner(x, **row_inputs)
 RowInputs = Mapping[str, torch.Tensor]
@@ -366,6 +369,8 @@ def make_runner(mode: str, net: torch.nn.Module, policy: ExitPolicy, *,
     ``batchcond`` needs its cost ``table``."""
     if mode in ("full", "mask", "compact"):
         return Engine(net, policy, mode=mode, backend=backend)
+    if mode == "graph_device":
+        return Engine(net, policy, mode="graph", graph_bucket_choice="device")
     if mode in ENGINE_MODES:
         return Engine(net, policy, mode=mode)
     if mode == "bool_index":

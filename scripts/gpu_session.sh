@@ -4,7 +4,7 @@
 #
 #   bash scripts/gpu_session.sh test    # build, the gpu-marked tests, the whole suite interpreted
 #   bash scripts/gpu_session.sh micro   # bench.micro --device cuda (CUDA and Triton providers)
-#   bash scripts/gpu_session.sh e2e     # bench.e2e --device cuda (with the engine's graph mode)
+#   bash scripts/gpu_session.sh e2e     # bench.e2e --device cuda (with both graph modes)
 #   bash scripts/gpu_session.sh serve   # bench.serve --device cuda (request stream, re-batching)
 #   bash scripts/gpu_session.sh tune    # bench.tune (launch-configuration sweep)
 #
