@@ -6,11 +6,16 @@ cancellation, deadlines, closing, bad inputs and an internal error in the worker
 from __future__ import annotations
 
 import concurrent.futures as cf
+import gc
 import itertools
 import json
 import random
+import subprocess
+import sys
+import textwrap
 import threading
 import time
+import weakref
 from collections import Counter
 from collections.abc import Callable
 
@@ -641,6 +646,105 @@ def test_close_before_start() -> None:
     engine.close()
     with pytest.raises(EngineClosed):
         engine.submit(torch.randn(WIDTH))
+
+
+def test_close_is_idempotent_and_keeps_no_engine_alive() -> None:
+    """close() any number of times, in any order of drain; a closed engine leaves the
+    at-exit registry (weak references) and can be collected."""
+    from eenet.serving import engine as serving_engine
+
+    engine = ServingEngine(_mlp(), _never_exits()).start()
+    assert engine in serving_engine._RUNNING
+    futs = engine.submit_many(torch.randn(3, WIDTH))
+    engine.close()
+    engine.close()
+    engine.close(drain=False)
+    engine.close(timeout=0)
+    assert all(f.result(timeout=1).exit_index == 3 for f in futs)
+    assert engine.closed and engine not in serving_engine._RUNNING
+    with pytest.raises(EngineClosed):
+        engine.submit(torch.randn(WIDTH))
+    ref = weakref.ref(engine)
+    del engine, futs
+    gc.collect()
+    assert ref() is None
+
+
+_LEFT_OPEN = textwrap.dedent("""
+    import sys
+    import threading
+    import time
+
+    import torch
+    from torch import nn
+
+    from eenet.nn import ExitHead, MultiExitNetwork
+    from eenet.policies import MaxProb
+    from eenet.serving import ServingConfig, ServingEngine
+
+    torch.set_num_threads(1)
+    W = 8
+    entered = threading.Event()
+
+
+    class Busy(nn.Module):
+        # stage 0: signals that it runs, then a second of torch ops (each releases the
+        # GIL, so that the interpreter starts exiting meanwhile)
+        def __init__(self):
+            super().__init__()
+            self.inner = nn.Linear(W, W)
+
+        def forward(self, h):
+            entered.set()
+            a = torch.randn(128, 128)
+            end = time.monotonic() + 1.0
+            while time.monotonic() < end:
+                a = torch.tanh(a @ a)
+            return self.inner(h)
+
+
+    net = MultiExitNetwork([Busy(), nn.Linear(W, W)], [ExitHead.linear(W, 3) for _ in "ab"])
+    engine = ServingEngine(net.eval(), MaxProb([0.0, 0.0]),
+                           ServingConfig(max_batch=1, rebatch="always"))
+
+
+    def report(i):
+        def done(fut):
+            exc = fut.exception()
+            what = (f"exit {fut.result().exit_index}" if exc is None else
+                    f"{type(exc).__name__}: {exc}")
+            print(f"request {i}: {what}", flush=True)
+        return done
+
+
+    for i in range(2):
+        engine.submit(torch.randn(W), callback=report(i))
+    assert entered.wait(60)
+    if sys.argv[1] == "drain":
+        engine.close(drain=True, timeout=0.01)  # returns with the drain under way
+    print("main done", flush=True)
+""")
+
+
+@pytest.mark.parametrize("closed", ["open", "drain"])
+def test_an_engine_left_open_is_closed_at_interpreter_exit(closed: str) -> None:
+    """The interpreter exits while the worker is inside a torch op of stage 0 (one request
+    running, one waiting): the process exits 0 without "terminate called" (a daemon worker
+    left in C++ code at finalization aborts it). Never closed: the running request is
+    answered, the waiting one fails with EngineClosed saying why; a draining close that
+    returned early: its drain is finished."""
+    done = subprocess.run([sys.executable, "-c", _LEFT_OPEN, closed], capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert "terminate called" not in done.stderr
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "main done" and lines[1] == "request 0: exit 0", done.stdout
+    if closed == "open":
+        assert lines[2].startswith("request 1: EngineClosed: the Python interpreter exited "
+                                   "with the serving engine open"), done.stdout
+    else:
+        assert lines[2] == "request 1: exit 0", done.stdout
+    assert len(lines) == 3, done.stdout
 
 
 # -- bad inputs ------------------------------------------------------------------------------

@@ -80,6 +80,17 @@ pending with :class:`EngineClosed` after the run in progress; both refuse new re
 unexpected error inside the worker itself fails every pending future with that error and
 makes ``submit`` raise :class:`EngineClosed` chained to it: the worker never dies silently.
 
+Interpreter exit: close an engine when done with it (``with engine:`` or ``close()``). One
+left running is closed by an ``atexit`` hook of this module (it holds the engines through
+weak references, so it keeps none alive): the stage run in progress finishes, every other
+pending request fails with :class:`EngineClosed` (its message says that the interpreter
+exited with the engine open), and the hook waits for the worker to stop. An engine whose
+``close(drain=True, timeout=...)`` returned before its drain was done finishes the drain
+first. The hook runs once the interpreter has joined its non-daemon threads (those still
+waiting for answers get them) and before it finalizes: a daemon worker still inside a
+torch op at finalization would be killed in C++ code, and the process would abort
+("terminate called without an active exception").
+
 Threads: ``submit``, ``submit_many``, ``snapshot``, ``close`` and ``Future.cancel`` may be
 called from any number of threads. Callbacks run in the worker thread when a request is
 answered (or in the cancelling thread): keep them short, they delay the next stage run. The
@@ -88,10 +99,12 @@ network runs in the worker thread only, under ``torch.inference_mode()``.
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import math
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import CancelledError, Future, InvalidStateError
@@ -421,6 +434,27 @@ def _describe_group(group: tuple) -> str:
     return text
 
 
+# -- engines left open at interpreter exit -------------------------------------------------
+
+_RUNNING: weakref.WeakSet[ServingEngine] = weakref.WeakSet()
+"""The engines whose worker thread runs (a worker removes its engine when it stops)."""
+_RUNNING_LOCK = threading.Lock()
+_AT_EXIT_MESSAGE = ("the Python interpreter exited with the serving engine open (close it, "
+                   "e.g. `with engine:` or engine.close(), to answer pending requests)")
+
+
+def _close_running_engines() -> None:
+    """The ``atexit`` hook (module docstring, interpreter exit): close every engine whose
+    worker still runs and wait for the worker to stop."""
+    with _RUNNING_LOCK:
+        engines = list(_RUNNING)
+    for engine in engines:
+        engine._close_at_exit()
+
+
+atexit.register(_close_running_engines)
+
+
 # -- the engine ------------------------------------------------------------------------------
 
 
@@ -439,6 +473,11 @@ class ServingEngine:
     group's stage 0 runs: its future fails with :class:`StageFailed` (stage 0), chained to a
     ``ValueError`` / ``TypeError`` naming the sample's shape and dtype. Samples of another
     shape form their own group, so they never fail the rows of a well-formed group.
+
+    Closing: call :meth:`close` (or use ``with engine:``) when done; it may be called any
+    number of times. An engine left open at interpreter exit is closed then: the stage run
+    in progress finishes and the other pending requests fail with :class:`EngineClosed`
+    (module docstring, interpreter exit).
     """
 
     def __init__(self, net: torch.nn.Module, policy: ExitPolicy,
@@ -498,6 +537,7 @@ class ServingEngine:
         self._thread: threading.Thread | None = None
         self._closing = False
         self._abort = False
+        self._abort_message = "the serving engine was closed without draining"
         self._cancel_dirty = False
         self._broken: BaseException | None = None
         # the worker's own
@@ -517,8 +557,12 @@ class ServingEngine:
         with self._lock:
             self._check_open()
             if self._thread is None:
+                # a daemon thread: the interpreter does not wait for it before its atexit
+                # hooks, one of which (_close_running_engines) stops it before finalization
                 self._thread = threading.Thread(target=self._worker, name="eenet-serving",
                                                 daemon=True)
+                with _RUNNING_LOCK:
+                    _RUNNING.add(self)
                 self._thread.start()
         return self
 
@@ -532,8 +576,10 @@ class ServingEngine:
         """Refuse new requests (``submit`` raises :class:`EngineClosed`); ``drain=True``:
         answer everything admitted, then stop; ``drain=False``: fail the pending requests
         with :class:`EngineClosed` once the stage run in progress is done. Waits up to
-        ``timeout`` seconds (None: until done) for the worker to stop; may be called again
-        (e.g. ``drain=False`` after a draining close that takes too long)."""
+        ``timeout`` seconds (None: until done) for the worker to stop. Idempotent: it may be
+        called again, from any thread or a callback (which does not wait for the worker it
+        runs in), e.g. ``drain=False`` after a draining close that takes too long; a
+        ``drain=True`` after a ``drain=False`` does not bring the failed requests back."""
         with self._lock:
             self._closing = True
             if not drain:
@@ -543,6 +589,15 @@ class ServingEngine:
             self._space.notify_all()
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
+
+    def _close_at_exit(self) -> None:
+        """At interpreter exit: an open engine fails its pending requests (after the run in
+        progress), a draining one finishes its drain; waits for the worker to stop."""
+        with self._lock:
+            drain = self._closing and not self._abort
+            if not self._closing:
+                self._abort_message = _AT_EXIT_MESSAGE
+        self.close(drain=drain)
 
     @property
     def closed(self) -> bool:
@@ -700,6 +755,9 @@ class ServingEngine:
                     pass
         except BaseException as exc:  # an internal error: fail everything, refuse more
             self._die(exc)
+        finally:
+            with _RUNNING_LOCK:
+                _RUNNING.discard(self)
 
     def _die(self, exc: BaseException) -> None:
         with self._lock:
@@ -720,11 +778,11 @@ class ServingEngine:
                 self._work.wait()
             intake = list(self._intake)
             self._intake.clear()
-            closing, abort = self._closing, self._abort
+            closing, abort, message = self._closing, self._abort, self._abort_message
             dirty, self._cancel_dirty = self._cancel_dirty, False
         self._enqueue_new(intake)
         if abort:
-            self._fail_all("the serving engine was closed without draining")
+            self._fail_all(message)
             return False
         if dirty:
             self._drop_cancelled()
