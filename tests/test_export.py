@@ -1,6 +1,7 @@
 """eenet.runtime.export: the compact loop as a torch.export program, saved to a .pt2 file and
 loaded back (also in a fresh process), with compact mode's results on batches of other sizes
-and exit patterns (up to rows within rounding of a threshold)."""
+and exit patterns (up to rows within rounding of a threshold); the AOTInductor package and
+its Python loader (input checks, the empty batch, contiguous inputs)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,13 @@ from test_compiled_mode import (
 
 from eenet.policies import EENet, MaxProb
 from eenet.runtime import Engine, EngineOutput, export_engine
+from eenet.runtime.export import (
+    PACKAGE_INPUTS_KEY,
+    PackagedEngine,
+    PackageInputs,
+    load_package,
+    package_engine,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -123,8 +131,6 @@ def test_bad_network_policy_and_example() -> None:
 def test_aoti_package_runs_the_loop(tmp_path: Path) -> None:
     """The loop compiled ahead of time (AOTInductor) into a .pt2 package, loaded back: the
     exits of every pattern of a switch network, and logits equal to compact mode's."""
-    from eenet.runtime import package_engine
-
     net = _switch_net()
     policy = MaxProb([0.9] * 3)
     path = package_engine(net, policy, str(tmp_path / "loop.pt2"),
@@ -139,3 +145,162 @@ def test_aoti_package_runs_the_loop(tmp_path: Path) -> None:
         assert exit_index.tolist() == pattern
         torch.testing.assert_close(logits, want.logits, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(score, want.score, rtol=1e-5, atol=1e-5)
+
+
+# -- the package's Python loader -------------------------------------------------------------
+
+_SCALED = PackageInputs((WIDTH,), torch.float32, "cpu", (("scale", (1,), torch.float32),), 7)
+
+
+class _FakeRunner:
+    """Stands for a loaded package: records each call, returns results for its rows."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[torch.Tensor, dict[str, torch.Tensor]]] = []
+
+    def __call__(self, x: torch.Tensor, **row_inputs: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        self.calls.append((x, row_inputs))
+        n = x.shape[0]
+        return torch.ones(n, 7), torch.full((n,), 2), torch.ones(n)
+
+
+def test_package_inputs_json_round_trip() -> None:
+    assert PackageInputs.from_json(_SCALED.to_json()) == _SCALED
+    bf16 = PackageInputs((3, 8, 8), torch.bfloat16, "cuda", (), 10)
+    assert PackageInputs.from_json(bf16.to_json()) == bf16
+    with pytest.raises(ValueError, match=r"malformed eenet\.package_inputs metadata"):
+        PackageInputs.from_json('{"x": {"shape": [10], "dtype": "float99"}}')
+    with pytest.raises(ValueError, match="malformed"):
+        PackageInputs.from_json("not json")
+
+
+def test_packaged_engine_checks_inputs_before_running() -> None:
+    """Bad inputs raise naming the input and what the package takes, and never reach the
+    package; N = 0 returns empty results of the right shapes and dtypes without running it;
+    non-contiguous inputs reach it contiguous."""
+    runner = _FakeRunner()
+    engine = PackagedEngine(runner, _SCALED)
+    x, scale = torch.randn(3, WIDTH), torch.rand(3, 1)
+    bad: list[tuple[type[Exception], str, tuple, dict]] = [
+        (TypeError, r"x must be a torch.Tensor of shape \(N, 10\), got list",
+         ([[0.0] * WIDTH],), {"scale": scale[:1]}),
+        (ValueError, r"x must have shape \(N, 10\) .*got \(3, 11\)",
+         (torch.randn(3, 11),), {"scale": scale}),
+        (ValueError, r"x must have shape \(N, 10\) .*got \(\)", (torch.tensor(1.0),),
+         {"scale": scale}),
+        (TypeError, "x has dtype torch.float64 but the package takes torch.float32",
+         (x.double(),), {"scale": scale}),
+        (ValueError, "x is on meta but the package runs on cpu",
+         (x.to("meta"),), {"scale": scale}),
+        (TypeError, r"takes the row inputs \['scale'\].*missing \['scale'\]", (x,), {}),
+        (TypeError, r"unexpected \['mask'\]", (x,), {"scale": scale, "mask": scale}),
+        (ValueError, r"row input 'scale' must have one row per row of x, shape \(3, 1\), "
+         r"got \(4, 1\)", (x,), {"scale": torch.rand(4, 1)}),
+        (ValueError, r"row input 'scale' must have shape \(3, 1\) .*got \(3, 2\)", (x,),
+         {"scale": torch.rand(3, 2)}),
+        (TypeError, "row input 'scale' has dtype torch.float16", (x,),
+         {"scale": scale.half()}),
+        (ValueError, "row input 'scale' is on meta but the package runs on cpu", (x,),
+         {"scale": scale.to("meta")}),
+        (ValueError, r"x must have shape \(N, 10\)", (torch.randn(0, 11),),
+         {"scale": torch.rand(0, 1)}),
+    ]
+    for error, match, args, kwargs in bad:
+        with pytest.raises(error, match=match):
+            engine(*args, **kwargs)
+    assert not runner.calls
+
+    logits, exit_index, score = engine(torch.randn(0, WIDTH), scale=torch.rand(0, 1))
+    assert not runner.calls
+    want = Engine(_mlp_net(row_input=True), MaxProb([0.5] * 3), mode="compact")(
+        torch.randn(0, WIDTH), scale=torch.rand(0, 1))
+    for got, ref in ((logits, want.logits), (exit_index, want.exit_index),
+                     (score, want.score)):
+        assert got.shape == ref.shape and got.dtype == ref.dtype and got.device == ref.device
+
+    engine(torch.randn(WIDTH, 5).t(), scale=torch.rand(1, 5).t())
+    (sent, sent_rows), = runner.calls
+    assert sent.is_contiguous() and sent_rows["scale"].is_contiguous()
+    assert list(sent_rows) == ["scale"]
+
+
+def test_load_package_needs_the_input_metadata(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Loaded(_FakeRunner):
+        def __init__(self, metadata: dict[str, str]) -> None:
+            super().__init__()
+            self.metadata = metadata
+
+        def get_metadata(self) -> dict[str, str]:
+            return self.metadata
+
+    metadata = {"AOTI_DEVICE_KEY": "cpu"}
+    monkeypatch.setattr(torch._inductor, "aoti_load_package",
+                        lambda path, **kwargs: Loaded(metadata))
+    with pytest.raises(ValueError, match=r"holds no 'eenet\.package_inputs' metadata"):
+        load_package("foreign.pt2")
+    metadata[PACKAGE_INPUTS_KEY] = _SCALED.to_json()
+    assert load_package("ours.pt2").inputs == _SCALED
+
+
+@pytest.fixture(scope="module")
+def scaled_package(tmp_path_factory: pytest.TempPathFactory
+                   ) -> tuple[torch.nn.Module, MaxProb, str]:
+    """One package shared by the tests below (~10 s of AOTInductor compile): the MLP with a
+    row input ``scale`` (N, 1), thresholds at the median scores; (net, policy, path)."""
+    net = _mlp_net(row_input=True)
+    g = torch.Generator().manual_seed(3)
+    x, scale = torch.randn(64, WIDTH, generator=g), torch.rand(64, 1, generator=g) + 0.5
+    policy = _median_policy(MaxProb, net, x, scale=scale)
+    path = str(tmp_path_factory.mktemp("package") / "scaled.pt2")
+    package_engine(net, policy, path, torch.randn(4, WIDTH), scale=torch.rand(4, 1))
+    return net, policy, path
+
+
+@pytest.mark.slow
+def test_loaded_package_matches_compact_mode_and_answers_an_empty_batch(
+        scaled_package: tuple[torch.nn.Module, MaxProb, str]) -> None:
+    """load_package: compact mode's results at several batch sizes (one row, a transposed
+    view); an empty batch gives the eager engine's empty results (the raw package fails on
+    it with an unbacked-size error)."""
+    net, policy, path = scaled_package
+    engine = load_package(path)
+    assert engine.inputs == PackageInputs((WIDTH,), torch.float32, "cpu",
+                                          (("scale", (1,), torch.float32),), 7)
+    compact = Engine(net, policy, mode="compact")
+    g = torch.Generator().manual_seed(5)
+    seen = set()
+    for n, transposed in ((1, False), (9, False), (40, True)):
+        x = (torch.randn(WIDTH, n, generator=g).t() if transposed else
+             torch.randn(n, WIDTH, generator=g))
+        scale = torch.rand(n, 1, generator=g) + 0.5
+        with torch.no_grad():
+            out = EngineOutput(*engine(x, scale=scale))
+            want = compact(x.contiguous(), scale=scale)
+        _assert_matches_compact(out, want, policy, net, x.contiguous(), scale=scale)
+        seen.update(out.exit_index.tolist())
+    assert seen == {0, 1, 2}
+    logits, exit_index, score = engine(torch.randn(0, WIDTH), scale=torch.rand(0, 1))
+    assert logits.shape == (0, 7) and logits.dtype == torch.float32
+    assert exit_index.shape == (0,) and exit_index.dtype == torch.int64
+    assert score.shape == (0,) and score.dtype == torch.float32
+    with pytest.raises(RuntimeError):
+        engine.runner(torch.randn(0, WIDTH), scale=torch.rand(0, 1))
+
+
+@pytest.mark.slow
+def test_loaded_package_rejects_bad_inputs_clearly(
+        scaled_package: tuple[torch.nn.Module, MaxProb, str]) -> None:
+    """The loaded package's checks name the problem (the raw package reports a failed
+    matmul, a dtype mismatch inside addmm or a kwarg mismatch of its call spec)."""
+    engine = load_package(Path(scaled_package[2]))
+    x, scale = torch.randn(3, WIDTH), torch.rand(3, 1)
+    with pytest.raises(ValueError, match=r"x must have shape \(N, 10\)"):
+        engine(torch.randn(3, WIDTH + 1), scale=scale)
+    with pytest.raises(TypeError, match=r"x has dtype torch\.float64"):
+        engine(x.double(), scale=scale)
+    with pytest.raises(TypeError, match=r"missing \['scale'\]"):
+        engine(x)
+    with pytest.raises(ValueError, match="one row per row of x"):
+        engine(x, scale=torch.rand(4, 1))
+    assert engine(x, scale=scale)[0].shape == (3, 7)
