@@ -1,6 +1,7 @@
 """The batched early-exit runtime: :class:`Engine` (modes full / mask / compact, and
 compiled: the compact loop as one ``torch.compile`` graph, :mod:`.compiled`), its
-ahead-of-time export :func:`export_engine` (:mod:`.export`), the offline
+ahead-of-time export :func:`export_engine` and AOTInductor packages :func:`package_engine` /
+:func:`load_package` (:mod:`.export`), the offline
 oracle :func:`simulate`, the budget guard (:mod:`.guard`), the per-batch telemetry
 (:mod:`.telemetry`), the stage loop they share with the benchmark's peer methods
 (:mod:`.loop`) and the timing loop of every measurement (:mod:`.timing`)."""
@@ -16,7 +17,7 @@ from .engine import (
     check_network,
     simulate,
 )
-from .export import export_engine, package_engine
+from .export import PackagedEngine, export_engine, load_package, package_engine
 from .guard import BudgetGuard
 from .loop import RowState, Step, run_stages
 from .telemetry import Telemetry
@@ -28,6 +29,7 @@ __all__ = [
     "BudgetGuard",
     "Engine",
     "EngineOutput",
+    "PackagedEngine",
     "RowState",
     "Step",
     "Telemetry",
@@ -37,6 +39,7 @@ __all__ = [
     "export",
     "export_engine",
     "guard",
+    "load_package",
     "loop",
     "package_engine",
     "run_stages",
