@@ -403,6 +403,17 @@ def test_sst2_left_out_without_its_data(tmp_path: Path, capsys: pytest.CaptureFi
     assert "minilm-sst2 skipped" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("mode", ["graph", "graph_device", "bogus"])
+def test_e2e_refuses_engine_modes_it_cannot_run(mode: str, capsys: pytest.CaptureFixture
+                                                ) -> None:
+    from bench import e2e
+
+    with pytest.raises(SystemExit) as stop:
+        e2e.main(["--workloads", "resnet56", "--engine-modes", mode])
+    assert stop.value.code == 2
+    assert f"engine modes ['{mode}'] cannot run here" in capsys.readouterr().err
+
+
 # -- benchmark drivers (smoke: tiny sizes, one run, nothing written) -------------------------
 
 
