@@ -45,7 +45,9 @@ def _digits() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Trained:
-    """A 3-exit CNN trained briefly on 1000 digits; a validation and a test split."""
+    """A 3-exit CNN trained briefly on 1000 digits, a validation and a test split. 12 epochs
+    leave every exit at 93-96% on the test split; with 8, one CPU's float rounding left the
+    last exit at 78%, under the strength tests' 80% floor."""
 
     def __init__(self) -> None:
         x, y = _digits()
@@ -57,7 +59,7 @@ class Trained:
         self.net = small_cnn(image_size=8, widths=(8, 16, 32), head_width=8)
         loader = DataLoader(TensorDataset(x[tr], y[tr]), batch_size=50, shuffle=True,
                             generator=torch.Generator().manual_seed(0))
-        multi_exit(self.net, loader, epochs=8, lr=5e-3, progress=False)
+        multi_exit(self.net, loader, epochs=12, lr=5e-3, progress=False)
         self.net.eval()
 
     def val_loader(self) -> DataLoader:
