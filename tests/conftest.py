@@ -51,6 +51,10 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import subprocess
+import sys
+import tempfile
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -140,6 +144,82 @@ def one_thread() -> Iterator[None]:
     (20x slower on a busy 2-core machine). Use with ``pytest.mark.usefixtures``."""
     with intra_op_threads(1):
         yield
+
+
+# ---------------------------------------------------------------------------------------
+# Subprocesses started ahead of the tests that read them.
+
+
+class Background:
+    """``python -c code`` started now, read later by :meth:`result`: a test whose work is a
+    subprocess (a fresh interpreter, a compiler, a long single-threaded run) has it started
+    with its module's first test (:func:`background`), so that it runs on the second core
+    while the module's other tests run in this process. stdout and stderr go to files (no
+    pipe to fill while nobody reads it)."""
+
+    def __init__(self, code: str, timeout: float, env: Mapping[str, str] | None = None,
+                 cwd: str | None = None) -> None:
+        self.deadline = time.monotonic() + timeout
+        # closed by result() or stop()
+        self._out = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115
+        self._err = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115
+        self.proc = subprocess.Popen([sys.executable, "-c", code], stdout=self._out,
+                                     stderr=self._err, text=True,
+                                     env=None if env is None else dict(env), cwd=cwd)
+        self.returncode: int | None = None
+        self.stdout = self.stderr = ""
+
+    def result(self) -> subprocess.CompletedProcess:
+        """Waits (at most until the timeout given at the start, then kills it and fails)
+        and returns the finished process: returncode, stdout, stderr."""
+        if self.returncode is None:
+            try:
+                self.proc.wait(timeout=max(0.0, self.deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self.stop()
+                pytest.fail(f"the subprocess ran past its timeout: {self.proc.args!r}")
+            self.returncode = self.proc.returncode
+            for f in (self._out, self._err):
+                f.seek(0)
+            self.stdout, self.stderr = self._out.read(), self._err.read()
+            self._out.close()
+            self._err.close()
+        return subprocess.CompletedProcess(self.proc.args, self.returncode, self.stdout,
+                                           self.stderr)
+
+    def stop(self) -> None:
+        """Kills the process if it still runs (a module's teardown: a test that never read
+        it did not run: a failure with -x, an interrupt)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._out.close()
+        self._err.close()
+
+
+def item_names(items: Sequence[pytest.Item]) -> set[str]:
+    """The test function names of ``items`` (parameters left off)."""
+    return {getattr(item, "originalname", item.name) for item in items}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def background(request: pytest.FixtureRequest) -> Iterator[dict[Any, Background]]:
+    """The module's subprocesses, by key. A module defining ``start_subprocesses(items,
+    jobs)`` has it called with its tests that this run will run (after -k / -m) when its
+    first test starts: their subprocesses then run on the second core while its other
+    tests (single-threaded) run in this process, and each test reads its own process's
+    output when its turn comes. Whichever still run when the module ends are killed.
+
+    Only within a module: started before the whole run, they would take the second core
+    from the multi-threaded tests of other modules (OpenMP barriers then wait on it)."""
+    jobs: dict[Any, Background] = {}
+    start = getattr(request.module, "start_subprocesses", None)
+    if start is not None:
+        start([item for item in request.session.items
+               if getattr(item, "module", None) is request.module], jobs)
+    yield jobs
+    for job in jobs.values():
+        job.stop()
 
 
 # ---------------------------------------------------------------------------------------

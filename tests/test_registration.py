@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import assert_covers, pairwise_cases, product_seeds
+from conftest import Background, assert_covers, item_names, pairwise_cases, product_seeds
 
 import eenet_kernels as ek
 from eenet_kernels._schemas import SCHEMAS
@@ -157,14 +155,12 @@ def test_export_two_stage_loop() -> None:
             torch.testing.assert_close(c, e)
 
 
-def _run_python(code: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={**os.environ, **env}, timeout=120, check=False)
-
-
-def test_skip_ext_uses_reference_through_dispatcher() -> None:
-    """EENET_SKIP_EXT=1: the ops still exist, run the reference, and nothing warns."""
-    code = (
+# the fresh interpreters of the loader tests, by test: (EENET_SKIP_EXT, code). With
+# EENET_SKIP_EXT=1 the ops still exist, run the reference, and nothing warns; a broken _C
+# import gives one one-line warning and the reference path, not a crash (EENET_SKIP_EXT=0:
+# the import must be attempted)
+LOADER_CHECKS = {
+    "test_skip_ext_uses_reference_through_dispatcher": ("1", (
         "import warnings; warnings.simplefilter('error')\n"
         "import torch, eenet_kernels as ek\n"
         "assert not ek.HAVE_EXTENSION\n"
@@ -173,15 +169,8 @@ def test_skip_ext_uses_reference_through_dispatcher() -> None:
         "kept, n = torch.ops.eenet.compact(keep, [torch.arange(3)])\n"
         "assert int(n) == 2 and kept[0].tolist() == [0, 2, 0]\n"
         "assert ek.resolve_backend(torch.device('cpu')) == 'reference'\n"
-    )
-    result = _run_python(code, EENET_SKIP_EXT="1")
-    assert result.returncode == 0, result.stderr
-    assert "eenet.exit_score" in result.stdout
-
-
-def test_missing_extension_warns_once_and_falls_back(tmp_path: os.PathLike) -> None:
-    """A broken _C import gives a one-line warning and the reference path, not a crash."""
-    code = (
+    )),
+    "test_missing_extension_warns_once_and_falls_back": ("0", (
         "import sys, types\n"
         "class _Block:\n"
         "    def find_spec(self, name, path=None, target=None):\n"
@@ -199,8 +188,39 @@ def test_missing_extension_warns_once_and_falls_back(tmp_path: os.PathLike) -> N
         "import torch\n"
         "r = ek.exit_score(torch.randn(4, 3), torch.randn(2, 3), policy='entropy', threshold=0.5)\n"
         "assert r.logits.shape == (4, 2)\n"
-    )
-    result = _run_python(code, EENET_SKIP_EXT="0")  # the import must be attempted
+    )),
+}
+
+
+def _loader_check(background: dict[str, Background], name: str) -> Background:
+    if name not in background:
+        skip_ext, code = LOADER_CHECKS[name]
+        background[name] = Background(code, timeout=120,
+                                      env={**os.environ, "EENET_SKIP_EXT": skip_ext})
+    return background[name]
+
+
+def start_subprocesses(items: list[pytest.Item], jobs: dict[str, Background]) -> None:
+    """The loader tests' interpreters start with this module's first test (conftest's
+    ``background``) and run on the other core while the opchecks run here."""
+    for name in LOADER_CHECKS.keys() & item_names(items):
+        _loader_check(jobs, name)
+
+
+def test_skip_ext_uses_reference_through_dispatcher(background: dict[str, Background]
+                                                    ) -> None:
+    """EENET_SKIP_EXT=1: the ops still exist, run the reference, and nothing warns."""
+    result = _loader_check(background,
+                           "test_skip_ext_uses_reference_through_dispatcher").result()
+    assert result.returncode == 0, result.stderr
+    assert "eenet.exit_score" in result.stdout
+
+
+def test_missing_extension_warns_once_and_falls_back(background: dict[str, Background]
+                                                     ) -> None:
+    """A broken _C import gives a one-line warning and the reference path, not a crash."""
+    result = _loader_check(background,
+                           "test_missing_extension_warns_once_and_falls_back").result()
     assert result.returncode == 0, result.stderr
 
 

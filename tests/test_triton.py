@@ -38,9 +38,11 @@ import torch
 from conftest import (
     DTYPES,
     INTERPRET,
+    Background,
     assert_covers,
     assert_logits_close,
     exit_tolerance,
+    item_names,
     pairwise_cases,
     product_seeds,
 )
@@ -361,15 +363,17 @@ def test_backend_resolution(backend: str, monkeypatch: pytest.MonkeyPatch) -> No
         ek.compact(torch.ones(2, dtype=torch.bool), [], backend="triton")
 
 
-def test_triton_import_is_lazy() -> None:
-    """``import eenet_kernels`` does not import triton (it costs startup time)."""
-    import subprocess
-    import sys
+def _lazy_import_check(background: dict[Any, Background]) -> Background:
+    if "lazy import" not in background:
+        code = ("import sys, eenet_kernels\n"
+                "assert 'triton' not in sys.modules, 'triton imported eagerly'\n")
+        background["lazy import"] = Background(code, timeout=120)
+    return background["lazy import"]
 
-    code = ("import sys, eenet_kernels\n"
-            "assert 'triton' not in sys.modules, 'triton imported eagerly'\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=120, check=False)
+
+def test_triton_import_is_lazy(background: dict[Any, Background]) -> None:
+    """``import eenet_kernels`` does not import triton (it costs startup time)."""
+    result = _lazy_import_check(background).result()
     assert result.returncode == 0, result.stderr
 
 
@@ -480,44 +484,83 @@ def nvidia_resource_usage(arch: int, quick: bool = False) -> list[tuple[str, int
     return results
 
 
-def _compile_for_nvidia(arch: int, quick: bool) -> list[tuple[str, int, int]]:
-    """:func:`nvidia_resource_usage` in a subprocess without TRITON_INTERPRET; skips when
-    triton's NVIDIA toolchain is not bundled."""
-    import subprocess
-    import sys
-
+def _nvidia_toolchain_missing() -> bool:
     import triton
 
     bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin")
-    if not all(os.path.exists(os.path.join(bin_dir, t)) for t in ("ptxas", "cuobjdump")):
+    return not all(os.path.exists(os.path.join(bin_dir, t)) for t in ("ptxas", "cuobjdump"))
+
+
+def _nvidia_compile(background: dict[Any, Background], arch: int, quick: bool) -> Background:
+    """:func:`nvidia_resource_usage` in a subprocess without TRITON_INTERPRET (started once
+    per (arch, quick) and module)."""
+    key = ("nvidia", arch, quick)
+    if key not in background:
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        code = ("import test_triton as t\n"
+                f"for label, regs, stack in t.nvidia_resource_usage({arch}, quick={quick}):\n"
+                "    print(f'{label}|{regs}|{stack}')\n")
+        background[key] = Background(code, timeout=300, env=env,
+                                     cwd=os.path.dirname(__file__))
+    return background[key]
+
+
+def start_subprocesses(items: list[pytest.Item], jobs: dict[Any, Background]) -> None:
+    """The subprocess tests of this module start with its first test (conftest's
+    ``background``): the ahead-of-time compilations (one compiler thread each, an arch a
+    process) and the fresh interpreter of the lazy-import check run on the other core while
+    the interpreted kernels (one thread) run here; each test then reads its own output."""
+    names = item_names(items)
+    if "test_triton_import_is_lazy" in names:
+        _lazy_import_check(jobs)
+    if _nvidia_toolchain_missing():
+        return
+    for item in items:
+        if getattr(item, "originalname", "") == "test_kernels_compile_for_nvidia_without_spills":
+            _nvidia_compile(jobs, item.callspec.params["arch"], quick=False)
+    if "test_kernels_compile_for_nvidia_one_variant" in names and ("nvidia", 90, False) not in jobs:
+        _nvidia_compile(jobs, 90, quick=True)  # else read off the full sm_90 sweep
+
+
+def _compile_for_nvidia(background: dict[Any, Background], arch: int, quick: bool
+                        ) -> list[tuple[str, int, int]]:
+    """The (config, registers, stack bytes) rows of :func:`_nvidia_compile`; skips when
+    triton's NVIDIA toolchain is not bundled."""
+    if _nvidia_toolchain_missing():
         pytest.skip("triton's NVIDIA toolchain (ptxas, cuobjdump) is not bundled here")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = ("import test_triton as t\n"
-            f"for label, regs, stack in t.nvidia_resource_usage({arch}, quick={quick}):\n"
-            "    print(f'{label}|{regs}|{stack}')\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            cwd=os.path.dirname(__file__), env=env, timeout=300, check=False)
+    result = _nvidia_compile(background, arch, quick).result()
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line.split("|") for line in result.stdout.splitlines() if line.count("|") == 2]
     return [(label, int(regs), int(stack)) for label, regs, stack in rows]
 
 
-def test_kernels_compile_for_nvidia_one_variant() -> None:
+# the configurations of nvidia_resource_usage(quick=True)
+QUICK_LABELS = ["exit_score N64 C100 policy3 bf16 pooled=False write=1 phase=0",
+                "compact widths=[96, 1, 3, 5]"]
+
+
+def test_kernels_compile_for_nvidia_one_variant(background: dict[Any, Background]) -> None:
     """Without a GPU, the real compiler still checks the kernels: the heaviest exit_score
     variant and a mixed-width compact lower to cubins for sm_90 (the fast version of the
-    full sweep below)."""
-    rows = _compile_for_nvidia(90, quick=True)
-    assert len(rows) == 2, rows
+    full sweep below; where that sweep runs too, these two rows are read off its sm_90
+    output, the same compilations)."""
+    if ("nvidia", 90, False) in background:
+        rows = [r for r in _compile_for_nvidia(background, 90, quick=False)
+                if r[0] in QUICK_LABELS]
+    else:
+        rows = _compile_for_nvidia(background, 90, quick=True)
+    assert [label for label, _, _ in rows] == QUICK_LABELS, rows
     assert all(regs > 0 for _, regs, _ in rows), rows
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", (80, 90))
-def test_kernels_compile_for_nvidia_without_spills(arch: int) -> None:
+def test_kernels_compile_for_nvidia_without_spills(background: dict[Any, Background],
+                                                   arch: int) -> None:
     """Every variant (and both launches of the class split) lowers to a cubin for sm_80 /
     sm_90 at the launchers' block sizes, without register spills (a few bytes of stack are
     tolerated)."""
-    rows = _compile_for_nvidia(arch, quick=False)
+    rows = _compile_for_nvidia(background, arch, quick=False)
     assert len(rows) == 29, rows
     spills = [(label, stack) for label, _, stack in rows if stack > 16]
     assert not spills, spills
