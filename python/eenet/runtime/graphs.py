@@ -26,14 +26,15 @@ stage and bucket.
 
 Bucket choice on the device (``bucket_choice="device"``): instead of one graph per (stage,
 bucket) and a host read between stages, one graph per first-stage bucket holds the whole
-batch. After each exit, a device-side test of the survivor count against every bucket at or
-below the batch's sets one boolean per bucket, and each bucket's stage step sits in a CUDA
-graph conditional IF node on its boolean, so exactly the smallest bucket that holds the
-survivors runs (none when no row goes on). The survivor counts are zeroed at the start of
-the graph, so that a stage whose predecessor did not run sees no survivors. A batch then
-runs with no host sync at all. It needs conditional nodes (CUDA 12.4 and a torch whose
-``CUDAGraph`` has ``begin_capture_to_if_node``; :func:`conditional_nodes_missing` says what
-is missing) and captures ``stages x buckets`` stage bodies per first-stage bucket.
+batch. After each exit, two device-side kernels (the survivor count's bucket, then its
+comparison with every bucket number) set one boolean per bucket, and each bucket's stage
+step at or below the batch's bucket sits in a CUDA graph conditional IF node on its
+boolean, so exactly the smallest bucket that holds the survivors runs (none when no row goes
+on). The survivor counts are zeroed at the start of the graph, so that a stage whose
+predecessor did not run sees no survivors. A batch then runs with no host sync at all. It
+needs conditional nodes (CUDA 12.4 and a torch whose ``CUDAGraph`` has
+``begin_capture_to_if_node``; :func:`conditional_nodes_missing` says what is missing) and
+captures ``stages x buckets`` stage bodies per first-stage bucket.
 
 How a graph is captured and replayed is a :class:`GraphBackend`'s business:
 :class:`CudaGraphs` captures ``torch.cuda.CUDAGraph`` objects sharing one memory pool;
@@ -335,13 +336,12 @@ class GraphLoop:
         self._stage_step(plan, 0, b0)
         below = [b for b in self.buckets if b <= b0]
         for k in range(1, len(self.stages)):
-            survivors = plan.counts[k - 1]
-            smaller = 0
+            # bucket j + 1 of [0, *buckets] holds the count: bucket j's boolean (none for 0)
+            torch.eq(plan.bucket_ids, torch.bucketize(plan.counts[k - 1], plan.bucket_bounds),
+                     out=plan.branch_preds[k - 1])
             for j, b in enumerate(below):
-                pred = plan.branch_preds[k - 1, j]
-                torch.logical_and(survivors > smaller, survivors <= b, out=pred)
-                self.backend.branch(pred, functools.partial(self._stage_step, plan, k, b))
-                smaller = b
+                self.backend.branch(plan.branch_preds[k - 1, j],
+                                    functools.partial(self._stage_step, plan, k, b))
 
     def _stage_step(self, plan: _Plan, k: int, b: int) -> None:
         """Stage k on the first b rows of its static buffers: what a graph records."""
@@ -422,6 +422,8 @@ class GraphLoop:
             out_score=torch.zeros((2 * rows,), dtype=torch.float32, device=device),
             out_exit=torch.full((2 * rows,), -1, dtype=torch.int64, device=device),
             counts=torch.zeros((k_exits,), dtype=torch.int64, device=device),
+            bucket_bounds=torch.tensor((0, *self.buckets), dtype=torch.int64, device=device),
+            bucket_ids=torch.arange(1, len(self.buckets) + 1, device=device),
             branch_preds=torch.zeros((max(k_exits - 1, 0), len(self.buckets)),
                                      dtype=torch.bool, device=device))
 
@@ -430,8 +432,9 @@ class GraphLoop:
 class _Plan:
     """Everything one input signature's graphs read and write: per stage its static input
     buffers, the result buffers (rows ``rows .. 2 rows - 1`` are the trash rows, ``trash``
-    their indices), the survivor count of every exit, the conditional nodes' booleans (exit
-    k - 1, bucket j: whether stage k runs at bucket j; bucket choice "device"), and the graphs
+    their indices), the survivor count of every exit, for bucket choice "device" the bucket
+    bounds ``[0, *buckets]``, the bucket numbers ``1 .. len(buckets)`` and the conditional
+    nodes' booleans (exit k - 1, bucket j: whether stage k runs at bucket j), and the graphs
     captured so far by (stage, bucket), or by ("batch", first bucket)."""
 
     stage: list[_StageBuffers]
@@ -441,11 +444,13 @@ class _Plan:
     out_score: torch.Tensor
     out_exit: torch.Tensor
     counts: torch.Tensor
+    bucket_bounds: torch.Tensor
+    bucket_ids: torch.Tensor
     branch_preds: torch.Tensor
     graphs: dict[tuple, Replayable] = field(default_factory=dict)
 
     def nbytes(self) -> int:
         ts = [self.out_logits, self.out_score, self.out_exit, self.counts, self.arange,
-              self.trash, self.branch_preds]
+              self.trash, self.bucket_bounds, self.bucket_ids, self.branch_preds]
         return sum(s.nbytes() for s in self.stage) + sum(
             t.numel() * t.element_size() for t in ts)
