@@ -53,12 +53,18 @@ from eenet_kernels import reference
 MODES: tuple[str, ...] = ("full", "mask", "bool_index", "batchcond", "batch1", "compact")
 PEERS: tuple[str, ...] = ("full", "mask", "bool_index", "batchcond", "batch1")
 OURS = "compact"
-# the engine's other execution modes, measured beside compact when asked for: the compact
-# loop as one torch.compile graph, as CUDA graphs per (stage, bucket) with the bucket chosen
-# after a host read per stage, and as one CUDA graph per batch with the buckets chosen on the
-# device by conditional nodes (both CUDA only)
-ENGINE_MODES: tuple[str, ...] = ("compiled", "graph", "graph_device")
-GRAPH_MODES: tuple[str, ...] = ("graph", "graph_device")
+# the engine's other execution modes, measured beside compact when asked for, and the Engine
+# arguments of each: the compact loop as one torch.compile graph, as CUDA graphs per (stage,
+# bucket) with the bucket chosen after a host read per stage, and as one CUDA graph per batch
+# with the buckets chosen on the device by conditional nodes (both CUDA only)
+ENGINE_MODE_ARGS: dict[str, dict[str, str]] = {
+    "compiled": {"mode": "compiled"},
+    "graph": {"mode": "graph"},
+    "graph_device": {"mode": "graph", "graph_bucket_choice": "device"},
+}
+ENGINE_MODES: tuple[str, ...] = tuple(ENGINE_MODE_ARGS)
+GRAPH_MODES: tuple[str, ...] = tuple(m for m, a in ENGINE_MODE_ARGS.items()
+                                     if a["mode"] == "graph")
 
 Runner = Callable[..., EngineOutput]  # runner(x, **row_inputs)
 RowInputs = Mapping[str, torch.Tensor]
@@ -369,10 +375,8 @@ def make_runner(mode: str, net: torch.nn.Module, policy: ExitPolicy, *,
     ``batchcond`` needs its cost ``table``."""
     if mode in ("full", "mask", "compact"):
         return Engine(net, policy, mode=mode, backend=backend)
-    if mode == "graph_device":
-        return Engine(net, policy, mode="graph", graph_bucket_choice="device")
-    if mode in ENGINE_MODES:
-        return Engine(net, policy, mode=mode)
+    if mode in ENGINE_MODE_ARGS:
+        return Engine(net, policy, **ENGINE_MODE_ARGS[mode])
     if mode == "bool_index":
         return BoolIndex(net, policy)
     if mode == "batch1":
