@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .compiled import CompactLoop
+from .engine import EngineOutput
 
 if TYPE_CHECKING:
     from ..policies.base import ExitPolicy
@@ -183,10 +184,8 @@ class PackagedEngine:
             if t.device != x.device:
                 raise ValueError(f"row input {name!r} is on {t.device}, x on {x.device}")
         if n == 0:
-            device = x.device
-            return (torch.zeros(0, spec.num_classes, dtype=torch.float32, device=device),
-                    torch.zeros(0, dtype=torch.int64, device=device),
-                    torch.zeros(0, dtype=torch.float32, device=device))
+            empty = EngineOutput.empty(0, spec.num_classes, x.device)
+            return empty.logits, empty.exit_index, empty.score
         kwargs = {name: row_inputs[name].contiguous() for name in names}
         logits, exit_index, score = self.runner(x.contiguous(), **kwargs)
         return logits, exit_index, score
