@@ -45,9 +45,9 @@ test-wheel: setup
 cmake-check: setup
 	PYTHON=$(PYTHON) bash scripts/cmake_check.sh
 
-# compile-only check of the CUDA kernels (csrc/cuda/*.cu) for sm_80 and sm_90, no GPU needed:
+# compile-only check of the CUDA kernels (csrc/cuda) for sm_80 and sm_90, no GPU needed:
 # fails on a compile error or a register spill, prints registers per kernel; skips without
-# nvcc (scripts/nvcc_check.sh; about 1.5 min on 2 cores)
+# nvcc (scripts/nvcc_check.sh; about 20 s on 2 cores)
 .PHONY: nvcc-check
 nvcc-check: setup
 	PYTHON=$(PYTHON) bash scripts/nvcc_check.sh

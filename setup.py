@@ -8,7 +8,7 @@ Environment:
   EENET_SANITIZE=1   build the extension with AddressSanitizer + UndefinedBehaviorSanitizer
                      (-O1 -g; `make test-asan` builds it in a copy of the tree and runs the op
                      tests with libasan preloaded). Never for a wheel that ships.
-  EENET_CUDA=1|0     build (1) or leave out (0) the CUDA kernels csrc/cuda/*.cu (a CUDAExtension
+  EENET_CUDA=1|0     build (1) or leave out (0) the CUDA kernels csrc/cuda (a CUDAExtension
                      registering the ops' CUDA dispatch key). Unset: built exactly when torch is
                      a CUDA build and a CUDA toolkit is found (CUDA_HOME / nvcc), so a CPU torch
                      builds the CPU-only extension. Architectures: TORCH_CUDA_ARCH_LIST, default
@@ -49,7 +49,7 @@ CUDA_ARCH_DEFAULT = "8.0;9.0"
 
 
 def with_cuda() -> bool:
-    """Whether to build csrc/cuda/*.cu (EENET_CUDA, else: a CUDA torch and a CUDA toolkit)."""
+    """Whether to build csrc/cuda (EENET_CUDA, else: a CUDA torch and a CUDA toolkit)."""
     flag = os.environ.get("EENET_CUDA", "")
     if flag not in ("", "0", "1"):
         raise SystemExit(f"EENET_CUDA must be 0 or 1, got {flag!r}")
@@ -76,7 +76,9 @@ def extensions() -> list:
     sources = ["csrc/ops.cpp", "csrc/python_module.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
     kwargs = {"name": "eenet_kernels._C", "include_dirs": [os.path.join(ROOT, "csrc")],
               "extra_link_args": link_flags}
-    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+    # csrc/cuda: the kernels (*.cu, nvcc, no torch header) and their torch launchers (*.cpp,
+    # the host compiler; csrc/cuda/compact_launch.h says why they are apart)
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
     if cuda_sources and with_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", CUDA_ARCH_DEFAULT)
         return [CUDAExtension(sources=sources + cuda_sources,

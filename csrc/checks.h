@@ -5,7 +5,7 @@
 // order as there: metadata first (no data read), then values (CPU tensors only).
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <cmath>
 #include <initializer_list>

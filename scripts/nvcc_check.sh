@@ -1,24 +1,28 @@
 #!/usr/bin/env bash
-# Compile-only check of the CUDA kernels (csrc/cuda/*.cu) for sm_80 and sm_90: no GPU needed.
+# Compile-only check of the CUDA kernels (csrc/cuda) for sm_80 and sm_90: no GPU needed.
 #
-# Every .cu is compiled as setup.py's CUDA build compiles it (torch's include paths and
-# nvcc flags from the torch that $PYTHON imports, C++20), with ptxas' resource usage
-# (-Xptxas -v). The script fails on any compile error and on any kernel that spills
-# registers (spill stores or spill loads > 0: every kernel here is on the hot path of a
-# stage), and prints each kernel's registers, spills, shared memory and stack per
-# architecture. Without nvcc it prints why and exits 0 (a CPU-only machine). Host-only
-# code called from __host__ __device__ helpers is an error (cross-execution-space-call).
+# The kernels (csrc/cuda/*.cu) are compiled by nvcc with the flags of setup.py's CUDA build
+# (torch's nvcc flags from the torch that $PYTHON imports, C++20) but without torch's
+# include paths, so a torch header in a kernel's translation unit fails here (why:
+# csrc/cuda/compact_launch.h), and with ptxas' resource usage (-Xptxas -v). The script fails
+# on any compile error and on any kernel that spills registers (spill stores or spill loads
+# > 0: every kernel here is on the hot path of a stage), and prints each kernel's registers,
+# spills, shared memory and stack per architecture. Host-only code called from __host__
+# __device__ helpers is an error (cross-execution-space-call), and so is a symbol that two
+# kernel objects define. The torch launchers (csrc/cuda/*.cpp) are checked by the host
+# compiler (-fsyntax-only) against torch's and the CUDA runtime's headers. Without nvcc it
+# prints why and exits 0 (a CPU-only machine).
 #
-# Time: one nvcc per source builds every architecture (the front end's pass over torch's
-# headers is most of the cost and runs once); the sources compile in parallel. Host code is
-# compiled at -O0 (nvcc's -O is the host optimisation; device code goes through cicc and
-# ptxas at -O3 either way, so the registers and spills reported are the build's): about
-# 1.5 minutes on 2 cores.
+# Time: one nvcc per kernel source builds every architecture; all sources compile in
+# parallel. Host code is compiled at -O0 (nvcc's -O is the host optimisation; device code
+# goes through cicc and ptxas at -O3 either way, so the registers and spills reported are
+# the build's): about 20 s on 2 cores.
 #
 # Environment: PYTHON (default .venv/bin/python, else python3), NVCC (default: nvcc on
-# PATH, else $CUDA_HOME/bin/nvcc, else /usr/local/cuda/bin/nvcc), NVCC_CHECK_ARCHS (default
-# "80 90"), NVCC_CHECK_JOBS (parallel compiles, default: the number of CPUs),
-# NVCC_CHECK_HOST_OPT (default -O0), NVCC_CHECK_FLAGS (extra nvcc flags).
+# PATH, else $CUDA_HOME/bin/nvcc, else /usr/local/cuda/bin/nvcc), CXX (the host compiler,
+# default c++), NVCC_CHECK_ARCHS (default "80 90"), NVCC_CHECK_JOBS (parallel compiles,
+# default: the number of CPUs), NVCC_CHECK_HOST_OPT (default -O0), NVCC_CHECK_FLAGS (extra
+# nvcc flags).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -58,63 +62,98 @@ read -r -a common_flags <<<"${info[2]}"
 archs="${NVCC_CHECK_ARCHS:-80 90}"
 jobs="${NVCC_CHECK_JOBS:-$(nproc 2>/dev/null || echo 2)}"
 sources=(csrc/cuda/*.cu)
-if [[ ! -e "${sources[0]}" ]]; then
-  echo "nvcc-check: FAILED: no csrc/cuda/*.cu" >&2
+launchers=(csrc/cuda/*.cpp)
+if [[ ! -e "${sources[0]}" || ! -e "${launchers[0]}" ]]; then
+  echo "nvcc-check: FAILED: no csrc/cuda/*.cu or no csrc/cuda/*.cpp" >&2
+  exit 1
+fi
+cxx="${CXX:-c++}"
+if ! command -v "$cxx" >/dev/null; then
+  echo "nvcc-check: FAILED: no host compiler $cxx (set CXX)" >&2
+  exit 1
+fi
+# the CUDA runtime's headers, where nvcc itself looks for them (its dry run names them; nvcc
+# may be a wrapper script away from its toolkit)
+cuda_include=""
+for dir in $("$nvcc" --dryrun -c -x cu /dev/null -o /dev/null 2>&1 |
+             sed -n 's/^#\$ INCLUDES=//p' | tr -d '"' | sed 's/-I//g'); do
+  [[ -z "$cuda_include" && -f "$dir/cuda_runtime_api.h" ]] && cuda_include="$dir"
+done
+if [[ -z "$cuda_include" ]]; then
+  echo "nvcc-check: FAILED: no cuda_runtime_api.h near $nvcc" >&2
   exit 1
 fi
 
+defines=(-DTORCH_API_INCLUDE_EXTENSION_H -DTORCH_EXTENSION_NAME=_C
+         "-D_GLIBCXX_USE_CXX11_ABI=$cxx11_abi")
 flags=(-c -std=c++20 "${NVCC_CHECK_HOST_OPT:--O0}" -Icsrc "${common_flags[@]}" -Xcompiler -fPIC
-       -DTORCH_API_INCLUDE_EXTENSION_H -DTORCH_EXTENSION_NAME=_C
-       "-D_GLIBCXX_USE_CXX11_ABI=$cxx11_abi" -Xptxas -v
-       -Werror cross-execution-space-call)
+       "${defines[@]}" -Xptxas -v -Werror cross-execution-space-call)
 read -r -a extra_flags <<<"${NVCC_CHECK_FLAGS:-}"
 flags+=("${extra_flags[@]}")
-for inc in "${torch_includes[@]}"; do flags+=("-I$inc"); done
+host_flags=(-std=c++20 -fsyntax-only -fPIC -Icsrc "-I$cuda_include" "${defines[@]}")
+for inc in "${torch_includes[@]}"; do host_flags+=("-I$inc"); done
 # a CPU build of torch ships c10/cuda without the header its CMake generates (it only
 # defines the Windows export macro)
 macros_found=0
 for inc in "${torch_includes[@]}"; do
   [[ -f "$inc/c10/cuda/impl/cuda_cmake_macros.h" ]] && macros_found=1
 done
-[[ "$macros_found" == 1 ]] || flags+=(-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE)
+[[ "$macros_found" == 1 ]] || host_flags+=(-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE)
 
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 
 echo "nvcc-check: $("$nvcc" --version | tail -n 2 | head -n 1)"
-echo "nvcc-check: ${#sources[@]} source(s) x sm_${archs// /, sm_}, $jobs parallel job(s)"
+echo "nvcc-check: ${#sources[@]} kernel source(s) x sm_${archs// /, sm_} and" \
+     "${#launchers[@]} launcher(s) ($cxx), $jobs parallel job(s)"
 start=$(date +%s)
 
-# one job per source, every architecture in it: the front end's pass over torch's headers
-# (cudafe++ and the host compile, most of the time) then runs once per source
+# one nvcc per kernel source, every architecture in it (cudafe++ and the host compile run
+# once per source); one host compile per launcher
 gencode=()
 for arch in $archs; do gencode+=(-gencode "arch=compute_$arch,code=sm_$arch"); done
 logs=()
+all_logs=()
 running=0
-for src in "${sources[@]}"; do
-  name="$(basename "$src" .cu)"
-  log="$work/$name.log"
-  logs+=("$log")
-  ( "$nvcc" "${flags[@]}" "${gencode[@]}" "$src" -o "$work/$name.o" >"$log" 2>&1
-    echo $? >"$log.rc" ) &
+run_job() {  # log, then the command
+  local log="$1"
+  shift
+  all_logs+=("$log")
+  ( "$@" >"$log" 2>&1; echo $? >"$log.rc" ) &
   running=$((running + 1))
   if (( running >= jobs )); then
     wait -n 2>/dev/null || true
     running=$((running - 1))
   fi
+}
+for src in "${sources[@]}"; do
+  name="$(basename "$src" .cu)"
+  logs+=("$work/$name.log")
+  run_job "$work/$name.log" "$nvcc" "${flags[@]}" "${gencode[@]}" "$src" -o "$work/$name.o"
+done
+for src in "${launchers[@]}"; do
+  run_job "$work/$(basename "$src").host.log" "$cxx" "${host_flags[@]}" "$src"
 done
 wait
 
 status=0
-for log in "${logs[@]}"; do
+for log in "${all_logs[@]}"; do
   rc="$(cat "$log.rc" 2>/dev/null || echo 1)"
   if [[ "$rc" != 0 ]]; then
-    echo "nvcc-check: FAILED: $(basename "$log" .log) does not compile (exit $rc):" >&2
+    what="$(basename "$log" .log)"
+    echo "nvcc-check: FAILED: ${what%.host} does not compile (exit $rc):" >&2
     grep -v '^ptxas info' "$log" | head -n 60 >&2
     status=1
   fi
 done
 [[ $status == 0 ]] || exit 1
+# the kernel objects link into one library (a kernel defined in two .cu files fails here;
+# the CUDA runtime's symbols stay undefined, as in any shared object before its link)
+if ! "$cxx" -shared -o "$work/kernels.so" "$work"/*.o >"$work/link.log" 2>&1; then
+  echo "nvcc-check: FAILED: the kernel objects do not link together:" >&2
+  head -n 40 "$work/link.log" >&2
+  exit 1
+fi
 
 "$python" - "$archs" "${logs[@]}" <<'PY'
 import re

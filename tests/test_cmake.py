@@ -36,7 +36,8 @@ def _library_sources() -> set[Path]:
 def test_library_sources_need_no_python() -> None:
     csrc = ROOT / "csrc"
     sources = [csrc / "ops.cpp", *sorted(csrc.rglob("*.h")), *sorted(csrc.glob("cpu/*.cpp")),
-               *sorted(csrc.glob("cuda/*.cu")), *sorted(csrc.glob("cuda/*.cuh"))]
+               *sorted(csrc.glob("cuda/*.cu")), *sorted(csrc.glob("cuda/*.cuh")),
+               *sorted(csrc.glob("cuda/*.cpp"))]
     offenders = [str(p.relative_to(ROOT)) for p in sources if PYTHON_INCLUDE.search(p.read_text())]
     assert not offenders, f"Python headers in the C++ library sources: {offenders}"
     # the Python module init lives apart, in the extension only
@@ -57,6 +58,8 @@ def test_cmake_library_has_every_cpu_kernel() -> None:
 
 def test_cmake_library_has_every_cuda_kernel() -> None:
     # built only with EENET_CUDA=ON (and a CUDA libtorch), by the same kind of glob
-    missing = sorted(str(p.relative_to(ROOT))
-                     for p in set((ROOT / "csrc/cuda").glob("*.cu")) - _library_sources())
+    cuda = ROOT / "csrc/cuda"
+    kernels = set(cuda.glob("*.cu")) | set(cuda.glob("*.cpp"))
+    assert kernels, "no csrc/cuda/*.cu"
+    missing = sorted(str(p.relative_to(ROOT)) for p in kernels - _library_sources())
     assert not missing, f"CMakeLists.txt does not build {missing} into eenet_ops"

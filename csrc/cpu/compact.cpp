@@ -1,7 +1,9 @@
 // C++ CPU kernels of eenet::compact and eenet::compact_out: stable multi-tensor stream
 // compaction. One prefix sum over `keep`, then every kept row of every tensor is copied as
 // raw bytes, so any dtype and any trailing shape is handled by the same loop.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/scalar_tensor.h>
+#include <ATen/ops/zeros_like.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 

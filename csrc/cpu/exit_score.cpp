@@ -4,7 +4,10 @@
 // reference.py); everything after it is one fused pass per row: softmax statistics without
 // materialising probabilities, the policy score, the threshold decision and, for the write
 // variant, the scatter of exiting rows into the caller's output buffers.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
