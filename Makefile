@@ -25,14 +25,12 @@ $(SETUP_STAMP): $(if $(USE_VENV),$(VENV)/bin/python) pyproject.toml setup.py $(w
 build: setup
 	$(PYTHON) setup.py build_ext --inplace
 
-# lint, the test suite, the wheel as a user installs it, the CMake library (cmake-check), then
-# the CUDA kernels compiled for sm_80 / sm_90 (nvcc-check)
+# lint, then the test suite while the build checks run beside it (scripts/run_tests.sh): the
+# CUDA kernels compiled for sm_80 / sm_90 (nvcc-check), the wheel as a user installs it
+# (test-wheel) and the CMake library (cmake-check)
 test: setup
 	$(PYTHON) -m ruff check .
-	TRITON_INTERPRET=1 $(PYTHON) -m pytest -q $(PYTEST_ARGS)
-	PYTHON=$(PYTHON) bash scripts/check_wheel.sh
-	PYTHON=$(PYTHON) bash scripts/cmake_check.sh
-	PYTHON=$(PYTHON) bash scripts/nvcc_check.sh
+	PYTHON=$(PYTHON) bash scripts/run_tests.sh $(PYTEST_ARGS)
 
 # builds the wheel, installs it into a throw-away venv (torch reused, no checkout, no triton)
 # and checks that every module imports and the ops and the runtime run (scripts/check_wheel.sh)
