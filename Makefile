@@ -16,7 +16,9 @@ $(VENV)/bin/python:
 	python3 -m venv $(VENV)
 
 # Torch is installed only when none is importable: an unpinned torch would pull a CUDA build.
-$(SETUP_STAMP): $(if $(USE_VENV),$(VENV)/bin/python) pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp)
+# The stamp follows every compiled source, csrc/cuda included (a CUDA torch builds it).
+$(SETUP_STAMP): $(if $(USE_VENV),$(VENV)/bin/python) pyproject.toml setup.py \
+		$(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*)
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "$(TORCH_PIN)"
 	$(PYTHON) -m pip install "setuptools>=77" wheel ninja
 	$(PYTHON) -m pip install -e ".[dev]" --no-build-isolation
