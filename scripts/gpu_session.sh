@@ -7,6 +7,14 @@
 #   bash scripts/gpu_session.sh e2e     # bench.e2e --device cuda (with both graph modes)
 #   bash scripts/gpu_session.sh serve   # bench.serve --device cuda (request stream, re-batching)
 #   bash scripts/gpu_session.sh tune    # bench.tune (launch-configuration sweep)
+#   bash scripts/gpu_session.sh all     # one call: build, then the gpu tests, bench.micro on
+#                                       # CUDA and Triton, bench.e2e on bert with both graph
+#                                       # modes, each bounded, within GPU_SESSION_S seconds
+#
+# `all` is for a session whose device time allows one call: the parts run in order of value,
+# each under `timeout` with what is left of GPU_SESSION_S (default 540: a 10-minute call less
+# the build), and the results tarball is rewritten after every part, so a call cut short
+# still brings back what finished.
 #
 # Every step builds the extension with its CUDA kernels first (EENET_CUDA=1; a few minutes on
 # a fresh host) and leaves its log,
@@ -15,7 +23,7 @@
 # installed first when .whl/ is there; copy .whl and demo_out (the demo's MNIST model, for
 # the e2e mnist workload) to the host with the tree.
 set -uo pipefail
-step=${1:?usage: gpu_session.sh test|micro|e2e|serve|tune}
+step=${1:?usage: gpu_session.sh test|micro|e2e|serve|tune|all}
 OUT=${OUT:-/tmp/eenet-gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -56,6 +64,27 @@ case "$step" in
       done
     fi
     tar czf "$OUT/results-$step.tgz" bench/results --exclude bench/results/cpu
+    exit "$status"
+    ;;
+  all)
+    deadline=$((SECONDS + ${GPU_SESSION_S:-540}))
+    status=0
+    part() {  # seconds cap, then the command; its output into the log
+      local cap=$1 left=$((deadline - SECONDS))
+      shift
+      ((left > 20)) || { echo "gpu_session: no time left for: $*" | tee -a "$log"; status=1; return; }
+      ((cap < left)) || cap=$left
+      echo "gpu_session: [$((deadline - SECONDS)) s left] $* (at most $cap s)" | tee -a "$log"
+      timeout --kill-after=10 "$cap" "$@" 2>&1 | tee -a "$log"
+      local rc=${PIPESTATUS[0]}
+      ((rc == 0)) || { echo "gpu_session: exit $rc: $*" | tee -a "$log"; status=1; }
+      tar czf "$OUT/results-all.tgz" bench/results --exclude bench/results/cpu
+    }
+    part 180 python3 -m pytest -q -m gpu -p no:cacheprovider tests
+    part 120 python3 -m bench.micro --device cuda
+    part 90 python3 -m bench.micro --device cuda --backend triton --no-compile
+    part 240 python3 -m bench.e2e --device cuda --workloads bert  # graph, graph_device by default
+    part 120 python3 -m bench.serve --device cuda
     exit "$status"
     ;;
   *)
