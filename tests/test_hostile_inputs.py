@@ -337,6 +337,30 @@ def test_wrong_inputs_name_x(mode: str, x: object, error: type[Exception], messa
     assert engine(torch.randn(3, W)).exit_index.shape == (3,)  # the engine still works
 
 
+class _Fails(torch.nn.Module):
+    def __init__(self, message: str) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(W, W)
+        self.message = message
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError(self.message)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("message", [
+    "CUDA error: an illegal memory access was encountered",
+    "CUDA error: CUBLAS_STATUS_EXECUTION_FAILED when calling `cublasSgemm( handle, ...)`",
+    "cuDNN error: CUDNN_STATUS_INTERNAL_ERROR"], ids=["kernel-fault", "cublas", "cudnn"])
+def test_device_failures_in_the_first_stage_are_not_blamed_on_x(mode: str, message: str
+                                                                 ) -> None:
+    net = _plain_net()
+    net.stages[0] = _Fails(message)
+    with pytest.raises(RuntimeError) as info:
+        Engine(net, MaxProb([0.5] * K), mode=mode)(torch.randn(3, W))
+    assert type(info.value) is RuntimeError and str(info.value) == message
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_wrong_row_inputs(mode: str) -> None:
     net = _net(0)

@@ -730,9 +730,17 @@ def exit_features(k: int, head: Any, h: object, rows: int,
     return f
 
 
+# Messages of a device or library failure (a kernel fault, cuBLAS / cuDNN status), which
+# torch raises as plain RuntimeError too: they are not about x and pass through unchanged.
+_DEVICE_FAILURE = ("CUDA error", "CUBLAS_STATUS", "CUDNN_STATUS", "cuDNN error",
+                   "HIP error", "NCCL error")
+
+
 class _FirstStage:
     """Stage 0 as the loops call it: a plain ``RuntimeError`` it raises on x comes back as
-    ``TypeError`` (x's dtype is not the stage's parameters') or ``ValueError`` naming x."""
+    ``TypeError`` (x's dtype is not the stage's parameters') or ``ValueError`` naming x;
+    subclasses (out of memory, accelerator errors) and device or library failures pass
+    through as they are."""
 
     def __init__(self, stage: torch.nn.Module) -> None:
         self.stage = stage
@@ -741,7 +749,7 @@ class _FirstStage:
         try:
             return self.stage(x, **row_inputs)
         except RuntimeError as exc:
-            if type(exc) is not RuntimeError:  # e.g. out of memory: not about x
+            if type(exc) is not RuntimeError or any(m in str(exc) for m in _DEVICE_FAILURE):
                 raise
             dtype = next((p.dtype for p in self.stage.parameters() if p.is_floating_point()),
                          None)
