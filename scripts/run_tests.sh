@@ -24,7 +24,12 @@ cd "$root"
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/eenet-tests.XXXXXX")
 checks=(nvcc_check check_wheel cmake_check)
 checks_pid=
+pytest_pid=
 cleanup() {
+  if [[ -n $pytest_pid ]] && kill -0 "$pytest_pid" 2>/dev/null; then
+    kill "$pytest_pid" 2>/dev/null || true
+    wait "$pytest_pid" 2>/dev/null || true
+  fi
   if [[ -n $checks_pid ]] && kill -0 "$checks_pid" 2>/dev/null; then
     kill -- -"$checks_pid" 2>/dev/null || kill "$checks_pid" 2>/dev/null || true
     wait "$checks_pid" 2>/dev/null || true
@@ -46,9 +51,14 @@ set -m
 checks_pid=$!
 set +m
 
+# pytest as a waited-for child rather than a foreground command: bash runs a trap (an
+# interrupt, a TERM from CI) only once a foreground command is done, but at once in `wait`
 start=$(date +%s)
-TRITON_INTERPRET=1 "$PYTHON" -m pytest -q "$@"
+TRITON_INTERPRET=1 "$PYTHON" -m pytest -q "$@" 0<&0 &  # stdin kept (--pdb)
+pytest_pid=$!
+wait "$pytest_pid"
 pytest_rc=$?
+pytest_pid=
 pytest_s=$(($(date +%s) - start))
 
 wait "$checks_pid"
