@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make test` after lint: the test suite and the three build checks at the same time.
 #
-#   - pytest (TRITON_INTERPRET=1, arguments passed on) in the foreground;
+#   - pytest (TRITON_INTERPRET=1, arguments passed on), its output on the terminal;
 #   - in the background, one after another and at a lower CPU priority (nice), the build
 #     checks: scripts/nvcc_check.sh (the CUDA kernels compiled for sm_80 / sm_90),
 #     scripts/check_wheel.sh (the wheel as a user installs it) and scripts/cmake_check.sh
