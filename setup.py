@@ -81,8 +81,10 @@ def extensions() -> list:
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
     if cuda_sources and with_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", CUDA_ARCH_DEFAULT)
+        # EENET_WITH_CUDA: csrc/python_module.cpp binds the CUDA graph helper
         return [CUDAExtension(sources=sources + cuda_sources,
-                              extra_compile_args={"cxx": cxx_flags, "nvcc": NVCC_FLAGS},
+                              extra_compile_args={"cxx": [*cxx_flags, "-DEENET_WITH_CUDA"],
+                                                  "nvcc": NVCC_FLAGS},
                               **kwargs)]
     return [CppExtension(sources=sources, extra_compile_args={"cxx": cxx_flags}, **kwargs)]
 

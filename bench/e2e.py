@@ -835,7 +835,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--engine-modes", default=None,
                     help=f"comma-separated engine modes timed beside compact, of "
                          f"{list(peers.ENGINE_MODES)} (default on cuda: graph, and "
-                         "graph_device where torch has CUDA graph conditional nodes; none on "
+                         "graph_device where CUDA graph conditional nodes exist; none on "
                          "cpu; compiled compiles a graph per batch size first)")
     ap.add_argument("--name", default=None, help="results name (default e2e, e2e_quick)")
     args = ap.parse_args(argv)

@@ -9,8 +9,9 @@
 # > 0: every kernel here is on the hot path of a stage), and prints each kernel's registers,
 # spills, shared memory and stack per architecture. Host-only code called from __host__
 # __device__ helpers is an error (cross-execution-space-call), and so is a symbol that two
-# kernel objects define. The torch launchers (csrc/cuda/*.cpp) are checked by the host
-# compiler (-fsyntax-only) against torch's and the CUDA runtime's headers. Without nvcc it
+# kernel objects define. The torch launchers (csrc/cuda/*.cpp) and the CUDA build's Python
+# module (csrc/python_module.cpp with EENET_WITH_CUDA) are checked by the host compiler
+# (-fsyntax-only) against torch's, Python's and the CUDA runtime's headers. Without nvcc it
 # prints why and exits 0 (a CPU-only machine).
 #
 # Time: one nvcc per kernel source builds every architecture; all sources compile in
@@ -44,11 +45,13 @@ if [[ -z "$python" ]]; then
   if [[ -x .venv/bin/python ]]; then python=.venv/bin/python; else python=python3; fi
 fi
 if ! torch_info="$("$python" - <<'PY'
+import sysconfig
 import torch
 from torch.utils.cpp_extension import include_paths, COMMON_NVCC_FLAGS
 print(" ".join(include_paths()))
 print(int(torch._C._GLIBCXX_USE_CXX11_ABI))
 print(" ".join(COMMON_NVCC_FLAGS))
+print(sysconfig.get_paths()["include"])
 PY
 )"; then
   echo "nvcc-check: FAILED: $python cannot import torch (its headers are needed)" >&2
@@ -58,6 +61,7 @@ mapfile -t info <<<"$torch_info"
 read -r -a torch_includes <<<"${info[0]}"
 cxx11_abi="${info[1]}"
 read -r -a common_flags <<<"${info[2]}"
+python_include="${info[3]}"
 
 archs="${NVCC_CHECK_ARCHS:-80 90}"
 jobs="${NVCC_CHECK_JOBS:-$(nproc 2>/dev/null || echo 2)}"
@@ -134,6 +138,9 @@ done
 for src in "${launchers[@]}"; do
   run_job "$work/$(basename "$src").host.log" "$cxx" "${host_flags[@]}" "$src"
 done
+# the Python module as setup.py's CUDA build compiles it (with the CUDA graph binding)
+run_job "$work/python_module.cpp.host.log" "$cxx" "${host_flags[@]}" -DEENET_WITH_CUDA \
+  "-I$python_include" csrc/python_module.cpp
 wait
 
 status=0
@@ -189,7 +196,8 @@ if shutil.which("c++filt"):
     out = subprocess.run(["c++filt"], input="\n".join(r[-1] for r in rows), text=True,
                          capture_output=True, check=True).stdout.splitlines()
     for row, name in zip(rows, out, strict=True):
-        row[-1] = name.split("(")[0]  # without the argument list
+        # without the argument list (and the anonymous namespace, whose "(" is not one)
+        row[-1] = name.replace("(anonymous namespace)::", "").split("(")[0]
 rows.sort(key=lambda r: (r[0], r[-1], r[1]))
 print(f"{'source':<15} {'arch':<6} {'regs':>4} {'spill st/ld':>11} {'smem':>6} {'stack':>5}  kernel")
 spilling = 0

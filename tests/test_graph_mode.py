@@ -22,13 +22,17 @@ from eenet.policies import EENet, MaxProb, Patience
 from eenet.runtime import BudgetGuard, Engine, EngineOutput
 from eenet.runtime.graphs import (
     BUCKET_CHOICES,
+    IF_NODE_SOURCES,
     CudaGraphs,
     EagerGraphs,
     GraphLoop,
     check_buckets,
     choose_bucket,
     conditional_nodes_missing,
+    resolve_if_node_source,
 )
+from eenet_kernels import cuda_graphs
+from eenet_kernels import ops as ek_ops
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -203,6 +207,67 @@ def test_conditional_nodes_missing_says_why(monkeypatch: pytest.MonkeyPatch) -> 
     assert "no CUDAGraph.begin_capture_to_if_node" in conditional_nodes_missing()
 
 
+def _without_torch_if_nodes(monkeypatch: pytest.MonkeyPatch, cuda: str) -> None:
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.version, "cuda", cuda)
+    monkeypatch.delattr(torch.cuda.CUDAGraph, "begin_capture_to_if_node", raising=False)
+    monkeypatch.delattr(torch._C._CUDAGraph, "begin_capture_to_if_node", raising=False)
+
+
+def test_if_node_sources_say_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each source's requirement on its own; "auto" needs one of the two, prefers torch's."""
+    with pytest.raises(ValueError, match="if-node source must be one of"):
+        conditional_nodes_missing("cuda")
+    _without_torch_if_nodes(monkeypatch, "12.8")
+    assert "has no CUDAGraph.begin_capture_to_if_node" in conditional_nodes_missing("torch")
+    assert "need CUDA 13, not 12.8" in conditional_nodes_missing("eenet")
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(cuda_graphs, "_binding", lambda: None)
+    assert "built without its CUDA kernels" in conditional_nodes_missing("eenet")
+    both = conditional_nodes_missing("auto")
+    assert "begin_capture_to_if_node" in both and "built without its CUDA kernels" in both
+    with pytest.raises(RuntimeError, match=r"conditional nodes: .*without its CUDA kernels"):
+        CudaGraphs(torch.device("cuda"), conditional=True, if_nodes="eenet")
+    with pytest.raises(ValueError, match="if-node source must be one of"):
+        CudaGraphs(torch.device("cuda"), conditional=True, if_nodes="cuda")
+    monkeypatch.setattr(ek_ops, "HAVE_EXTENSION", False)
+    assert "extension is not built" in conditional_nodes_missing("eenet")
+    monkeypatch.setattr(ek_ops, "HAVE_EXTENSION", True)
+    monkeypatch.setattr(cuda_graphs, "_binding", lambda: lambda *args: None)
+    assert conditional_nodes_missing("eenet") is None
+    assert conditional_nodes_missing("auto") is None
+    assert resolve_if_node_source("auto") == "eenet"
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "begin_capture_to_if_node",
+                        lambda self, pred: None, raising=False)
+    assert conditional_nodes_missing("torch") is None
+    assert [resolve_if_node_source(s) for s in IF_NODE_SOURCES] == ["torch", "torch", "eenet"]
+
+
+def test_capture_if_node_checks_its_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bad predicates are refused before anything reaches CUDA (fake CUDA tensors: no GPU
+    needed); without the extension's CUDA build it says so."""
+    pred = torch.ones((), dtype=torch.bool)
+    monkeypatch.setattr(cuda_graphs, "_binding", lambda: None)
+    with pytest.raises(RuntimeError, match="built without its CUDA kernels"):
+        cuda_graphs.capture_if_node(pred, None)
+    calls: list[tuple] = []
+    monkeypatch.setattr(cuda_graphs, "_binding", lambda: lambda *args: calls.append(args))
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        bad = [torch.ones((), dtype=torch.bool),  # CPU
+               torch.ones((), dtype=torch.float32, device="cuda"),
+               torch.ones((), dtype=torch.uint8, device="cuda"),
+               torch.ones((2,), dtype=torch.bool, device="cuda"),
+               torch.ones((0,), dtype=torch.bool, device="cuda")]
+    for p in bad:
+        with pytest.raises(ValueError, match="one-element bool CUDA tensor"):
+            cuda_graphs.capture_if_node(p, None)
+    with pytest.raises(ValueError, match="must be a tensor, got bool"):
+        cuda_graphs.capture_if_node(True, None)
+    assert calls == []
+
+
 def test_a_stage_that_cannot_be_captured_is_named() -> None:
     calls = {"n": 0}
 
@@ -253,11 +318,71 @@ def test_engine_graph_mode_refuses_cpu_and_the_guard() -> None:
         Engine(net, MaxProb([0.5] * 3), mode="graph", graph_bucket_choice="gpu")
 
 
-def _needs_cuda(choice: str) -> None:
+def _needs_cuda(choice: str, if_nodes: str = "auto") -> None:
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    if choice == "device" and (missing := conditional_nodes_missing()) is not None:
-        pytest.skip(f"no CUDA graph conditional nodes: {missing}")
+    if choice == "device" and (missing := conditional_nodes_missing(if_nodes)) is not None:
+        pytest.skip(f"no CUDA graph conditional nodes from {if_nodes!r}: {missing}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("if_nodes", ["torch", "eenet"])
+def test_cuda_if_node_body_runs_exactly_when_the_predicate_holds(if_nodes: str) -> None:
+    """One capture, replays with the predicate set between them: the body's work happens on
+    the replays where it holds (a non-canonical true byte counts), the work around it on
+    every replay, and the work after it sees the body's writes."""
+    _needs_cuda("device", if_nodes)
+    device = torch.device("cuda")
+    backend = CudaGraphs(device, conditional=True, if_nodes=if_nodes)
+    pred = torch.zeros((), dtype=torch.bool, device=device)
+    x = torch.arange(8.0, device=device)
+    out = torch.zeros(8, device=device)
+    after = torch.zeros(8, device=device)
+    hits = torch.zeros((), device=device)
+
+    def body() -> None:
+        hits.add_(1)
+        out.mul_(torch.full_like(out, 2.0))  # a temporary allocated inside the body
+
+    def step() -> None:
+        out.copy_(x + 1)
+        backend.branch(pred, body)
+        after.copy_(out - 1)
+
+    graph = backend.capture(step)
+    hits.zero_()
+    for value, want_hits in ((True, 1), (False, 1), (True, 2), (2, 3)):
+        pred.view(torch.uint8).fill_(value)
+        graph.replay()
+        torch.cuda.synchronize()
+        scale = 2.0 if value else 1.0
+        assert hits.item() == want_hits
+        assert out.tolist() == [(i + 1) * scale for i in range(8)]
+        assert after.tolist() == [(i + 1) * scale - 1 for i in range(8)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("if_nodes", ["torch", "eenet"])
+def test_cuda_device_choice_matches_compact_for_each_if_node_source(if_nodes: str) -> None:
+    _needs_cuda("device", if_nodes)
+    device = torch.device("cuda")
+    net = _mlp_net().cuda()
+    policy = _median_policy(EENet, net, torch.randn(256, 10, device=device))
+    compact = Engine(net, policy, mode="compact")
+    loop = GraphLoop(net, compact.exit_op_kwargs(device), policy.needs_scores,
+                     policy.needs_preds, CudaGraphs(device, True, if_nodes), (1, 8, 64),
+                     "device")
+
+    def cpu(o: EngineOutput) -> EngineOutput:
+        return EngineOutput(o.logits.cpu(), o.exit_index.cpu(), o.score.cpu(), o.forced.cpu())
+
+    for n in (1, 7, 64, 200):
+        x = torch.randn(n, 10, device=device)
+        with torch.no_grad():
+            want = compact(x)
+        for _ in range(2):  # the capture, then a replay on the same buffers
+            out = _run(loop, x)
+        _assert_matches_compact(cpu(out), cpu(want), policy, copy.deepcopy(net).cpu(), x.cpu())
 
 
 @pytest.mark.gpu

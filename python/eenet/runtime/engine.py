@@ -434,8 +434,9 @@ class Engine:
     survivors, chosen after one device-to-host read of the survivor count per stage.
     ``graph_bucket_choice="device"`` chooses it on the device instead: one graph per
     first-stage bucket holds the whole batch, each later stage's buckets in CUDA graph
-    conditional nodes, so a batch runs with no host sync (CUDA 12.4+ and a torch with
-    conditional-node capture; the first call says what is missing otherwise). It captures
+    conditional nodes, so a batch runs with no host sync (from torch's conditional-node
+    capture, else from the extension's CUDA build, :mod:`eenet.runtime.graphs`; the first
+    call says what is missing otherwise). It captures
     more: every stage at every bucket up to the batch's, per first-stage bucket.
     :attr:`graph_captures` (graphs captured) and :attr:`graph_bytes` report what was
     captured and held. No budget guard (``ValueError``).

@@ -32,9 +32,14 @@ step at or below the batch's bucket sits in a CUDA graph conditional IF node on 
 boolean, so exactly the smallest bucket that holds the survivors runs (none when no row goes
 on). The survivor counts are zeroed at the start of the graph, so that a stage whose
 predecessor did not run sees no survivors. A batch then runs with no host sync at all. It
-needs conditional nodes (CUDA 12.4 and a torch whose ``CUDAGraph`` has
-``begin_capture_to_if_node``; :func:`conditional_nodes_missing` says what is missing) and
-captures ``stages x buckets`` stage bodies per first-stage bucket.
+needs conditional nodes, from one of two sources (:data:`IF_NODE_SOURCES`):
+``"torch"``, a torch whose ``CUDAGraph`` has ``begin_capture_to_if_node`` (CUDA 12.4+), which
+captures the body into the outer graph; or ``"eenet"``, the extension's
+:func:`eenet_kernels.cuda_graphs.capture_if_node` (a CUDA build of eenet_kernels, CUDA 13),
+which captures the body as a graph of its own on a side stream, into a memory pool shared by
+the bodies, and appends an IF node holding a copy of it. ``"auto"`` takes torch's where it
+exists. :func:`conditional_nodes_missing` says what is missing. It captures
+``stages x buckets`` stage bodies per first-stage bucket.
 
 How a graph is captured and replayed is a :class:`GraphBackend`'s business:
 :class:`CudaGraphs` captures ``torch.cuda.CUDAGraph`` objects sharing one memory pool;
@@ -48,6 +53,7 @@ the largest bucket are served in chunks of it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 from collections.abc import Callable, Sequence
@@ -57,15 +63,19 @@ from typing import Any, Protocol
 import torch
 
 import eenet_kernels as ek
+from eenet_kernels import cuda_graphs
 
 from ..nn.heads import head_row_inputs
 
-__all__ = ["BUCKET_CHOICES", "DEFAULT_BUCKETS", "CudaGraphs", "EagerGraphs", "GraphBackend",
-           "GraphLoop", "choose_bucket", "conditional_nodes_missing"]
+__all__ = ["BUCKET_CHOICES", "DEFAULT_BUCKETS", "IF_NODE_SOURCES", "CudaGraphs", "EagerGraphs",
+           "GraphBackend", "GraphLoop", "choose_bucket", "conditional_nodes_missing",
+           "resolve_if_node_source"]
 
 DEFAULT_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
 # "host": a device-to-host read of the survivor count per stage; "device": conditional nodes
 BUCKET_CHOICES: tuple[str, ...] = ("host", "device")
+# where conditional IF nodes come from (module docstring)
+IF_NODE_SOURCES: tuple[str, ...] = ("auto", "torch", "eenet")
 
 
 def check_buckets(buckets: Sequence[int]) -> tuple[int, ...]:
@@ -93,22 +103,42 @@ def check_bucket_choice(choice: str) -> str:
     return choice
 
 
-def conditional_nodes_missing() -> str | None:
-    """Why this torch cannot put CUDA graph conditional nodes in a capture, or ``None`` when
-    it can (a CUDA 12.4+ build whose ``torch.cuda.CUDAGraph`` has
-    ``begin_capture_to_if_node``)."""
+def conditional_nodes_missing(source: str = "auto") -> str | None:
+    """Why CUDA graph conditional IF nodes from ``source`` (one of :data:`IF_NODE_SOURCES`)
+    cannot be captured here, or ``None`` when they can: a CUDA 12.4+ build of torch, and
+    for ``"torch"`` a ``torch.cuda.CUDAGraph`` with ``begin_capture_to_if_node``, for
+    ``"eenet"`` CUDA 13 and the extension's CUDA build, for ``"auto"`` either."""
+    if source not in IF_NODE_SOURCES:
+        raise ValueError(f"if-node source must be one of {IF_NODE_SOURCES}, got {source!r}")
     if torch.version.cuda is None or torch.version.hip is not None:
         return f"torch {torch.__version__} is not a CUDA build"
     try:
-        major, minor = (int(p) for p in torch.version.cuda.split(".")[:2])
+        cuda = tuple(int(p) for p in torch.version.cuda.split(".")[:2])
     except ValueError:
         return f"unrecognised CUDA version {torch.version.cuda!r}"
-    if (major, minor) < (12, 4):
+    if cuda < (12, 4):
         return f"CUDA {torch.version.cuda} has no graph conditional nodes (they need 12.4)"
+    why = {"torch": None, "eenet": None}
     if not hasattr(torch.cuda.CUDAGraph, "begin_capture_to_if_node"):
-        return (f"torch {torch.__version__} has no CUDAGraph.begin_capture_to_if_node "
-                "(conditional nodes in a stream capture)")
-    return None
+        why["torch"] = (f"torch {torch.__version__} has no CUDAGraph.begin_capture_to_if_node "
+                        "(conditional nodes in a stream capture)")
+    if cuda < (13, 0):
+        why["eenet"] = f"eenet_kernels' conditional nodes need CUDA 13, not {torch.version.cuda}"
+    else:
+        why["eenet"] = cuda_graphs.if_nodes_missing()
+    if source != "auto":
+        return why[source]
+    if why["torch"] is None or why["eenet"] is None:
+        return None
+    return f"{why['torch']}, and {why['eenet']}"
+
+
+def resolve_if_node_source(source: str = "auto") -> str:
+    """``"torch"`` or ``"eenet"``: ``source``, or for ``"auto"`` torch's conditional nodes
+    where this torch has them, else the extension's."""
+    if source != "auto":
+        return source
+    return "torch" if conditional_nodes_missing("torch") is None else "eenet"
 
 
 class Replayable(Protocol):
@@ -158,20 +188,30 @@ class CudaGraphs:
     (lazy initialisations and autotuning happen outside the capture), then the capture into
     a memory pool that every graph of this backend shares (they replay one after another on
     one stream, and their temporaries are dead between replays). ``conditional=True``
-    enables :meth:`branch` (``RuntimeError`` saying what is missing where this torch has no
-    conditional nodes)."""
+    enables :meth:`branch`, with IF nodes from ``if_nodes`` (one of
+    :data:`IF_NODE_SOURCES`; ``RuntimeError`` saying what is missing where that source has
+    none)."""
 
-    def __init__(self, device: torch.device, conditional: bool = False) -> None:
+    def __init__(self, device: torch.device, conditional: bool = False,
+                 if_nodes: str = "auto") -> None:
         if device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, got {device}")
-        if conditional and (missing := conditional_nodes_missing()) is not None:
+        missing = conditional_nodes_missing(if_nodes)  # also checks the source's name
+        if conditional and missing is not None:
             raise RuntimeError(f"graph bucket choice 'device' needs CUDA graph conditional "
                                f"nodes: {missing}; use the bucket choice 'host'")
         self.conditional = conditional
+        self.if_nodes = resolve_if_node_source(if_nodes) if conditional else None
         self.device = device
         self.pool = torch.cuda.graph_pool_handle()
         self.stream = torch.cuda.Stream(device)
         self._reserved = 0
+        # "eenet" if-nodes: bodies are graphs of their own, captured one after another on a
+        # stream of their own into a pool of their own (the outer capture holds self.pool)
+        self._bodies: list[torch.cuda.CUDAGraph] = []
+        if self.if_nodes == "eenet":
+            self._body_pool = torch.cuda.graph_pool_handle()
+            self._body_stream = torch.cuda.Stream(device)
 
     def capture(self, fn: Callable[[], None]) -> Replayable:
         current = torch.cuda.current_stream(self.device)
@@ -196,12 +236,31 @@ class CudaGraphs:
         if not torch.cuda.is_current_stream_capturing():
             fn()
             return
+        if self.if_nodes == "eenet":
+            self._branch_as_body_graph(pred, fn)
+            return
         graph = torch.cuda.CUDAGraph.get_currently_capturing_graph()
         graph.begin_capture_to_if_node(pred)
         try:
             fn()
         finally:
             graph.end_capture_to_conditional_node()
+
+    def _branch_as_body_graph(self, pred: torch.Tensor, fn: Callable[[], None]) -> None:
+        # the body stream must not wait on the capturing stream: that would join it to the
+        # outer capture; nothing runs during a capture, so there is nothing to order
+        body = torch.cuda.CUDAGraph(keep_graph=True)
+        with torch.cuda.stream(self._body_stream):
+            body.capture_begin(pool=self._body_pool)
+            try:
+                fn()
+            except BaseException:
+                with contextlib.suppress(RuntimeError):  # the capture is broken already
+                    body.capture_end()
+                raise
+            body.capture_end()
+        cuda_graphs.capture_if_node(pred, body)
+        self._bodies.append(body)  # its pool holds the memory of the copied nodes
 
     def reserved_bytes(self) -> int:
         return self._reserved
