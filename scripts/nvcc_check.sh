@@ -2,9 +2,10 @@
 # Compile-only check of the CUDA kernels (csrc/cuda) for sm_80 and sm_90: no GPU needed.
 #
 # The kernels (csrc/cuda/*.cu) are compiled by nvcc with the flags of setup.py's CUDA build
-# (torch's nvcc flags from the torch that $PYTHON imports, C++20) but without torch's
-# include paths, so a torch header in a kernel's translation unit fails here (why:
-# csrc/cuda/compact_launch.h), and with ptxas' resource usage (-Xptxas -v). The script fails
+# (torch's nvcc flags from the torch that $PYTHON imports) at C++17, the older of the
+# standards torch builds pass (2.11's torch.utils.cpp_extension passes -std=c++17, 2.13's
+# -std=c++20), but without torch's include paths, so a torch header in a kernel's
+# translation unit fails here (why: csrc/cuda/compact_launch.h), and with ptxas' resource usage (-Xptxas -v). The script fails
 # on any compile error and on any kernel that spills registers (spill stores or spill loads
 # > 0: every kernel here is on the hot path of a stage), and prints each kernel's registers,
 # spills, shared memory and stack per architecture. Host-only code called from __host__
@@ -90,7 +91,7 @@ fi
 
 defines=(-DTORCH_API_INCLUDE_EXTENSION_H -DTORCH_EXTENSION_NAME=_C
          "-D_GLIBCXX_USE_CXX11_ABI=$cxx11_abi")
-flags=(-c -std=c++20 "${NVCC_CHECK_HOST_OPT:--O0}" -Icsrc "${common_flags[@]}" -Xcompiler -fPIC
+flags=(-c -std=c++17 "${NVCC_CHECK_HOST_OPT:--O0}" -Icsrc "${common_flags[@]}" -Xcompiler -fPIC
        "${defines[@]}" -Xptxas -v -Werror cross-execution-space-call)
 read -r -a extra_flags <<<"${NVCC_CHECK_FLAGS:-}"
 flags+=("${extra_flags[@]}")
