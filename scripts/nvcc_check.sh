@@ -7,8 +7,9 @@
 # -std=c++20), but without torch's include paths, so a torch header in a kernel's
 # translation unit fails here (why: csrc/cuda/compact_launch.h), and with ptxas' resource
 # usage (-Xptxas -v). The script fails on any compile error and on any kernel that spills
-# registers (spill stores or spill loads > 0: every kernel here is on the hot path of a stage), and prints each kernel's registers,
-# spills, shared memory and stack per architecture. Host-only code called from __host__
+# registers (spill stores or spill loads > 0: every kernel here is on the hot path of a
+# stage), and prints each kernel's registers, spills, shared memory and stack per
+# architecture. Host-only code called from __host__
 # __device__ helpers is an error (cross-execution-space-call), and so is a symbol that two
 # kernel objects define. The torch launchers (csrc/cuda/*.cpp) and the CUDA build's Python
 # module (csrc/python_module.cpp with EENET_WITH_CUDA) are checked by the host compiler
