@@ -52,7 +52,7 @@ from torch import nn
 
 from eenet.nn import ExitHead, MultiExitNetwork, hf_encoder_exits
 from eenet.policies import MaxProb, thresholds_for_fractions
-from eenet.runtime.graphs import conditional_nodes_missing
+from eenet.runtime.graphs import conditional_nodes_missing, resolve_if_node_source
 from eenet.runtime.timing import Stats
 from eenet.text import data as text_data
 
@@ -906,6 +906,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"total wall time {time.perf_counter() - start:.0f} s.",
         *skipped,
     ]
+    if "graph_device" in engine_modes:
+        notes.append(f"graph_device's conditional IF nodes came from {resolve_if_node_source()!r} "
+                     "(eenet.runtime.graphs.IF_NODE_SOURCES: torch's CUDAGraph capture or the "
+                     "extension's).")
     bad = [r for r in rows if r.get("agree") is not None and r["agree"] < 1.0]
     if bad:
         notes.append("exit disagreement with the oracle in: " + ", ".join(
