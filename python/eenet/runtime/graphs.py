@@ -234,7 +234,16 @@ class CudaGraphs:
         if not self.conditional:
             raise RuntimeError("this CudaGraphs backend was made without conditional=True")
         if not torch.cuda.is_current_stream_capturing():
-            fn()
+            if self.if_nodes != "eenet":
+                fn()
+                return
+            # on the stream the body will be captured on: lazy per-stream state (cuBLAS's
+            # workspace) is made now, not inside the capture
+            current = torch.cuda.current_stream(self.device)
+            self._body_stream.wait_stream(current)
+            with torch.cuda.stream(self._body_stream):
+                fn()
+            current.wait_stream(self._body_stream)
             return
         if self.if_nodes == "eenet":
             self._branch_as_body_graph(pred, fn)
