@@ -28,8 +28,9 @@ build: setup
 	$(PYTHON) setup.py build_ext --inplace
 
 # lint, then the test suite while the build checks run beside it (scripts/run_tests.sh): the
-# CUDA kernels compiled for sm_80 / sm_90 (nvcc-check), the wheel as a user installs it
-# (test-wheel) and the CMake library (cmake-check)
+# CUDA kernels compiled for sm_80 / sm_90 (nvcc-check), the CUDA build against the GPU
+# hosts' torch (torch-abi-check), the wheel as a user installs it (test-wheel) and the CMake
+# library (cmake-check)
 test: setup
 	$(PYTHON) -m ruff check .
 	PYTHON=$(PYTHON) bash scripts/run_tests.sh $(PYTEST_ARGS)
@@ -51,6 +52,13 @@ cmake-check: setup
 .PHONY: nvcc-check
 nvcc-check: setup
 	PYTHON=$(PYTHON) bash scripts/nvcc_check.sh
+
+# the CUDA build of the extension compiled and linked against another torch (default
+# torch==2.11.0, the GPU hosts'; TORCH_ABI_SPEC): its headers, C++ standard and libraries,
+# fetched once into build/torch-abi/ (scripts/torch_abi_check.sh; about 25 s on 2 cores)
+.PHONY: torch-abi-check
+torch-abi-check: setup
+	PYTHON=$(PYTHON) bash scripts/torch_abi_check.sh
 
 # the op tests against the extension built with ASan + UBSan, in a copy of the tree
 # (scripts/test_asan.sh); not part of `make test`

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# `make test` after lint: the test suite and the three build checks at the same time.
+# `make test` after lint: the test suite and the four build checks at the same time.
 #
 #   - pytest (TRITON_INTERPRET=1, arguments passed on), its output on the terminal;
 #   - in the background, one after another and at a lower CPU priority (nice), the build
 #     checks: scripts/nvcc_check.sh (the CUDA kernels compiled for sm_80 / sm_90),
+#     scripts/torch_abi_check.sh (the CUDA build against the GPU hosts' torch),
 #     scripts/check_wheel.sh (the wheel as a user installs it) and scripts/cmake_check.sh
 #     (the CMake library and the C++ examples).
 #
@@ -22,7 +23,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/eenet-tests.XXXXXX")
-checks=(nvcc_check check_wheel cmake_check)
+checks=(nvcc_check torch_abi_check check_wheel cmake_check)
 checks_pid=
 pytest_pid=
 cleanup() {
