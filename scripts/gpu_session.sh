@@ -12,8 +12,9 @@
 #                                       # modes, each bounded, within GPU_SESSION_S seconds
 #
 # `all` is for a session whose device time allows one call: the parts run in order of value,
-# each under `timeout` with what is left of GPU_SESSION_S (default 540: a 10-minute call less
-# the build), and the results tarball is rewritten after every part, so a call cut short
+# each under `timeout` with what is left of GPU_SESSION_S seconds counted from the script's
+# start, the build included (default 570: a 10-minute call less time to pack and send the
+# results back), and the results tarball is rewritten after every part, so a call cut short
 # still brings back what finished.
 #
 # Every step builds the extension with its CUDA kernels first (EENET_CUDA=1; a few minutes on
@@ -67,7 +68,7 @@ case "$step" in
     exit "$status"
     ;;
   all)
-    deadline=$((SECONDS + ${GPU_SESSION_S:-540}))
+    deadline=${GPU_SESSION_S:-570}  # SECONDS counts from the script's start
     status=0
     part() {  # seconds cap, then the command; its output into the log
       local cap=$1 left=$((deadline - SECONDS))
