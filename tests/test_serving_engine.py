@@ -673,6 +673,47 @@ def test_close_is_idempotent_and_keeps_no_engine_alive() -> None:
     assert ref() is None
 
 
+def _collected(ref: weakref.ref, thread: threading.Thread, timeout_s: float = 5.0) -> bool:
+    gc.collect()
+    thread.join(timeout_s)
+    return ref() is None and not thread.is_alive()
+
+
+def test_an_engine_dropped_without_close_is_collected_and_its_worker_stops() -> None:
+    """The worker holds its engine only weakly while idle: an engine that is used, never
+    closed and dropped is collected, and its worker thread stops (not only at exit)."""
+    from eenet.serving import engine as serving_engine
+
+    engine = ServingEngine(_mlp(), _never_exits()).start()
+    assert engine.submit(torch.randn(WIDTH)).result(timeout=5).exit_index == 3
+    thread, ref = engine._thread, weakref.ref(engine)
+    assert thread.is_alive() and engine in serving_engine._RUNNING
+    del engine
+    assert _collected(ref, thread)
+
+
+def test_a_dropped_engine_answers_what_it_admitted_first() -> None:
+    """Dropped with requests pending: its futures keep it alive, every one is answered as
+    the oracle says, and once they are dropped too it goes away."""
+    net, gate = _gated()  # stage 0 held until the engine is dropped
+    x = torch.randn(16, WIDTH)
+    policy = _policy("maxprob", _mlp(), x)
+    with torch.no_grad():
+        want = simulate(_mlp(), policy, x)
+    engine = ServingEngine(net, policy).start()
+    futs = engine.submit_many(x)
+    thread, ref = engine._thread, weakref.ref(engine)
+    del engine
+    gc.collect()
+    assert gate.entered.wait(5) and ref() is not None
+    gate.open.set()
+    for i, f in enumerate(futs):
+        _check(f.result(timeout=5), want, i)
+    assert len({int(e) for e in want.exit_index}) > 1  # rows left at different exits
+    del futs, f
+    assert _collected(ref, thread)
+
+
 _LEFT_OPEN = textwrap.dedent("""
     import sys
     import threading

@@ -80,6 +80,10 @@ pending with :class:`EngineClosed` after the run in progress; both refuse new re
 unexpected error inside the worker itself fails every pending future with that error and
 makes ``submit`` raise :class:`EngineClosed` chained to it: the worker never dies silently.
 
+Dropping an engine: the worker thread holds its engine only weakly between stage runs, so an
+engine dropped without ``close()`` answers what it admitted (its futures hold it), is
+collected once idle and unreferenced, and its worker stops then.
+
 Interpreter exit: close an engine when done with it (``with engine:`` or ``close()``). One
 left running is closed by an ``atexit`` hook of this module (it holds the engines through
 weak references, so it keeps none alive): the stage run in progress finishes, every other
@@ -455,6 +459,62 @@ def _close_running_engines() -> None:
 atexit.register(_close_running_engines)
 
 
+# -- the worker thread -----------------------------------------------------------------------
+
+# how often an idle worker looks whether its engine is gone, in case the wake-up of
+# _wake_on_collect came between its check and its wait (a collection inside the wait's own
+# allocations)
+_IDLE_RECHECK_S = 1.0
+
+
+def _wake_on_collect(work: threading.Condition) -> Callable[[weakref.ref], None]:
+    """The callback of the worker's weak reference to its engine: wakes the worker waiting
+    on ``work`` once the engine is collected (it holds ``work``, never the engine)."""
+
+    def wake(_ref: weakref.ref) -> None:
+        with work:
+            work.notify_all()
+
+    return wake
+
+
+def _wait_for_work(ref: weakref.ref[ServingEngine], work: threading.Condition) -> bool:
+    """Wait, holding the engine only weakly, until it has work (True) or is gone (False)."""
+    with work:
+        while True:
+            engine = ref()
+            if engine is None:
+                return False
+            if engine._has_work():
+                return True
+            del engine
+            work.wait(_IDLE_RECHECK_S)
+
+
+def _serve(ref: weakref.ref[ServingEngine], work: threading.Condition) -> None:
+    """The worker thread: scheduling steps while the engine has work. Between steps it holds
+    the engine only through ``ref``, so that an engine dropped without ``close()`` is
+    collected once it is idle (what it admitted is answered first: its futures hold it), and
+    the worker then stops."""
+    engine = None
+    try:
+        with torch.inference_mode():
+            while _wait_for_work(ref, work):
+                engine = ref()
+                if engine is None or not engine._step():
+                    return
+                engine = None
+    except BaseException as exc:  # an internal error: fail everything, refuse more
+        engine = engine if engine is not None else ref()
+        if engine is not None:
+            engine._die(exc)
+    finally:
+        engine = engine if engine is not None else ref()
+        if engine is not None:
+            with _RUNNING_LOCK:
+                _RUNNING.discard(engine)
+
+
 # -- the engine ------------------------------------------------------------------------------
 
 
@@ -475,9 +535,9 @@ class ServingEngine:
     shape form their own group, so they never fail the rows of a well-formed group.
 
     Closing: call :meth:`close` (or use ``with engine:``) when done; it may be called any
-    number of times. An engine left open at interpreter exit is closed then: the stage run
-    in progress finishes and the other pending requests fail with :class:`EngineClosed`
-    (module docstring, interpreter exit).
+    number of times. An engine dropped unclosed stops its worker once it is collected; one
+    left open at interpreter exit is closed then: the stage run in progress finishes and the
+    other pending requests fail with :class:`EngineClosed` (module docstring).
     """
 
     def __init__(self, net: torch.nn.Module, policy: ExitPolicy,
@@ -559,8 +619,9 @@ class ServingEngine:
             if self._thread is None:
                 # a daemon thread: the interpreter does not wait for it before its atexit
                 # hooks, one of which (_close_running_engines) stops it before finalization
-                self._thread = threading.Thread(target=self._worker, name="eenet-serving",
-                                                daemon=True)
+                ref = weakref.ref(self, _wake_on_collect(self._work))
+                self._thread = threading.Thread(target=_serve, args=(ref, self._work),
+                                                name="eenet-serving", daemon=True)
                 with _RUNNING_LOCK:
                     _RUNNING.add(self)
                 self._thread.start()
@@ -748,17 +809,6 @@ class ServingEngine:
 
     # -- the worker ------------------------------------------------------------------------
 
-    def _worker(self) -> None:
-        try:
-            with torch.inference_mode():
-                while self._step():
-                    pass
-        except BaseException as exc:  # an internal error: fail everything, refuse more
-            self._die(exc)
-        finally:
-            with _RUNNING_LOCK:
-                _RUNNING.discard(self)
-
     def _die(self, exc: BaseException) -> None:
         with self._lock:
             self._broken = exc
@@ -771,11 +821,15 @@ class ServingEngine:
         self._pending = [0] * self.num_exits
         self._fail(rows, lambda row: exc)
 
+    def _has_work(self) -> bool:
+        """Under ``self._lock``: whether the worker has a step to take (a request, a queued
+        row, a close or a cancellation to act on)."""
+        return bool(self._intake or self._queues or self._closing or self._cancel_dirty)
+
     def _step(self) -> bool:
-        """One scheduling step; False when the worker is done."""
+        """One scheduling step (the worker calls it when :meth:`_has_work`); False when the
+        worker is done."""
         with self._lock:
-            while not (self._intake or self._queues or self._closing or self._cancel_dirty):
-                self._work.wait()
             intake = list(self._intake)
             self._intake.clear()
             closing, abort, message = self._closing, self._abort, self._abort_message
