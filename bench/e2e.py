@@ -564,8 +564,14 @@ def _log(msg: str) -> None:
 
 
 def measure_workload(w: Workload, device: torch.device, rates: Sequence[float] = RATES,
-                     engine_modes: Sequence[str] = ()) -> list[dict[str, Any]]:
+                     engine_modes: Sequence[str] = (),
+                     failed: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """All modes at every batch size and exit rate of ``w``: one row per measurement.
+
+    An engine mode beside compact (``engine_modes``) that raises on its first run (a graph
+    that cannot be captured on this stack) is left out from then on, its error in
+    ``failed`` (mode -> message; modes already there are not run), so the other modes are
+    still measured; a failing peer or compact raises.
 
     At batch size B, a timed run is one pass over a fixed stream (``w.streams[B]``: batches
     of B rows with their row inputs), and the exit rates are set exactly on that stream, so
@@ -574,6 +580,7 @@ def measure_workload(w: Workload, device: torch.device, rates: Sequence[float] =
     timed too (the latency percentiles).
     """
     start = time.perf_counter()
+    failed = {} if failed is None else failed
     net = w.net
     k_exits = len(net.heads)
     rows: list[dict[str, Any]] = []
@@ -595,10 +602,18 @@ def measure_workload(w: Workload, device: torch.device, rates: Sequence[float] =
              f"({time.perf_counter() - start:.0f} s)")
         for r in rates:
             modes = [m for m in peers.MODES if m != "batch1" or b <= w.batch1_max]
-            modes += list(engine_modes)
+            modes += [m for m in engine_modes if m not in failed]
             runners = {m: peers.make_runner(m, net, policies[r], table=table) for m in modes}
-            info = {m: _check(m, run, stream, exits[r], chosen, device)
-                    for m, run in runners.items()}  # also the first warm-up run
+            info = {}
+            for m, run in list(runners.items()):  # _check: also the first warm-up run
+                try:
+                    info[m] = _check(m, run, stream, exits[r], chosen, device)
+                except RuntimeError as exc:
+                    if m not in engine_modes:
+                        raise
+                    failed[m] = f"{type(exc).__name__}: {exc}"
+                    del runners[m]
+                    _log(f"[{w.name}] {m} failed, not timed from here on: {failed[m]}")
             fns: dict[str, Any] = {
                 m: Segmented(lambda run=run, stream=stream: [functools.partial(run, x, **ri)
                                                              for x, ri in stream])
@@ -870,6 +885,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error(f"engine modes {bad} cannot run here; choose from {list(peers.ENGINE_MODES)} "
                  "(graph and graph_device need --device cuda)")
     workloads, rows = [], []
+    failed: dict[str, str] = {}
     for n in names:
         started = time.perf_counter()
         try:
@@ -879,7 +895,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _log(f"note: {skipped[-1]}")
             continue
         workloads.append(w)
-        rows += measure_workload(w, device, engine_modes=engine_modes)
+        rows += measure_workload(w, device, engine_modes=engine_modes, failed=failed)
         _log(f"[{n}] done in {time.perf_counter() - started:.0f} s")
     if not workloads:
         _log("bench.e2e: no workload could be run; nothing written")
@@ -906,6 +922,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"total wall time {time.perf_counter() - start:.0f} s.",
         *skipped,
     ]
+    notes += [f"{m} failed on its first run and was not timed from then on: {why}"
+              for m, why in failed.items()]
     if "graph_device" in engine_modes:
         notes.append(f"graph_device's conditional IF nodes came from {resolve_if_node_source()!r} "
                      "(eenet.runtime.graphs.IF_NODE_SOURCES: torch's CUDAGraph capture or the "

@@ -455,6 +455,36 @@ def test_e2e_driver_smoke() -> None:
     assert sections[0].rows and "ours/ideal" in [c.header for c in sections[0].columns]
 
 
+def test_e2e_engine_mode_that_fails_is_left_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An engine mode beside compact that raises on its first run is dropped with its error
+    (not tried again at the next exit rate); the other modes are still measured."""
+    from bench import e2e
+
+    made: list[str] = []
+    real = peers.make_runner
+
+    def make_runner(mode: str, *args: object, **kwargs: object) -> peers.Runner:
+        made.append(mode)
+        if mode != "compiled":
+            return real(mode, *args, **kwargs)
+
+        def broken(x: torch.Tensor, **row_inputs: torch.Tensor) -> None:
+            raise RuntimeError("graph mode: stage 1 could not be captured")
+
+        return broken
+
+    monkeypatch.setattr(peers, "make_runner", make_runner)
+    w = e2e.Workload.from_pool("tiny", "tiny MLP", _mlp_net(), torch.randn(8, 12),
+                               batches=(4,), repeats={4: 1}, stream=2, warmup=1,
+                               profile_repeats=1)
+    failed: dict[str, str] = {}
+    rows = e2e.measure_workload(w, torch.device("cpu"), rates=(0.0, 0.5),
+                                engine_modes=("compiled",), failed=failed)
+    assert {r["mode"] for r in rows} == {*peers.MODES, "ideal"}
+    assert failed == {"compiled": "RuntimeError: graph mode: stage 1 could not be captured"}
+    assert made.count("compiled") == 1 and made.count("compact") == 2
+
+
 def test_e2e_driver_smoke_with_row_inputs() -> None:
     """Batches of different widths, each with its attention_mask, through every mode, the
     oracle, the ideal and BatchCond's profiling."""
