@@ -305,6 +305,36 @@ def test_padded_text_through_graphs(choice: str) -> None:
                             policy, net, ids, attention_mask=mask)
 
 
+@pytest.mark.parametrize("choice", BUCKET_CHOICES)
+def test_least_recently_used_signatures_are_dropped_and_captured_again(choice: str) -> None:
+    """Padded text of three widths (three signatures), at most two kept: a signature seen
+    again while kept replays its graphs, one dropped is captured again, and every batch
+    still equals compact mode."""
+    net = tiny_bert_exits(layers=3, after=(1, 2))
+    batches = {w: padded_ids([w, 3, 1, w, 2], w) for w in (12, 8, 5)}
+    ids, mask = batches[12]
+    policy = _median_policy(MaxProb, net, ids, attention_mask=mask)
+    compact = Engine(net, policy, mode="compact")
+    loop = GraphLoop(net, compact.exit_op_kwargs(torch.device("cpu")), policy.needs_scores,
+                     policy.needs_preds, EagerGraphs(), BUCKETS, choice, max_signatures=2)
+    captured = []
+    for w in (12, 8, 12, 5, 8, 12):
+        ids, mask = batches[w]
+        with torch.no_grad():
+            want = compact(ids, attention_mask=mask)
+        before = loop.captures
+        _assert_matches_compact(_run(loop, ids, attention_mask=mask), want, policy, net, ids,
+                                attention_mask=mask)
+        captured.append(loop.captures > before)
+        assert len(loop._plans) <= 2
+    # 12 and 8 new; 12 kept; 5 new (8 dropped); 8 again (12 dropped); 12 again (5 dropped)
+    assert captured == [True, True, False, True, True, True]
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="max_signatures must be a positive int"):
+            GraphLoop(net, compact.exit_op_kwargs(torch.device("cpu")), policy.needs_scores,
+                      policy.needs_preds, EagerGraphs(), BUCKETS, choice, max_signatures=bad)
+
+
 def test_engine_graph_mode_refuses_cpu_and_the_guard() -> None:
     net = _mlp_net()
     with pytest.raises(ValueError, match="needs CUDA tensors"):

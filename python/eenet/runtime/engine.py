@@ -437,7 +437,10 @@ class Engine:
     conditional nodes, so a batch runs with no host sync (from torch's conditional-node
     capture, else from the extension's CUDA build, :mod:`eenet.runtime.graphs`; the first
     call says what is missing otherwise). It captures
-    more: every stage at every bucket up to the batch's, per first-stage bucket.
+    more: every stage at every bucket up to the batch's, per first-stage bucket. Graphs and
+    static buffers are per input signature (the shapes past the batch dimension and the
+    dtypes of x and the row inputs): the ``cache_shapes`` signatures used last are kept, an
+    older one is dropped and captured again when it comes back.
     :attr:`graph_captures` (graphs captured) and :attr:`graph_bytes` report what was
     captured and held. No budget guard (``ValueError``).
 
@@ -661,7 +664,8 @@ class Engine:
             choice = self.graph_bucket_choice
             backend = CudaGraphs(device, conditional=choice == "device")
             loop = GraphLoop(self.net, self.exit_op_kwargs(device), self.policy.needs_scores,
-                             self.policy.needs_preds, backend, self.graph_buckets, choice)
+                             self.policy.needs_preds, backend, self.graph_buckets, choice,
+                             max_signatures=self._cache.max_entries)
             self._graphs[device] = loop
         logits, exit_index, score = loop(x, row_inputs)
         return EngineOutput(logits, exit_index, score)

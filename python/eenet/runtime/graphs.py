@@ -56,6 +56,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -183,6 +184,18 @@ class EagerGraphs:
         return 0
 
 
+class _WithBodies:
+    """A captured graph and the body graphs of its extension-made IF nodes, whose memory
+    pool holds what the copies of their nodes in the graph use: they live and go together."""
+
+    def __init__(self, graph: torch.cuda.CUDAGraph, bodies: list[torch.cuda.CUDAGraph]) -> None:
+        self.graph = graph
+        self.bodies = bodies
+
+    def replay(self) -> None:
+        self.graph.replay()
+
+
 class CudaGraphs:
     """``torch.cuda.CUDAGraph`` capture on ``device``: two warm-up calls on a side stream
     (lazy initialisations and autotuning happen outside the capture), then the capture into
@@ -207,7 +220,8 @@ class CudaGraphs:
         self.stream = torch.cuda.Stream(device)
         self._reserved = 0
         # "eenet" if-nodes: bodies are graphs of their own, captured one after another on a
-        # stream of their own into a pool of their own (the outer capture holds self.pool)
+        # stream of their own into a pool of their own (the outer capture holds self.pool);
+        # those of the capture running, kept with its graph afterwards
         self._bodies: list[torch.cuda.CUDAGraph] = []
         if self.if_nodes == "eenet":
             self._body_pool = torch.cuda.graph_pool_handle()
@@ -222,10 +236,14 @@ class CudaGraphs:
         current.wait_stream(self.stream)
         before = torch.cuda.memory_reserved(self.device)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            fn()
+        self._bodies = []
+        try:
+            with torch.cuda.graph(graph, pool=self.pool):
+                fn()
+        finally:
+            bodies, self._bodies = self._bodies, []
         self._reserved += max(0, torch.cuda.memory_reserved(self.device) - before)
-        return graph
+        return _WithBodies(graph, bodies) if bodies else graph
 
     def branch(self, pred: torch.Tensor, fn: Callable[[], None]) -> None:
         """During the capture, ``fn`` goes into a conditional IF node on ``pred``. During the
@@ -309,13 +327,19 @@ class GraphLoop:
     (:meth:`eenet.runtime.Engine.exit_op_kwargs`). ``bucket_choice``: ``"host"`` (a graph
     per stage and bucket, the survivor count read between stages) or ``"device"`` (a graph
     per first-stage bucket, conditional nodes choose the later stages' buckets; the backend
-    must support :meth:`GraphBackend.branch`). ``loop(x, row_inputs)`` returns
+    must support :meth:`GraphBackend.branch`). ``max_signatures``: the input signatures
+    whose static buffers and graphs are kept, the least recently used dropped first (and
+    captured again when it comes back). ``loop(x, row_inputs)`` returns
     ``(logits (N, C) float32, exit_index (N,) int64, score (N,) float32)`` in input order,
     fresh tensors each call."""
 
     def __init__(self, net: torch.nn.Module, stage_kwargs: Sequence[dict[str, Any]],
                  needs_scores: bool, needs_preds: bool, backend: GraphBackend,
-                 buckets: Sequence[int] = DEFAULT_BUCKETS, bucket_choice: str = "host") -> None:
+                 buckets: Sequence[int] = DEFAULT_BUCKETS, bucket_choice: str = "host",
+                 max_signatures: int = 8) -> None:
+        if isinstance(max_signatures, bool) or not isinstance(max_signatures, int) or (
+                max_signatures < 1):
+            raise ValueError(f"max_signatures must be a positive int, got {max_signatures!r}")
         self.stages = list(net.stages)
         self.heads = list(net.heads)
         self.stage_kwargs = [dict(kw) for kw in stage_kwargs]
@@ -326,13 +350,16 @@ class GraphLoop:
         self.bucket_choice = check_bucket_choice(bucket_choice)
         self.num_classes = self.heads[-1].classifier.out_features
         self.captures = 0
-        # per input signature: static buffers per stage, result buffers, counts, graphs
-        self._plans: dict[tuple, _Plan] = {}
+        self.max_signatures = max_signatures
+        # per input signature, least recently used first: static buffers per stage, result
+        # buffers, counts, graphs
+        self._plans: OrderedDict[tuple, _Plan] = OrderedDict()
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the static buffers of every input signature seen, plus what the captures
-        reserved in the backend's memory pool."""
+        """Bytes of the static buffers of the input signatures kept, plus what the captures
+        reserved in the backend's memory pool (a pool keeps its memory for later captures
+        when a signature is dropped)."""
         return sum(p.nbytes() for p in self._plans.values()) + self.backend.reserved_bytes()
 
     def __call__(self, x: torch.Tensor, row_inputs: dict[str, torch.Tensor]
@@ -454,9 +481,12 @@ class GraphLoop:
     def _plan(self, x: torch.Tensor, row_inputs: dict[str, torch.Tensor]) -> _Plan:
         key = (tuple(x.shape[1:]), x.dtype, x.device,
                tuple((name, tuple(t.shape[1:]), t.dtype) for name, t in row_inputs.items()))
-        plan = self._plans.get(key)
+        plan = self._plans.pop(key, None)
         if plan is None:
-            plan = self._plans[key] = self._allocate(x, row_inputs)
+            while len(self._plans) >= self.max_signatures:
+                self._plans.popitem(last=False)  # its graphs and buffers go with it
+            plan = self._allocate(x, row_inputs)
+        self._plans[key] = plan  # most recently used last
         return plan
 
     def _allocate(self, x: torch.Tensor, row_inputs: dict[str, torch.Tensor]) -> _Plan:
