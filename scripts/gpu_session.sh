@@ -79,12 +79,13 @@ case "$step" in
       ((left > 20)) || { echo "gpu_session: no time left for: $*" | tee -a "$log"; status=1; return; }
       ((cap < left)) || cap=$left
       echo "gpu_session: [$((deadline - SECONDS)) s left] $* (at most $cap s)" | tee -a "$log"
-      timeout --kill-after=10 "$cap" "$@" 2>&1 | tee -a "$log"
+      # SIGINT first: pytest then stops and still prints what failed so far
+      timeout --signal=INT --kill-after=15 "$cap" "$@" 2>&1 | tee -a "$log"
       local rc=${PIPESTATUS[0]}
       ((rc == 0)) || { echo "gpu_session: exit $rc: $*" | tee -a "$log"; status=1; }
       tar czf "$OUT/results-all.tgz" bench/results --exclude bench/results/cpu
     }
-    part 180 python3 -m pytest -q -m gpu -p no:cacheprovider tests
+    part 180 python3 -m pytest -q -rfE --durations=15 -m gpu -p no:cacheprovider tests
     part 120 python3 -m bench.micro --device cuda
     part 90 python3 -m bench.micro --device cuda --backend triton --no-compile
     part 240 python3 -m bench.e2e --device cuda --workloads bert  # graph, graph_device by default
