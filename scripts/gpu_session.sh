@@ -85,7 +85,8 @@ case "$step" in
       ((rc == 0)) || { echo "gpu_session: exit $rc: $*" | tee -a "$log"; status=1; }
       tar czf "$OUT/results-all.tgz" bench/results --exclude bench/results/cpu
     }
-    part 180 python3 -m pytest -q -rfE --durations=15 -m gpu -p no:cacheprovider tests
+    # 4 workers: the Triton and inductor compiles run side by side on the host cores
+    part 180 python3 -m pytest -q -rfE --durations=15 -n 4 -m gpu -p no:cacheprovider tests
     part 120 python3 -m bench.micro --device cuda
     part 90 python3 -m bench.micro --device cuda --backend triton --no-compile
     part 240 python3 -m bench.e2e --device cuda --workloads bert  # graph, graph_device by default
