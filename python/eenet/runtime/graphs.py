@@ -39,7 +39,10 @@ captures the body into the outer graph; or ``"eenet"``, the extension's
 which captures the body as a graph of its own on a side stream, into a memory pool shared by
 the bodies, and appends an IF node holding a copy of it. ``"auto"`` takes torch's where it
 exists. :func:`conditional_nodes_missing` says what is missing. It captures
-``stages x buckets`` stage bodies per first-stage bucket.
+``stages x buckets`` stage bodies per first-stage bucket. Neither source supports stages
+that draw random numbers (torch's raises; with the extension's, a body's random offsets would
+not advance between replays): the engine runs the network in eval mode, where dropout draws
+none.
 
 How a graph is captured and replayed is a :class:`GraphBackend`'s business:
 :class:`CudaGraphs` captures ``torch.cuda.CUDAGraph`` objects sharing one memory pool;
