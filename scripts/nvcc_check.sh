@@ -29,23 +29,14 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
+source scripts/cuda_build_env.sh
 
-nvcc="${NVCC:-}"
+nvcc="$(eenet_nvcc)"
 if [[ -z "$nvcc" ]]; then
-  nvcc="$(command -v nvcc || true)"
-  for candidate in "${CUDA_HOME:-}/bin/nvcc" /usr/local/cuda/bin/nvcc; do
-    [[ -z "$nvcc" && -x "$candidate" ]] && nvcc="$candidate"
-  done
-fi
-if [[ -z "$nvcc" || ! -x "$nvcc" ]]; then
   echo "nvcc-check: skipped: nvcc not found (set NVCC or CUDA_HOME, or put it on PATH)"
   exit 0
 fi
-
-python="${PYTHON:-}"
-if [[ -z "$python" ]]; then
-  if [[ -x .venv/bin/python ]]; then python=.venv/bin/python; else python=python3; fi
-fi
+python="$(eenet_python)"
 if ! torch_info="$("$python" - <<'PY'
 import sysconfig
 import torch
@@ -78,13 +69,7 @@ if ! command -v "$cxx" >/dev/null; then
   echo "nvcc-check: FAILED: no host compiler $cxx (set CXX)" >&2
   exit 1
 fi
-# the CUDA runtime's headers, where nvcc itself looks for them (its dry run names them; nvcc
-# may be a wrapper script away from its toolkit)
-cuda_include=""
-for dir in $("$nvcc" --dryrun -c -x cu /dev/null -o /dev/null 2>&1 |
-             sed -n 's/^#\$ INCLUDES=//p' | tr -d '"' | sed 's/-I//g'); do
-  [[ -z "$cuda_include" && -f "$dir/cuda_runtime_api.h" ]] && cuda_include="$dir"
-done
+cuda_include="$(eenet_cuda_include "$nvcc")"
 if [[ -z "$cuda_include" ]]; then
   echo "nvcc-check: FAILED: no cuda_runtime_api.h near $nvcc" >&2
   exit 1
@@ -119,19 +104,6 @@ start=$(date +%s)
 gencode=()
 for arch in $archs; do gencode+=(-gencode "arch=compute_$arch,code=sm_$arch"); done
 logs=()
-all_logs=()
-running=0
-run_job() {  # log, then the command
-  local log="$1"
-  shift
-  all_logs+=("$log")
-  ( "$@" >"$log" 2>&1; echo $? >"$log.rc" ) &
-  running=$((running + 1))
-  if (( running >= jobs )); then
-    wait -n 2>/dev/null || true
-    running=$((running - 1))
-  fi
-}
 for src in "${sources[@]}"; do
   name="$(basename "$src" .cu)"
   logs+=("$work/$name.log")
@@ -146,7 +118,7 @@ run_job "$work/python_module.cpp.host.log" "$cxx" "${host_flags[@]}" -DEENET_WIT
 wait
 
 status=0
-for log in "${all_logs[@]}"; do
+for log in "$work"/*.log; do
   rc="$(cat "$log.rc" 2>/dev/null || echo 1)"
   if [[ "$rc" != 0 ]]; then
     what="$(basename "$log" .log)"

@@ -25,26 +25,16 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
+source scripts/cuda_build_env.sh
 spec="${TORCH_ABI_SPEC:-torch==2.11.0}"
-python="${PYTHON:-}"
-if [[ -z "$python" ]]; then
-  if [[ -x .venv/bin/python ]]; then python=.venv/bin/python; else python=python3; fi
-fi
-nvcc="${NVCC:-$(command -v nvcc || true)}"
-for candidate in "${CUDA_HOME:-}/bin/nvcc" /usr/local/cuda/bin/nvcc; do
-  [[ -z "$nvcc" && -x "$candidate" ]] && nvcc="$candidate"
-done
-if [[ -z "$nvcc" || ! -x "$nvcc" ]]; then
+python="$(eenet_python)"
+nvcc="$(eenet_nvcc)"
+if [[ -z "$nvcc" ]]; then
   echo "torch-abi-check: skipped: nvcc not found (set NVCC or CUDA_HOME)"
   exit 0
 fi
-# the CUDA runtime's headers where nvcc itself looks for them (nvcc may be a wrapper script
-# away from its toolkit), its libraries next to them
-cuda_include=""
-for dir in $("$nvcc" --dryrun -c -x cu /dev/null -o /dev/null 2>&1 |
-             sed -n 's/^#\$ INCLUDES=//p' | tr -d '"' | sed 's/-I//g'); do
-  [[ -z "$cuda_include" && -f "$dir/cuda_runtime_api.h" ]] && cuda_include="$dir"
-done
+# the CUDA runtime's headers, its libraries next to them
+cuda_include="$(eenet_cuda_include "$nvcc")"
 if [[ -z "$cuda_include" ]]; then
   echo "torch-abi-check: FAILED: no cuda_runtime_api.h near $nvcc" >&2
   exit 1
@@ -112,35 +102,24 @@ defines=(-DTORCH_API_INCLUDE_EXTENSION_H -DTORCH_EXTENSION_NAME=_C -DEENET_WITH_
 includes=(-Icsrc "-I$torch_dir/include" "-I$torch_dir/include/torch/csrc/api/include"
           "-I$cuda_include" "-I$py_include")
 
-running=0
-run_job() {  # name, then the command
-  local name="$1"
-  shift
-  ( "$@" >"$work/$name.log" 2>&1; echo $? >"$work/$name.rc" ) &
-  running=$((running + 1))
-  if (( running >= jobs )); then
-    wait -n 2>/dev/null || true
-    running=$((running - 1))
-  fi
-}
 objects=()
 for src in csrc/ops.cpp csrc/python_module.cpp csrc/cpu/*.cpp csrc/cuda/*.cpp; do
   name="$(echo "$src" | tr / _)"
   objects+=("$work/$name.o")
-  run_job "$name" "$cxx" "-std=$std" -O0 -fPIC -fopenmp "${defines[@]}" "${includes[@]}" \
+  run_job "$work/$name.log" "$cxx" "-std=$std" -O0 -fPIC -fopenmp "${defines[@]}" "${includes[@]}" \
     -c "$src" -o "$work/$name.o"
 done
 for src in csrc/cuda/*.cu; do
   name="$(echo "$src" | tr / _)"
   objects+=("$work/$name.o")
-  run_job "$name" "$nvcc" "-std=$std" -O0 -c -Icsrc -Xcompiler -fPIC \
+  run_job "$work/$name.log" "$nvcc" "-std=$std" -O0 -c -Icsrc -Xcompiler -fPIC \
     -gencode "arch=compute_$arch,code=sm_$arch" "$src" -o "$work/$name.o"
 done
 wait
 status=0
 for log in "$work"/*.log; do
   name="$(basename "$log" .log)"
-  if [[ "$(cat "$work/$name.rc" 2>/dev/null || echo 1)" != 0 ]]; then
+  if [[ "$(cat "$log.rc" 2>/dev/null || echo 1)" != 0 ]]; then
     echo "torch-abi-check: FAILED: $name does not compile against torch $version:" >&2
     head -n 40 "$log" >&2
     status=1
