@@ -230,16 +230,21 @@ class CudaGraphs:
             self._body_pool = torch.cuda.graph_pool_handle()
             self._body_stream = torch.cuda.Stream(device)
 
-    def capture(self, fn: Callable[[], None]) -> Replayable:
+    def _run_on(self, stream: torch.cuda.Stream, fn: Callable[[], None], times: int = 1
+                ) -> None:
+        """``fn`` called ``times`` times on ``stream`` (not capturing), ordered after the
+        current stream's work and before what it queues next."""
         current = torch.cuda.current_stream(self.device)
-        self.stream.wait_stream(current)
-        with torch.cuda.stream(self.stream):
-            for _ in range(2):
+        stream.wait_stream(current)
+        with torch.cuda.stream(stream):
+            for _ in range(times):
                 fn()
-        current.wait_stream(self.stream)
+        current.wait_stream(stream)
+
+    def capture(self, fn: Callable[[], None]) -> Replayable:
+        self._run_on(self.stream, fn, times=2)
         before = torch.cuda.memory_reserved(self.device)
         graph = torch.cuda.CUDAGraph()
-        self._bodies = []
         try:
             with torch.cuda.graph(graph, pool=self.pool):
                 fn()
@@ -255,16 +260,12 @@ class CudaGraphs:
         if not self.conditional:
             raise RuntimeError("this CudaGraphs backend was made without conditional=True")
         if not torch.cuda.is_current_stream_capturing():
-            if self.if_nodes != "eenet":
+            if self.if_nodes == "eenet":
+                # on the stream the body will be captured on: lazy per-stream state (cuBLAS's
+                # workspace) is made now, not inside the capture
+                self._run_on(self._body_stream, fn)
+            else:
                 fn()
-                return
-            # on the stream the body will be captured on: lazy per-stream state (cuBLAS's
-            # workspace) is made now, not inside the capture
-            current = torch.cuda.current_stream(self.device)
-            self._body_stream.wait_stream(current)
-            with torch.cuda.stream(self._body_stream):
-                fn()
-            current.wait_stream(self._body_stream)
             return
         if self.if_nodes == "eenet":
             self._branch_as_body_graph(pred, fn)
