@@ -38,10 +38,10 @@ log="$OUT/$step.log"
   fi
   EENET_CUDA=1 python3 -m pip install -q -e . --no-build-isolation --no-deps || exit 1
   nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv
-  python3 -c "import torch, triton, eenet_kernels as ek; print('torch', torch.__version__, \
-'cuda', torch.version.cuda, 'triton', triton.__version__, 'extension', ek.HAVE_EXTENSION, \
-'cuda kernels', ek.ops.HAVE_CUDA_KERNELS)"
-  python3 -c "from eenet.runtime import graphs as g; m = g.conditional_nodes_missing(); \
+  python3 -c "import torch, triton, eenet_kernels as ek; from eenet.runtime import graphs as g
+print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__,
+      'extension', ek.HAVE_EXTENSION, 'cuda kernels', ek.ops.HAVE_CUDA_KERNELS)
+m = g.conditional_nodes_missing()
 print('graph IF nodes:', g.resolve_if_node_source() if m is None else 'none (' + m + ')')"
 } 2>&1 | tee "$log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || exit 1
