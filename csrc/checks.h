@@ -125,9 +125,10 @@ inline void check_exit_score_args(const char* op, const at::Tensor& feats,
     TORCH_CHECK_VALUE(threshold >= 0, "eenet.", op,
                       ": threshold must be >= 0 for policy 'patience', got ", threshold);
   } else {
-    TORCH_CHECK_VALUE(threshold >= 0 && threshold <= 1, "eenet.", op,
-                      ": threshold must lie in [0, 1] for policy '", policy, "', got ",
-                      threshold);
+    // 1 + 2^-23: NEVER_EXIT of eenet_kernels/checks.py, the threshold of a closed exit
+    TORCH_CHECK_VALUE(threshold >= 0 && threshold <= 1.0 + 0x1p-23, "eenet.", op,
+                      ": threshold must lie in [0, 1] (or be NEVER_EXIT, a closed exit) for "
+                      "policy '", policy, "', got ", threshold);
   }
   TORCH_CHECK_VALUE(!use_vote || policy == "eenet", "eenet.", op,
                     ": use_vote applies only to policy 'eenet', got policy '", policy, "'");

@@ -8,6 +8,7 @@ exposes the front-end functions below.
 from __future__ import annotations
 
 from . import reference
+from .checks import NEVER_EXIT
 from .ops import (
     BACKENDS,
     HAVE_EXTENSION,
@@ -23,6 +24,7 @@ from .ops import (
 __all__ = [
     "BACKENDS",
     "HAVE_EXTENSION",
+    "NEVER_EXIT",
     "ExitScore",
     "compact",
     "compiled_backends",

@@ -25,6 +25,11 @@ from torch.fx.experimental.symbolic_shapes import guard_or_false
 POLICIES: tuple[str, ...] = ("max_prob", "entropy", "patience", "eenet")
 FLOAT_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
 INDEX_DTYPES: tuple[torch.dtype, ...] = (torch.int32, torch.int64)
+NEVER_EXIT: float = 1.0 + 2.0**-23
+"""The threshold of a closed exit for the probability-like policies (max_prob, entropy,
+eenet): the smallest float32 above 1. Their scores are at most 1 (a saturated softmax or
+sigmoid gives exactly 1.0 in float32, which a threshold of 1.0 lets exit), so no row reaches
+it; the thresholds they accept are [0, 1] and this value."""
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -105,8 +110,9 @@ def check_exit_score(
     if policy == "patience":
         if threshold < 0:
             _fail(op, f"threshold must be >= 0 for policy 'patience', got {threshold:g}")
-    elif not 0.0 <= threshold <= 1.0:
-        _fail(op, f"threshold must lie in [0, 1] for policy {policy!r}, got {threshold:g}")
+    elif not 0.0 <= threshold <= NEVER_EXIT:
+        _fail(op, f"threshold must lie in [0, 1] (or be NEVER_EXIT, a closed exit) for policy "
+                  f"{policy!r}, got {threshold:g}")
     if use_vote and policy != "eenet":
         _fail(op, f"use_vote applies only to policy 'eenet', got policy {policy!r}")
 

@@ -28,6 +28,8 @@ import eenet_kernels as ek
 N, D, C, N0, K = 4, 3, 5, 6, 2
 EXIT_OPS = ("exit_score", "exit_score_write")
 COMPACT_OPS = ("compact", "compact_out")
+# the accepted thresholds of the probability-like policies, as the range errors state them
+PROB_RANGE = "threshold must lie in [0, 1] (or be NEVER_EXIT, a closed exit)"
 
 
 # ---------------------------------------------------------------------------------------
@@ -151,16 +153,16 @@ def _exit_cases(op: str) -> list[Case]:
         case("threshold_inf", ValueError, "threshold must be finite, got inf",
              threshold=lambda: math.inf),
         case("threshold_entropy_1.5", ValueError,
-             "threshold must lie in [0, 1] for policy 'entropy', got 1.5",
+             f"{PROB_RANGE} for policy 'entropy', got 1.5",
              policy=lambda: "entropy", threshold=lambda: 1.5),
         case("threshold_max_prob_neg", ValueError,
-             "threshold must lie in [0, 1] for policy 'max_prob', got -0.5",
+             f"{PROB_RANGE} for policy 'max_prob', got -0.5",
              threshold=lambda: -0.5),
         case("threshold_max_prob_2", ValueError,
-             "threshold must lie in [0, 1] for policy 'max_prob', got 2",
+             f"{PROB_RANGE} for policy 'max_prob', got 2",
              threshold=lambda: 2),
         case("threshold_max_prob_long", ValueError,
-             "threshold must lie in [0, 1] for policy 'max_prob', got 1.23457",
+             f"{PROB_RANGE} for policy 'max_prob', got 1.23457",
              threshold=lambda: 1.23456789),
         case("threshold_patience_neg", ValueError,
              "threshold must be >= 0 for policy 'patience', got -1",

@@ -18,6 +18,7 @@ from eenet.policies import (
     thresholds_for_fractions,
 )
 from eenet.policies.calibration import geometric_fractions
+from eenet_kernels import NEVER_EXIT
 
 
 def _mlp(exits: int = 3, width: int = 10, classes: int = 7) -> MultiExitNetwork:
@@ -45,6 +46,9 @@ def test_costs_validation() -> None:
         Costs([2.0, 1.0], "ms")
     with pytest.raises(ValueError, match="positive"):
         Costs([0.0, 1.0], "ms")
+    for bad in (math.nan, math.inf):
+        with pytest.raises(ValueError, match="positive and finite"):
+            Costs([1.0, bad, 3.0], "flops")
     with pytest.raises(ValueError, match="one value per exit"):
         Costs([], "ms")
     costs = Costs([1.0, 2.0, 4.0], "ms")
@@ -63,6 +67,10 @@ def test_budget_absolute() -> None:
         Budget(1.0, "ms").absolute(costs)
     with pytest.raises(ValueError, match=r"lie in \(0, 1\]"):
         Budget(1.5).absolute(costs)
+    for bad in (math.nan, math.inf, -math.inf):
+        for unit in ("fraction", "flops"):
+            with pytest.raises(ValueError, match="a budget must be a finite number"):
+                Budget(bad, unit)
     r = report(costs, torch.tensor([0, 2]), 0.5)
     assert r["achieved"] == pytest.approx(2.5) and r["ratio"] == pytest.approx(1.25)
 
@@ -172,6 +180,29 @@ def test_geometric_scan_budget_at_full_cost() -> None:
     costs = Costs([1.0, 2.0, 3.0, 4.0], "flops")
     th = geometric_scan(scores, costs, 4.0, never=1.0)
     assert costs.expected(first_exit(scores, th)[0]) <= 4.0
+
+
+@pytest.mark.parametrize("cls", [MaxProb, Entropy], ids=lambda c: c.__name__)
+def test_saturated_scores_do_not_pass_a_closed_exit(cls: type) -> None:
+    """Scores of exactly 1.0 (a softmax saturated in float32) at an early exit: the full
+    budget closes that exit (NEVER_EXIT, which no score reaches) and buys the whole
+    network; lower budgets let the tied samples leave together."""
+    g = torch.Generator().manual_seed(3)
+    n = 400
+    z0 = torch.randn(n, 5, generator=g)
+    z0[: n * 3 // 10, 0] += 40.0  # 30% of the samples score 1.0 at exit 0
+    logits = [z0, torch.randn(n, 5, generator=g)]
+    costs = Costs([1.0, 4.0], "flops")
+    assert int((cls([0.0, 0.0]).scores(logits)[:, 0] == 1.0).sum()) == n * 3 // 10
+    full = cls.fit_logits(logits, costs, 1.0)
+    assert full.thresholds[0] == NEVER_EXIT > 1.0
+    assert costs.expected(full.decide(logits)[0]) == 4.0
+    def achieved(budget: float) -> float:
+        return costs.expected(cls.fit_logits(logits, costs, budget).decide(logits)[0])
+
+    # the tied 30% leave together or not at all: 4.0 is over 0.9 x 4, so 0.3 + 0.7 x 4
+    assert achieved(0.9) == pytest.approx(3.1)
+    assert 0.97 * 0.6 * 4.0 <= achieved(0.6) <= 0.6 * 4.0
 
 
 def test_policy_exit_count_mismatch() -> None:

@@ -884,6 +884,29 @@ def test_scores_exact_for_logits_of_any_magnitude(any_backend: str, policy: str)
     assert out.pred.tolist() == [3, 0, 0, 3, 0]
 
 
+@pytest.mark.parametrize("policy", ("entropy", "max_prob", "eenet"))
+def test_never_exit_closes_an_exit_with_saturated_scores(any_backend: str, policy: str) -> None:
+    """A softmax (or the scheduler's sigmoid) saturated in float32 scores exactly 1.0, so a
+    threshold of 1.0 lets those rows exit; NEVER_EXIT (the smallest float32 above 1) lets no
+    row exit but at the last exit, and it is accepted by every backend."""
+    z = torch.tensor([[60.0, 0.0, -5.0], [0.0, 90.0, 1.0], [0.3, 0.1, 0.2]])
+    # eenet: sigmoid(60 max p - 40), 1.0 in float32 for the two saturated rows
+    eenet = {"prev_scores": torch.empty(3, 0), "sched_weight": torch.tensor([0.0] * 3 + [
+        60.0, 0.0]), "sched_bias": -40.0} if policy == "eenet" else {}
+
+    def run(threshold: float, is_last: bool = False) -> ek.ExitScore:
+        return ek.exit_score(z, torch.eye(3), None, policy=policy, threshold=threshold,
+                             is_last=is_last, backend=any_backend, **eenet)
+
+    assert float(torch.nextafter(torch.tensor(1.0), torch.tensor(2.0))) == ek.NEVER_EXIT
+    at_one = run(1.0)
+    assert at_one.score[:2].tolist() == [1.0, 1.0] and at_one.exit_mask.tolist() == [
+        True, True, False]
+    closed = run(ek.NEVER_EXIT)
+    assert closed.exit_mask.tolist() == [False] * 3 and closed.keep.tolist() == [True] * 3
+    assert run(ek.NEVER_EXIT, is_last=True).exit_mask.tolist() == [True] * 3
+
+
 @pytest.mark.parametrize("op", ("exit_score", "exit_score_write"))
 def test_check_finite_rejects_nonfinite_rows(any_backend: str, op: str) -> None:
     """check_finite=True names the NaN/inf feature rows, before any kernel runs."""

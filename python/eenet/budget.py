@@ -10,6 +10,7 @@ average cost per sample, given in the costs' unit or as a fraction of the full m
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -35,8 +36,8 @@ class Costs:
         self.values = [float(v) for v in self.values]
         if not self.values:
             raise ValueError("Costs needs one value per exit, got none")
-        if any(v <= 0 for v in self.values):
-            raise ValueError(f"costs must be positive, got {self.values}")
+        if not all(math.isfinite(v) and v > 0 for v in self.values):
+            raise ValueError(f"costs must be positive and finite, got {self.values}")
         if any(b < a for a, b in zip(self.values, self.values[1:], strict=False)):
             raise ValueError(f"cumulative costs must not decrease along the exits, got "
                              f"{self.values}")
@@ -70,6 +71,10 @@ class Budget:
 
     value: float
     unit: str = "fraction"
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.value):
+            raise ValueError(f"a budget must be a finite number, got {self.value}")
 
     def absolute(self, costs: Costs) -> float:
         """The budget in the costs' unit; errors when it cannot be met or is meaningless."""

@@ -21,9 +21,10 @@ def thresholds_for_fractions(scores: torch.Tensor, fractions: list[float] | torc
     """Greedy per-exit thresholds so that about ``fractions[k]`` of all N samples exit at k.
 
     scores (N, K) float32 (NaN never exits); fractions (K,) (the last one is implied).
-    ``never`` is the threshold used where no sample should exit (the top of the score
-    range); ``floor`` the bottom of the score range (0 for every policy's score). Ties at
-    the quantile let every tied sample exit.
+    ``never`` is the threshold used where no sample should exit: above every score the
+    policy can give (``NEVER_EXIT`` for probability-like scores, which reach 1.0 exactly
+    where they saturate); ``floor`` the bottom of the score range (0 for every policy's
+    score). Ties at the quantile let every tied sample exit.
 
     No threshold sits on a sample's score: at exit k, with v the score of the last sample
     taken (the quantile) among those still present, the threshold is the midpoint between v

@@ -78,7 +78,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from eenet_kernels import reference
+from eenet_kernels import NEVER_EXIT, reference
 
 from ..budget import Budget, Costs, as_budget
 from ..threads import intra_op_threads
@@ -571,7 +571,7 @@ def calibrate(scores: torch.Tensor, pi_mean: torch.Tensor, correct: torch.Tensor
 
     def evaluate(s: float, gamma: float) -> dict[str, Any]:
         fractions = tilted_fractions(pi_mean, s, gamma)
-        th = thresholds_for_fractions(scores, fractions, never=1.0)
+        th = thresholds_for_fractions(scores, fractions, never=NEVER_EXIT)
         exits = first_exit(scores, th)[0]
         return {"thresholds": th, "fractions": fractions.tolist(), "cost": costs.expected(exits),
                 "accuracy": float(correct[rows, exits].float().mean()) if n else 0.0,

@@ -11,6 +11,8 @@ from typing import ClassVar
 
 import torch
 
+from eenet_kernels import NEVER_EXIT
+
 from ..budget import Budget, Costs, as_budget
 from .base import ExitPolicy
 from .calibration import collect_exit_logits, geometric_scan
@@ -22,8 +24,9 @@ class HeuristicPolicy(ExitPolicy):
     kind: ClassVar[str]
 
     def never_threshold(self, num_exits: int) -> float:
-        """A threshold that (almost) no sample passes: 1.0 for probability-like scores."""
-        return 1.0
+        """The threshold no sample passes: NEVER_EXIT (just above 1) for probability-like
+        scores, which reach 1.0 exactly where the softmax saturates in float32."""
+        return NEVER_EXIT
 
     @classmethod
     def fit_logits(cls, logits: list[torch.Tensor], costs: Costs, budget: float | Budget

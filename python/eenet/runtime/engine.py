@@ -118,8 +118,8 @@ def check_network(net: torch.nn.Module, policy: ExitPolicy) -> None:
     ``stages`` and one exit head per stage, each with ``features`` and an ``nn.Linear``
     ``classifier``, all of them predicting the same C >= 2 classes, and ``policy`` is an
     :class:`~eenet.policies.ExitPolicy` with one rule per exit, thresholds the op takes
-    (finite; in [0, 1] for probability-like scores, >= 0 for patience streaks) and (if it
-    has its own class count, as EENet's score heads do) the network's C."""
+    (finite; in [0, 1] or NEVER_EXIT for probability-like scores, >= 0 for patience
+    streaks) and (if it has its own class count, as EENet's score heads do) the network's C."""
     from ..policies.base import ExitPolicy
 
     stages, heads = getattr(net, "stages", None), getattr(net, "heads", None)
@@ -146,9 +146,9 @@ def check_network(net: torch.nn.Module, policy: ExitPolicy) -> None:
     policy.check_network(len(heads))
     for k, rule in enumerate(policy.rules()):
         t = rule.threshold
-        high = math.inf if rule.policy == "patience" else 1.0
+        high = math.inf if rule.policy == "patience" else ek.NEVER_EXIT
         if not (math.isfinite(t) and 0.0 <= t <= high):
-            where = ">= 0" if high == math.inf else "in [0, 1]"
+            where = ">= 0" if high == math.inf else "in [0, 1] or NEVER_EXIT (a closed exit)"
             raise ValueError(f"policy threshold {k} is {t:g}: a {rule.policy!r} threshold "
                              f"must be finite and {where} (thresholds {policy.thresholds})")
     policy_classes = getattr(policy, "num_classes", None)
