@@ -14,8 +14,9 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from eenet.budget import Costs
 from eenet.nn import ExitHead, MultiExitNetwork
-from eenet.policies import EENet, Entropy, ExitPolicy, MaxProb, Patience
+from eenet.policies import EENet, Entropy, ExitPolicy, MaxProb, Patience, collect_exit_logits
 from eenet.runtime import (
     CACHE_BYTES,
     MODES,
@@ -132,6 +133,32 @@ def test_simulate_matches_hand_loop(kind: type[ExitPolicy]) -> None:
     want = _hand_loop(net, policy, x)
     assert len(set(want.exit_index.tolist())) > 1
     _assert_same(simulate(net, policy, x), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_low_precision_network_calibrates_as_it_runs(dtype: torch.dtype) -> None:
+    """An fp16/bf16 network: the calibration logits are the fused op's (fp32 heads on the
+    upcast features, computed here by hand), so thresholds set on them split the samples in
+    every mode exactly as the policy decides on them, and the budget holds in the engine."""
+    net = _mlp_net(exits=3, width=32).to(dtype)
+    g = torch.Generator().manual_seed(0)
+    x = (3 * torch.randn(4000, 32, generator=g)).to(dtype)
+    logits, _ = collect_exit_logits(net, [(x, torch.zeros(4000, dtype=torch.int64))])
+    with torch.no_grad():
+        h = x
+        for stage, head, z in zip(net.stages, net.heads, logits, strict=True):
+            h = stage(h)
+            w, b = head.classifier.weight.float(), head.classifier.bias.float()
+            assert z.dtype == torch.float32
+            torch.testing.assert_close(z, head.features(h).float() @ w.t() + b, rtol=0,
+                                       atol=1e-5)
+    costs = Costs([1.0, 2.0, 3.0], "flops")
+    policy = MaxProb.fit_logits(logits, costs, 0.6)
+    want, _ = policy.decide(logits)
+    for mode in MODES:
+        out = Engine(net, policy, mode=mode)(x)
+        assert torch.equal(out.exit_index, want), (mode, int((out.exit_index != want).sum()))
+        assert costs.expected(out.exit_index) <= 0.6 * costs.full
 
 
 def test_engine_uses_every_exit_and_reuses_buffers() -> None:

@@ -281,6 +281,8 @@ def test_guard_arguments() -> None:
         with pytest.raises(ValueError, match=r"limit: a fraction of the full cost must lie"):
             BudgetGuard(COSTS, limit)
     with pytest.raises(ValueError, match="limit must be a positive finite cost"):
+        BudgetGuard(COSTS, Budget(-3.0, "flops"))
+    with pytest.raises(ValueError, match="a budget must be a finite number"):
         BudgetGuard(COSTS, Budget(float("inf"), "flops"))
     with pytest.raises(ValueError, match="limit is in 'ms' but the costs are in 'flops'"):
         BudgetGuard(COSTS, Budget(2.0, "ms"))

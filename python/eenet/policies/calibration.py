@@ -119,9 +119,17 @@ def collect_exit_logits(net: torch.nn.Module, loader) -> tuple[list[torch.Tensor
     """Every exit's logits on a whole loader: (K tensors (N, C) float32, labels (N,) int64).
 
     ``loader`` yields batches in any form of :mod:`eenet.batches` (``(x, y)``, ``(x, y,
-    row_inputs)``, a dict). ``net(x, **row_inputs)`` must return the list of its K exits'
-    logits (``MultiExitNetwork`` does).
+    row_inputs)``, a dict). A network the engine runs (``stages`` and exit ``heads``, as
+    ``MultiExitNetwork``) gives the logits the engine computes
+    (:func:`eenet.runtime.engine.every_exit_logits`: fp32 heads, also for an fp16/bf16
+    network), so that thresholds set on them split the samples as the engine does; any
+    other ``net(x, **row_inputs)`` must return the list of its K exits' logits.
     """
+    from ..runtime.engine import check_exit_network, every_exit_logits
+
+    staged = getattr(net, "stages", None) is not None and getattr(net, "heads", None) is not None
+    if staged:
+        check_exit_network(net)
     was_training = net.training
     net.eval()
     per_exit: list[list[torch.Tensor]] = []
@@ -131,7 +139,8 @@ def collect_exit_logits(net: torch.nn.Module, loader) -> tuple[list[torch.Tensor
     for batch in loader:
         x, y, row_inputs = split_batch(batch)
         check_padding(net, x, row_inputs)
-        outs = net(x.to(device), **{k: v.to(device) for k, v in row_inputs.items()})
+        x, row_inputs = x.to(device), {k: v.to(device) for k, v in row_inputs.items()}
+        outs = every_exit_logits(net, x, row_inputs) if staged else net(x, **row_inputs)
         if not per_exit:
             per_exit = [[] for _ in outs]
         for k, z in enumerate(outs):

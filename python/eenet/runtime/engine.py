@@ -83,22 +83,44 @@ class EngineOutput:
                    torch.zeros(n, dtype=torch.bool, device=device))
 
 
+def head_logits(head: Any, f: torch.Tensor) -> torch.Tensor:
+    """Exit logits (N, C) float32 from a head's features f, (N, D) or (N, D, S) of any float
+    dtype, as the fused op (``eenet_kernels.exit_score``) computes them: f upcast to fp32,
+    mean-pooled over S, the classifier's weight and bias upcast. An fp16/bf16 head's own
+    forward keeps its dtype; its logits differ from these by its rounding, far more than the
+    thresholds leave between neighbouring scores."""
+    x = f.float()
+    if x.dim() == 3:
+        x = x.mean(dim=-1)
+    classifier = head.classifier
+    bias = None if classifier.bias is None else classifier.bias.float()
+    return torch.nn.functional.linear(x, classifier.weight.float(), bias)
+
+
+def every_exit_logits(net: torch.nn.Module, x: torch.Tensor,
+                      row_inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """Every exit's logits on every row of x: K tensors (N, C) float32, the stages run one
+    after the other (``row_inputs`` to every stage) and each head's logits by
+    :func:`head_logits`, so a policy calibrated on them decides as the engine does."""
+    logits = []
+    h: object = x
+    for k, (stage, head) in enumerate(zip(guarded_stages(net), net.heads, strict=True)):
+        h = stage(h, **row_inputs)
+        logits.append(head_logits(head, exit_features(k, head, h, x.shape[0], row_inputs)))
+    return logits
+
+
 @torch.no_grad()
 def simulate(net: torch.nn.Module, policy: ExitPolicy, x: torch.Tensor,
              guard: BudgetGuard | None = None, **row_inputs: torch.Tensor) -> EngineOutput:
-    """Oracle: run every stage and exit on every sample (the exit heads' ``features`` and
-    ``classifier``, as the engine does), then let the policy pick (reference math), then
+    """Oracle: run every stage and exit on every sample (:func:`every_exit_logits`, the
+    logits the engine's fused op computes), then let the policy pick (reference math), then
     let ``guard`` (if any) cut the batch where the engine would: its rule applied to the
     rows per exit of the policy's decisions (:meth:`BudgetGuard.cut`). ``row_inputs`` go to
     every stage as keyword arguments (see :class:`Engine`)."""
     check_network(net, policy)
     _check_input(x, row_inputs)
-    logits = []
-    h = x
-    for k, (stage, head) in enumerate(zip(guarded_stages(net), net.heads, strict=True)):
-        h = stage(h, **row_inputs)
-        f = exit_features(k, head, h, x.shape[0], row_inputs)
-        logits.append(head.classifier(f.mean(dim=-1) if f.dim() == 3 else f).float())
+    logits = every_exit_logits(net, x, row_inputs)
     exit_index, score = policy.decide(logits)
     forced = torch.zeros(exit_index.shape, dtype=torch.bool, device=exit_index.device)
     if guard is not None:
@@ -113,15 +135,10 @@ def simulate(net: torch.nn.Module, policy: ExitPolicy, x: torch.Tensor,
     return EngineOutput(chosen, exit_index, score, forced)
 
 
-def check_network(net: torch.nn.Module, policy: ExitPolicy) -> None:
-    """Raise ``TypeError`` / ``ValueError`` naming the culprit unless ``net`` has
-    ``stages`` and one exit head per stage, each with ``features`` and an ``nn.Linear``
-    ``classifier``, all of them predicting the same C >= 2 classes, and ``policy`` is an
-    :class:`~eenet.policies.ExitPolicy` with one rule per exit, thresholds the op takes
-    (finite; in [0, 1] or NEVER_EXIT for probability-like scores, >= 0 for patience
-    streaks) and (if it has its own class count, as EENet's score heads do) the network's C."""
-    from ..policies.base import ExitPolicy
-
+def check_exit_network(net: torch.nn.Module) -> list[int]:
+    """Raise ``TypeError`` / ``ValueError`` naming the culprit unless ``net`` has ``stages``
+    and one exit head per stage, each with ``features`` and an ``nn.Linear`` ``classifier``,
+    all of them predicting the same C >= 2 classes; returns the heads' class counts."""
     stages, heads = getattr(net, "stages", None), getattr(net, "heads", None)
     if stages is None or heads is None:
         raise TypeError(f"net must have stages and heads (an eenet.nn.MultiExitNetwork), got "
@@ -140,10 +157,23 @@ def check_network(net: torch.nn.Module, policy: ExitPolicy) -> None:
     if len(set(classes)) != 1 or classes[0] < 2:
         raise ValueError(f"every exit head must predict the same C >= 2 classes; the heads' "
                          f"classifiers have out_features {classes}")
+    return classes
+
+
+def check_network(net: torch.nn.Module, policy: ExitPolicy) -> None:
+    """Raise ``TypeError`` / ``ValueError`` naming the culprit unless ``net`` has
+    ``stages`` and one exit head per stage, each with ``features`` and an ``nn.Linear``
+    ``classifier``, all of them predicting the same C >= 2 classes, and ``policy`` is an
+    :class:`~eenet.policies.ExitPolicy` with one rule per exit, thresholds the op takes
+    (finite; in [0, 1] or NEVER_EXIT for probability-like scores, >= 0 for patience
+    streaks) and (if it has its own class count, as EENet's score heads do) the network's C."""
+    from ..policies.base import ExitPolicy
+
+    classes = check_exit_network(net)
     if not isinstance(policy, ExitPolicy):
         raise TypeError(f"policy must be an eenet.policies.ExitPolicy, got "
                         f"{type(policy).__name__}")
-    policy.check_network(len(heads))
+    policy.check_network(len(net.heads))
     for k, rule in enumerate(policy.rules()):
         t = rule.threshold
         high = math.inf if rule.policy == "patience" else ek.NEVER_EXIT

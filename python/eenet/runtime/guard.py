@@ -106,15 +106,15 @@ def _per_sample(costs: Costs, limit: float | Budget) -> float:
     if isinstance(limit, bool) or not isinstance(limit, int | float | Budget):
         raise TypeError(f"limit must be a fraction of the full cost (float) or an "
                         f"eenet.budget.Budget, got {type(limit).__name__}")
-    budget = limit if isinstance(limit, Budget) else Budget(float(limit), "fraction")
-    value = float(budget.value)
-    if budget.unit == "fraction":
+    value = float(limit.value if isinstance(limit, Budget) else limit)
+    unit = limit.unit if isinstance(limit, Budget) else "fraction"
+    if unit == "fraction":
         if not 0.0 < value <= 1.0:
             raise ValueError(f"limit: a fraction of the full cost must lie in (0, 1], got "
                              f"{value}")
         return value * costs.full
-    if budget.unit != costs.unit:
-        raise ValueError(f"limit is in {budget.unit!r} but the costs are in {costs.unit!r}")
+    if unit != costs.unit:
+        raise ValueError(f"limit is in {unit!r} but the costs are in {costs.unit!r}")
     if not (math.isfinite(value) and value > 0.0):
-        raise ValueError(f"limit must be a positive finite cost, got {value} {budget.unit}")
+        raise ValueError(f"limit must be a positive finite cost, got {value} {unit}")
     return value
