@@ -148,6 +148,21 @@ def test_bad_arguments(trained: Trained) -> None:
         pgd(net, x * 2 - 1, y, "main", CFG)
     with pytest.raises(TypeError, match="AttackConfig"):
         pgd(net, x, y, "main", {"eps": 0.1})  # type: ignore[arg-type]
+    for bad in (math.nan, math.inf):
+        x_bad = x.clone()
+        x_bad[1, 0, 3, 3] = bad
+        for cfg in (CFG, AttackConfig(0.1, 0.025, 2, clip=None)):
+            with pytest.raises(ValueError, match="x holds NaN or inf"):
+                pgd(net, x_bad, y, "main", cfg)
+        with pytest.raises(ValueError, match="x holds NaN or inf"):
+            slowdown(net, x_bad, CFG)
+    classes = net.num_classes
+    for form, k in CASES:
+        # -100 is cross_entropy's ignore_index: that row would go unattacked
+        for label, match in ((-100, "labels >= 0, got -100"), (-1, "labels >= 0, got -1"),
+                             (classes, f"label {classes}, but .* {classes} classes")):
+            with pytest.raises(ValueError, match=match):
+                pgd(net, x, torch.tensor([0, label, 1, 2]), form, CFG, exit_index=k)
     with pytest.raises(ValueError, match="unknown slowdown objective"):
         slowdown(net, x, CFG, objective="kl")
     with pytest.raises(ValueError, match="exit 3 is out of range"):
@@ -174,6 +189,24 @@ def test_standardised_inputs_with_the_mapped_config(trained: Trained) -> None:
     assert float(x_adv.max()) <= float(torch.tensor(cfg.clip[1]))
     with pytest.raises(ValueError, match="outside the attack's clip range"):
         pgd(trained.net, xs - 1e-3, y, "main", cfg)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_low_precision_inputs_stay_in_the_eps_ball(trained: Trained, dtype: torch.dtype
+                                                   ) -> None:
+    """fp16/bf16 inputs, pixel and standardised: x +- eps rounded to the dtype can lie
+    outside the ball, so the bounds round toward x; |x_adv - x| <= eps holds exactly (in
+    float64), with most coordinates on the boundary's nearest inner value."""
+    net = copy.deepcopy(trained.net).to(dtype)
+    x, y = trained.x_val[:32], trained.y_val[:32]
+    mean, std = 0.3, 0.45
+    for xs, cfg in ((x, CFG), ((x - mean) / std, CFG.to_range(-mean / std, (1 - mean) / std))):
+        xs = xs.to(dtype)
+        x_adv = pgd(net, xs, y, "main", cfg)
+        assert x_adv.dtype == dtype
+        moved = (x_adv.double() - xs.double()).abs()
+        assert float(moved.max()) <= cfg.eps
+        assert float((moved >= cfg.eps * (1 - 2 * torch.finfo(dtype).eps)).float().mean()) > 0.05
 
 
 # -- invariants of every attack ----------------------------------------------------------

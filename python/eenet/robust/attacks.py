@@ -217,10 +217,13 @@ def _check_x(x: torch.Tensor, config: AttackConfig) -> None:
         raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
     if x.dim() < 1:
         raise ValueError("x must have a batch dimension: (N, ...)")
+    if x.numel() > 0 and not bool(torch.isfinite(x).all()):
+        raise ValueError("x holds NaN or inf values; an attack needs finite inputs")
     if config.clip is not None and x.numel() > 0:
         low, high = config.clip
         lo, hi = float(x.min()), float(x.max())
-        slack = CLIP_SLACK * (high - low)   # rounding of standardised data and of its range
+        # rounding of standardised data and of its range: float32's, or x's coarser dtype's
+        slack = max(CLIP_SLACK, torch.finfo(x.dtype).eps) * (high - low)
         if lo < low - slack or hi > high + slack:
             raise ValueError(
                 f"x has values in [{lo:.4g}, {hi:.4g}], outside the attack's clip range "
@@ -230,8 +233,14 @@ def _check_x(x: torch.Tensor, config: AttackConfig) -> None:
 
 def _project(x_adv: torch.Tensor, x: torch.Tensor, config: AttackConfig) -> torch.Tensor:
     """Onto the eps ball around x, then into the clip range (x lies in it, so the result
-    stays in the ball)."""
-    x_adv = torch.minimum(torch.maximum(x_adv, x - config.eps), x + config.eps)
+    stays in the ball). The ball's bounds are x +- eps taken in float64 and rounded toward
+    x in x's dtype: in fp16/bf16 arithmetic eps itself is rounded first, and the nearest
+    value of x's dtype to x +- eps may lie just outside the ball."""
+    wide = x.double()
+    lo, hi = (wide - config.eps).to(x.dtype), (wide + config.eps).to(x.dtype)
+    lo = torch.where(lo.double() < wide - config.eps, torch.nextafter(lo, x), lo)
+    hi = torch.where(hi.double() > wide + config.eps, torch.nextafter(hi, x), hi)
+    x_adv = torch.minimum(torch.maximum(x_adv, lo), hi)
     if config.clip is not None:
         x_adv = x_adv.clamp(config.clip[0], config.clip[1])
     return x_adv
@@ -265,12 +274,20 @@ def _ascend(net: nn.Module, x: torch.Tensor, start: torch.Tensor, objective: Obj
     return x_adv.detach()
 
 
-def _exit_ce(k: int, y: torch.Tensor) -> Objective:
-    return lambda outs: F.cross_entropy(outs[k].float(), y, reduction="none")
+def _labels_fit(outs: list[torch.Tensor], top: int) -> list[torch.Tensor]:
+    """outs, once the largest label ``top`` is known to be one of the exits' C classes."""
+    classes = outs[0].shape[1]
+    if top >= classes:
+        raise ValueError(f"y holds label {top}, but the network's exits have {classes} classes")
+    return outs
 
 
-def _average_ce(y: torch.Tensor) -> Objective:
-    return lambda outs: summed_exit_loss(outs, y) / len(outs)
+def _exit_ce(k: int, y: torch.Tensor, top: int) -> Objective:
+    return lambda outs: F.cross_entropy(_labels_fit(outs, top)[k].float(), y, reduction="none")
+
+
+def _average_ce(y: torch.Tensor, top: int) -> Objective:
+    return lambda outs: summed_exit_loss(_labels_fit(outs, top), y) / len(outs)
 
 
 # -- the attacks ---------------------------------------------------------------------------
@@ -281,7 +298,8 @@ def pgd(net: nn.Module, x: torch.Tensor, y: torch.Tensor, form: str, config: Att
     """L-inf PGD adversarial examples against a multi-exit network (module docstring).
 
     ``net(x)`` returns K logits (N, C) (or one (N, C) tensor: K = 1); x (N, ...) floating
-    point, inside ``config.clip``; y (N,) integer labels; ``form`` one of :data:`FORMS`;
+    point, finite, inside ``config.clip``; y (N,) integer labels in [0, C); ``form`` one of
+    :data:`FORMS`;
     ``exit_index`` (0 <= k < K) only and always for ``"single"``. Returns x_adv, detached,
     with x's shape, dtype and device, ``|x_adv - x| <= eps`` elementwise and inside the clip
     range. N = 0 returns an empty tensor. Raises ``ValueError`` on a bad argument.
@@ -297,6 +315,9 @@ def pgd(net: nn.Module, x: torch.Tensor, y: torch.Tensor, form: str, config: Att
                          f"shape {tuple(y.shape)}")
     if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
         raise TypeError(f"y must hold integer class labels, got {y.dtype}")
+    if y.numel() > 0 and int(y.min()) < 0:
+        # cross_entropy would skip a row labelled -100 (its ignore_index): no attack on it
+        raise ValueError(f"y must hold class labels >= 0, got {int(y.min())}")
     if form == "single":
         if exit_index is None:
             raise ValueError("form 'single' needs exit_index, the exit to attack")
@@ -312,17 +333,17 @@ def pgd(net: nn.Module, x: torch.Tensor, y: torch.Tensor, form: str, config: Att
         return x.detach().clone()
     x = x.detach()
     y = y.to(device=x.device, dtype=torch.int64)
+    top = int(y.max())
     with _eval_mode(net):
         start = _start(x, config)
         if form == "main":
-            return _ascend(net, x, start, lambda outs: F.cross_entropy(
-                outs[-1].float(), y, reduction="none"), config, None)
+            return _ascend(net, x, start, _exit_ce(-1, y, top), config, None)
         if form == "single":
-            return _ascend(net, x, start, _exit_ce(exit_index, y), config, exit_index)
+            return _ascend(net, x, start, _exit_ce(exit_index, y, top), config, exit_index)
         if form == "average":
-            return _ascend(net, x, start, _average_ce(y), config, None)
+            return _ascend(net, x, start, _average_ce(y, top), config, None)
         assert k_exits is not None
-        candidates = [_ascend(net, x, start, _exit_ce(k, y), config, k)
+        candidates = [_ascend(net, x, start, _exit_ce(k, y, top), config, k)
                       for k in range(k_exits)]
         with torch.no_grad():
             losses = torch.stack([summed_exit_loss(exit_logits(net, c), y)
@@ -367,7 +388,7 @@ def slowdown(net: nn.Module, x: torch.Tensor, config: AttackConfig,
     - ``"entropy"``: the entropy H(softmax(z_k)).
 
     Both are largest at the uniform distribution, where the entropy is ``log C``. x (N, ...)
-    floating point, inside ``config.clip``; no labels are needed. Returns x_adv as
+    floating point, finite, inside ``config.clip``; no labels are needed. Returns x_adv as
     :func:`pgd` does.
     """
     if objective not in SLOWDOWN_OBJECTIVES:
