@@ -231,22 +231,32 @@ def _check_x(x: torch.Tensor, config: AttackConfig) -> None:
                 "AttackConfig.to_range, or pass clip=None")
 
 
-def _project(x_adv: torch.Tensor, x: torch.Tensor, config: AttackConfig) -> torch.Tensor:
-    """Onto the eps ball around x, then into the clip range (x lies in it, so the result
-    stays in the ball). The ball's bounds are x +- eps taken in float64 and rounded toward
-    x in x's dtype: in fp16/bf16 arithmetic eps itself is rounded first, and the nearest
-    value of x's dtype to x +- eps may lie just outside the ball."""
+Ball = tuple[torch.Tensor, torch.Tensor]
+
+
+def _ball(x: torch.Tensor, config: AttackConfig) -> Ball:
+    """The eps ball around x as its (low, high) bounds in x's dtype: x -+ eps taken in
+    float64 and rounded toward x (in fp16/bf16 arithmetic eps itself is rounded first, and
+    the nearest value of x's dtype to x -+ eps may lie just outside the ball). Computed once
+    per attack: every projection of its steps uses it."""
     wide = x.double()
-    lo, hi = (wide - config.eps).to(x.dtype), (wide + config.eps).to(x.dtype)
-    lo = torch.where(lo.double() < wide - config.eps, torch.nextafter(lo, x), lo)
-    hi = torch.where(hi.double() > wide + config.eps, torch.nextafter(hi, x), hi)
-    x_adv = torch.minimum(torch.maximum(x_adv, lo), hi)
+    low, high = wide - config.eps, wide + config.eps
+    lo, hi = low.to(x.dtype), high.to(x.dtype)
+    lo = torch.where(lo.double() < low, torch.nextafter(lo, x), lo)
+    hi = torch.where(hi.double() > high, torch.nextafter(hi, x), hi)
+    return lo, hi
+
+
+def _project(x_adv: torch.Tensor, ball: Ball, config: AttackConfig) -> torch.Tensor:
+    """Onto the eps ball (:func:`_ball`), then into the clip range (x lies in it, so the
+    result stays in the ball)."""
+    x_adv = torch.minimum(torch.maximum(x_adv, ball[0]), ball[1])
     if config.clip is not None:
         x_adv = x_adv.clamp(config.clip[0], config.clip[1])
     return x_adv
 
 
-def _start(x: torch.Tensor, config: AttackConfig) -> torch.Tensor:
+def _start(x: torch.Tensor, ball: Ball, config: AttackConfig) -> torch.Tensor:
     """x plus, with ``random_start``, noise uniform in [-eps, eps] drawn from a CPU
     generator seeded with ``config.seed``; projected."""
     if not config.random_start or config.eps == 0:
@@ -254,13 +264,13 @@ def _start(x: torch.Tensor, config: AttackConfig) -> torch.Tensor:
     g = torch.Generator(device="cpu").manual_seed(config.seed)
     noise = torch.rand(x.shape, generator=g, dtype=torch.float32)
     noise = ((2.0 * noise - 1.0) * config.eps).to(device=x.device, dtype=x.dtype)
-    return _project(x + noise, x, config)
+    return _project(x + noise, ball, config)
 
 
 Objective = Callable[[list[torch.Tensor]], torch.Tensor]
 
 
-def _ascend(net: nn.Module, x: torch.Tensor, start: torch.Tensor, objective: Objective,
+def _ascend(net: nn.Module, ball: Ball, start: torch.Tensor, objective: Objective,
             config: AttackConfig, upto: int | None) -> torch.Tensor:
     """``config.steps`` signed-gradient ascent steps on ``objective`` (exit logits -> (N,)
     per-sample values), each projected; gradients w.r.t. the input only."""
@@ -270,7 +280,7 @@ def _ascend(net: nn.Module, x: torch.Tensor, start: torch.Tensor, objective: Obj
             x_adv = x_adv.detach().requires_grad_(True)
             value = objective(exit_logits(net, x_adv, upto)).sum()
             (grad,) = torch.autograd.grad(value, x_adv)
-            x_adv = _project(x_adv.detach() + config.step * grad.sign(), x, config)
+            x_adv = _project(x_adv.detach() + config.step * grad.sign(), ball, config)
     return x_adv.detach()
 
 
@@ -315,9 +325,6 @@ def pgd(net: nn.Module, x: torch.Tensor, y: torch.Tensor, form: str, config: Att
                          f"shape {tuple(y.shape)}")
     if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
         raise TypeError(f"y must hold integer class labels, got {y.dtype}")
-    if y.numel() > 0 and int(y.min()) < 0:
-        # cross_entropy would skip a row labelled -100 (its ignore_index): no attack on it
-        raise ValueError(f"y must hold class labels >= 0, got {int(y.min())}")
     if form == "single":
         if exit_index is None:
             raise ValueError("form 'single' needs exit_index, the exit to attack")
@@ -333,17 +340,20 @@ def pgd(net: nn.Module, x: torch.Tensor, y: torch.Tensor, form: str, config: Att
         return x.detach().clone()
     x = x.detach()
     y = y.to(device=x.device, dtype=torch.int64)
-    top = int(y.max())
+    low, top = (int(v) for v in torch.aminmax(y))
+    if low < 0:  # cross_entropy would skip a row labelled -100 (its ignore_index): no attack
+        raise ValueError(f"y must hold class labels >= 0, got {low}")
+    ball = _ball(x, config)
     with _eval_mode(net):
-        start = _start(x, config)
+        start = _start(x, ball, config)
         if form == "main":
-            return _ascend(net, x, start, _exit_ce(-1, y, top), config, None)
+            return _ascend(net, ball, start, _exit_ce(-1, y, top), config, None)
         if form == "single":
-            return _ascend(net, x, start, _exit_ce(exit_index, y, top), config, exit_index)
+            return _ascend(net, ball, start, _exit_ce(exit_index, y, top), config, exit_index)
         if form == "average":
-            return _ascend(net, x, start, _average_ce(y, top), config, None)
+            return _ascend(net, ball, start, _average_ce(y, top), config, None)
         assert k_exits is not None
-        candidates = [_ascend(net, x, start, _exit_ce(k, y, top), config, k)
+        candidates = [_ascend(net, ball, start, _exit_ce(k, y, top), config, k)
                       for k in range(k_exits)]
         with torch.no_grad():
             losses = torch.stack([summed_exit_loss(exit_logits(net, c), y)
@@ -412,5 +422,6 @@ def slowdown(net: nn.Module, x: torch.Tensor, config: AttackConfig,
         return total
 
     x = x.detach()
+    ball = _ball(x, config)
     with _eval_mode(net):
-        return _ascend(net, x, _start(x, config), value, config, max(targets))
+        return _ascend(net, ball, _start(x, ball, config), value, config, max(targets))

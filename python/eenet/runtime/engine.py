@@ -83,30 +83,20 @@ class EngineOutput:
                    torch.zeros(n, dtype=torch.bool, device=device))
 
 
-def head_logits(head: Any, f: torch.Tensor) -> torch.Tensor:
-    """Exit logits (N, C) float32 from a head's features f, (N, D) or (N, D, S) of any float
-    dtype, as the fused op (``eenet_kernels.exit_score``) computes them: f upcast to fp32,
-    mean-pooled over S, the classifier's weight and bias upcast. An fp16/bf16 head's own
-    forward keeps its dtype; its logits differ from these by its rounding, far more than the
-    thresholds leave between neighbouring scores."""
-    x = f.float()
-    if x.dim() == 3:
-        x = x.mean(dim=-1)
-    classifier = head.classifier
-    bias = None if classifier.bias is None else classifier.bias.float()
-    return torch.nn.functional.linear(x, classifier.weight.float(), bias)
-
-
 def every_exit_logits(net: torch.nn.Module, x: torch.Tensor,
                       row_inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
     """Every exit's logits on every row of x: K tensors (N, C) float32, the stages run one
-    after the other (``row_inputs`` to every stage) and each head's logits by
-    :func:`head_logits`, so a policy calibrated on them decides as the engine does."""
+    after the other (``row_inputs`` to every stage) and each head's classifier as the fused
+    op computes it (:func:`eenet_kernels.reference.exit_logits`: fp32 on upcast features
+    and weights, also for an fp16/bf16 network, whose heads' own forward rounds the logits
+    by far more than the thresholds leave between scores), so a policy calibrated on them
+    decides as the engine does."""
     logits = []
     h: object = x
     for k, (stage, head) in enumerate(zip(guarded_stages(net), net.heads, strict=True)):
         h = stage(h, **row_inputs)
-        logits.append(head_logits(head, exit_features(k, head, h, x.shape[0], row_inputs)))
+        f = exit_features(k, head, h, x.shape[0], row_inputs)
+        logits.append(ek.reference.exit_logits(f, head.classifier.weight, head.classifier.bias))
     return logits
 
 

@@ -106,8 +106,8 @@ def _per_sample(costs: Costs, limit: float | Budget) -> float:
     if isinstance(limit, bool) or not isinstance(limit, int | float | Budget):
         raise TypeError(f"limit must be a fraction of the full cost (float) or an "
                         f"eenet.budget.Budget, got {type(limit).__name__}")
-    value = float(limit.value if isinstance(limit, Budget) else limit)
-    unit = limit.unit if isinstance(limit, Budget) else "fraction"
+    value, unit = (limit.value, limit.unit) if isinstance(limit, Budget) else (limit, "fraction")
+    value = float(value)
     if unit == "fraction":
         if not 0.0 < value <= 1.0:
             raise ValueError(f"limit: a fraction of the full cost must lie in (0, 1], got "
