@@ -94,6 +94,15 @@ def _json(url: str, doc: Any = None, **kw: Any) -> tuple[int, Any]:
     return status, json.loads(body)
 
 
+def _until_admitted(engine: ServingEngine, n: int, timeout: float = 30.0) -> None:
+    """Wait until the engine has admitted ``n`` rows in all: a call sent from another thread
+    is then in flight (an HTTP round trip has no fixed time on a loaded machine)."""
+    end = time.monotonic() + timeout
+    while engine.snapshot().submitted < n:
+        assert time.monotonic() < end, "the call never reached the engine"
+        time.sleep(0.001)
+
+
 @pytest.fixture
 def cnn_server():
     net, policy, x = _tiny_cnn()
@@ -283,7 +292,7 @@ def test_queue_full_is_429() -> None:
         assert json.loads(body)["type"] == "QueueFull"
         with ThreadPoolExecutor(4) as pool:
             first = pool.submit(_json, url, {"inputs": slow})
-            time.sleep(0.1)  # its stage sleeps 0.3 s: the others queue behind it
+            _until_admitted(engine, 1)  # its stage sleeps 0.3 s: the others queue behind it
             later = [pool.submit(_json, url, {"inputs": slow}) for _ in range(3)]
             replies = [first.result()] + [f.result() for f in later]
         assert replies[0][0] == 200
@@ -305,7 +314,7 @@ def test_stage_failure_is_500_deadline_504_closed_503() -> None:
         assert doc["index"] == 0 and "stage 0" in doc["error"], doc
         with ThreadPoolExecutor(2) as pool:
             slow = pool.submit(_json, url, {"inputs": [[7.0, 0, 0, 0]]})
-            time.sleep(0.1)
+            _until_admitted(engine, 2)  # the refused 13, then the slow 7
             status, doc = _json(url, {"inputs": [[1.0, 0, 0, 0]], "deadline_ms": 50})
             assert slow.result()[0] == 200
         assert status == 504 and doc["type"] == "DeadlineExceeded", doc
@@ -380,7 +389,7 @@ def test_close_answers_the_calls_in_flight_then_refuses() -> None:
         url = server.url + "/v1/predict"
         with ThreadPoolExecutor(1) as pool:
             slow = pool.submit(_json, url, {"inputs": [[7.0, 0, 0, 0]]})
-            time.sleep(0.1)
+            _until_admitted(engine, 1)
             server.close()
             status, doc = slow.result()
         assert status == 200 and doc["outputs"][0]["exit"] == 1
