@@ -8,6 +8,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cmath>
+#include <cstdio>
 #include <initializer_list>
 #include <limits>
 #include <optional>
@@ -40,6 +41,14 @@ inline std::string shape_str(at::IntArrayRef s) {
   for (size_t i = 0; i < s.size(); ++i) o << (i ? ", " : "") << s[i];
   o << (s.size() == 1 ? ",)" : ")");
   return o.str();
+}
+
+// A finite threshold with the 9 significant digits that round-trip a float32 ("%.9g", as
+// the Python checks print it), so that a value just above NEVER_EXIT does not read "1".
+inline std::string real_str(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.9g", v);
+  return buf;
 }
 
 inline std::string layout_name(at::Layout l) {
@@ -123,12 +132,13 @@ inline void check_exit_score_args(const char* op, const at::Tensor& feats,
                     threshold);
   if (policy == "patience") {
     TORCH_CHECK_VALUE(threshold >= 0, "eenet.", op,
-                      ": threshold must be >= 0 for policy 'patience', got ", threshold);
+                      ": threshold must be >= 0 for policy 'patience', got ",
+                      real_str(threshold));
   } else {
     // 1 + 2^-23: NEVER_EXIT of eenet_kernels/checks.py, the threshold of a closed exit
     TORCH_CHECK_VALUE(threshold >= 0 && threshold <= 1.0 + 0x1p-23, "eenet.", op,
                       ": threshold must lie in [0, 1] (or be NEVER_EXIT, a closed exit) for "
-                      "policy '", policy, "', got ", threshold);
+                      "policy '", policy, "', got ", real_str(threshold));
   }
   TORCH_CHECK_VALUE(!use_vote || policy == "eenet", "eenet.", op,
                     ": use_vote applies only to policy 'eenet', got policy '", policy, "'");

@@ -109,10 +109,10 @@ def check_exit_score(
         _fail(op, f"threshold must be finite, got {threshold:g}")
     if policy == "patience":
         if threshold < 0:
-            _fail(op, f"threshold must be >= 0 for policy 'patience', got {threshold:g}")
+            _fail(op, f"threshold must be >= 0 for policy 'patience', got {threshold:.9g}")
     elif not 0.0 <= threshold <= NEVER_EXIT:
         _fail(op, f"threshold must lie in [0, 1] (or be NEVER_EXIT, a closed exit) for policy "
-                  f"{policy!r}, got {threshold:g}")
+                  f"{policy!r}, got {threshold:.9g}")
     if use_vote and policy != "eenet":
         _fail(op, f"use_vote applies only to policy 'eenet', got policy {policy!r}")
 

@@ -169,6 +169,18 @@ def test_rdi_loss_matches_hand_computation() -> None:
         rdi_loss([torch.zeros(2, 3)], [], torch.tensor(target))
 
 
+@pytest.mark.parametrize("labels, message", [
+    ([0, -100], r"labels in \[0, 3\), got -100"),  # cross_entropy's ignore_index
+    ([3, 1], r"labels in \[0, 3\), got 3"),
+    ([[0, 1]], "1-D tensor of integer labels"),
+    ([0.0, 1.0], "1-D tensor of integer labels"),
+])
+def test_rdi_loss_refuses_labels_it_cannot_score(labels: list, message: str) -> None:
+    z = [torch.zeros(2, 3)]
+    with pytest.raises(ValueError, match=message):
+        rdi_loss(z, z, torch.tensor(labels))
+
+
 # -- the single-exit baseline ------------------------------------------------------------
 
 

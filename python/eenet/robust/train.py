@@ -82,18 +82,33 @@ def single_exit(net: MultiExitNetwork, reinit: bool = True, seed: int | None = 0
     return model
 
 
+def _check_labels(y: torch.Tensor, classes: int) -> None:
+    """y must be a 1-D integer tensor of labels in [0, classes): cross-entropy skips -100
+    silently, and on CUDA a label >= C is a device-side assert, not an error."""
+    if y.dim() != 1 or y.dtype.is_floating_point or y.dtype == torch.bool:
+        raise ValueError(f"y must be a 1-D tensor of integer labels, got shape "
+                         f"{tuple(y.shape)} and dtype {y.dtype}")
+    if y.numel():
+        low, top = (int(v) for v in torch.aminmax(y))
+        if low < 0 or top >= classes:
+            raise ValueError(f"y must hold class labels in [0, {classes}), got "
+                             f"{low if low < 0 else top}")
+
+
 def rdi_loss(clean: Sequence[torch.Tensor], adv: Sequence[torch.Tensor], y: torch.Tensor
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """RDI-Nets' training loss of one batch: ``sum_k (CE(clean_k) + CE(adv_k)) / 2``.
 
     ``clean``, ``adv``: K logits (N, C) each, on the clean and the adversarial inputs;
-    y (N,) int64. Returns (loss, clean part sum_k CE(clean_k), adversarial part
-    sum_k CE(adv_k)), 0-dim float32 tensors (batch means); the loss keeps the graph.
+    y (N,) integer labels in [0, C) (cross-entropy's ignore label -100 is refused, not
+    skipped). Returns (loss, clean part sum_k CE(clean_k), adversarial part sum_k CE(adv_k)),
+    0-dim float32 tensors (batch means); the loss keeps the graph.
     """
     clean, adv = list(clean), list(adv)
     if not clean or len(clean) != len(adv):
         raise ValueError(f"rdi_loss needs the same non-zero number of clean and adversarial "
                          f"exits, got {len(clean)} and {len(adv)}")
+    _check_labels(y, clean[0].shape[-1])
     clean_ce = torch.stack([F.cross_entropy(z.float(), y) for z in clean]).sum()
     adv_ce = torch.stack([F.cross_entropy(z.float(), y) for z in adv]).sum()
     return 0.5 * clean_ce + 0.5 * adv_ce, clean_ce.detach(), adv_ce.detach()
