@@ -16,7 +16,11 @@
 #      background while steps 1-4 run.
 #
 #   PYTHON=.venv/bin/python scripts/cmake_check.sh       (make cmake-check)
+#   EENET_CUDA=1 PYTHON=python3 scripts/cmake_check.sh   (on a GPU host, a CUDA libtorch)
 #
+# EENET_CUDA=1 configures with -DEENET_CUDA=ON and then requires the CUDA kernels: ops_check
+# runs with --require-cuda (its checks on CUDA tensors too), and the installed tree must hold
+# include/eenet/cuda/graph_if.h with the library exporting the function it declares.
 # JOBS (default 2) parallel compile jobs. BUILD_DIR (default build/cmake) is kept between
 # runs (only what changed is rebuilt; the package is made anew every run); the installed
 # copy and its example build are temporary.
@@ -26,6 +30,12 @@ JOBS=${JOBS:-2}
 root=$(cd "$(dirname "$0")/.." && pwd)
 build=${BUILD_DIR:-$root/build/cmake}
 start=$(date +%s)
+cuda_flags=()
+ops_check_args=()
+if [[ ${EENET_CUDA:-0} == 1 ]]; then
+  cuda_flags=(-DEENET_CUDA=ON)
+  ops_check_args=(--require-cuda)
+fi
 step() { echo "cmake-check: $* ($(($(date +%s) - start)) s)"; }
 
 command -v cmake >/dev/null || { echo "cmake-check: cmake not found" >&2; exit 1; }
@@ -60,7 +70,8 @@ package_pid=$!
 # 1. configure and build (Torch_DIR given explicitly: a cached one from another torch would win)
 step "configuring against $prefix"
 cmake -S "$root" -B "$build" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release \
-  -DCMAKE_PREFIX_PATH="$prefix" -DTorch_DIR="$prefix/Torch" -DEENET_EXAMPLES=ON >"$tmp/configure.log" 2>&1 \
+  -DCMAKE_PREFIX_PATH="$prefix" -DTorch_DIR="$prefix/Torch" -DEENET_EXAMPLES=ON "${cuda_flags[@]}" \
+  >"$tmp/configure.log" 2>&1 \
   || { cat "$tmp/configure.log"; exit 1; }
 step "building (-j$JOBS)"
 cmake --build "$build" -j "$JOBS"
@@ -74,7 +85,7 @@ fi
 
 # 3. the example from the build tree
 step "running ops_check (build tree)"
-"$build/examples/cpp/ops_check"
+"$build/examples/cpp/ops_check" "${ops_check_args[@]}"
 
 # 4. install, and the example as a separate project against the installed package
 step "installing into a temporary prefix"
@@ -90,7 +101,16 @@ if [[ $loaded != "$tmp/install/"* ]]; then
   exit 1
 fi
 step "running ops_check (installed)"
-"$tmp/example/ops_check" | tail -1
+"$tmp/example/ops_check" "${ops_check_args[@]}" | tail -1
+if [[ ${EENET_CUDA:-0} == 1 ]]; then
+  header=$tmp/install/include/eenet/cuda/graph_if.h
+  [[ -f $header ]] || { echo "cmake-check: $header was not installed" >&2; exit 1; }
+  if ! nm -DC --defined-only "$lib" | grep -q 'eenet::cuda::capture_if_node'; then
+    echo "cmake-check: $lib does not export eenet::cuda::capture_if_node" >&2
+    exit 1
+  fi
+  step "installed include/eenet/cuda/graph_if.h; the library exports capture_if_node"
+fi
 
 # 5. the exported model run from C++
 step "waiting for the package (examples/cpp/make_package.py)"

@@ -7,9 +7,12 @@
 #   bash scripts/gpu_session.sh e2e     # bench.e2e --device cuda (with both graph modes)
 #   bash scripts/gpu_session.sh serve   # bench.serve --device cuda (request stream, re-batching)
 #   bash scripts/gpu_session.sh tune    # bench.tune (launch-configuration sweep)
-#   bash scripts/gpu_session.sh all     # one call: build, then the gpu tests, bench.micro on
-#                                       # CUDA and Triton, bench.e2e on bert with both graph
-#                                       # modes, each bounded, within GPU_SESSION_S seconds
+#   bash scripts/gpu_session.sh cmake   # the CMake library with CUDA kernels: ops_check on
+#                                       # CUDA tensors from C++, the installed IF-node header
+#   bash scripts/gpu_session.sh all     # one call: build, then the gpu tests (the CMake CUDA
+#                                       # check beside them), bench.micro on CUDA and Triton,
+#                                       # bench.e2e on bert with both graph modes, each
+#                                       # bounded, within GPU_SESSION_S seconds
 #
 # `all` is for a session whose device time allows one call: the parts run in order of value,
 # each under `timeout` with what is left of GPU_SESSION_S seconds counted from the script's
@@ -24,7 +27,7 @@
 # installed first when .whl/ is there; copy .whl and demo_out (the demo's MNIST model, for
 # the e2e mnist workload) to the host with the tree.
 set -uo pipefail
-step=${1:?usage: gpu_session.sh test|micro|e2e|serve|tune|all}
+step=${1:?usage: gpu_session.sh test|micro|e2e|serve|tune|cmake|all}
 OUT=${OUT:-/tmp/eenet-gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -46,7 +49,17 @@ print('graph IF nodes:', g.resolve_if_node_source() if m is None else 'none (' +
 } 2>&1 | tee "$log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || exit 1
 
+# the CMake build (its own directory: setup.py's build/ is the extension's), CUDA required
+cmake_check() {
+  EENET_CUDA=1 PYTHON=python3 JOBS=${CMAKE_JOBS:-8} BUILD_DIR=/tmp/eenet-cmake \
+    bash scripts/cmake_check.sh
+}
+
 case "$step" in
+  cmake)
+    cmake_check 2>&1 | tee -a "$log"
+    exit "${PIPESTATUS[0]}"
+    ;;
   test)
     python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee -a "$log"
     status=${PIPESTATUS[0]}
@@ -85,8 +98,19 @@ case "$step" in
       ((rc == 0)) || { echo "gpu_session: exit $rc: $*" | tee -a "$log"; status=1; }
       tar czf "$OUT/results-all.tgz" bench/results --exclude bench/results/cpu
     }
-    # 4 workers: the Triton and inductor compiles run side by side on the host cores
+    # the CMake CUDA check compiles on 8 of the host's cores while the gpu tests run (4
+    # workers: their Triton and inductor compiles side by side), and is waited for before
+    # the benchmarks, whose host timings a compile beside them would distort
+    cmake_cap=$((deadline - SECONDS - 60))
+    ((cmake_cap < 300)) || cmake_cap=300
+    timeout --kill-after=15 "$cmake_cap" bash -c "$(declare -f cmake_check); cmake_check" \
+      >"$OUT/cmake.log" 2>&1 &
+    cmake_pid=$!
     part 180 python3 -m pytest -q -rfE --durations=15 -n 4 -m gpu -p no:cacheprovider tests
+    wait "$cmake_pid"
+    rc=$?
+    tail -n 30 "$OUT/cmake.log" | tee -a "$log"
+    ((rc == 0)) || { echo "gpu_session: exit $rc: the CMake CUDA check ($OUT/cmake.log)" | tee -a "$log"; status=1; }
     part 120 python3 -m bench.micro --device cuda
     part 90 python3 -m bench.micro --device cuda --backend triton --no-compile
     part 240 python3 -m bench.e2e --device cuda --workloads bert  # graph, graph_device by default

@@ -1,8 +1,10 @@
 // ops_check: calls the eenet ops from C++ exactly as a C++ server does - by name, through the
 // dispatcher, with no header of the library and no Python - and checks them against an
 // independent computation in plain libtorch ops (softmax, max, the threshold decision,
-// stable compaction by `keep`). Prints one line per check and returns non-zero on any
-// mismatch (1) or error (2).
+// stable compaction by `keep`). The checks run on CPU tensors, then again on CUDA tensors when
+// the library has CUDA kernels (a -DEENET_CUDA=ON build) and a CUDA device is present, the
+// reference computed on the same device. Prints one line per check and returns non-zero on
+// any mismatch (1) or error (2). `ops_check --require-cuda` is an error without the CUDA pass.
 //
 // How the ops get registered: libeenet_ops.so registers them from static initialisers
 // (TORCH_LIBRARY / TORCH_LIBRARY_IMPL) when it is loaded. This program references no symbol
@@ -42,6 +44,8 @@ using ExitScoreFn = ExitResult(const at::Tensor& feats, const at::Tensor& weight
                                bool use_vote);
 using CompactFn = std::tuple<std::vector<at::Tensor>, at::Tensor>(const at::Tensor& keep,
                                                                   at::TensorList src);
+using ExitScoreOp = c10::TypedOperatorHandle<ExitScoreFn>;
+using CompactOp = c10::TypedOperatorHandle<CompactFn>;
 
 int failures = 0;
 
@@ -89,8 +93,7 @@ at::Tensor reference_score(const at::Tensor& logits, const std::string& policy) 
 
 // exit_score on N rows, feats (N, D) or (N, D, S) (mean-pooled over S), against the reference.
 // Returns the op's keep mask for the compaction check.
-at::Tensor check_exit_score(const c10::TypedOperatorHandle<ExitScoreFn>& exit_score,
-                            const std::string& policy, const at::Tensor& feats,
+at::Tensor check_exit_score(const ExitScoreOp& exit_score, const std::string& policy, const at::Tensor& feats,
                             const at::Tensor& weight, const at::Tensor& bias) {
   const int64_t n = feats.size(0);
   const at::Tensor x = feats.dim() == 3 ? feats.mean(2) : feats;
@@ -125,7 +128,7 @@ at::Tensor check_exit_score(const c10::TypedOperatorHandle<ExitScoreFn>& exit_sc
 }
 
 // compact(keep, src): the kept rows of every src, in order, then zeros; count = #kept.
-void check_compact(const c10::TypedOperatorHandle<CompactFn>& compact, const at::Tensor& keep,
+void check_compact(const CompactOp& compact, const at::Tensor& keep,
                    const std::vector<at::Tensor>& src) {
   const int64_t n = keep.size(0);
   const auto [kept, count] = compact.call(keep, src);
@@ -133,7 +136,7 @@ void check_compact(const c10::TypedOperatorHandle<CompactFn>& compact, const at:
   const int64_t m = rows.size(0);
   std::cout << "compact(keep, " << src.size() << " tensors) N=" << n << ", " << m
             << " rows kept\n";
-  check_equal("count", count, at::scalar_tensor(m, at::kLong));
+  check_equal("count", count, at::scalar_tensor(m, keep.options().dtype(at::kLong)));
   report("one output per input", kept.size() == src.size());
   for (size_t t = 0; t < src.size() && t < kept.size(); ++t) {
     const std::string tag = "src[" + std::to_string(t) + "] " +
@@ -145,9 +148,43 @@ void check_compact(const c10::TypedOperatorHandle<CompactFn>& compact, const at:
   }
 }
 
+// Every check on one device: the inputs made there and the reference computed there.
+void check_device(const ExitScoreOp& exit_score, const CompactOp& compact, at::Device device) {
+  std::cout << "-- on " << device << "\n";
+  const at::TensorOptions on = at::TensorOptions().device(device);
+  const int64_t n = 64, d = 32, c = 10, s = 4;
+  const at::Tensor feats = at::randn({n, d}, on);
+  const at::Tensor weight = at::randn({c, d}, on) * 0.3;
+  const at::Tensor bias = at::randn({c}, on) * 0.1;
+
+  // the policies of eenet_kernels/reference.py that need no history of earlier exits
+  const at::Tensor keep = check_exit_score(exit_score, "max_prob", feats, weight, bias);
+  check_exit_score(exit_score, "entropy", at::randn({n, d, s}, on), weight, bias);
+
+  // the survivors' tensors as a serving loop carries them: features (a non-contiguous
+  // view), per-row ids and a row input of another dtype and shape
+  const at::Tensor ids = at::arange(n, on.dtype(at::kLong)) * 7;
+  const at::Tensor mask = at::randint(0, 100, {n, 2, 3}, on.dtype(at::kInt));
+  check_compact(compact, keep, {feats.t().contiguous().t(), ids, mask});
+
+  // inference ops: no output requires grad, even from weights that do
+  const at::Tensor w_grad = weight.detach().requires_grad_(true);
+  const auto graded = exit_score.call(feats, w_grad, bias, "max_prob", 0.5, false,
+                                      std::nullopt, std::nullopt, std::nullopt, 0.0, false);
+  std::cout << "exit_score with weight.requires_grad\n";
+  report("no output requires grad", !std::get<0>(graded).requires_grad() &&
+                                        !std::get<1>(graded).requires_grad());
+
+  // an empty batch (every row exited at an earlier stage)
+  const at::Tensor feats0 = at::empty({0, d}, on);
+  const at::Tensor keep0 = check_exit_score(exit_score, "max_prob", feats0, weight, bias);
+  check_compact(compact, keep0, {feats0, at::empty({0}, on.dtype(at::kLong))});
+}
+
 }  // namespace
 
-int main() {
+int main(int argc, char** argv) {
+  const bool require_cuda = argc > 1 && std::string(argv[1]) == "--require-cuda";
   try {
     at::manual_seed(0);
     // the handles a server looks up once, at start-up: this throws when the library is not
@@ -158,34 +195,20 @@ int main() {
     const auto compact =
         c10::Dispatcher::singleton().findSchemaOrThrow("eenet::compact", "").typed<CompactFn>();
     std::cout << "ops_check: found eenet::exit_score and eenet::compact\n";
+    check_device(exit_score, compact, at::kCPU);
 
-    const int64_t n = 64, d = 32, c = 10, s = 4;
-    const at::Tensor feats = at::randn({n, d});
-    const at::Tensor weight = at::randn({c, d}) * 0.3;
-    const at::Tensor bias = at::randn({c}) * 0.1;
-
-    // the policies of eenet_kernels/reference.py that need no history of earlier exits
-    const at::Tensor keep = check_exit_score(exit_score, "max_prob", feats, weight, bias);
-    check_exit_score(exit_score, "entropy", at::randn({n, d, s}), weight, bias);
-
-    // the survivors' tensors as a serving loop carries them: features (a non-contiguous
-    // view), per-row ids and a row input of another dtype and shape
-    const at::Tensor ids = at::arange(n, at::kLong) * 7;
-    const at::Tensor mask = at::randint(0, 100, {n, 2, 3}, at::kInt);
-    check_compact(compact, keep, {feats.t().contiguous().t(), ids, mask});
-
-    // inference ops: no output requires grad, even from weights that do
-    const at::Tensor w_grad = weight.detach().requires_grad_(true);
-    const auto graded = exit_score.call(feats, w_grad, bias, "max_prob", 0.5, false,
-                                        std::nullopt, std::nullopt, std::nullopt, 0.0, false);
-    std::cout << "exit_score with weight.requires_grad\n";
-    report("no output requires grad", !std::get<0>(graded).requires_grad() &&
-                                          !std::get<1>(graded).requires_grad());
-
-    // an empty batch (every row exited at an earlier stage)
-    const at::Tensor feats0 = at::empty({0, d});
-    const at::Tensor keep0 = check_exit_score(exit_score, "max_prob", feats0, weight, bias);
-    check_compact(compact, keep0, {feats0, at::empty({0}, at::kLong)});
+    const bool cuda_kernels = exit_score.hasKernelForDispatchKey(c10::DispatchKey::CUDA) &&
+                              compact.hasKernelForDispatchKey(c10::DispatchKey::CUDA);
+    if (cuda_kernels && at::hasCUDA()) {
+      check_device(exit_score, compact, at::Device(at::kCUDA, 0));
+    } else {
+      const char* why = cuda_kernels ? "no CUDA device" : "the library has no CUDA kernels";
+      std::cout << "ops_check: no CUDA pass (" << why << ")\n";
+      if (require_cuda) {
+        std::cerr << "ops_check: ERROR: --require-cuda, but " << why << "\n";
+        return 2;
+      }
+    }
   } catch (const std::exception& e) {
     std::cerr << "ops_check: ERROR: " << e.what() << "\n";
     return 2;
