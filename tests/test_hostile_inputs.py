@@ -337,6 +337,16 @@ def test_wrong_inputs_name_x(mode: str, x: object, error: type[Exception], messa
     assert engine(torch.randn(3, W)).exit_index.shape == (3,)  # the engine still works
 
 
+def test_token_ids_that_fail_the_encoder_are_not_blamed_on_their_dtype() -> None:
+    from conftest import tiny_bert_exits
+
+    net = tiny_bert_exits()  # 64 positions: 77 tokens do not fit
+    ids = torch.randint(3, 50, (2, 77))
+    with pytest.raises(ValueError, match=r"x of shape \(2, 77\) and dtype torch\.int64 does "
+                                         r"not fit the network's first stage"):
+        Engine(net, MaxProb([0.6, 0.0]), mode="compact")(ids)
+
+
 class _Fails(torch.nn.Module):
     def __init__(self, message: str) -> None:
         super().__init__()

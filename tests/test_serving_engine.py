@@ -474,7 +474,9 @@ def test_an_internal_error_fails_pending_futures_and_closes_the_engine() -> None
     with pytest.raises(EngineClosed, match="internal error") as info:
         engine.submit(torch.randn(WIDTH))
     assert isinstance(info.value.__cause__, KeyError)
-    assert engine.closed and engine.snapshot().failed == 1
+    stats = engine.snapshot()
+    assert engine.closed and stats.failed == 1
+    assert stats.queue_depth == 0 and stats.stage_pending == (0,) * 4
     engine.close()
 
 

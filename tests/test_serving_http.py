@@ -9,6 +9,7 @@ import itertools
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -185,6 +186,11 @@ def test_text_model_takes_ids_and_mask() -> None:
 # -- refused input -------------------------------------------------------------------------
 
 
+# one (1, 8, 8) sample of the tiny CNN, the JSON object left open for one more field
+_ONE_SAMPLE = (b'{"inputs": [[[' + b",".join([b"[" + b",".join([b"0"] * 8) + b"]"] * 8)
+               + b"]]], ")
+
+
 @pytest.mark.parametrize(("body", "message"), [
     (b"{not json", "not valid JSON"),
     (b"[1, 2]", "must be a JSON object"),
@@ -198,14 +204,33 @@ def test_text_model_takes_ids_and_mask() -> None:
     (b'{"inputs": [[1e999, 1]]}', "not finite"),
     (b'{"inputs": [[[[0, 0], [0, 0]]]]}', "shape (1, 8, 8), got samples of shape (1, 2, 2)"),
     (b'{"input_ids": [[1, 2]]}', "takes 'inputs', not 'input_ids'"),
-    (b'{"inputs": [[[' + b",".join([b"[" + b",".join([b"0"] * 8) + b"]"] * 8) + b"]]], "
-     b'"deadline_ms": -5}', "deadline_ms must be a positive number"),
+    (_ONE_SAMPLE + b'"deadline_ms": -5}', "deadline_ms must be a positive, finite number"),
+    (_ONE_SAMPLE + b'"deadline_ms": 1' + b"0" * 400 + b"}",  # overflows a float
+     "deadline_ms must be a positive, finite number"),
+    (b"[" * 100_000, "nests JSON too deeply"),
+    (_ONE_SAMPLE + b'"attention_mask": [[1]]}', "attention_mask goes with input_ids"),
 ])
 def test_bad_input_is_400_with_the_reason(cnn_server, body: bytes, message: str) -> None:
     server = cnn_server[0]
     status, doc = _json(server.url + "/v1/predict", body=body)
     assert status == 400, doc
     assert doc["type"] == "BadRequest" and message in doc["error"], doc["error"]
+
+
+def test_a_body_that_stalls_is_408_and_closes_the_connection() -> None:
+    net, policy, _ = _tiny_cnn()
+    with ServingEngine(net, policy) as engine, serve_http(engine, port=0,
+                                                          idle_timeout_s=0.5) as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as conn:
+            conn.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                         b"application/json\r\nContent-Length: 100\r\n\r\n{\"inputs\"")
+            reply = b""
+            while chunk := conn.recv(4096):  # the server answers, then closes
+                reply += chunk
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408"), head
+        assert b"did not arrive in time (100 bytes announced)" in body
+        assert _json(server.url + "/healthz")[0] == 200  # still serving
 
 
 def test_routes_methods_and_body_limits(cnn_server) -> None:

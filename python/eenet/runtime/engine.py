@@ -778,7 +778,10 @@ class _FirstStage:
                 raise
             dtype = next((p.dtype for p in self.stage.parameters() if p.is_floating_point()),
                          None)
-            if dtype is not None and x.dtype != dtype:
+            # integer ids into an embedding are the right dtype: a failure there is not one
+            takes_ids = not x.is_floating_point() and any(
+                isinstance(m, torch.nn.Embedding) for m in self.stage.modules())
+            if dtype is not None and x.dtype != dtype and not takes_ids:
                 raise TypeError(f"x has dtype {x.dtype} but the network's first stage computes "
                                 f"in {dtype} and fails on it: {exc}") from exc
             raise ValueError(f"x of shape {tuple(x.shape)} and dtype {x.dtype} does not fit the "

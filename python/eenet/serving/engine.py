@@ -814,6 +814,7 @@ class ServingEngine:
             self._broken = exc
             rows = list(self._intake)
             self._intake.clear()
+            self._not_started = 0  # every row not started fails below
             self._space.notify_all()
         rows += self._running + [r for q in self._queues.values() for r in q.rows]
         self._queues.clear()

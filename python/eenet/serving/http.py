@@ -24,7 +24,8 @@ Routes
 
     Errors are JSON ``{"error": message, "type": kind}`` (plus ``"index"``, the sample, when
     one sample's request failed): 400 bad input (with the reason), 404 / 405 unknown route or
-    method, 411 no ``Content-Length``, 413 body too large, 429 the admission queue is full
+    method, 408 the body stopped arriving before ``Content-Length`` bytes (the connection
+    is closed), 411 no ``Content-Length``, 413 body too large, 429 the admission queue is full
     (the call's submitted samples are cancelled; ``Retry-After`` is set), 500 a stage failed
     (its error), 503 the engine is closed, 504 a deadline passed (or ``request_timeout_s``).
 ``GET /v1/stats``
@@ -204,6 +205,8 @@ def parse_predict(body: bytes | str, spec: InputSpec | None = None,
         doc = json.loads(body, parse_constant=_no_constant)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"the body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest("the body nests JSON too deeply") from None
     if not isinstance(doc, dict):
         raise BadRequest(f"the body must be a JSON object with {spec.field!r}, got a "
                          f"{type(doc).__name__}")
@@ -229,6 +232,8 @@ def parse_predict(body: bytes | str, spec: InputSpec | None = None,
     spec.check(tuple(x.shape[1:]))
     rows: dict[str, torch.Tensor] = {}
     if "attention_mask" in doc:
+        if key != "input_ids":
+            raise BadRequest("attention_mask goes with input_ids (token ids), not with inputs")
         mask = _tensor(doc["attention_mask"], "attention_mask", integer=True)
         if mask.shape != x.shape:
             raise BadRequest(f"attention_mask has shape {tuple(mask.shape)}, {key} "
@@ -239,10 +244,16 @@ def parse_predict(body: bytes | str, spec: InputSpec | None = None,
     deadline_s = None
     if doc.get("deadline_ms") is not None:
         ms = doc["deadline_ms"]
-        if isinstance(ms, bool) or not isinstance(ms, (int, float)) or not (
-                math.isfinite(ms) and ms > 0):
-            raise BadRequest(f"deadline_ms must be a positive number of milliseconds, got {ms!r}")
-        deadline_s = float(ms) / 1000.0
+        try:  # a JSON integer too large for a float overflows
+            value = float(ms) if isinstance(ms, (int, float)) and not isinstance(ms, bool) \
+                else math.nan
+        except OverflowError:
+            value = math.inf
+        if not (math.isfinite(value) and value > 0):
+            shown = repr(ms) if len(repr(ms)) <= 40 else repr(ms)[:37] + "..."
+            raise BadRequest(f"deadline_ms must be a positive, finite number of milliseconds, "
+                             f"got {shown}")
+        deadline_s = value / 1000.0
     return Predict(x, rows, deadline_s)
 
 
@@ -515,7 +526,12 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             raise BadRequest(f"the body has {n} bytes; at most {self.server.max_body_bytes}",
                              HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
-        body = self.rfile.read(n)
+        try:
+            body = self.rfile.read(n)
+        except TimeoutError:  # the client sent less than its Content-Length, then stalled
+            self.close_connection = True
+            raise BadRequest(f"the body did not arrive in time ({n} bytes announced)",
+                             HTTPStatus.REQUEST_TIMEOUT) from None
         if len(body) != n:
             self.close_connection = True
             raise BadRequest(f"the body ended after {len(body)} of {n} bytes")
