@@ -110,7 +110,10 @@ case "$step" in
     wait "$cmake_pid"
     rc=$?
     tail -n 30 "$OUT/cmake.log" | tee -a "$log"
-    ((rc == 0)) || { echo "gpu_session: exit $rc: the CMake CUDA check ($OUT/cmake.log)" | tee -a "$log"; status=1; }
+    if ((rc != 0)); then
+      echo "gpu_session: exit $rc: the CMake CUDA check ($OUT/cmake.log)" | tee -a "$log"
+      status=1
+    fi
     part 120 python3 -m bench.micro --device cuda
     part 90 python3 -m bench.micro --device cuda --backend triton --no-compile
     part 240 python3 -m bench.e2e --device cuda --workloads bert  # graph, graph_device by default

@@ -93,8 +93,9 @@ at::Tensor reference_score(const at::Tensor& logits, const std::string& policy) 
 
 // exit_score on N rows, feats (N, D) or (N, D, S) (mean-pooled over S), against the reference.
 // Returns the op's keep mask for the compaction check.
-at::Tensor check_exit_score(const ExitScoreOp& exit_score, const std::string& policy, const at::Tensor& feats,
-                            const at::Tensor& weight, const at::Tensor& bias) {
+at::Tensor check_exit_score(const ExitScoreOp& exit_score, const std::string& policy,
+                            const at::Tensor& feats, const at::Tensor& weight,
+                            const at::Tensor& bias) {
   const int64_t n = feats.size(0);
   const at::Tensor x = feats.dim() == 3 ? feats.mean(2) : feats;
   const at::Tensor ref_logits = at::addmm(bias, x, weight.t());
