@@ -32,7 +32,7 @@ from eenet.policies import MaxProb
 from eenet.runtime import simulate
 from eenet.saving import fingerprint, save_model, save_policy
 from eenet.serving import ServingConfig, ServingEngine
-from eenet.serving.http import BadRequest, InputSpec, parse_predict, serve_http
+from eenet.serving.http import BadRequest, InputSpec, input_spec_of, parse_predict, serve_http
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -181,6 +181,36 @@ def test_text_model_takes_ids_and_mask() -> None:
         _check_outputs(doc["outputs"], ref, range(6))
         status, doc = _json(server.url + "/v1/predict", {"inputs": ids.tolist()})
         assert status == 400 and "takes 'input_ids'" in doc["error"]
+        # ids the embeddings would raise on are refused before they reach a batch
+        assert (server.spec.vocab_size, server.spec.max_length) == (50, 64)
+        for bad, message in [([ids.tolist()[0], [50] * 8], "in [0, 50)"),
+                             ([[-1] * 8], "got -1"), ([[3] * 65], "at most 64")]:
+            status, doc = _json(server.url + "/v1/predict", {"input_ids": bad})
+            assert status == 400 and message in doc["error"], doc
+        status, doc = _json(server.url + "/v1/predict", {"input_ids": [[49] * 64]})
+        assert status == 200, doc
+        assert engine.snapshot().failed == 0
+
+
+def test_token_limits_of_bert_and_roberta_embeddings() -> None:
+    transformers = pytest.importorskip("transformers")
+    from eenet.nn import hf_encoder_exits
+
+    small = {"hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+             "intermediate_size": 32, "vocab_size": 40, "max_position_embeddings": 20}
+    bert = transformers.BertModel(transformers.BertConfig(**small), add_pooling_layer=False)
+    spec = input_spec_of(hf_encoder_exits(bert, (1,), 2))
+    assert (spec.field, spec.vocab_size, spec.max_length) == ("input_ids", 40, 20)
+    # RoBERTa numbers positions from padding_idx + 1: pad id 1 leaves 20 - 2 positions
+    roberta = transformers.RobertaModel(transformers.RobertaConfig(**small, pad_token_id=1),
+                                        add_pooling_layer=False)
+    spec = input_spec_of(hf_encoder_exits(roberta, (1,), 2))
+    assert (spec.vocab_size, spec.max_length) == (40, 18)
+    net = hf_encoder_exits(roberta, (1,), 2).eval()
+    with torch.no_grad():
+        net.stages[0](torch.full((1, 18), 5))  # the longest it takes
+        with pytest.raises((IndexError, RuntimeError)):  # one position more
+            net.stages[0](torch.full((1, 19), 5))
 
 
 # -- refused input -------------------------------------------------------------------------
@@ -282,6 +312,13 @@ def test_parse_predict_units() -> None:
         with pytest.raises(BadRequest, match=message.replace("(", r"\(").replace(")", r"\)")):
             parse_predict(body, InputSpec("input_ids", (None,)))
     assert parse_predict(b'{"inputs": [[1, 2]], "deadline_ms": 250}').deadline_s == 0.25
+    limited = InputSpec("input_ids", (None,), vocab_size=10, max_length=3)
+    assert parse_predict(b'{"input_ids": [[0, 9, 9]]}', limited).x.tolist() == [[0, 9, 9]]
+    for body, message in [(b'{"input_ids": [[0, 10]]}', r"in \[0, 10\).*got 10"),
+                          (b'{"input_ids": [[-3, 1]]}', "got -3"),
+                          (b'{"input_ids": [[1, 1, 1, 1]]}', "4 tokens.*at most 3")]:
+        with pytest.raises(BadRequest, match=message):
+            parse_predict(body, limited)
 
 
 def test_unknown_architecture_shapes_are_probed() -> None:

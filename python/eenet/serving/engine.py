@@ -69,12 +69,18 @@ ready waits while the shallower stages feed it, at most ``max_wait_ms``.
 Failures, deadlines, closing
 ----------------------------
 A run of stage k (its stacking, the stage, the exit head and the op) that raises is retried
-``retries`` times on the same rows; then each of them fails with :class:`StageFailed` naming
-the stage, chained to the last exception. Only that run's rows are affected; the engine
-keeps serving. A row past its deadline leaves with exit k-1's answer, flagged ``forced``
+``retries`` times on the same rows. When every attempt fails, the rows are split in halves
+that run one after the other, once each, a failing part of several rows being halved again:
+the rows that fail alone fail with :class:`StageFailed` naming the stage, chained to the
+last exception, and the others go on as if their batch had been those parts. So a request
+the network cannot take (token ids outside the vocabulary, a sequence past the positions)
+fails by itself, never the requests batched with it; the engine keeps serving. Isolating b
+bad rows of a batch of n costs about 2 b log2(n) extra runs (2n - 2 when the stage fails
+on every row). A row past its deadline leaves with exit k-1's answer, flagged ``forced``
 (``on_deadline="exit"``; a row that has passed no exit yet, and every row with
 ``on_deadline="error"``, fails with :class:`DeadlineExceeded`); deadlines are checked
-before every stage run, so a row can overrun its deadline by the one run in progress.
+before every stage run, so a row can overrun its deadline by the one run in progress (with
+the parts of a failed run that it isolates).
 ``close(drain=True)`` answers everything admitted, ``close(drain=False)`` fails what is
 pending with :class:`EngineClosed` after the run in progress; both refuse new requests. An
 unexpected error inside the worker itself fails every pending future with that error and
@@ -174,9 +180,10 @@ class EngineClosed(ServingError):
 
 
 class StageFailed(ServingError):
-    """A run of stage ``stage`` (the stage, its exit head or the exit op) raised on every one
-    of its ``attempts``; the last exception is chained (``__cause__``). ``rows``: the rows of
-    that run (all of which fail)."""
+    """Stage ``stage`` (the stage, its exit head or the exit op) raised on every one of the
+    ``attempts`` runs that held this request, the last of them on it alone; the last exception
+    is chained (``__cause__``). ``rows``: the rows of the batch it came in (the others ran
+    without it)."""
 
     def __init__(self, message: str, stage: int | None = None, attempts: int = 1,
                  rows: int = 0) -> None:
@@ -424,6 +431,10 @@ def _settle(fut: Future, result: Any = None, exc: BaseException | None = None) -
     return True
 
 
+def _others(n: int) -> str:
+    return "the other row" if n == 1 else f"the other {n} rows"
+
+
 def _group_key(x: torch.Tensor, inputs: Mapping[str, torch.Tensor]) -> tuple:
     return (tuple(x.shape), x.dtype, x.device,
             tuple((name, tuple(t.shape), t.dtype, t.device)
@@ -532,7 +543,8 @@ class ServingEngine:
     A sample the network cannot take (a wrong shape, an integer image) is found when its
     group's stage 0 runs: its future fails with :class:`StageFailed` (stage 0), chained to a
     ``ValueError`` / ``TypeError`` naming the sample's shape and dtype. Samples of another
-    shape form their own group, so they never fail the rows of a well-formed group.
+    shape form their own group, and a failed run is split until its failing rows run alone
+    (module docstring, failures), so a bad sample never fails the rows batched with it.
 
     Closing: call :meth:`close` (or use ``with engine:``) when done; it may be called any
     number of times. An engine dropped unclosed stops its worker once it is collected; one
@@ -985,33 +997,59 @@ class ServingEngine:
             self.plans[queue.group] = self._make_plan(rows[0])
             queue.target = self.plans[queue.group].target[0]
         self._running = rows
-        attempts = 1 + self.config.retries
-        out = None
-        for attempt in range(attempts):
-            try:
-                out = self._compute(k, rows)
-                break
-            except Exception as exc:
-                if attempt == attempts - 1:
-                    self._stage_failed(k, rows, exc, attempts)
-                    self._running = []
-                    return
-        assert out is not None
-        self._stats.stage_run(k, len(rows))
-        self._route(queue, rows, out)
+        self._run_isolating(queue, rows)
         self._running = []
 
-    def _stage_failed(self, k: int, rows: list[_Row], cause: Exception, attempts: int) -> None:
-        msg = (f"stage {k} (or its exit) failed on a batch of {len(rows)} rows after "
-               f"{attempts} attempt{'s' if attempts > 1 else ''}: "
-               f"{type(cause).__name__}: {cause}")
+    def _attempt(self, k: int, rows: list[_Row], attempts: int) -> _RunOutput | Exception:
+        """Stage k on ``rows``, tried up to ``attempts`` times: its output, or the last
+        exception."""
+        for attempt in range(attempts):
+            try:
+                return self._compute(k, rows)
+            except Exception as exc:
+                if attempt == attempts - 1:
+                    return exc
+        raise AssertionError("attempts must be >= 1")
 
-        def error(row: _Row) -> StageFailed:
-            exc = StageFailed(msg, stage=k, attempts=attempts, rows=len(rows))
-            exc.__cause__ = cause
-            return exc
+    def _run_isolating(self, queue: _Queue, rows: list[_Row]) -> None:
+        """Run ``queue``'s stage on ``rows`` (``1 + retries`` attempts); when every attempt
+        fails, run each half of the rows on its own (one attempt per part, halving again
+        while a part of several rows fails), so that only the rows that fail alone fail and
+        one bad request never fails the others of its batch."""
+        k, first = queue.stage, 1 + self.config.retries
+        parts: list[tuple[list[_Row], int]] = [(rows, 0)]  # (rows, attempts they failed)
+        while parts:
+            part, failed_before = parts.pop()
+            part = [r for r in part if not r.fut.cancelled()]
+            if not part:
+                continue
+            tries = first if failed_before == 0 else 1
+            out = self._attempt(k, part, tries)
+            if isinstance(out, Exception) and len(part) > 1:
+                half = len(part) // 2
+                parts += [(part[half:], failed_before + tries),
+                          (part[:half], failed_before + tries)]
+                continue
+            if isinstance(out, _RunOutput):
+                self._stats.stage_run(k, len(part))
+                self._route(queue, part, out)
+            else:
+                self._stage_failed(k, part[0], out, failed_before + tries, len(rows))
+            settled = set(map(id, part))  # routed or failed: no longer the worker's to fail
+            self._running = [r for r in self._running if id(r) not in settled]
 
-        self._fail(rows, error)
+    def _stage_failed(self, k: int, row: _Row, cause: Exception, attempts: int,
+                      batch: int) -> None:
+        """Fail ``row``: stage k raised ``cause`` on each of the ``attempts`` runs that held
+        it, the first of them on its batch of ``batch`` rows, the last on it alone."""
+        msg = (f"stage {k} (or its exit) failed on this request after {attempts} attempt"
+               f"{'s' if attempts > 1 else ''}"
+               + (f" (the last on it alone; {_others(batch - 1)} of its batch ran without "
+                  "it)" if batch > 1 else "")
+               + f": {type(cause).__name__}: {cause}")
+        exc = StageFailed(msg, stage=k, attempts=attempts, rows=batch)
+        exc.__cause__ = cause
+        self._fail([row], lambda _row: exc)
 
     def _compute(self, k: int, rows: list[_Row]) -> _RunOutput:
         """Stage k and exit k on ``rows``: stack their inputs, run, bring the decisions, the

@@ -41,7 +41,8 @@ authenticating proxy in front of it before binding another address.
 
 Inputs are checked before they reach the engine: the sample shape a registered architecture
 records (``small_cnn``: (in_channels, image_size, image_size); ``hf_encoder_exits``: token
-ids of any length) or the one passed as ``sample_shape``; for other networks, the first
+ids of any length up to the model's positions, each in its vocabulary) or the one passed as
+``sample_shape``; for other networks, the first
 sample of every new shape is run through the network once in the request's thread and a
 shape it refuses is answered 400 (later samples of that shape are refused at once).
 """
@@ -100,11 +101,28 @@ class BadRequest(ValueError):
 class InputSpec:
     """The samples a network takes: the JSON field (``inputs``: floats, converted to
     ``dtype``; ``input_ids``: integers with an optional ``attention_mask`` of the same shape)
-    and the sample shape (None: not known; a None entry: any size along that dimension)."""
+    and the sample shape (None: not known; a None entry: any size along that dimension);
+    for token ids, ``vocab_size`` (ids must lie in [0, vocab_size)) and ``max_length`` (the
+    most tokens a sample may have), None where not known."""
 
     field: str = "inputs"
     shape: tuple[int | None, ...] | None = None
     dtype: torch.dtype = torch.float32
+    vocab_size: int | None = None
+    max_length: int | None = None
+
+    def check_ids(self, ids: torch.Tensor) -> None:
+        """Refuse (n, L) int64 ``ids`` outside the vocabulary or longer than ``max_length``:
+        the network would raise on them (or, on a GPU, hit a device-side assert)."""
+        if self.max_length is not None and ids.shape[-1] > self.max_length:
+            raise BadRequest(f"input_ids have {ids.shape[-1]} tokens per sample; this model "
+                             f"takes at most {self.max_length}")
+        if self.vocab_size is not None and ids.numel():
+            lo, hi = int(ids.min()), int(ids.max())
+            if lo < 0 or hi >= self.vocab_size:
+                bad = lo if lo < 0 else hi
+                raise BadRequest(f"input_ids must be token ids in [0, {self.vocab_size}) (this "
+                                 f"model's vocabulary), got {bad}")
 
     def check(self, sample_shape: tuple[int, ...]) -> None:
         if self.shape is None:
@@ -137,18 +155,39 @@ def input_spec_of(net: torch.nn.Module) -> InputSpec:
             size = int(config.get("image_size", 28))
             return InputSpec("inputs", (int(config.get("in_channels", 1)), size, size), dtype)
         if arch == "hf_encoder_exits":
-            return InputSpec("input_ids", (None,), dtype)
+            return InputSpec("input_ids", (None,), dtype, *_token_limits(stages[0]))
         if arch == "attach_exits":
             example = config.get("example_input") or {}
             shape = example.get("shape")
             kind = str(example.get("dtype", "float32"))
             if isinstance(shape, (list, tuple)) and len(shape) >= 2:
                 if "int" in kind:  # token ids: any length
-                    return InputSpec("input_ids", (None,) * (len(shape) - 1), dtype)
+                    return InputSpec("input_ids", (None,) * (len(shape) - 1), dtype,
+                                     *_token_limits(stages[0]))
                 return InputSpec("inputs", tuple(int(d) for d in shape[1:]), dtype)
     except (TypeError, ValueError):
         pass
     return InputSpec(dtype=dtype)
+
+
+def _token_limits(stage: torch.nn.Module) -> tuple[int | None, int | None]:
+    """(vocabulary size, most tokens) of a first stage that embeds token ids: the table of the
+    Hugging Face embeddings' ``word_embeddings`` (else of the stage's first ``nn.Embedding``)
+    and the rows of their ``position_embeddings`` (less the ``padding_idx + 1`` positions
+    that RoBERTa-style embeddings skip); None where the stage has no such table."""
+    owner = next((m for m in stage.modules()
+                  if isinstance(getattr(m, "word_embeddings", None), torch.nn.Embedding)), None)
+    words = (owner.word_embeddings if owner is not None else
+             next((m for m in stage.modules() if isinstance(m, torch.nn.Embedding)), None))
+    vocab = None if words is None else int(words.num_embeddings)
+    positions = getattr(owner, "position_embeddings", None)
+    if not isinstance(positions, torch.nn.Embedding):
+        return vocab, None
+    most = int(positions.num_embeddings)
+    skipped = getattr(owner, "padding_idx", None)
+    if isinstance(skipped, int) and not isinstance(skipped, bool):
+        most -= skipped + 1
+    return vocab, most if most > 0 else None
 
 
 # -- parsing a call --------------------------------------------------------------------------
@@ -230,6 +269,8 @@ def parse_predict(body: bytes | str, spec: InputSpec | None = None,
     if key == "input_ids" and x.dim() != 2:
         raise BadRequest(f"input_ids must be (n, L) token ids, got shape {tuple(x.shape)}")
     spec.check(tuple(x.shape[1:]))
+    if key == "input_ids":
+        spec.check_ids(x)
     rows: dict[str, torch.Tensor] = {}
     if "attention_mask" in doc:
         if key != "input_ids":
@@ -609,7 +650,11 @@ class EngineHTTPServer(ThreadingHTTPServer):
         if sample_shape is not None or input_field is not None:
             shape = (tuple(None if d is None or d < 0 else int(d) for d in sample_shape)
                      if sample_shape is not None else spec.shape)
-            spec = InputSpec(input_field or spec.field, shape, spec.dtype)
+            chosen = input_field or spec.field
+            stages = getattr(net, "stages", None)
+            limits = (_token_limits(stages[0]) if chosen == "input_ids" and stages else
+                      (None, None))
+            spec = InputSpec(chosen, shape, spec.dtype, *limits)
         if spec.field not in ("inputs", "input_ids"):
             raise ValueError(f"input_field must be 'inputs' or 'input_ids', got {spec.field!r}")
         self.spec = spec
