@@ -462,6 +462,81 @@ def test_close_answers_the_calls_in_flight_then_refuses() -> None:
         assert not engine.closed  # the engine is the caller's
 
 
+class _Held(nn.Module):
+    """A stage that holds a batch with a 7 until ``release`` is set."""
+
+    def __init__(self, release: threading.Event) -> None:
+        super().__init__()
+        self.release = release
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if bool((h == 7).any()):
+            assert self.release.wait(20), "the test never released the stage"
+        return h
+
+
+def test_close_answers_the_call_in_flight_then_ends_every_keep_alive_connection() -> None:
+    release = threading.Event()
+    torch.manual_seed(0)
+    net = MultiExitNetwork([_Held(release), _Toy()],
+                           [ExitHead.linear(4, 3), ExitHead.linear(4, 3)])
+    with ServingEngine(net, MaxProb([1.0, 0.0]), TOY_CONFIG) as engine:
+        server = serve_http(engine, port=0)
+        host, port = server.server_address[:2]
+        busy, idle, quiet = (http.client.HTTPConnection(host, port, timeout=30)
+                             for _ in range(3))
+        for conn in (idle, quiet):  # open, one call answered, kept alive
+            conn.request("GET", "/healthz")
+            assert conn.getresponse().read() == b'{"status":"ok"}'
+
+        def slow_call() -> tuple[int, str | None, Any]:
+            busy.request("POST", "/v1/predict", json.dumps({"inputs": [[7.0, 0, 0, 0]]}),
+                         {"Content-Type": "application/json"})
+            reply = busy.getresponse()
+            return reply.status, reply.getheader("Connection"), json.loads(reply.read())
+
+        with ThreadPoolExecutor(2) as pool:
+            slow = pool.submit(slow_call)
+            _until_admitted(engine, 1)
+            closing = pool.submit(server.close)
+            end = time.monotonic() + 10
+            while not server.closing:
+                assert time.monotonic() < end, "close() never began"
+                time.sleep(0.001)
+            # a new call on an open connection while the call in flight is answered: 503
+            idle.request("GET", "/healthz")
+            reply = idle.getresponse()
+            assert reply.status == 503 and reply.getheader("Connection") == "close"
+            assert json.loads(reply.read())["type"] == "ServerClosing"
+            release.set()
+            status, connection, doc = slow.result(timeout=30)
+            closing.result(timeout=30)
+        assert status == 200 and doc["outputs"][0]["exit"] == 1
+        assert connection == "close"  # the call in flight was that connection's last
+        # the connection left idle is closed by the server (EOF), not left to time out
+        quiet.sock.settimeout(5)
+        assert quiet.sock.recv(1) == b""
+        assert not engine.closed
+
+
+def test_serves_on_the_ipv6_loopback() -> None:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback on this machine")
+    net = _toy_net()
+    x = [[1.0, 2.0, 3.0, 4.0]]
+    ref = simulate(net, MaxProb([1.0, 0.0]), torch.tensor(x))
+    with (ServingEngine(net, MaxProb([1.0, 0.0]), TOY_CONFIG) as engine,
+          serve_http(engine, host="::1", port=0) as server):
+        assert server.address_family == socket.AF_INET6
+        assert server.url == f"http://[::1]:{server.port}"
+        status, doc = _json(server.url + "/v1/predict", {"inputs": x})
+        assert status == 200
+        _check_outputs(doc["outputs"], ref, [0])
+
+
 # -- eenet serve -------------------------------------------------------------------------------
 
 

@@ -36,8 +36,10 @@ Routes
     the Prometheus text format (:mod:`eenet.serving.prometheus`) when ``prometheus_client``
     is installed (the ``serve`` extra), else 404 with a message.
 
-The server binds the loopback interface by default and has no authentication: put an
-authenticating proxy in front of it before binding another address.
+The server binds the IPv4 loopback interface by default (``host="::1"`` or another IPv6
+address binds IPv6) and has no authentication: put an authenticating proxy in front of it
+before binding another address. ``server.close()`` answers the calls in flight, then closes
+every connection, the idle keep-alive ones too.
 
 Inputs are checked before they reach the engine: the sample shape a registered architecture
 records (``small_cnn``: (in_channels, image_size, image_size); ``hf_encoder_exits``: token
@@ -49,9 +51,11 @@ shape it refuses is answered 400 (later samples of that shape are refused at onc
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
+import socket
 import sys
 import threading
 import time
@@ -466,12 +470,34 @@ class _ShapeProbe:
         return None
 
 
+def _address_family(host: str, port: int) -> socket.AddressFamily:
+    """The address family of the address ``host`` binds: IPv6 for "::1", "::" or a name
+    that resolves to IPv6 only, else IPv4."""
+    try:
+        found = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except socket.gaierror:
+        return socket.AF_INET  # bind() then names the host it cannot use
+    families = [info[0] for info in found]
+    return socket.AF_INET if socket.AF_INET in families or not families else families[0]
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: EngineHTTPServer
     protocol_version = "HTTP/1.1"
     server_version = "eenet-serve/1"
 
     # -- plumbing ----------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        super().setup()
+        self.server.opened(self.connection)
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            self.server.ended(self.connection)
 
     def log_message(self, format: str, *args: Any) -> None:
         if self.server.access_log:
@@ -484,6 +510,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         for k, v in (headers or {}).items():
             self.send_header(k, v)
+        if self.server.closing:  # a call answered while the server closes: its last one
+            self.close_connection = True
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
@@ -506,6 +534,12 @@ class _Handler(BaseHTTPRequestHandler):
         return path.rstrip("/") or "/"
 
     def _route(self, method: str) -> None:
+        if self.server.closing:  # a call on a keep-alive connection while the server closes
+            self.close_connection = True
+            self._drain_body()
+            self._json(HTTPStatus.SERVICE_UNAVAILABLE, {"error": "the server is shutting down",
+                                                        "type": "ServerClosing"})
+            return
         path = self._path()
         routes = self.server.routes
         if path not in routes:
@@ -678,9 +712,11 @@ class EngineHTTPServer(ThreadingHTTPServer):
                 register_metrics(engine, self._registry)
         self._active = 0
         self._idle = threading.Condition()
+        self._connections: set[socket.socket] = set()  # open ones, under self._idle
         self._thread: threading.Thread | None = None
         self._closed = False
         handler = type("Handler", (_Handler,), {"timeout": idle_timeout_s})
+        self.address_family = _address_family(host, int(port))
         super().__init__((host, int(port)), handler)
 
     # -- addresses and lifetime --------------------------------------------------------------
@@ -705,7 +741,9 @@ class EngineHTTPServer(ThreadingHTTPServer):
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Stop accepting connections, wait up to ``timeout_s`` for the calls in flight to be
-        answered, close the socket. Idempotent. The engine is left open."""
+        answered (their replies say ``Connection: close``; a call that arrives meanwhile on
+        an open keep-alive connection is answered 503), then close every connection and the
+        listening socket. Idempotent. The engine is left open."""
         if self._closed:
             return
         self._closed = True
@@ -716,7 +754,31 @@ class EngineHTTPServer(ThreadingHTTPServer):
         with self._idle:
             while self._active and time.monotonic() < deadline:
                 self._idle.wait(max(0.0, deadline - time.monotonic()))
+            open_now = list(self._connections)
+        for conn in open_now:  # wakes the handler threads waiting for a next request
+            with contextlib.suppress(OSError):  # closed by its client meanwhile
+                conn.shutdown(socket.SHUT_RDWR)
         self.server_close()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that went away (a reset, a broken pipe) is not an error worth a
+        traceback on stderr; anything else is reported as ``socketserver`` does."""
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
+
+    @property
+    def closing(self) -> bool:
+        """Whether :meth:`close` has been called."""
+        return self._closed
+
+    def opened(self, conn: socket.socket) -> None:
+        with self._idle:
+            self._connections.add(conn)
+
+    def ended(self, conn: socket.socket) -> None:
+        with self._idle:
+            self._connections.discard(conn)
 
     def __enter__(self) -> EngineHTTPServer:
         return self.start()
