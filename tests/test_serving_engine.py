@@ -23,6 +23,7 @@ import pytest
 import torch
 from torch import nn
 
+import eenet.serving.engine as serving_engine
 from eenet.budget import Costs
 from eenet.models import small_cnn
 from eenet.nn import ExitHead, MultiExitNetwork
@@ -332,6 +333,44 @@ def test_auto_merges_only_where_bigger_batches_are_cheaper_per_row() -> None:
     assert plan.merge[0] and plan.merge[1] and not plan.merge[2]
     assert plan.per_row_s[1][-1] < 0.5 * plan.per_row_s[1][0]
     assert plan.error is None and engine.describe_plans()
+
+
+class _Resample(nn.Module):
+    """(N, L) -> (N, WIDTH): samples of any length L, linearly resampled to WIDTH."""
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return nn.functional.interpolate(h[:, None, :], size=WIDTH, mode="linear",
+                                         align_corners=True)[:, 0]
+
+
+def test_auto_profiles_a_few_shapes_and_the_others_take_the_nearest_plan(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    base = _mlp()
+    net = MultiExitNetwork([nn.Sequential(_Resample(), base.stages[0]), *base.stages[1:]],
+                           list(base.heads)).eval()
+    torch.manual_seed(4)
+    policy = _policy("maxprob", net, torch.randn(200, 16) * 2)
+    monkeypatch.setattr(serving_engine, "MAX_PLANS", 5)
+    lengths = [6, 25, 15, 10, 11, 20, 7, 24, 12]
+    cfg = ServingConfig(max_batch=4, rebatch="auto", max_profiles=3)
+    with ServingEngine(net, policy, cfg) as engine:
+        seen = {}
+        for n in lengths:  # one after the other: the groups appear in this order
+            x = torch.randn(n) * 2
+            _check(engine.submit(x).result(timeout=30), simulate(net, policy, x[None]), 0)
+            seen[n] = {g[0][0]: p for g, p in engine.plans.items()}[n]
+        plans = {g[0][0]: p for g, p in engine.plans.items()}
+        lines = engine.describe_plans()
+    profiled = {n for n, p in seen.items() if p.profiled_on is None}
+    assert profiled == {6, 25, 15} and all(seen[n].sizes == (1, 4) for n in profiled)
+    # the nearest profiled length, the shorter on a tie (20: 15 and 25)
+    nearest = {10: 6, 11: 15, 20: 15, 7: 6, 24: 25, 12: 15}
+    for n, source in nearest.items():
+        assert seen[n].profiled_on[0] == (source,), n
+        assert (seen[n].merge, seen[n].target) == (seen[source].merge, seen[source].target)
+    # at most MAX_PLANS kept: the profiled ones and the newest others
+    assert set(plans) == {6, 25, 15, 24, 12}
+    assert any("x (12,)" in line and "the plan of x (15,)" in line for line in lines), lines
 
 
 def test_plan_from_profile_thresholds() -> None:
@@ -889,7 +928,7 @@ def test_bad_inputs_raise_at_submit_or_fail_their_own_future() -> None:
 
 def test_config_is_checked() -> None:
     for bad in ({"max_batch": 0}, {"buckets": (4, 2)}, {"max_wait_ms": -1},
-                {"queue_size": 0}, {"on_full": "drop"}, {"retries": -1},
+                {"queue_size": 0}, {"on_full": "drop"}, {"retries": -1}, {"max_profiles": 0},
                 {"rebatch": "sometimes"}, {"on_deadline": "ignore"}, {"budget": 0.5}):
         with pytest.raises(ValueError):
             ServingConfig(**bad)

@@ -65,6 +65,14 @@ ready waits while the shallower stages feed it, at most ``max_wait_ms``.
   merge, without waiting): measured on a CPU, waiting for more rows below saturation only
   added latency (``bench.serve``). The profile and the decisions are in
   :attr:`ServingEngine.plans`. A profile that raises leaves the group on ``"always"``.
+  Profiling stalls the worker for a few dozen stage calls, so only the first
+  ``max_profiles`` groups (default 8) are profiled, and a group of a kind no profiled group
+  has (another rank, dtype, device or set of row inputs). Every other group reuses the plan
+  of the profiled group of its kind whose sample has the number of elements nearest its
+  own (preferring a profile that succeeded): token ids of a new length take the plan of
+  the nearest profiled length. ``plans`` keeps at most :data:`MAX_PLANS` entries: past
+  that, the plans not profiled, of groups with no row pending, are forgotten oldest first
+  (a group seen again takes its plan again; profiled plans are kept).
 
 Failures, deadlines, closing
 ----------------------------
@@ -118,7 +126,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import CancelledError, Future, InvalidStateError
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -132,8 +140,8 @@ if TYPE_CHECKING:
     from ..budget import Costs
     from ..policies.base import ExitPolicy
 
-__all__ = ["MERGE_GAIN", "PROFILE_REPEATS", "PROFILE_SIZES", "REBATCH_MODES", "SATURATION",
-           "Answer", "DeadlineExceeded", "EngineClosed", "QueueFull", "RebatchPlan",
+__all__ = ["MAX_PLANS", "MERGE_GAIN", "PROFILE_REPEATS", "PROFILE_SIZES", "REBATCH_MODES",
+           "SATURATION", "Answer", "DeadlineExceeded", "EngineClosed", "QueueFull", "RebatchPlan",
            "RequestCancelled", "ServingConfig", "ServingEngine", "ServingError",
            "StageFailed", "plan_from_profile"]
 
@@ -144,6 +152,8 @@ PROFILE_SIZES: tuple[int, ...] = (1, 4, 16, 64)
 """Batch sizes ``rebatch="auto"`` profiles without ``buckets`` (capped at ``max_batch``)."""
 PROFILE_REPEATS = 3
 """Timed calls per stage and size in a profile (the best one counts), after one warm-up."""
+MAX_PLANS = 1024
+"""The most entries :attr:`ServingEngine.plans` keeps (module docstring, ``rebatch``)."""
 MERGE_GAIN = 0.8
 """``rebatch="auto"`` merges at a stage whose time per row at the largest profiled size is
 at most this fraction of its time per row at batch 1."""
@@ -221,6 +231,8 @@ class ServingConfig:
       ``block_timeout_s`` seconds for room, then ``QueueFull``).
     - ``retries``: extra attempts of a failed stage run (int >= 0).
     - ``rebatch``: ``"auto"``, ``"always"`` or ``"never"``.
+    - ``max_profiles``: how many shape groups ``rebatch="auto"`` profiles (int >= 1); a
+      later group reuses the plan of a profiled group of its kind (module docstring).
     - ``on_deadline``: ``"exit"`` (leave at the exit reached, flagged forced) or
       ``"error"`` (``DeadlineExceeded``).
     - ``device``: where the network runs (default: its parameters' device; it must be there).
@@ -238,6 +250,7 @@ class ServingConfig:
     block_timeout_s: float = 1.0
     retries: int = 0
     rebatch: str = "auto"
+    max_profiles: int = 8
     on_deadline: str = "exit"
     device: torch.device | str | None = None
     costs: Costs | None = None
@@ -267,6 +280,8 @@ class ServingConfig:
             raise ValueError(f"retries must be an int >= 0, got {self.retries!r}")
         if self.rebatch not in REBATCH_MODES:
             raise ValueError(f"rebatch must be one of {REBATCH_MODES}, got {self.rebatch!r}")
+        if not _is_int(self.max_profiles) or self.max_profiles < 1:
+            raise ValueError(f"max_profiles must be an int >= 1, got {self.max_profiles!r}")
         if self.on_deadline not in ON_DEADLINE:
             raise ValueError(f"on_deadline must be one of {ON_DEADLINE}, got "
                              f"{self.on_deadline!r}")
@@ -297,13 +312,16 @@ class RebatchPlan:
     (stage 0, the admission, always does); ``target`` (K ints): the rows at which a merging
     stage runs without waiting; ``sizes``: the profiled batch sizes and ``per_row_s`` (K
     tuples, one time per size, seconds per row of stage k with its exit) for
-    ``rebatch="auto"`` (empty otherwise); ``error``: why the profile failed, if it did."""
+    ``rebatch="auto"`` (empty otherwise); ``error``: why the profile failed, if it did;
+    ``profiled_on``: the group key of the profiled group whose plan this group reuses (None:
+    profiled on this group, or not ``"auto"``)."""
 
     merge: tuple[bool, ...]
     target: tuple[int, ...]
     sizes: tuple[int, ...] = ()
     per_row_s: tuple[tuple[float, ...], ...] = ()
     error: str | None = None
+    profiled_on: tuple | None = None
 
 
 def plan_from_profile(sizes: Sequence[int], per_row_s: Sequence[Sequence[float]]
@@ -439,6 +457,14 @@ def _group_key(x: torch.Tensor, inputs: Mapping[str, torch.Tensor]) -> tuple:
     return (tuple(x.shape), x.dtype, x.device,
             tuple((name, tuple(t.shape), t.dtype, t.device)
                   for name, t in sorted(inputs.items())))
+
+
+def _kind(group: tuple) -> tuple:
+    """What a shape group is apart from its sizes: x's rank, dtype and device and each row
+    input's name, rank, dtype and device."""
+    shape, dtype, device, inputs = group
+    return (len(shape), dtype, device,
+            tuple((name, len(s), d, dev) for name, s, d, dev in inputs))
 
 
 def _describe_group(group: tuple) -> str:
@@ -618,9 +644,11 @@ class ServingEngine:
         self._running: list[_Row] = []
         self._runs = itertools.count()
         self.plans: dict[tuple, RebatchPlan] = {}
-        """The :class:`RebatchPlan` of each shape group seen so far, by group key (x's shape,
-        dtype and device, then (name, shape, dtype, device) of each row input); the worker
-        adds to it (read it, e.g. :meth:`describe_plans`, with that in mind)."""
+        self._profiled: dict[tuple, RebatchPlan] = {}  # the groups "auto" profiled
+        """The :class:`RebatchPlan` of each shape group seen (at most :data:`MAX_PLANS`), by
+        group key (x's shape, dtype and device, then (name, shape, dtype, device) of each row
+        input); the worker adds to it (read it, e.g. :meth:`describe_plans`, with that in
+        mind)."""
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -994,7 +1022,7 @@ class ServingEngine:
         if not rows:
             return
         if k == 0 and queue.group not in self.plans:
-            self.plans[queue.group] = self._make_plan(rows[0])
+            self._add_plan(queue.group, self._make_plan(queue.group, rows[0]))
             queue.target = self.plans[queue.group].target[0]
         self._running = rows
         self._run_isolating(queue, rows)
@@ -1144,20 +1172,45 @@ class ServingEngine:
 
     # -- rebatch plans ---------------------------------------------------------------------
 
-    def _make_plan(self, row: _Row) -> RebatchPlan:
+    def _add_plan(self, group: tuple, plan: RebatchPlan) -> None:
+        """Record ``group``'s plan; past :data:`MAX_PLANS`, forget the oldest plans that were
+        not profiled, of groups with no row pending."""
+        self.plans[group] = plan
+        excess = len(self.plans) - MAX_PLANS
+        if excess <= 0:
+            return
+        pending = {q.group for q in self._queues.values()} | {group}
+        for old in [g for g in self.plans if g not in self._profiled and g not in pending
+                    ][:excess]:
+            del self.plans[old]
+
+    def _make_plan(self, group: tuple, row: _Row) -> RebatchPlan:
         k_exits, cfg = self.num_exits, self.config
         if cfg.rebatch == "always":
             return RebatchPlan((True,) * k_exits, (cfg.max_batch,) * k_exits)
         if cfg.rebatch == "never":
             return RebatchPlan((True,) + (False,) * (k_exits - 1), (cfg.max_batch,) * k_exits)
+        source = self._nearest_profiled(group)
+        if source is not None and len(self._profiled) >= cfg.max_profiles:
+            return replace(self._profiled[source], profiled_on=source)
         base = cfg.buckets if cfg.buckets is not None else PROFILE_SIZES
         sizes = sorted({1, cfg.max_batch} | {b for b in base if b < cfg.max_batch})
         try:
-            per_row = self._profile(row, sizes)
+            plan = plan_from_profile(sizes, self._profile(row, sizes))
         except Exception as exc:  # the group runs unprofiled: merge everywhere
-            return RebatchPlan((True,) * k_exits, (cfg.max_batch,) * k_exits,
+            plan = RebatchPlan((True,) * k_exits, (cfg.max_batch,) * k_exits,
                                error=f"{type(exc).__name__}: {exc}")
-        return plan_from_profile(sizes, per_row)
+        self._profiled[group] = plan
+        return plan
+
+    def _nearest_profiled(self, group: tuple) -> tuple | None:
+        """The profiled group of ``group``'s kind whose sample has the number of elements
+        nearest ``group``'s (one whose profile succeeded first, then the smaller on a tie)."""
+        kind, size = _kind(group), math.prod(group[0])
+        same = [g for g in self._profiled if _kind(g) == kind]
+        return min(same, key=lambda g: (self._profiled[g].error is not None,
+                                        abs(math.prod(g[0]) - size), math.prod(g[0])),
+                   default=None)
 
     def _profile(self, row: _Row, sizes: Sequence[int]) -> list[list[float]]:
         """Seconds per row of every stage with its exit, at each batch size, on copies of
@@ -1209,5 +1262,7 @@ class ServingEngine:
                                for k, (m, t) in enumerate(zip(plan.merge, plan.target,
                                                               strict=True)))
             lines.append(f"{_describe_group(group)}: {stages}"
-                         + (f" (profile failed: {plan.error})" if plan.error else ""))
+                         + (f" (profile failed: {plan.error})" if plan.error else "")
+                         + (f" (the plan of {_describe_group(plan.profiled_on)})"
+                            if plan.profiled_on is not None else ""))
         return lines
