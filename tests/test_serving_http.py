@@ -339,6 +339,38 @@ def test_unknown_architecture_shapes_are_probed() -> None:
         assert engine.snapshot().submitted == 5
 
 
+class _OutOfMemoryOnce(nn.Module):
+    """A stage whose next call, once ``armed``, runs out of memory (the server's probe makes
+    it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.armed = False
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.armed:
+            self.armed = False
+            raise torch.OutOfMemoryError("out of memory (injected)")
+        return h
+
+
+def test_a_probe_that_runs_out_of_memory_refuses_nothing() -> None:
+    torch.manual_seed(0)
+    net = MultiExitNetwork([_OutOfMemoryOnce(), _Toy()],
+                           [ExitHead.linear(4, 3), ExitHead.linear(4, 3)])
+    policy = MaxProb([1.0, 0.0])
+    x = torch.randn(3, 4)
+    ref = simulate(net, policy, x)
+    net.stages[0].armed = True
+    with ServingEngine(net, policy, TOY_CONFIG) as engine, serve_http(engine, port=0) as server:
+        assert server.probe is not None
+        for _ in range(2):  # the failed probe is not remembered as the shape's verdict
+            status, doc = _json(server.url + "/v1/predict", {"inputs": x.tolist()})
+            assert status == 200, doc
+            _check_outputs(doc["outputs"], ref, range(3))
+        assert not net.stages[0].armed and engine.snapshot().failed == 0
+
+
 # -- engine errors -----------------------------------------------------------------------------
 
 

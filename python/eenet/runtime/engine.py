@@ -761,6 +761,13 @@ _DEVICE_FAILURE = ("CUDA error", "CUBLAS_STATUS", "CUDNN_STATUS", "cuDNN error",
                    "HIP error", "NCCL error")
 
 
+def is_device_failure(exc: RuntimeError) -> bool:
+    """Whether ``exc`` is a failure of the machine rather than of the input: a subclass of
+    ``RuntimeError`` (out of memory, accelerator errors) or an error of CUDA or its
+    libraries."""
+    return type(exc) is not RuntimeError or any(m in str(exc) for m in _DEVICE_FAILURE)
+
+
 class _FirstStage:
     """Stage 0 as the loops call it: a plain ``RuntimeError`` it raises on x comes back as
     ``TypeError`` (x's dtype is not the stage's parameters') or ``ValueError`` naming x;
@@ -774,7 +781,7 @@ class _FirstStage:
         try:
             return self.stage(x, **row_inputs)
         except RuntimeError as exc:
-            if type(exc) is not RuntimeError or any(m in str(exc) for m in _DEVICE_FAILURE):
+            if is_device_failure(exc):
                 raise
             dtype = next((p.dtype for p in self.stage.parameters() if p.is_floating_point()),
                          None)

@@ -70,6 +70,8 @@ from typing import Any
 
 import torch
 
+from ..runtime.engine import is_device_failure
+
 __all__ = ["ROUTES", "BadRequest", "EngineHTTPServer", "InputSpec", "Predict", "answer_dict",
            "call_timeout", "collect_answers", "error_reply", "input_spec_of", "load_engine",
            "parse_predict", "run_http", "serve_http", "submit_call", "timed_out"]
@@ -429,7 +431,9 @@ class _ShapeProbe:
     """Runs a sample of zeros (an attention mask of ones) of every new signature (shapes and
     dtypes) through the network once and remembers the verdict (a bounded cache): refused
     shapes get 400 without the engine. The values are never the client's, so an error that
-    only some values cause is not taken for the shape's."""
+    only some values cause is not taken for the shape's. A failure that says nothing about
+    the shape (out of memory, a device or library error: what the engine's first stage
+    passes through as it is) is not remembered, and the call goes on to the engine."""
 
     def __init__(self, net: torch.nn.Module, size: int = 1024) -> None:
         self.net = net
@@ -446,6 +450,8 @@ class _ShapeProbe:
                 self.seen.move_to_end(key)
         if verdict is ...:
             verdict = self._run(x, rows)
+            if verdict is ...:  # the probe itself failed: no verdict on the shape
+                return
             with self.lock:
                 self.seen[key] = verdict
                 while len(self.seen) > self.size:
@@ -453,7 +459,8 @@ class _ShapeProbe:
         if verdict is not None:
             raise BadRequest(verdict)
 
-    def _run(self, x: torch.Tensor, rows: dict[str, torch.Tensor]) -> str | None:
+    def _run(self, x: torch.Tensor, rows: dict[str, torch.Tensor]) -> Any:
+        """None (the shape is taken), the reason it is refused, or ``...`` (no verdict)."""
         try:
             device = next(self.net.parameters()).device
         except StopIteration:
@@ -465,6 +472,8 @@ class _ShapeProbe:
             with torch.inference_mode():
                 self.net(zeros, **inputs)
         except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+            if isinstance(exc, RuntimeError) and is_device_failure(exc):
+                return ...
             return (f"this model does not take samples of shape {tuple(x.shape)}: "
                     f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
         return None
