@@ -32,7 +32,14 @@ from eenet.policies import MaxProb
 from eenet.runtime import simulate
 from eenet.saving import fingerprint, save_model, save_policy
 from eenet.serving import ServingConfig, ServingEngine
-from eenet.serving.http import BadRequest, InputSpec, input_spec_of, parse_predict, serve_http
+from eenet.serving.http import (
+    BadRequest,
+    InputSpec,
+    input_spec_of,
+    parse_predict,
+    run_http,
+    serve_http,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -93,6 +100,13 @@ def _json(url: str, doc: Any = None, **kw: Any) -> tuple[int, Any]:
     status, headers, body = _call(url, doc, **kw)
     assert headers.get("Content-Type") == "application/json", headers
     return status, json.loads(body)
+
+
+def _wait_for(cond: Any, timeout: float = 30.0) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.001)
 
 
 def _until_admitted(engine: ServingEngine, n: int, timeout: float = 30.0) -> None:
@@ -567,6 +581,55 @@ def test_serves_on_the_ipv6_loopback() -> None:
         status, doc = _json(server.url + "/v1/predict", {"inputs": x})
         assert status == 200
         _check_outputs(doc["outputs"], ref, [0])
+
+
+@pytest.mark.parametrize("interrupts", [1, 2])
+def test_run_http_drains_on_one_interrupt_and_fails_the_pending_on_two(
+        interrupts: int) -> None:
+    release = threading.Event()
+    torch.manual_seed(0)
+    net = MultiExitNetwork([_Held(release), _Toy()],
+                           [ExitHead.linear(4, 3), ExitHead.linear(4, 3)])
+    engine = ServingEngine(net, MaxProb([1.0, 0.0]), TOY_CONFIG).start()
+    servers: list[Any] = []
+    listening = threading.Event()
+    replies: list[Any] = []
+
+    def ready(server: Any) -> None:
+        servers.append(server)
+        listening.set()
+
+    def drive() -> None:  # from another thread: run_http holds the main one
+        try:
+            assert listening.wait(30)
+            server = servers[0]
+            url = server.url + "/v1/predict"
+            with ThreadPoolExecutor(3) as pool:
+                held = pool.submit(_json, url, {"inputs": [[7.0, 0, 0, 0]]})
+                _until_admitted(engine, 1)  # holds stage 0: the next two queue behind it
+                queued = [pool.submit(_json, url, {"inputs": [[1.0, 0, 0, 0]]})
+                          for _ in range(2)]
+                _until_admitted(engine, 3)
+                os.kill(os.getpid(), signal.SIGINT)
+                _wait_for(lambda: server.closing)
+                if interrupts == 2:
+                    os.kill(os.getpid(), signal.SIGINT)
+                    _wait_for(lambda: engine.closed)
+                release.set()
+                replies.extend(f.result(timeout=30) for f in [held, *queued])
+        finally:
+            release.set()
+
+    driver = threading.Thread(target=drive)
+    driver.start()
+    run_http(engine, port=0, on_ready=ready)  # returns once closed
+    driver.join(30)
+    assert len(replies) == 3
+    if interrupts == 1:  # drained: every call admitted is answered
+        assert [status for status, _ in replies] == [200] * 3, replies
+    else:  # the requests not answered yet fail
+        assert all(status == 503 and doc["type"] == "EngineClosed" for status, doc in replies)
+    assert engine.closed and engine.snapshot().queue_depth == 0
 
 
 # -- eenet serve -------------------------------------------------------------------------------

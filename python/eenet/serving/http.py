@@ -860,16 +860,30 @@ def run_http(engine: Any, host: str = "127.0.0.1", port: int = 8000, *,
              close_engine: bool = True, on_ready: Callable[[EngineHTTPServer], None] | None
              = None, **options: Any) -> None:
     """Serve in the foreground until Ctrl-C or SIGTERM, then close the server (the calls in
-    flight are answered) and, with ``close_engine``, the engine (``close(drain=True)``).
-    ``on_ready(server)`` runs once it listens (default: a line on stderr with its URL)."""
+    flight are answered) and, with ``close_engine``, the engine (``close(drain=True)``). A
+    second Ctrl-C or SIGTERM meanwhile, with ``close_engine``, stops without draining: the
+    requests not answered yet fail (``close(drain=False)``; their calls get 503).
+    ``on_ready(server)`` runs once it listens (default: a line on stderr with its URL, and
+    one when it stops)."""
     stop = threading.Event()
     server = serve_http(engine, host, port, **options)
     previous: dict[int, Any] = {}
+
+    def on_signal(*_: Any) -> None:
+        if not stop.is_set():
+            stop.set()
+            if on_ready is None:
+                print("eenet serve: stopping, answering the requests admitted"
+                      + (" (Ctrl-C again: fail them instead)" if close_engine else ""),
+                      file=sys.stderr, flush=True)
+        elif close_engine:  # never waits here: the main thread's close() does
+            engine.close(drain=False, timeout=0)
+
     if threading.current_thread() is threading.main_thread():
         # SIGINT too, explicitly: a process started in the background by a non-interactive
         # shell inherits SIGINT ignored, and Ctrl-C / kill -INT would do nothing
         for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, lambda *_: stop.set())
+            previous[sig] = signal.signal(sig, on_signal)
     try:
         if on_ready is None:
             print(f"eenet serve: listening on {server.url} (POST /v1/predict, GET /v1/stats, "
