@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pathlib
 import sys
 
 import pytest
@@ -73,6 +74,123 @@ def test_model_file_mismatch(tmp_path: os.PathLike, model_file: str) -> None:
     torch.save(blob, other)
     with pytest.raises(ValueError, match="unknown architecture 'resnet9000'"):
         load_model(other)
+
+
+def test_a_failed_save_leaves_the_file_that_was_there(
+        model_file: str, tmp_path: os.PathLike, monkeypatch: pytest.MonkeyPatch) -> None:
+    before = pathlib.Path(model_file).read_bytes()
+    real_save = torch.save
+
+    def save_half(obj: object, f: object) -> None:  # the disk fills up half way
+        real_save(obj, f)
+        f.seek(len(before) // 2)
+        f.truncate()
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", save_half)
+    torch.manual_seed(5)
+    with pytest.raises(OSError, match="No space left"):
+        save_model(models.small_cnn(**CONFIG), model_file)
+    with pytest.raises(OSError, match="No space left"):
+        save_model(models.small_cnn(**CONFIG), os.path.join(tmp_path, "new.pt"))
+    monkeypatch.undo()
+    assert pathlib.Path(model_file).read_bytes() == before  # the old model, whole
+    load_model(model_file)
+    assert sorted(os.listdir(tmp_path)) == ["model.pt"]  # no temporary file, no new.pt
+    policy = os.path.join(tmp_path, "p.json")
+    save_policy(MaxProb([0.5, 0.0]), policy, Costs([1.0, 2.0], "flops"))
+    text = pathlib.Path(policy).read_text()
+    with pytest.raises(TypeError):  # meta that is not JSON: nothing is written
+        save_policy(MaxProb([0.9, 0.0]), policy, Costs([1.0, 2.0], "flops"),
+                    meta={"x": object()})
+    assert pathlib.Path(policy).read_text() == text
+
+
+def test_write_whole_keeps_links_and_gives_the_usual_permissions(tmp_path: os.PathLike
+                                                                 ) -> None:
+    from eenet.files import write_whole
+
+    target = os.path.join(tmp_path, "real.bin")
+    link = os.path.join(tmp_path, "link.bin")
+    write_whole(target, lambda f: f.write(b"one"))
+    os.symlink(target, link)
+    write_whole(link, lambda f: f.write(b"two"))
+    assert os.path.islink(link) and pathlib.Path(target).read_bytes() == b"two"
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert os.stat(target).st_mode & 0o777 == 0o666 & ~umask
+
+
+def _evil_pickle(path: str, marker: str) -> None:
+    """A torch file whose unpickling would create ``marker`` (code run from the file)."""
+
+    class Evil:
+        def __reduce__(self) -> tuple:
+            return (open, (marker, "w"))
+
+    torch.save({"format": "eenet-model/1", "arch": "small_cnn", "config": {},
+                "state_dict": {}, "dev": Evil()}, path)
+
+
+def test_load_model_runs_no_code_and_refuses_damaged_files(
+        model_file: str, tmp_path: os.PathLike, capsys: pytest.CaptureFixture[str]) -> None:
+    evil, marker = os.path.join(tmp_path, "evil.pt"), os.path.join(tmp_path, "ran")
+    _evil_pickle(evil, marker)
+    with pytest.raises(ValueError, match="objects other than tensors") as info:
+        load_model(evil)
+    assert "weights_only" not in str(info.value) and not os.path.exists(marker)
+    blob = torch.load(model_file, weights_only=True)
+    damaged = os.path.join(tmp_path, "damaged.pt")
+    for change in ({"state_dict": None}, {"config": [1]}, {"arch": 3},
+                   {"meta": "x"}, {"state_dict": {"w": 1.0}}):
+        torch.save({**blob, **change}, damaged)
+        with pytest.raises(ValueError, match="damaged eenet model file"):
+            load_model(damaged)
+    del blob["meta"]
+    torch.save(blob, damaged)
+    assert load_model(damaged)[1] == {}  # meta is optional
+    name = sorted(blob["state_dict"])[0]
+    blob["state_dict"][name] = torch.full_like(blob["state_dict"][name], float("nan"))
+    torch.save(blob, damaged)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        load_model(damaged)
+    # through the CLI: one line and exit code 2, not a traceback
+    assert cli.main(["report", "--model", damaged, "--policy", model_file]) == 2
+    assert "NaN or infinite" in _error(capsys, "report")
+
+
+def test_a_network_saved_in_bfloat16_loads_in_bfloat16(tmp_path: os.PathLike) -> None:
+    torch.manual_seed(0)
+    net = models.small_cnn(**CONFIG).to(torch.bfloat16).eval()
+    path = os.path.join(tmp_path, "bf16.pt")
+    save_model(net, path)
+    loaded, _ = load_model(path)
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    _same_outputs(loaded, net, torch.randn(3, 1, 8, 8, dtype=torch.bfloat16))
+
+
+def test_data_load_refuses_fractions_that_leave_no_train_split() -> None:
+    pytest.importorskip("sklearn")
+    for val, test in ((0.6, 0.6), (0.5, 0.5), (-0.1, 0.2), (0.2, 1.0), (True, 0.2)):
+        with pytest.raises(ValueError, match="fraction"):
+            data.load("digits", val_fraction=val, test_fraction=test)
+    splits = data.load("digits", val_fraction=0.0, test_fraction=0.5)
+    assert len(splits.val[0]) == 0 and len(splits.train[0]) > 0
+    assert bool(torch.isfinite(splits.test[0]).all())
+    for bad in ("validation", "name"):
+        with pytest.raises(ValueError, match="split must be one of"):
+            splits.loader(bad)
+
+
+def test_cli_refuses_a_model_built_for_other_images(tmp_path: os.PathLike,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("sklearn")
+    model = _small_cnn_file(os.path.join(tmp_path, "m28.pt"), meta={}, image_size=28)
+    assert cli.main(["calibrate", "--model", model, "--dataset", "digits", "--budget", "0.6",
+                     "--out", os.path.join(tmp_path, "p.json")]) == 2
+    err = _error(capsys, "calibrate")
+    assert "built for images of shape (1, 28, 28); digits has (1, 8, 8)" in err
+    assert not os.path.exists(os.path.join(tmp_path, "p.json"))
 
 
 class _Block(nn.Module):
@@ -362,6 +480,7 @@ def test_cli_report_refuses_another_models_costs(model_file: str, tmp_path: os.P
     (["--batch", "0"], "argument --batch: expected a positive integer"),
     (["--model", "{tmp}/missing.pt"], "argument --model: {tmp}/missing.pt does not exist"),
     (["--dataset", "cifar"], "argument --dataset: invalid choice: 'cifar'"),
+    (["--out", "{tmp}/model.pt"], "--out {tmp}/model.pt is the model file"),
 ])
 def test_cli_calibrate_checks_arguments_first(args: list[str], message: str, model_file: str,
                                              tmp_path: os.PathLike,

