@@ -476,17 +476,24 @@ def test_failing_rows_fail_alone_at_several_stages_and_every_future_completes_on
             _check(f.result(timeout=30), ref, i)
 
 
-def test_one_bad_request_fails_alone_and_the_rest_of_its_batch_is_answered() -> None:
+VOCAB, LENGTH = 50, 6
+
+
+def _embedding_net() -> MultiExitNetwork:
+    """Three exits over (LENGTH,) token ids from [0, VOCAB)."""
     torch.manual_seed(0)
-    vocab, length = 50, 6
-    stages = [nn.Sequential(nn.Embedding(vocab, WIDTH), nn.Flatten(),
-                            nn.Linear(length * WIDTH, WIDTH))]
+    stages = [nn.Sequential(nn.Embedding(VOCAB, WIDTH), nn.Flatten(),
+                            nn.Linear(LENGTH * WIDTH, WIDTH))]
     stages += [nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.Tanh()) for _ in range(2)]
-    net = MultiExitNetwork(stages, [ExitHead.linear(WIDTH, C) for _ in range(3)]).eval()
+    return MultiExitNetwork(stages, [ExitHead.linear(WIDTH, C) for _ in range(3)]).eval()
+
+
+def test_one_bad_request_fails_alone_and_the_rest_of_its_batch_is_answered() -> None:
+    net = _embedding_net()
     policy = MaxProb([0.3, 0.4, 0.0])
-    ids = torch.randint(0, vocab, (8, length))
+    ids = torch.randint(0, VOCAB, (8, LENGTH))
     bad = ids.clone()
-    bad[5, 2] = vocab + 7  # outside the vocabulary: the embedding raises on the batch
+    bad[5, 2] = VOCAB + 7  # outside the vocabulary: the embedding raises on the batch
     good = [i for i in range(8) if i != 5]
     ref = simulate(net, policy, ids)
     with ServingEngine(net, policy, ServingConfig(max_batch=8, rebatch="always")) as engine:
@@ -502,6 +509,49 @@ def test_one_bad_request_fails_alone_and_the_rest_of_its_batch_is_answered() -> 
         _check(futs[i].result(), ref, i)
     assert stats.failed == 1 and stats.answered == 7
     assert stats.stage_runs[0] == 3 and stats.stage_rows[0] == 7  # the halves without it
+
+
+def test_close_without_drain_stops_an_isolation_between_its_parts() -> None:
+    net = _mlp()
+    calls = itertools.count(1)
+    entered = threading.Event()
+
+    def always(h: torch.Tensor) -> None:
+        if next(calls) >= 3:
+            entered.set()
+        time.sleep(0.02)
+        raise Flaky("permanent")
+
+    net.stages[0] = _Wrap(net.stages[0], always)
+    engine = ServingEngine(net, _never_exits(), ServingConfig(max_batch=32,
+                                                              rebatch="always"))
+    futs = engine.submit_many(torch.randn(32, WIDTH))  # one run, then 62 parts
+    assert entered.wait(30)
+    engine.close(drain=False, timeout=30)
+    made = next(calls) - 1
+    cf.wait(futs, timeout=30)
+    kinds = Counter(type(f.exception()).__name__ for f in futs)
+    assert made < 20, made  # not the 63 runs of the whole isolation
+    assert set(kinds) <= {"StageFailed", "EngineClosed"} and kinds["EngineClosed"] > 0, kinds
+    stats = engine.snapshot()
+    assert stats.failed == 32 and stats.queue_depth == 0
+
+
+def test_auto_profiles_a_group_on_a_row_that_passed_stage_0() -> None:
+    net = _embedding_net()
+    ids = torch.randint(0, VOCAB, (8, LENGTH))
+    bad = ids.clone()
+    bad[0, 0] = VOCAB  # the first row (the one a profile would copy) is outside the vocabulary
+    policy = MaxProb([0.3, 0.4, 0.0])
+    ref = simulate(net, policy, ids)
+    with ServingEngine(net, policy, ServingConfig(max_batch=8, rebatch="auto")) as engine:
+        futs = engine.submit_many(bad)
+        cf.wait(futs, timeout=30)
+        (plan,) = engine.plans.values()
+    assert isinstance(futs[0].exception(), StageFailed)
+    for i in range(1, 8):
+        _check(futs[i].result(), ref, i)
+    assert plan.error is None and plan.sizes == (1, 4, 8)  # profiled, on a good row
 
 
 def test_retries_absorb_transient_failures_and_then_give_up() -> None:

@@ -220,6 +220,11 @@ def test_token_limits_of_bert_and_roberta_embeddings() -> None:
                                         add_pooling_layer=False)
     spec = input_spec_of(hf_encoder_exits(roberta, (1,), 2))
     assert (spec.vocab_size, spec.max_length) == (40, 18)
+    from eenet.serving.http import _token_limits
+
+    two = nn.ModuleDict({"pos": nn.Embedding(16, 4), "tok": nn.Embedding(1000, 4)})
+    assert _token_limits(two) == (None, None)  # which table the ids index is not known
+    assert _token_limits(nn.Sequential(nn.Embedding(30, 4), nn.Linear(4, 4))) == (30, None)
     net = hf_encoder_exits(roberta, (1,), 2).eval()
     with torch.no_grad():
         net.stages[0](torch.full((1, 18), 5))  # the longest it takes
@@ -549,6 +554,13 @@ def test_close_answers_the_call_in_flight_then_ends_every_keep_alive_connection(
             while not server.closing:
                 assert time.monotonic() < end, "close() never began"
                 time.sleep(0.001)
+            # the listening socket is closed: a new connection is refused, not queued
+            end = time.monotonic() + 10
+            while server.socket.fileno() != -1:
+                assert time.monotonic() < end, "the listening socket stayed open"
+                time.sleep(0.001)
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection((host, port), timeout=5).close()
             # a new call on an open connection while the call in flight is answered: 503
             idle.request("GET", "/healthz")
             reply = idle.getresponse()

@@ -49,9 +49,11 @@ ready waits while the shallower stages feed it, at most ``max_wait_ms``.
   every later stage (ready at once, rule 1), so the group runs through all stages by itself,
   exactly the per-batch compact loop of :class:`eenet.runtime.Engine` fed with the batches
   that formed in the admission queue.
-- ``"auto"``: per shape group, on its first stage-0 run, the worker profiles every stage
-  (with its exit) on copies of the first sample at the batch sizes ``buckets`` (default
-  :data:`PROFILE_SIZES`, capped at ``max_batch``): warm-up, then the best of
+- ``"auto"``: per shape group, after its first stage-0 run, the worker profiles every
+  stage (with its exit) on copies of the sample of a row that passed stage 0 (so a bad
+  request cannot spoil a profile; the run merges everywhere, and so does the group until a
+  run has such a row) at the batch sizes ``buckets`` (default :data:`PROFILE_SIZES`,
+  capped at ``max_batch``): warm-up, then the best of
   :data:`PROFILE_REPEATS` timed calls. Stage k >= 1 merges iff its time per row at the
   largest size is at most :data:`MERGE_GAIN` (0.8) times its time per row at batch 1: a
   merge costs latency (rows wait up to ``max_wait_ms``), so it must buy a clear saving, and
@@ -64,7 +66,7 @@ ready waits while the shallower stages feed it, at most ``max_wait_ms``.
   capacity. Below that it runs at once with the survivors that have gathered (they still
   merge, without waiting): measured on a CPU, waiting for more rows below saturation only
   added latency (``bench.serve``). The profile and the decisions are in
-  :attr:`ServingEngine.plans`. A profile that raises leaves the group on ``"always"``.
+  :attr:`ServingEngine.plans`. A profile that raises leaves the group merging everywhere.
   Profiling stalls the worker for a few dozen stage calls, so only the first
   ``max_profiles`` groups (default 8) are profiled, and a group of a kind no profiled group
   has (another rank, dtype, device or set of row inputs). Every other group reuses the plan
@@ -1021,11 +1023,18 @@ class ServingEngine:
         rows = [r for r in rows if not r.fut.cancelled()]
         if not rows:
             return
-        if k == 0 and queue.group not in self.plans:
-            self._add_plan(queue.group, self._make_plan(queue.group, rows[0]))
-            queue.target = self.plans[queue.group].target[0]
         self._running = rows
-        self._run_isolating(queue, rows)
+        samples = None  # (row, its sample) of a run whose group is to be profiled after it
+        if k == 0 and queue.group not in self.plans:
+            plan = self._plan_without_profile(queue.group)
+            if plan is None:  # merge everywhere until a row has passed stage 0
+                samples = [(r, r.x, r.inputs) for r in rows]
+                plan = self._merge_everywhere()
+            self._add_plan(queue.group, plan)
+            queue.target = plan.target[0]
+        failed = self._run_isolating(queue, rows)
+        if samples is not None:
+            self._profile_group(queue.group, samples, failed)
         self._running = []
 
     def _attempt(self, k: int, rows: list[_Row], attempts: int) -> _RunOutput | Exception:
@@ -1039,14 +1048,26 @@ class ServingEngine:
                     return exc
         raise AssertionError("attempts must be >= 1")
 
-    def _run_isolating(self, queue: _Queue, rows: list[_Row]) -> None:
+    def _run_isolating(self, queue: _Queue, rows: list[_Row]) -> set[int]:
         """Run ``queue``'s stage on ``rows`` (``1 + retries`` attempts); when every attempt
         fails, run each half of the rows on its own (one attempt per part, halving again
         while a part of several rows fails), so that only the rows that fail alone fail and
-        one bad request never fails the others of its batch."""
+        one bad request never fails the others of its batch. A ``close(drain=False)`` stops
+        it between parts (the rest fail with :class:`EngineClosed`). Returns the ids of the
+        rows that failed."""
         k, first = queue.stage, 1 + self.config.retries
         parts: list[tuple[list[_Row], int]] = [(rows, 0)]  # (rows, attempts they failed)
+        failed: set[int] = set()  # ids of the rows that failed
         while parts:
+            if len(parts) > 1 or parts[0][1]:
+                with self._lock:
+                    abort, message = self._abort, self._abort_message
+                if abort:  # close(drain=False): the parts not run yet fail now
+                    rest = [r for part, _ in parts for r in part]
+                    failed |= set(map(id, rest))
+                    self._fail(rest, lambda row, why=message: EngineClosed(why))
+                    self._running = [r for r in self._running if id(r) not in failed]
+                    break
             part, failed_before = parts.pop()
             part = [r for r in part if not r.fut.cancelled()]
             if not part:
@@ -1063,8 +1084,10 @@ class ServingEngine:
                 self._route(queue, part, out)
             else:
                 self._stage_failed(k, part[0], out, failed_before + tries, len(rows))
+                failed.add(id(part[0]))
             settled = set(map(id, part))  # routed or failed: no longer the worker's to fail
             self._running = [r for r in self._running if id(r) not in settled]
+        return failed
 
     def _stage_failed(self, k: int, row: _Row, cause: Exception, attempts: int,
                       batch: int) -> None:
@@ -1184,24 +1207,53 @@ class ServingEngine:
                     ][:excess]:
             del self.plans[old]
 
-    def _make_plan(self, group: tuple, row: _Row) -> RebatchPlan:
+    def _merge_everywhere(self) -> RebatchPlan:
+        k_exits, cfg = self.num_exits, self.config
+        return RebatchPlan((True,) * k_exits, (cfg.max_batch,) * k_exits)
+
+    def _plan_without_profile(self, group: tuple) -> RebatchPlan | None:
+        """``group``'s plan where it needs no profile: ``"always"``, ``"never"``, or
+        ``"auto"`` once ``max_profiles`` groups are profiled and one is of its kind (its
+        plan); None where the group is to be profiled."""
         k_exits, cfg = self.num_exits, self.config
         if cfg.rebatch == "always":
-            return RebatchPlan((True,) * k_exits, (cfg.max_batch,) * k_exits)
+            return self._merge_everywhere()
         if cfg.rebatch == "never":
             return RebatchPlan((True,) + (False,) * (k_exits - 1), (cfg.max_batch,) * k_exits)
         source = self._nearest_profiled(group)
         if source is not None and len(self._profiled) >= cfg.max_profiles:
             return replace(self._profiled[source], profiled_on=source)
+        return None
+
+    def _profile_group(self, group: tuple, samples: list[tuple[_Row, torch.Tensor,
+                                                                dict[str, torch.Tensor]]],
+                       failed: set[int]) -> None:
+        """After ``group``'s first stage-0 run: profile it on the sample of a row that passed
+        stage 0 and give it that plan (its survivors, queued at stage 1 under the provisional
+        plan, move to a queue of their own where stage 1 does not merge). When every row
+        failed (or was cancelled), the group is profiled after its next run."""
+        good = next(((x, inputs) for row, x, inputs in samples
+                     if id(row) not in failed and not row.fut.cancelled()), None)
+        if good is None:
+            del self.plans[group]
+            return
+        cfg = self.config
         base = cfg.buckets if cfg.buckets is not None else PROFILE_SIZES
         sizes = sorted({1, cfg.max_batch} | {b for b in base if b < cfg.max_batch})
         try:
-            plan = plan_from_profile(sizes, self._profile(row, sizes))
+            plan = plan_from_profile(sizes, self._profile(*good, sizes))
         except Exception as exc:  # the group runs unprofiled: merge everywhere
-            plan = RebatchPlan((True,) * k_exits, (cfg.max_batch,) * k_exits,
-                               error=f"{type(exc).__name__}: {exc}")
+            plan = replace(self._merge_everywhere(), error=f"{type(exc).__name__}: {exc}")
         self._profiled[group] = plan
-        return plan
+        self._add_plan(group, plan)
+        for key, q in list(self._queues.items()):
+            if q.group != group or q.run is not None:
+                continue
+            q.target = plan.target[q.stage]
+            if not plan.merge[q.stage]:
+                del self._queues[key]
+                q.run = next(self._runs)
+                self._queues[(group, q.stage, q.run)] = q
 
     def _nearest_profiled(self, group: tuple) -> tuple | None:
         """The profiled group of ``group``'s kind whose sample has the number of elements
@@ -1212,17 +1264,18 @@ class ServingEngine:
                                         abs(math.prod(g[0]) - size), math.prod(g[0])),
                    default=None)
 
-    def _profile(self, row: _Row, sizes: Sequence[int]) -> list[list[float]]:
+    def _profile(self, x: torch.Tensor, row_inputs: dict[str, torch.Tensor],
+                 sizes: Sequence[int]) -> list[list[float]]:
         """Seconds per row of every stage with its exit, at each batch size, on copies of
-        ``row``'s sample: per size and stage, one warm-up and the best of
-        :data:`PROFILE_REPEATS` calls (a CUDA device is synchronised around each)."""
+        the sample ``x`` (with its ``row_inputs``): per size and stage, one warm-up and the
+        best of :data:`PROFILE_REPEATS` calls (a CUDA device is synchronised around each)."""
         device = self.device
         per_row: list[list[float]] = [[] for _ in range(self.num_exits)]
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         for b in sizes:
-            h = row.x.unsqueeze(0).expand(b, *row.x.shape).contiguous().to(device)
+            h = x.unsqueeze(0).expand(b, *x.shape).contiguous().to(device)
             inputs = {name: t.unsqueeze(0).expand(b, *t.shape).contiguous().to(device)
-                      for name, t in row.inputs.items()}
+                      for name, t in row_inputs.items()}
             for k in range(self.num_exits):
                 prev_s = (torch.zeros(b, k, dtype=torch.float32, device=device)
                           if self._needs_scores else None)

@@ -178,13 +178,15 @@ def input_spec_of(net: torch.nn.Module) -> InputSpec:
 
 def _token_limits(stage: torch.nn.Module) -> tuple[int | None, int | None]:
     """(vocabulary size, most tokens) of a first stage that embeds token ids: the table of the
-    Hugging Face embeddings' ``word_embeddings`` (else of the stage's first ``nn.Embedding``)
-    and the rows of their ``position_embeddings`` (less the ``padding_idx + 1`` positions
-    that RoBERTa-style embeddings skip); None where the stage has no such table."""
+    Hugging Face embeddings' ``word_embeddings`` (else of the stage's only ``nn.Embedding``;
+    with several, which one the ids index is not known) and the rows of their
+    ``position_embeddings`` (less the ``padding_idx + 1`` positions that RoBERTa-style
+    embeddings skip); None where it is not known."""
     owner = next((m for m in stage.modules()
                   if isinstance(getattr(m, "word_embeddings", None), torch.nn.Embedding)), None)
+    tables = [m for m in stage.modules() if isinstance(m, torch.nn.Embedding)]
     words = (owner.word_embeddings if owner is not None else
-             next((m for m in stage.modules() if isinstance(m, torch.nn.Embedding)), None))
+             tables[0] if len(tables) == 1 else None)
     vocab = None if words is None else int(words.num_embeddings)
     positions = getattr(owner, "position_embeddings", None)
     if not isinstance(positions, torch.nn.Embedding):
@@ -471,8 +473,9 @@ class _ShapeProbe:
         try:
             with torch.inference_mode():
                 self.net(zeros, **inputs)
-        except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-            if isinstance(exc, RuntimeError) and is_device_failure(exc):
+        except Exception as exc:  # what the network raises on zeros of this shape
+            if isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError)
+                                                and is_device_failure(exc)):
                 return ...
             return (f"this model does not take samples of shape {tuple(x.shape)}: "
                     f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
@@ -543,12 +546,27 @@ class _Handler(BaseHTTPRequestHandler):
         return path.rstrip("/") or "/"
 
     def _route(self, method: str) -> None:
-        if self.server.closing:  # a call on a keep-alive connection while the server closes
-            self.close_connection = True
-            self._drain_body()
-            self._json(HTTPStatus.SERVICE_UNAVAILABLE, {"error": "the server is shutting down",
-                                                        "type": "ServerClosing"})
-            return
+        with self.server.tracking() as state:
+            if state == "shut":
+                self.close_connection = True
+                return
+            try:
+                if state == "closing":  # a call on a kept-alive connection as the server closes
+                    self.close_connection = True
+                    self._drain_body()
+                    self._json(HTTPStatus.SERVICE_UNAVAILABLE,
+                               {"error": "the server is shutting down", "type": "ServerClosing"})
+                else:
+                    self._dispatch(method)
+            except (BrokenPipeError, ConnectionResetError):
+                self.close_connection = True
+            except Exception as exc:  # the reply of last resort: never a hung connection
+                try:
+                    self._error(exc)
+                except OSError:
+                    self.close_connection = True
+
+    def _dispatch(self, method: str) -> None:
         path = self._path()
         routes = self.server.routes
         if path not in routes:
@@ -564,16 +582,7 @@ class _Handler(BaseHTTPRequestHandler):
             exc.allow = ", ".join(sorted(allowed))  # type: ignore[attr-defined]
             self._error(exc)
             return
-        with self.server.tracking():
-            try:
-                getattr(self, "_" + path.strip("/").replace("/", "_"))()
-            except (BrokenPipeError, ConnectionResetError):
-                self.close_connection = True
-            except Exception as exc:  # the reply of last resort: never a hung connection
-                try:
-                    self._error(exc)
-                except OSError:
-                    self.close_connection = True
+        getattr(self, "_" + path.strip("/").replace("/", "_"))()
 
     def _drain_body(self) -> None:
         length = self.headers.get("Content-Length")
@@ -722,6 +731,7 @@ class EngineHTTPServer(ThreadingHTTPServer):
         self._active = 0
         self._idle = threading.Condition()
         self._connections: set[socket.socket] = set()  # open ones, under self._idle
+        self._shut = False  # close() has shut the connections down, under self._idle
         self._thread: threading.Thread | None = None
         self._closed = False
         handler = type("Handler", (_Handler,), {"timeout": idle_timeout_s})
@@ -749,24 +759,26 @@ class EngineHTTPServer(ThreadingHTTPServer):
         return self
 
     def close(self, timeout_s: float = 10.0) -> None:
-        """Stop accepting connections, wait up to ``timeout_s`` for the calls in flight to be
-        answered (their replies say ``Connection: close``; a call that arrives meanwhile on
-        an open keep-alive connection is answered 503), then close every connection and the
-        listening socket. Idempotent. The engine is left open."""
-        if self._closed:
-            return
-        self._closed = True
+        """Stop accepting connections (the listening socket is closed first), wait up to
+        ``timeout_s`` for the calls in flight to be answered (their replies say ``Connection:
+        close``; a call that arrives meanwhile on an open keep-alive connection is answered
+        503), then close every connection. Idempotent. The engine is left open."""
+        with self._idle:
+            if self._closed:
+                return
+            self._closed = True
         if self._thread is not None:
             self.shutdown()
             self._thread.join(timeout_s)
+        self.socket.close()  # no connection queues up behind the calls in flight
         deadline = time.monotonic() + timeout_s
         with self._idle:
             while self._active and time.monotonic() < deadline:
                 self._idle.wait(max(0.0, deadline - time.monotonic()))
+            self._shut = True  # a handler that registers from now on is shut at once
             open_now = list(self._connections)
         for conn in open_now:  # wakes the handler threads waiting for a next request
-            with contextlib.suppress(OSError):  # closed by its client meanwhile
-                conn.shutdown(socket.SHUT_RDWR)
+            _shut_down(conn)
         self.server_close()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
@@ -784,6 +796,9 @@ class EngineHTTPServer(ThreadingHTTPServer):
     def opened(self, conn: socket.socket) -> None:
         with self._idle:
             self._connections.add(conn)
+            shut = self._shut
+        if shut:  # accepted just before close() took its list of connections
+            _shut_down(conn)
 
     def ended(self, conn: socket.socket) -> None:
         with self._idle:
@@ -830,17 +845,33 @@ class EngineHTTPServer(ThreadingHTTPServer):
         return generate_latest(self._registry), CONTENT_TYPE_LATEST
 
 
+def _shut_down(conn: socket.socket) -> None:
+    with contextlib.suppress(OSError):  # closed by its client meanwhile
+        conn.shutdown(socket.SHUT_RDWR)
+
+
 class _Tracking:
-    """Counts the calls being answered, so that :meth:`EngineHTTPServer.close` can wait."""
+    """Counts the calls being answered, so that :meth:`EngineHTTPServer.close` can wait.
+    ``with`` gives the server's state as the call began, read under the lock ``close``
+    sets it under: ``"open"``, ``"closing"`` (counted too: its 503 is sent before the
+    connections are shut) or ``"shut"`` (not counted: the connection is being shut)."""
 
     def __init__(self, server: EngineHTTPServer) -> None:
         self.server = server
+        self.counted = False
 
-    def __enter__(self) -> None:
-        with self.server._idle:
-            self.server._active += 1
+    def __enter__(self) -> str:
+        server = self.server
+        with server._idle:
+            if server._shut:
+                return "shut"
+            self.counted = True
+            server._active += 1
+            return "closing" if server._closed else "open"
 
     def __exit__(self, *exc: object) -> None:
+        if not self.counted:
+            return
         with self.server._idle:
             self.server._active -= 1
             self.server._idle.notify_all()
@@ -865,18 +896,12 @@ def run_http(engine: Any, host: str = "127.0.0.1", port: int = 8000, *,
     requests not answered yet fail (``close(drain=False)``; their calls get 503).
     ``on_ready(server)`` runs once it listens (default: a line on stderr with its URL, and
     one when it stops)."""
-    stop = threading.Event()
-    server = serve_http(engine, host, port, **options)
+    signals: list[int] = []  # the handler only appends: it takes no lock the loop may hold
     previous: dict[int, Any] = {}
 
-    def on_signal(*_: Any) -> None:
-        if not stop.is_set():
-            stop.set()
-            if on_ready is None:
-                print("eenet serve: stopping, answering the requests admitted"
-                      + (" (Ctrl-C again: fail them instead)" if close_engine else ""),
-                      file=sys.stderr, flush=True)
-        elif close_engine:  # never waits here: the main thread's close() does
+    def on_signal(signum: int, _frame: Any) -> None:
+        signals.append(signum)
+        if len(signals) >= 2 and close_engine:  # never waits: the main thread's close() does
             engine.close(drain=False, timeout=0)
 
     if threading.current_thread() is threading.main_thread():
@@ -884,18 +909,25 @@ def run_http(engine: Any, host: str = "127.0.0.1", port: int = 8000, *,
         # shell inherits SIGINT ignored, and Ctrl-C / kill -INT would do nothing
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, on_signal)
+    server = None
     try:
+        server = serve_http(engine, host, port, **options)
         if on_ready is None:
             print(f"eenet serve: listening on {server.url} (POST /v1/predict, GET /v1/stats, "
                   "/healthz, /metrics); Ctrl-C stops", file=sys.stderr, flush=True)
         else:
             on_ready(server)
-        while not stop.wait(0.5):
-            pass
+        while not signals:
+            time.sleep(0.1)
+        if on_ready is None:
+            print("eenet serve: stopping, answering the requests admitted"
+                  + (" (Ctrl-C again: fail them instead)" if close_engine else ""),
+                  file=sys.stderr, flush=True)
     except KeyboardInterrupt:
         pass
     finally:
-        server.close()
+        if server is not None:
+            server.close()
         if close_engine:
             engine.close(drain=True)
         for sig, handler in previous.items():
