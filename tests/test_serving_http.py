@@ -671,6 +671,7 @@ def _fail_if_started(*args: Any, **kwargs: Any) -> None:
     (["--on-full", "drop"], "argument --on-full: invalid choice: 'drop'"),
     (["--threads", "0"], "argument --threads: expected a positive integer"),
     (["--host", ""], "argument --host: expected a host name"),
+    (["--ray", "--port", "0"], "--port 0 (any free port) works without --ray only"),
 ])
 def test_cli_serve_argument_errors(saved, extra: list[str], message: str,
                                    monkeypatch: pytest.MonkeyPatch,

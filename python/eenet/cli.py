@@ -355,6 +355,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if args.ray:
         from .serving import ray_app
 
+        if args.port == 0:
+            raise UsageError("--port 0 (any free port) works without --ray only: Ray Serve "
+                             "listens on the port it is given")
         ray_app.require_ray()  # a missing extra fails before Ray or the model is loaded
         ray_app.run_ray(args.model, args.policy, args.host, args.port, threads=args.threads,
                         **config)

@@ -746,8 +746,9 @@ class EngineHTTPServer(ThreadingHTTPServer):
 
     @property
     def url(self) -> str:
-        host = self.server_address[0]
-        host = f"[{host}]" if ":" in str(host) else host
+        host = str(self.server_address[0])
+        if ":" in host:  # IPv6, its zone ("%eth0") escaped as a URL needs
+            host = "[" + host.replace("%", "%25") + "]"
         return f"http://{host}:{self.port}"
 
     def start(self) -> EngineHTTPServer:
