@@ -155,8 +155,7 @@ def test_text_cli_short_run(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(recipe, "exit_costs", functools.partial(recipe.exit_costs, repeats=2))
 
-    out, report = tmp_path / "out", tmp_path / "r" / "sst2.md"
-    report.parent.mkdir()
+    out, report = tmp_path / "out", tmp_path / "r" / "sst2.md"  # r/: made when written
     code = main(["text", "--train-phrases", "192", "--dev-limit", "64", "--test-limit", "80",
                  "--eenet-epochs", "5", "--resamples", "200", "--budgets", "0.4,0.8",
                  "--out", str(out), "--report", str(report), "--quiet"])
@@ -218,6 +217,17 @@ def test_text_cli_reuse_needs_an_earlier_run_and_runs_no_code_from_it(tmp_path,
     torch.save({"dev": {"logits": [torch.zeros(2, 2)]}}, empty / "sst2_logits.pt")
     with pytest.raises(ValueError, match="missing test, costs_flops"):
         load_run(str(empty))
+
+
+def test_text_cli_report_may_go_to_a_folder_still_to_be_made(tmp_path, capsys) -> None:
+    from eenet.cli import build_parser, main
+
+    new = tmp_path / "new"
+    args = build_parser().parse_args(["text", "--out", str(new), "--report",
+                                      str(new / "deeper" / "sst2.md")])
+    assert args.report == str(new / "deeper" / "sst2.md")
+    assert main(["text", "--report", str(tmp_path)]) == 2
+    assert "is a directory, not a file name" in capsys.readouterr().err
 
 
 def test_text_cli_refuses_a_missing_data_dir(tmp_path, capsys) -> None:

@@ -165,6 +165,14 @@ def _output_file(text: str) -> str:
     return text
 
 
+def _report_file(text: str) -> str:
+    """A file to write whose folder exists or can be made (it is made when written)."""
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text} is a directory, not a file name")
+    _output_dir(os.path.dirname(os.path.abspath(text)))
+    return text
+
+
 def _output_dir(text: str) -> str:
     if os.path.exists(text) and not os.path.isdir(text):
         raise argparse.ArgumentTypeError(f"{text} exists and is not a directory")
@@ -489,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bootstrap resamples of the intervals")
     p.add_argument("--out", type=_output_dir, default=text.out,
                    help="directory for the model, the logits and the report")
-    p.add_argument("--report", type=_output_file, default=None,
+    p.add_argument("--report", type=_report_file, default=None,
                    help="the report's markdown file (default: <out>/sst2.md; .json and .png "
                    "beside it)")
     p.add_argument("--reuse", action="store_true",
