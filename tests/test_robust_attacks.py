@@ -114,11 +114,19 @@ def test_attack_defaults_are_the_papers() -> None:
     ({"clip": (1.0, 0.0)}, ValueError, "low < high"),
     ({"clip": (0.0,)}, ValueError, r"clip must be \(low, high\)"),
     ({"seed": 1.5}, TypeError, "seed must be an int"),
+    ({"eps": "0.1"}, TypeError, "eps must be a number"),
 ])
 def test_config_rejects_bad_values(kwargs: dict, error: type, match: str) -> None:
     args = {"eps": 0.1, "step": 0.01, "steps": 3, **kwargs}
     with pytest.raises(error, match=match):
         AttackConfig(**args)
+
+
+def test_config_takes_numpy_scalars_as_python_numbers() -> None:
+    np = pytest.importorskip("numpy")
+    cfg = AttackConfig(np.float32(0.25), np.float64(0.125), np.int64(3), seed=np.int32(4))
+    assert (cfg.eps, cfg.step, cfg.steps, cfg.seed) == (0.25, 0.125, 3, 4)
+    assert type(cfg.eps) is float and type(cfg.steps) is int and type(cfg.seed) is int
 
 
 def test_to_range_maps_pixels_to_standardised_units() -> None:
@@ -163,6 +171,18 @@ def test_bad_arguments(trained: Trained) -> None:
                              (classes, f"label {classes}, but .* {classes} classes")):
             with pytest.raises(ValueError, match=match):
                 pgd(net, x, torch.tensor([0, label, 1, 2]), form, CFG, exit_index=k)
+    # with no ascent step the labels are still checked against the classes
+    for form, k in CASES:
+        with pytest.raises(ValueError, match=f"label {classes}, but .* {classes} classes"):
+            pgd(net, x, torch.tensor([0, classes, 1, 2]), form, AttackConfig(0.1, 0.02, 0),
+                exit_index=k)
+    with torch.inference_mode():  # an attack needs autograd: a clear error, not autograd's
+        for attack in (lambda: pgd(net, x, y, "main", CFG), lambda: slowdown(net, x, CFG)):
+            with pytest.raises(RuntimeError, match=r"outside torch\.inference_mode"):
+                attack()
+        x_inf, y_inf = x.clone(), y.clone()
+    x_adv = pgd(net, x_inf, y_inf, "main", CFG)  # tensors made there are fine outside
+    torch.testing.assert_close(x_adv, pgd(net, x, y, "main", CFG), rtol=0, atol=0)
     with pytest.raises(ValueError, match="unknown slowdown objective"):
         slowdown(net, x, CFG, objective="kl")
     with pytest.raises(ValueError, match="exit 3 is out of range"):

@@ -164,3 +164,12 @@ def test_output_folder_must_be_a_folder(tmp_path: Any, capsys: pytest.CaptureFix
     (tmp_path / "file").write_text("x")
     assert cli.main(["robust", "--out", str(tmp_path / "file")]) == 2
     assert "exists and is not a directory" in capsys.readouterr().err
+
+
+def test_schedule_train_attack_needs_a_step() -> None:
+    from eenet.robust.reproduce import Schedule
+
+    for bad in (0, -2, 2.5):
+        with pytest.raises(ValueError, match="train_steps must be an int >= 1"):
+            Schedule(train_steps=bad).train_attack()
+    assert Schedule(train_steps=2).train_attack().steps == 2

@@ -251,3 +251,8 @@ def test_bad_arguments(runs: Runs) -> None:
         adversarial_train(net, loader, 1, cfg, progress=False)
     with pytest.raises(ValueError, match="no samples"):
         rdi_train(net, [], 1, cfg, progress=False)
+    x, y = runs.x_train[:8], runs.y_train[:8]
+    with pytest.raises(TypeError, match="integer class labels"):  # not cut to integers
+        rdi_train(net, [(x, y.float() + 0.9)], 1, cfg, progress=False)
+    with pytest.raises(ValueError, match="at epoch 2: a generator or iterator is used up"):
+        rdi_train(net, (b for b in [(x, y)]), 2, cfg, progress=False)

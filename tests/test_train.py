@@ -85,6 +85,11 @@ def test_loss_bad_inputs() -> None:
         multi_exit_loss([z, torch.zeros(2, 4)], y)
     with pytest.raises(ValueError, match="target"):
         multi_exit_loss([z], torch.tensor([0, 1, 2]))
+    # labels cross-entropy would skip (-100), cut (7.9 -> 7) or not score (3 of 3 classes)
+    for labels, match in (([0, -100], r"in \[0, 3\), got -100"), ([0, 3], "got 3"),
+                          ([0.0, 1.9], "integer labels")):
+        with pytest.raises(ValueError, match=match):
+            multi_exit_loss([z], torch.tensor(labels))
 
 
 def _data(n: int = 384, d: int = 8, c: int = 3, seed: int = 0) -> TensorDataset:
@@ -172,3 +177,9 @@ def test_training_bad_inputs() -> None:
         multi_exit(nn.Linear(2, 2), empty, progress=False)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="epochs"):
         multi_exit(_net(), empty, epochs=-1, progress=False)
+    batches = list(DataLoader(_data(16), batch_size=8))
+    with pytest.raises(ValueError, match="at epoch 2: a generator or iterator is used up"):
+        multi_exit(_net(), (b for b in batches), epochs=2, progress=False)
+    x, y = batches[0]
+    with pytest.raises(ValueError, match="integer labels"):
+        multi_exit(_net(), [(x, y.float() + 0.9)], epochs=1, progress=False)

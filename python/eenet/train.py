@@ -52,6 +52,7 @@ def multi_exit_loss(logits: Sequence[torch.Tensor], target: torch.Tensor,
                              f"has {tuple(shape)}, exit {j} has {tuple(z.shape)}")
     if target.shape != (shape[0],):
         raise ValueError(f"target must be (N,) = ({shape[0]},), got {tuple(target.shape)}")
+    check_labels(target, shape[1], "target")
     target = target.long()
     zs = [z.float() for z in logits]
 
@@ -65,6 +66,29 @@ def multi_exit_loss(logits: Sequence[torch.Tensor], target: torch.Tensor,
     kl = torch.stack([F.kl_div(F.log_softmax(z / t, dim=1), teacher, reduction="batchmean")
                       for z in zs[:-1]]).mean()
     return ce + distill_weight * t * t * kl
+
+
+def check_labels(y: torch.Tensor, classes: int, name: str = "y") -> None:
+    """``y`` must be a 1-D integer tensor of class labels in [0, classes): cross-entropy
+    skips its ignore label -100 silently, a float label would be cut to an
+    integer, and on CUDA a label >= C is a device-side assert, not an error."""
+    if y.dim() != 1 or y.dtype.is_floating_point or y.is_complex() or y.dtype == torch.bool:
+        raise ValueError(f"{name} must be a 1-D tensor of integer labels, got shape "
+                         f"{tuple(y.shape)} and dtype {y.dtype}")
+    if y.numel():
+        low, top = (int(v) for v in torch.aminmax(y))
+        if low < 0 or top >= classes:
+            raise ValueError(f"{name} must hold class labels in [0, {classes}), got "
+                             f"{low if low < 0 else top}")
+
+
+def used_up(what: str, epoch: int) -> ValueError:
+    """The error of a loader that yields nothing at ``epoch`` (counted from 1)."""
+    if epoch > 1:
+        return ValueError(f"{what} yielded no samples at epoch {epoch}: a generator or "
+                          "iterator is used up after one epoch; pass a loader that can be "
+                          "iterated again (a DataLoader, a list)")
+    return ValueError(f"{what} yielded no samples")
 
 
 def device_of(net: torch.nn.Module) -> torch.device:
@@ -201,7 +225,7 @@ def multi_exit(net: MultiExitNetwork, train_loader: Iterable[Any], epochs: int =
                             correct += torch.stack([(z.argmax(dim=1) == y).sum() for z in outs])
                         report.batch(epoch=epoch, loss=f"{loss.item():.4f}")
                     if seen == 0:
-                        raise ValueError("train_loader yielded no samples")
+                        raise used_up("train_loader", epoch)
                     record = {
                         "epoch": epoch,
                         "loss": total_loss / seen,

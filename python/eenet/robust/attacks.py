@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -78,17 +79,19 @@ class AttackConfig:
     def __post_init__(self) -> None:
         for name in ("eps", "step"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise TypeError(f"AttackConfig.{name} must be a number, got {value!r}")
+            value = float(value)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"AttackConfig.{name} must be finite and >= 0, got {value!r}")
             object.__setattr__(self, name, float(value))
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int):
-            raise TypeError(f"AttackConfig.steps must be an int, got {self.steps!r}")
+        for name in ("steps", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"AttackConfig.{name} must be an int, got {value!r}")
+            object.__setattr__(self, name, int(value))
         if self.steps < 0:
             raise ValueError(f"AttackConfig.steps must be >= 0, got {self.steps}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise TypeError(f"AttackConfig.seed must be an int, got {self.seed!r}")
         if not isinstance(self.random_start, bool):
             raise TypeError(f"AttackConfig.random_start must be a bool, got "
                             f"{self.random_start!r}")
@@ -211,6 +214,9 @@ def _check_config(config: AttackConfig) -> None:
 
 
 def _check_x(x: torch.Tensor, config: AttackConfig) -> None:
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("an attack takes gradients with respect to its input: call it "
+                           "outside torch.inference_mode() (torch.no_grad() is fine)")
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a tensor, got {type(x).__name__}")
     if not x.is_floating_point():
@@ -254,6 +260,12 @@ def _project(x_adv: torch.Tensor, ball: Ball, config: AttackConfig) -> torch.Ten
     if config.clip is not None:
         x_adv = x_adv.clamp(config.clip[0], config.clip[1])
     return x_adv
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """``t`` detached; a copy if it was made under inference mode (autograd cannot save
+    such a tensor for backward)."""
+    return t.clone() if t.is_inference() else t.detach()
 
 
 def _start(x: torch.Tensor, ball: Ball, config: AttackConfig) -> torch.Tensor:
@@ -338,13 +350,16 @@ def pgd(net: nn.Module, x: torch.Tensor, y: torch.Tensor, form: str, config: Att
                          f"{k_exits} exits (0..{k_exits - 1})")
     if x.shape[0] == 0:
         return x.detach().clone()
-    x = x.detach()
-    y = y.to(device=x.device, dtype=torch.int64)
+    x = _plain(x)
+    y = _plain(y.to(device=x.device, dtype=torch.int64))
     low, top = (int(v) for v in torch.aminmax(y))
     if low < 0:  # cross_entropy would skip a row labelled -100 (its ignore_index): no attack
         raise ValueError(f"y must hold class labels >= 0, got {low}")
     ball = _ball(x, config)
     with _eval_mode(net):
+        if config.steps == 0:  # no ascent step checks the labels against the classes
+            with torch.no_grad():
+                _labels_fit(exit_logits(net, x), top)
         start = _start(x, ball, config)
         if form == "main":
             return _ascend(net, ball, start, _exit_ce(-1, y, top), config, None)
@@ -421,7 +436,7 @@ def slowdown(net: nn.Module, x: torch.Tensor, config: AttackConfig,
                 total = total - (logp.exp() * logp).sum(dim=1)
         return total
 
-    x = x.detach()
+    x = _plain(x)
     ball = _ball(x, config)
     with _eval_mode(net):
         return _ascend(net, ball, _start(x, ball, config), value, config, max(targets))

@@ -106,6 +106,9 @@ class Schedule:
     def train_attack(self) -> AttackConfig:
         """The training attack, pixel units: the test attack's eps and travel in
         ``train_steps`` steps."""
+        if isinstance(self.train_steps, bool) or not isinstance(self.train_steps, int) or (
+                self.train_steps < 1):
+            raise ValueError(f"train_steps must be an int >= 1, got {self.train_steps!r}")
         test = self.test_attack()
         return AttackConfig(test.eps, test.step * test.steps / self.train_steps,
                             self.train_steps, seed=self.seed)

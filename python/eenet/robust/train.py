@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn import MultiExitNetwork
-from ..train import Progress, device_of
+from ..train import Progress, check_labels, device_of, used_up
 from .attacks import AttackConfig, exit_logits, pgd
 
 __all__ = ["OPTIMIZERS", "SingleExit", "adversarial_train", "rdi_loss", "rdi_train",
@@ -82,19 +82,6 @@ def single_exit(net: MultiExitNetwork, reinit: bool = True, seed: int | None = 0
     return model
 
 
-def _check_labels(y: torch.Tensor, classes: int) -> None:
-    """y must be a 1-D integer tensor of labels in [0, classes): cross-entropy skips -100
-    silently, and on CUDA a label >= C is a device-side assert, not an error."""
-    if y.dim() != 1 or y.dtype.is_floating_point or y.dtype == torch.bool:
-        raise ValueError(f"y must be a 1-D tensor of integer labels, got shape "
-                         f"{tuple(y.shape)} and dtype {y.dtype}")
-    if y.numel():
-        low, top = (int(v) for v in torch.aminmax(y))
-        if low < 0 or top >= classes:
-            raise ValueError(f"y must hold class labels in [0, {classes}), got "
-                             f"{low if low < 0 else top}")
-
-
 def rdi_loss(clean: Sequence[torch.Tensor], adv: Sequence[torch.Tensor], y: torch.Tensor
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """RDI-Nets' training loss of one batch: ``sum_k (CE(clean_k) + CE(adv_k)) / 2``.
@@ -108,7 +95,7 @@ def rdi_loss(clean: Sequence[torch.Tensor], adv: Sequence[torch.Tensor], y: torc
     if not clean or len(clean) != len(adv):
         raise ValueError(f"rdi_loss needs the same non-zero number of clean and adversarial "
                          f"exits, got {len(clean)} and {len(adv)}")
-    _check_labels(y, clean[0].shape[-1])
+    check_labels(y, clean[0].shape[-1])
     clean_ce = torch.stack([F.cross_entropy(z.float(), y) for z in clean]).sum()
     adv_ce = torch.stack([F.cross_entropy(z.float(), y) for z in adv]).sum()
     return 0.5 * clean_ce + 0.5 * adv_ce, clean_ce.detach(), adv_ce.detach()
@@ -221,7 +208,9 @@ def _epoch(model: nn.Module, loader: Iterable[Any], attack: AttackConfig, form: 
     correct_clean: torch.Tensor | None = None
     correct_adv: torch.Tensor | None = None
     for batch in loader:
-        x, y = batch[0].to(dev), batch[1].to(dev).long()
+        x, y = batch[0].to(dev), batch[1].to(dev)
+        if not (y.is_floating_point() or y.is_complex() or y.dtype == torch.bool):
+            y = y.long()  # floating-point labels are refused (pgd), never cut to integers
         if y.shape[0] == 0:
             continue
         cfg = dataclasses.replace(attack, seed=attack.seed + batch_index + batches)
@@ -252,7 +241,7 @@ def _epoch(model: nn.Module, loader: Iterable[Any], attack: AttackConfig, form: 
         report.batch(epoch=epoch, clean=f"{sums['clean_loss'] / seen:.4f}",
                      adv=f"{sums['adv_loss'] / seen:.4f}")
     if seen == 0 or correct_clean is None or correct_adv is None:
-        raise ValueError("the loader yielded no samples")
+        raise used_up("the loader", epoch)
     record: dict[str, Any] = {"epoch": epoch}
     record.update({key: value / seen for key, value in sums.items()})
     record["clean_acc"] = [float(c) / seen for c in correct_clean.tolist()]
