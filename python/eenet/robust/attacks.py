@@ -84,7 +84,7 @@ class AttackConfig:
             value = float(value)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"AttackConfig.{name} must be finite and >= 0, got {value!r}")
-            object.__setattr__(self, name, float(value))
+            object.__setattr__(self, name, value)
         for name in ("steps", "seed"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):

@@ -646,11 +646,11 @@ class ServingEngine:
         self._running: list[_Row] = []
         self._runs = itertools.count()
         self.plans: dict[tuple, RebatchPlan] = {}
-        self._profiled: dict[tuple, RebatchPlan] = {}  # the groups "auto" profiled
         """The :class:`RebatchPlan` of each shape group seen (at most :data:`MAX_PLANS`), by
         group key (x's shape, dtype and device, then (name, shape, dtype, device) of each row
         input); the worker adds to it (read it, e.g. :meth:`describe_plans`, with that in
         mind)."""
+        self._profiled: dict[tuple, RebatchPlan] = {}  # the groups "auto" profiled
 
     # -- lifecycle -------------------------------------------------------------------------
 

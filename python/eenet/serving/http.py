@@ -552,8 +552,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             try:
                 if state == "closing":  # a call on a kept-alive connection as the server closes
-                    self.close_connection = True
-                    self._drain_body()
+                    self._drain_body()  # (its reply says Connection: close, see _send)
                     self._json(HTTPStatus.SERVICE_UNAVAILABLE,
                                {"error": "the server is shutting down", "type": "ServerClosing"})
                 else:
