@@ -11,17 +11,17 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from .runtime.timing import time_fn
 
 if TYPE_CHECKING:
     from .nn import MultiExitNetwork
+    from .nn.flops import FlopFormula
 
 
 @dataclass
@@ -98,19 +98,6 @@ def as_budget(budget: float | Budget) -> Budget:
     return budget if isinstance(budget, Budget) else Budget(float(budget), "fraction")
 
 
-def _prefix_runner(net: MultiExitNetwork, k: int, row_inputs: dict[str, torch.Tensor]):
-    """What a sample that leaves at exit k has run: stages 0..k and exit heads 0..k."""
-
-    def run(x: torch.Tensor) -> list[torch.Tensor]:
-        h, outs = x, []
-        for stage, head in zip(net.stages[: k + 1], net.heads[: k + 1], strict=True):
-            h = stage(h, **row_inputs)
-            outs.append(head(h, **row_inputs))
-        return outs
-
-    return run
-
-
 @torch.no_grad()
 def measure(net: MultiExitNetwork, example_batch: torch.Tensor, repeats: int = 10,
             warmup: int = 3, **row_inputs: torch.Tensor) -> Costs:
@@ -146,22 +133,22 @@ def measure(net: MultiExitNetwork, example_batch: torch.Tensor, repeats: int = 1
                                 "stage_ms": stage_ms, "head_ms": head_ms})
 
 
-@torch.no_grad()
 def count_flops(net: MultiExitNetwork, example_batch: torch.Tensor,
+                formulas: Mapping[Any, FlopFormula] | None = None,
                 **row_inputs: torch.Tensor) -> Costs:
-    """Counted cumulative FLOPs per sample per exit (``torch.utils.flop_counter``);
+    """Counted cumulative FLOPs per sample per exit: exit k's cost is the FLOPs of stages
+    0..k and heads 0..k, each counted once by :meth:`eenet.nn.MultiExitNetwork.flops`
+    (``torch.utils.flop_counter`` with the attention and recurrent-layer formulas of
+    :mod:`eenet.nn.flops`, and ``formulas`` for ops of your own). A stage or head holding
+    weight matrices that counts 0 FLOPs raises ValueError. ``meta`` keeps the terms,
+    ``stage_flops`` and ``head_flops`` (K values each, per sample), and ``batch_size``;
     ``row_inputs`` as in :func:`measure`."""
-    was_training = net.training
-    net.eval()
-    n = max(1, example_batch.shape[0])
-    values = []
-    for k in range(net.num_exits):
-        counter = FlopCounterMode(display=False)
-        with counter:
-            _prefix_runner(net, k, row_inputs)(example_batch)
-        values.append(counter.get_total_flops() / n)
-    net.train(was_training)
-    return Costs(values, "flops", {"batch_size": n})
+    counted = net.flops(example_batch, formulas, **row_inputs)
+    values = list(itertools.accumulate(s + h for s, h in zip(counted.stages, counted.heads,
+                                                             strict=True)))
+    return Costs(values, "flops", {"batch_size": max(1, example_batch.shape[0]),
+                                   "stage_flops": counted.stages,
+                                   "head_flops": counted.heads})
 
 
 def report(costs: Costs, exit_index: torch.Tensor, budget: float | Budget) -> dict[str, float]:

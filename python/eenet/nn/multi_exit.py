@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
+from .flops import FlopFormula, check_counted, count_call
 from .heads import ExitHead
 
 __all__ = ["ChainStage", "ExitFlops", "FirstTokenIfSequence", "MultiExitNetwork",
@@ -156,30 +156,42 @@ class MultiExitNetwork(nn.Module):
         return outs
 
     @torch.no_grad()
-    def flops(self, example_input: torch.Tensor, **row_inputs: torch.Tensor) -> ExitFlops:
+    def flops(self, example_input: torch.Tensor,
+              formulas: Mapping[Any, FlopFormula] | None = None,
+              **row_inputs: torch.Tensor) -> ExitFlops:
         """FLOPs per sample of every stage and exit head on ``example_input`` (N, ...),
-        counted by ``torch.utils.flop_counter`` in eval mode (the mode is restored);
+        counted by ``torch.utils.flop_counter`` in eval mode (the mode is restored), with
+        the formulas of :mod:`eenet.nn.flops` (attention, recurrent layers) and
+        ``formulas`` (op packet -> :data:`eenet.nn.flops.FlopFormula`) for ops of your own;
         ``row_inputs`` as in :meth:`forward`. ``.head_fractions`` gives each head's cost
-        relative to the backbone."""
+        relative to the backbone.
+
+        Raises ValueError when a stage or head that holds weight matrices counts 0 FLOPs
+        (an op without a formula), and warns when it counts fewer than 2 per matrix value
+        (:func:`eenet.nn.flops.check_counted`).
+        """
         was_training = self.training
         self.eval()
         n = max(1, int(example_input.shape[0]))
-        stages: list[float] = []
-        heads: list[float] = []
+        counts: dict[str, list[float]] = {"stage": [], "head": []}
+
+        def counted(what: str, k: int, module: nn.Module, h: torch.Tensor) -> torch.Tensor:
+            def call() -> torch.Tensor:
+                return module(h, **row_inputs)
+
+            total, out = count_call(call, formulas)
+            counts[what].append(total / n)
+            check_counted(f"{what} {k}", module, total / n, call, formulas)
+            return out
+
         try:
             h = example_input
-            for stage, head in zip(self.stages, self.heads, strict=True):
-                counter = FlopCounterMode(display=False)
-                with counter:
-                    h = stage(h, **row_inputs)
-                stages.append(counter.get_total_flops() / n)
-                counter = FlopCounterMode(display=False)
-                with counter:
-                    head(h, **row_inputs)
-                heads.append(counter.get_total_flops() / n)
+            for k, (stage, head) in enumerate(zip(self.stages, self.heads, strict=True)):
+                h = counted("stage", k, stage, h)
+                counted("head", k, head, h)
         finally:
             self.train(was_training)
-        return ExitFlops(stages, heads)
+        return ExitFlops(counts["stage"], counts["head"])
 
 
 class ChainStage(nn.Module):
