@@ -36,13 +36,16 @@ def softmax_stats(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
     logits of any magnitude (unshifted, both terms are ~max z and cancel), and no log of a
     zero probability. A class whose probability underflows to 0 adds nothing to the sum,
     also where its shifted logit is -inf (finite logits whose spread exceeds the float32
-    range). Rows with a NaN/inf logit give NaN conf.
+    range). Rows with a NaN/inf logit give NaN conf. conf is clamped at 0: for a (nearly)
+    uniform row, float32 rounding puts H a few ulp above log C, which would give a score
+    below the [0, 1] range thresholds are set and checked in.
     """
     shifted = logits - logits.amax(dim=1, keepdim=True)
     p = torch.softmax(logits, dim=1)
     p_t = torch.where(p > 0, p * shifted, torch.zeros_like(p))
     entropy = torch.logsumexp(shifted, dim=1) - p_t.sum(dim=1)
-    return p, p.max(dim=1).values, 1.0 - entropy / math.log(logits.shape[1])
+    conf = (1.0 - entropy / math.log(logits.shape[1])).clamp_min(0.0)  # NaN stays NaN
+    return p, p.max(dim=1).values, conf
 
 
 def _required(t: torch.Tensor | None, name: str, policy: str) -> torch.Tensor:

@@ -275,3 +275,25 @@ def test_heuristic_thresholds_clear_every_validation_score(cls: type) -> None:
     policy = cls.fit_logits(logits, costs, 0.5)
     scores = policy.scores(logits)
     assert min(_gaps(scores, policy.thresholds)) > GAP
+
+
+def test_entropy_fit_on_a_uniform_first_exit_serves() -> None:
+    """A zero (untrained or dead) first head gives uniform logits; with C = 7 their float32
+    entropy score was -1.2e-7, the fit at the first exit's cost put its threshold there, and
+    the engine refused the policy. Scores are clamped at 0, so the fit serves, every sample
+    leaves at exit 0 as the budget asks."""
+    from eenet.policies import collect_exit_logits
+    from eenet.runtime import Engine
+
+    net = _mlp(classes=7)
+    with torch.no_grad():
+        net.heads[0].classifier.weight.zero_()
+        net.heads[0].classifier.bias.zero_()
+    x = torch.randn(64, 10)
+    costs = count_flops(net, x)
+    logits, _ = collect_exit_logits(net, [(x, torch.zeros(64, dtype=torch.long))])
+    policy = Entropy.fit_logits(logits, costs, costs.values[0] / costs.full)
+    assert all(0.0 <= t <= NEVER_EXIT for t in policy.thresholds)
+    assert policy.decide(logits)[0].tolist() == [0] * 64
+    result = Engine(net, policy)(x)
+    assert result.exit_index.tolist() == [0] * 64

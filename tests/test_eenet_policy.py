@@ -26,6 +26,7 @@ from eenet.policies.base import ExitPolicy, ExitRule
 from eenet.policies.eenet import (
     EENet,
     balance_weights,
+    calibrate,
     eenet_loss,
     scheduler_inputs,
     tilted_fractions,
@@ -264,6 +265,27 @@ def test_thresholds_meet_the_target_fractions(budget: float) -> None:
         taken = int((s >= policy.thresholds[k]).sum())
         assert abs(taken / n - expected[k]) <= 1.0 / n + 1e-12, (k, taken, expected[k] * n)
         remaining &= ~(scores[:, k] >= policy.thresholds[k])
+
+
+@pytest.mark.parametrize(("exits", "pi_first"), [(12, None), (4, 1e-12)])
+def test_calibration_reaches_budgets_near_the_first_exit(exits: int, pi_first: float | None
+                                                         ) -> None:
+    """A budget just above exit 0's cost needs nearly every sample to leave there: with many
+    exits, or a scheduler that puts almost no mass on exit 0, the tilt must go far past the
+    initial span (at +-30 over 11 steps, exit 0 got at most 93.5% of the samples)."""
+    g = torch.Generator().manual_seed(3)
+    n = 2000
+    scores = torch.rand(n, exits, generator=g)
+    correct = torch.rand(n, exits, generator=g) < 0.7
+    pi_mean = torch.full((exits,), 1.0 / exits, dtype=torch.float64)
+    if pi_first is not None:
+        pi_mean[0] = pi_first
+        pi_mean /= pi_mean.sum()
+    costs = Costs([float(k + 1) for k in range(exits)], "flops")
+    for budget in (1.01, 1.05):
+        cal = calibrate(scores, pi_mean, correct, costs, budget)
+        assert 0.99 * budget - 1e-9 <= cal["cost"] <= budget + 1e-9, (budget, cal["cost"])
+        assert cal["cost"] == pytest.approx(costs.expected(cal["exit_index"]), rel=1e-12)
 
 
 @pytest.mark.parametrize("budget", BUDGETS)

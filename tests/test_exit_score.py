@@ -548,7 +548,7 @@ def test_reference_matches_float64(row: dict[str, Any]) -> None:
     if row["threshold"] == "at_score" and bool(finite.any()):  # score == threshold exits
         at = res.score == threshold
         assert bool(at.any()) and bool(res.exit_mask[at].all()), ctx
-    if row["threshold"] == "all" and case.policy != "entropy":  # scores >= 0
+    if row["threshold"] == "all":  # scores >= 0 (entropy's clamped at 0)
         assert bool(res.exit_mask[finite].all()), ctx
     if row["threshold"] == "none" and case.policy == "patience" and not is_last:
         assert not bool(res.exit_mask.any()), ctx
@@ -569,7 +569,7 @@ def run_parity_row(backend: str, row: dict[str, Any], threads: int = 1) -> None:
                             is_last=is_last, check_finite=not row["nonfinite"], backend=backend,
                             **kw)
     check_parity(out, expect, feats, weight, bias, case, kw, threshold, is_last, ctx)
-    if row["threshold"] == "all" and case.policy != "entropy":
+    if row["threshold"] == "all":
         assert bool(out.exit_mask[torch.isfinite(out.score)].all()), ctx
     if row["nonfinite"]:
         assert out.exit_mask[list(NONFINITE_ROWS)].tolist() == [is_last] * 2, ctx
@@ -882,6 +882,24 @@ def test_scores_exact_for_logits_of_any_magnitude(any_backend: str, policy: str)
         truth = 1 + (p * p.log().nan_to_num(neginf=0.0)).sum(dim=1) / math.log(6)
     torch.testing.assert_close(out.score.double(), truth, rtol=0, atol=2e-6)
     assert out.pred.tolist() == [3, 0, 0, 3, 0]
+
+
+@pytest.mark.parametrize("c", (2, 3, 5, 7, 10, 13, 100, 1000))
+def test_entropy_score_of_uniform_rows_is_zero_not_below(any_backend: str, c: int) -> None:
+    """Uniform logits have H = log C; in float32, H rounds a few ulp above log C for many C
+    (C = 7: 1 - H / log C = -1.2e-7), a score below [0, 1] that a fitted threshold of 0
+    would then have to undercut. Every backend clamps at 0, so threshold 0 takes them all
+    (a backend may still round a few ulp above 0); NaN rows stay NaN."""
+    z = torch.zeros(4, c)
+    z[1] = 2.5  # uniform at any offset
+    z[2, 0] = 1e-7  # next to uniform
+    z[3, 0] = math.nan
+    out = ek.exit_score(z, torch.eye(c), None, policy="entropy", threshold=0.0,
+                        check_finite=False, backend=any_backend)
+    assert all(0.0 <= v < 1e-6 for v in out.score[:2].tolist())
+    assert 0.0 <= float(out.score[2]) < 1e-5
+    assert math.isnan(float(out.score[3]))
+    assert out.exit_mask.tolist() == [True, True, True, False]
 
 
 @pytest.mark.parametrize("policy", ("entropy", "max_prob", "eenet"))

@@ -115,7 +115,7 @@ def test_rnn_formula_takes_the_weight_list_of_cudnn() -> None:
         2 * 18 * (32 * 16 + 32 * 8)
 
 
-@torch.library.custom_op("eenet_flops_test::matmul", mutates_args=())
+@torch.library.custom_op("flopcheck::matmul", mutates_args=())
 def _opaque_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return x @ w.t()
 
@@ -131,21 +131,21 @@ def _matmul_formula(x, w, *args, out_shape=None, **kwargs) -> int:
 
 def test_an_op_without_a_formula_is_an_error_not_a_zero() -> None:
     lin = nn.Linear(D, D)
-    stage = _Calls(lin, lambda m, h: torch.ops.eenet_flops_test.matmul(h, m.weight))
+    stage = _Calls(lin, lambda m, h: torch.ops.flopcheck.matmul(h, m.weight))
     net = _net([stage], D)
     x = torch.randn(N, D)
     with pytest.raises(ValueError, match=r"stage 0 \(_Calls\) counted 0 FLOPs.*"
-                                         r"without one: eenet_flops_test\.matmul\)"):
+                                         r"without one: flopcheck\.matmul\)"):
         count_flops(net, x)
-    costs = count_flops(net, x, formulas={torch.ops.eenet_flops_test.matmul: _matmul_formula})
+    costs = count_flops(net, x, formulas={torch.ops.flopcheck.matmul: _matmul_formula})
     assert costs.meta["stage_flops"] == [2 * D * D]
 
 
 def test_a_partly_counted_stage_warns() -> None:
     stage = _Calls(nn.ModuleList([nn.Linear(D, D), nn.Linear(D, D)]),
-                   lambda m, h: torch.ops.eenet_flops_test.matmul(m[0](h), m[1].weight))
+                   lambda m, h: torch.ops.flopcheck.matmul(m[0](h), m[1].weight))
     with pytest.warns(UserWarning, match=r"stage 0 .*fewer than the 1024 .*"
-                                         r"one: eenet_flops_test\.matmul\)"):
+                                         r"one: flopcheck\.matmul\)"):
         f = _net([stage], D).flops(torch.randn(N, D))
     assert f.stages == [2 * D * D]
 

@@ -130,7 +130,9 @@ EENET_X86_64_V3_CLONE RowDecision score_row(const ScoringInputs& in, int64_t i) 
   }
   const float max_p = 1.f / sum_e;
   const float entropy = std::log(sum_e) - sum_et / sum_e;
-  const float conf = 1.f - entropy / std::log(static_cast<float>(c));
+  const float conf_raw = 1.f - entropy / std::log(static_cast<float>(c));
+  // clamped at 0 as the reference does (a uniform row rounds a few ulp below); NaN stays NaN
+  const float conf = conf_raw < 0.f ? 0.f : conf_raw;
 
   const int64_t* prev = in.prev_preds ? in.prev_preds + i * in.history : nullptr;
   float score = 0.f;

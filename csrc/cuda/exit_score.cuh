@@ -173,7 +173,8 @@ EENET_HD RowDecision decide_row(const ExitParams& p, int64_t i, const ArgmaxStat
   }
   const float max_p = 1.f / s.e;
   const float entropy = logf(s.e) - s.et / s.e;
-  const float conf = 1.f - entropy / p.log_c;
+  const float conf_raw = 1.f - entropy / p.log_c;
+  const float conf = conf_raw < 0.f ? 0.f : conf_raw;  // the reference's clamp at 0
   float score = 0.f;
   if (p.policy == kMaxProb) {
     score = max_p;

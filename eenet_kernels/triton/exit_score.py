@@ -240,6 +240,7 @@ def _score_decide_write(
     max_p = 1.0 / sum_e_safe
     # H = logsumexp(z) - sum p z = log(sum_e) - sum e (z - m) / sum_e
     conf = 1.0 - (tl.log(sum_e_safe) - sum_et / sum_e_safe) * inv_log_c
+    conf = tl.where(conf < 0.0, 0.0, conf)  # the reference's clamp at 0; NaN stays NaN
 
     if POLICY == 2 or USE_VOTE:
         streak = tl.zeros([BLOCK_N], tl.int32)

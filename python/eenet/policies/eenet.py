@@ -554,17 +554,24 @@ def tilted_fractions(pi_mean: torch.Tensor, s: float, gamma: float = 1.0) -> tor
     return torch.softmax(gamma * log_pi + s * ramp, dim=0)
 
 
+# the widest tilt calibrate tries: exp(MAX_TILT / (K - 1)) between neighbouring exits
+# overwhelms any mean(pi) ratio float64 holds (1e-300 floor) for K up to ~1000
+MAX_TILT = 2.0 ** 20
+
+
 def calibrate(scores: torch.Tensor, pi_mean: torch.Tensor, correct: torch.Tensor, costs: Costs,
               budget: float, tol: float = 0.01, gammas: tuple[float, ...] = (1.0,),
               iterations: int = 40, span: float = 30.0) -> dict[str, Any]:
     """Thresholds from tilted mean(pi) fractions meeting ``budget`` (absolute) on this data.
 
     scores (N, K) float32 (the reference scores), pi_mean (K,), correct (N, K) bool.
-    For each gamma, bisects the tilt s in [-span, span] (:func:`tilted_fractions`) for the
-    largest achieved cost <= budget; among all settings visited whose cost lies in
-    [(1 - tol) B, B], returns the most accurate (else the costliest within budget, else the
-    cheapest). Returns ``thresholds``, ``fractions`` (the K targets), ``cost``, ``accuracy``,
-    ``exit_index`` (N,) int64, ``tilt`` and ``gamma``.
+    For each gamma, bisects the tilt s (:func:`tilted_fractions`) for the largest achieved
+    cost <= budget, in [-span, span] widened (doubling, up to ``MAX_TILT``) until its low end
+    meets the budget and its high end does not, so a budget near the first exit's cost is
+    reached however many exits there are and however small mean(pi) is at exit 0. Among all
+    settings visited whose cost lies in [(1 - tol) B, B], returns the most accurate (else the
+    costliest within budget, else the cheapest). Returns ``thresholds``, ``fractions`` (the
+    K targets), ``cost``, ``accuracy``, ``exit_index`` (N,) int64, ``tilt`` and ``gamma``.
     """
     n, k_exits = scores.shape
     rows = torch.arange(n)
@@ -583,6 +590,10 @@ def calibrate(scores: torch.Tensor, pi_mean: torch.Tensor, correct: torch.Tensor
         if k_exits == 1:
             continue
         lo, hi = -span, span
+        while lo > -MAX_TILT and evaluate(lo, gamma)["cost"] > budget:
+            lo *= 2
+        while hi < MAX_TILT and evaluate(hi, gamma)["cost"] <= budget:
+            hi *= 2
         for _ in range(iterations):
             mid = 0.5 * (lo + hi)
             ev = evaluate(mid, gamma)
