@@ -230,13 +230,15 @@ def _gaps(scores: torch.Tensor, thresholds: list[float]) -> list[float]:
 
 
 def _quantile_exits(scores: torch.Tensor, fractions: list[float]) -> torch.Tensor:
-    """Exit index (N,) with every threshold set on the quantile sample's own score."""
+    """Exit index (N,) with every threshold set on the quantile sample's own score, the
+    quantile taken so that about sum(fractions[:k + 1]) of the samples are gone by exit k."""
     n, k_exits = scores.shape
     exit_index = torch.full((n,), k_exits - 1, dtype=torch.int64)
     remaining = torch.ones(n, dtype=torch.bool)
     for k in range(k_exits - 1):
         s = scores[remaining, k]
-        want = min(round(fractions[k] * n), s.numel())
+        gone = n - int(remaining.sum())
+        want = min(round(sum(fractions[:k + 1]) * n) - gone, s.numel())
         if want > 0:
             v = torch.sort(s, descending=True).values[want - 1]
             leave = remaining & (scores[:, k] >= v)
@@ -297,3 +299,67 @@ def test_entropy_fit_on_a_uniform_first_exit_serves() -> None:
     assert policy.decide(logits)[0].tolist() == [0] * 64
     result = Engine(net, policy)(x)
     assert result.exit_index.tolist() == [0] * 64
+
+
+@pytest.mark.parametrize("cls", [MaxProb, Entropy], ids=lambda c: c.__name__)
+def test_nan_scores_at_one_exit_move_on_to_the_next(cls: type) -> None:
+    """10% of the rows have a NaN logit at exit 0 only. A budget of 0.9 c_0 + 0.1 c_1 + a
+    little is met by taking every other row at exit 0 and those at exit 1; with per-exit
+    targets the NaN rows fell through to the last exit and the fit went over budget."""
+    g = torch.Generator().manual_seed(0)
+    n = 400
+    logits = [torch.randn(n, 10, generator=g) * (k + 1) for k in range(4)]
+    logits[0][:40, 0] = math.nan
+    costs = Costs([1.0, 2.0, 3.0, 4.0], "flops")
+    asked = 0.9 * 1.0 + 0.1 * 2.0 + 0.05
+    policy = cls.fit_logits(logits, costs, asked / costs.full)
+    exits, _ = policy.decide(logits)
+    assert costs.expected(exits) <= asked + 1e-9
+    assert bool((exits[:40] >= 1).all())
+    assert costs.expected(exits) >= 0.99 * asked
+
+
+def test_thresholds_for_fractions_carry_a_shortfall_forward() -> None:
+    """Exit 0 can give only 2 of the 3 samples asked for (two NaN): exit 1 takes the one
+    missing as well as its own (per-exit targets left it to the last exit)."""
+    scores = torch.tensor([[0.9, 0.5, 0.0], [0.8, 0.6, 0.0], [math.nan, 0.3, 0.0],
+                           [math.nan, 0.1, 0.0]])
+    th = thresholds_for_fractions(scores, [0.75, 0.25, 0.0], never=1.0)
+    assert first_exit(scores, th)[0].tolist() == [0, 0, 1, 1]
+
+
+def test_heuristic_constructors_take_what_the_op_takes() -> None:
+    from eenet.policies import ExitPolicy
+
+    MaxProb([0.0, 1.0, NEVER_EXIT, 0.0])
+    Patience([0.0, 3.0, 100.0])
+    for cls, thresholds, why in (
+            (MaxProb, [1.5, 0.0], r"threshold 0 is 1\.5: a 'max_prob' threshold must be "
+                                  r"finite and in \[0, 1\] or NEVER_EXIT"),
+            (Entropy, [0.5, -0.2], r"threshold 1 is -0\.2: a 'entropy' threshold"),
+            (Patience, [-1.0, 0.0], r"threshold 0 is -1: a 'patience' threshold must be "
+                                    "finite and >= 0"),
+            (Patience, [math.inf, 0.0], "threshold 0 is inf")):
+        with pytest.raises(ValueError, match=why):
+            cls(thresholds)
+    for thresholds in ("05", ["0.5", 0.0], [True, 0.0]):
+        with pytest.raises(TypeError, match="thresholds must be a list of numbers"):
+            MaxProb(thresholds)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"not a valid MaxProb policy entry: .*list of numbers"):
+        ExitPolicy.from_dict({"class": "MaxProb", "thresholds": "05"})
+
+
+def test_costs_expected_and_measure_check_their_arguments() -> None:
+    costs = Costs([1.0, 2.0, 4.0], "flops")
+    assert costs.expected(torch.tensor([0, 2, 2], dtype=torch.int32)) == pytest.approx(3.0)
+    for bad, why in ((torch.tensor([0, -1]), r"in \[0, 3\) for these costs, got -1"),
+                     (torch.tensor([3, 0]), "got 3"),
+                     (torch.tensor([0.0, 1.0]), "must be integers"),
+                     (torch.tensor([True]), "must be integers")):
+        with pytest.raises(ValueError, match=why):
+            costs.expected(bad)
+    for kwargs, why in (({"repeats": 0}, "repeats must be an integer >= 1, got 0"),
+                        ({"warmup": -1}, "warmup must be an integer >= 0"),
+                        ({"repeats": 2.5}, "repeats must be an integer")):
+        with pytest.raises(ValueError, match=why):
+            measure(_mlp(), torch.randn(4, 10), **kwargs)

@@ -408,6 +408,21 @@ def test_constructor_validates_heads() -> None:
         EENet([0.5], [torch.zeros(2, C + 2)], [0.0])
     with pytest.raises(ValueError, match="too few"):
         EENet([0.5], [torch.zeros(3)], [0.0])
+    # what the engine's op would refuse is refused here, and in files
+    bad_w = [w[0], torch.full((C + 3,), math.nan), *w[2:]]
+    with pytest.raises(ValueError, match=r"sched_weights\[1\] has NaN/inf values"):
+        EENet([0.5] * K, bad_w, [0.0] * K)
+    with pytest.raises(ValueError, match=r"sched_biases must be finite, got \[0\.0, inf"):
+        EENet([0.5] * K, w, [0.0, math.inf, 0.0, 0.0])
+    with pytest.raises(ValueError, match=r"threshold 0 is 1\.5: a 'eenet' threshold must be "
+                                         r"finite and in \[0, 1\] or NEVER_EXIT"):
+        ExitPolicy.from_dict({"class": "EENet", "thresholds": [1.5] + [0.5] * (K - 1),
+                              "sched_weights": [x.tolist() for x in w],
+                              "sched_biases": [0.0] * K})
+    with pytest.raises(ValueError, match=r"not a valid EENet policy entry: .*list of numbers"):
+        ExitPolicy.from_dict({"class": "EENet", "thresholds": ["0.5"] * K,
+                              "sched_weights": [x.tolist() for x in w],
+                              "sched_biases": [0.0] * K})
 
 
 # -- fitting entry points ---------------------------------------------------------------------
@@ -423,6 +438,15 @@ def test_fit_rejects_bad_inputs() -> None:
         EENet.fit_logits(bad, labels, COSTS, 0.5)
     with pytest.raises(ValueError, match="labels"):
         EENet.fit_logits(logits, labels[:-1], COSTS, 0.5)
+    # an ignore label or a label past the classes would count as a wrong answer
+    for value, shown in ((-100, "-100"), (C, str(C))):
+        wrong = labels.clone()
+        wrong[7] = value
+        with pytest.raises(ValueError, match=rf"labels must hold class labels in \[0, {C}\), "
+                                             rf"got {shown}"):
+            EENet.fit_logits(logits, wrong, COSTS, 0.5)
+    with pytest.raises(ValueError, match="labels must be a 1-D tensor of integer labels"):
+        EENet.fit_logits(logits, labels.float() + 0.5, COSTS, 0.5)
     with pytest.raises(ValueError, match="below the cost of the first exit"):
         EENet.fit_logits(logits, labels, COSTS, 0.1)
     with pytest.raises(ValueError, match="shape"):

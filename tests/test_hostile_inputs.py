@@ -435,11 +435,14 @@ def test_mismatched_network(mode: str) -> None:
     with pytest.raises(ValueError, match="policy threshold 1 is nan: a 'max_prob' threshold "
                                          r"must be finite and in \[0, 1\]"):
         run(net, mutated, x)
-    with pytest.raises(ValueError, match=r"policy threshold 2 is 1\.5"):
-        run(net, MaxProb([0.5, 0.5, 1.5, 0.5]), x)
+    mutated.thresholds[1] = 1.5
+    with pytest.raises(ValueError, match=r"policy threshold 1 is 1\.5"):
+        run(net, mutated, x)
+    patience = Patience([1.0] * K)
+    patience.thresholds[0] = -1.0
     with pytest.raises(ValueError, match="policy threshold 0 is -1: a 'patience' threshold "
                                          "must be finite and >= 0"):
-        run(net, Patience([-1.0, 1.0, 1.0, 1.0]), x)
+        run(net, patience, x)
     with pytest.raises(TypeError, match=r"policy must be an eenet\.policies\.ExitPolicy, got "
                                         "NoneType"):
         run(net, None, x)  # type: ignore[arg-type]
@@ -488,5 +491,6 @@ def test_policy_oracle_on_hostile_logits(kind: str) -> None:
             (logits[:3], ValueError, "has 4 exit rules but the network has 3 exits")]:
         with pytest.raises(error, match=message):
             probe.decide(wrong)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="thresholds must be finite"):
+    with pytest.raises(ValueError, match="threshold 1 is inf: a 'max_prob' threshold must be "
+                                         "finite"):
         MaxProb([0.5, math.inf, 0.5, 0.0])

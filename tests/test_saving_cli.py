@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from eenet import cli, data, demo, models
-from eenet.budget import Costs
+from eenet.budget import Budget, Costs
 from eenet.nn import ExitHead, MultiExitNetwork, architecture_of, attach_exits
 from eenet.policies import EENet, Entropy, ExitPolicy, MaxProb, Patience
 from eenet.saving import fingerprint, load_model, load_policy, save_model, save_policy
@@ -335,7 +335,7 @@ def test_policy_round_trip(policy: ExitPolicy, tmp_path: os.PathLike) -> None:
     loaded, loaded_costs, info = load_policy(path, num_exits=4)
     assert type(loaded) is type(policy)
     assert loaded.thresholds == policy.thresholds
-    assert loaded_costs == costs and info["budget"] == 0.5
+    assert loaded_costs == costs and info["budget"] == Budget(0.5)
     logits = [torch.randn(20, 10) for _ in range(4)]
     for a, b in zip(loaded.decide(logits), policy.decide(logits), strict=True):
         torch.testing.assert_close(a, b)
@@ -346,6 +346,54 @@ def test_policy_round_trip(policy: ExitPolicy, tmp_path: os.PathLike) -> None:
     assert again.to_dict() == policy.to_dict() and again_costs == costs
     assert info["format"] == "eenet-policy" and info["format_version"] == 1
     assert info["meta"] == {"dataset": "digits"}
+
+
+def test_policy_file_keeps_the_budget_unit(tmp_path: os.PathLike) -> None:
+    """A budget in ms is written with its unit and read back as that Budget (it used to make
+    save raise); a bare number is a fraction, and a budget the costs cannot meet is refused
+    when written and when read."""
+    path = os.path.join(tmp_path, "policy.json")
+    costs = Costs([1.0, 2.0], "ms")
+    MaxProb([0.5, 0.0]).save(path, costs, Budget(1.5, "ms"))
+    with open(path) as f:
+        assert json.load(f)["budget"] == {"value": 1.5, "unit": "ms"}
+    _, _, info = load_policy(path)
+    assert info["budget"] == Budget(1.5, "ms")
+    save_policy(MaxProb([0.5, 0.0]), path, costs, 0.8)
+    assert load_policy(path)[2]["budget"] == Budget(0.8, "fraction")
+    for bad, why in ((1.5, r"fractional budget must lie in \(0, 1\]"),
+                     (Budget(1.5, "flops"), "costs are in 'ms'"),
+                     (Budget(0.5, "ms"), "below the cost of the first exit")):
+        with pytest.raises(ValueError, match=why):
+            save_policy(MaxProb([0.5, 0.0]), path, costs, bad)
+    assert load_policy(path)[2]["budget"] == Budget(0.8)  # the refused saves wrote nothing
+    with open(path) as f:
+        data = json.load(f)
+    for entry, why in (({"value": 2.0, "unit": "flops"}, "costs are in 'ms'"),
+                       ("half", "a budget is a number"), (True, "a budget is a number"),
+                       ({"value": 1.0}, "a budget is a number")):
+        with open(path, "w") as f:
+            json.dump({**data, "budget": entry}, f)
+        with pytest.raises(ValueError, match=f"bad 'budget' entry: .*{why}"):
+            load_policy(path)
+
+
+def test_served_policy_file_budget_keeps_its_unit(model_file: str,
+                                                  tmp_path: os.PathLike) -> None:
+    """The serving engine built from the files takes the budget in the unit it was saved in
+    (2.5 ms), not as a fraction of the full model."""
+    from eenet.serving.http import load_engine
+
+    k = load_model(model_file)[0].num_exits
+    path = os.path.join(tmp_path, "policy.json")
+    costs = Costs([float(i + 1) for i in range(k)], "ms")
+    save_policy(MaxProb([0.5] * (k - 1) + [0.0]), path, costs, Budget(2.5, "ms"))
+    engine = load_engine(model_file, path)
+    try:
+        stats = engine.snapshot()
+        assert stats.budget == 2.5 and stats.cost_unit == "ms"
+    finally:
+        engine.close()
 
 
 def test_policy_file_mismatch(tmp_path: os.PathLike) -> None:

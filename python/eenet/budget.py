@@ -51,9 +51,15 @@ class Costs:
         return torch.tensor(self.values, dtype=torch.float64, device=device)
 
     def expected(self, exit_index: torch.Tensor) -> float:
-        """Average cost per sample of the given exit assignment (N,) int."""
+        """Average cost per sample of the given exit assignment (N,) int, each in [0, K)."""
+        if exit_index.dtype.is_floating_point or exit_index.dtype == torch.bool:
+            raise ValueError(f"exit indices must be integers, got dtype {exit_index.dtype}")
         if exit_index.numel() == 0:
             return 0.0
+        low, top = (int(v) for v in torch.aminmax(exit_index))
+        if low < 0 or top >= len(self.values):
+            raise ValueError(f"exit indices must lie in [0, {len(self.values)}) for these "
+                             f"costs, got {low if low < 0 else top}")
         return float(self.tensor(exit_index.device)[exit_index.long()].mean())
 
     def to_dict(self) -> dict[str, Any]:
@@ -98,6 +104,25 @@ def as_budget(budget: float | Budget) -> Budget:
     return budget if isinstance(budget, Budget) else Budget(float(budget), "fraction")
 
 
+def budget_to_json(budget: float | Budget) -> float | dict[str, Any]:
+    """The JSON form of a budget: a fraction as a bare number, any other unit as
+    ``{"value": v, "unit": u}`` (read back by :func:`budget_from_json`)."""
+    b = as_budget(budget)
+    return b.value if b.unit == "fraction" else {"value": b.value, "unit": b.unit}
+
+
+def budget_from_json(entry: Any) -> Budget:
+    """The budget of :func:`budget_to_json`'s form; ValueError for anything else."""
+    if isinstance(entry, dict) and set(entry) == {"value", "unit"}:
+        value, unit = entry["value"], entry["unit"]
+    else:
+        value, unit = entry, "fraction"
+    if isinstance(value, bool) or not isinstance(value, int | float) or not isinstance(unit, str):
+        raise ValueError(f"a budget is a number (a fraction of the full model) or "
+                         f"{{'value': number, 'unit': str}}, got {entry!r}")
+    return Budget(float(value), unit)
+
+
 @torch.no_grad()
 def measure(net: MultiExitNetwork, example_batch: torch.Tensor, repeats: int = 10,
             warmup: int = 3, **row_inputs: torch.Tensor) -> Costs:
@@ -113,6 +138,9 @@ def measure(net: MultiExitNetwork, example_batch: torch.Tensor, repeats: int = 1
     e.g. a padded batch's ``attention_mask``) go to every stage and head, as in the network's
     forward.
     """
+    for name, value, least in (("repeats", repeats, 1), ("warmup", warmup, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
     was_training = net.training
     net.eval()
     device = example_batch.device

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .budget import Costs
+from .budget import Budget, Costs
 from .files import write_whole
 from .models import ARCHITECTURES, build
 from .nn import MultiExitNetwork, architecture_of
@@ -168,7 +168,8 @@ def fingerprint(net: nn.Module) -> str:
     return h.hexdigest()
 
 
-def save_policy(policy: ExitPolicy, path: str, costs: Costs, budget: float | None = None,
+def save_policy(policy: ExitPolicy, path: str, costs: Costs,
+                budget: float | Budget | None = None,
                 meta: dict[str, Any] | None = None) -> None:
     """Write a policy file with the costs the policy was fitted with (same format as
     :meth:`ExitPolicy.save`)."""

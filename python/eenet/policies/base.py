@@ -12,7 +12,7 @@ format::
     {"format": "eenet-policy", "format_version": 1,
      "policy": {"class": "MaxProb", "thresholds": [...], ...},   # ExitPolicy.to_dict()
      "costs": {"values": [...], "unit": "flops", "meta": {...}} or null,
-     "budget": 0.5 or null, "meta": {...}}
+     "budget": 0.5 (a fraction) or {"value": 2.5, "unit": "ms"} or null, "meta": {...}}
 
 Reading a file of another format or another version raises ``ValueError`` saying which.
 """
@@ -26,9 +26,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from eenet_kernels import reference
+from eenet_kernels import NEVER_EXIT, reference
 
-from ..budget import Costs
+from ..budget import Budget, Costs, as_budget, budget_from_json, budget_to_json
 from ..files import write_whole
 
 POLICY_FORMAT = "eenet-policy"
@@ -56,11 +56,19 @@ class ExitPolicy:
     registry: ClassVar[dict[str, type[ExitPolicy]]] = {}
 
     def __init__(self, thresholds: list[float]) -> None:
+        if isinstance(thresholds, str | bytes) or any(
+                isinstance(t, str | bytes | bool) for t in thresholds):
+            raise TypeError(f"thresholds must be a list of numbers, got {thresholds!r}")
         if len(thresholds) < 1:
             raise ValueError("a policy needs one threshold per exit (at least one exit)")
         self.thresholds = [float(t) for t in thresholds]
-        if not all(math.isfinite(t) for t in self.thresholds):
-            raise ValueError(f"thresholds must be finite, got {self.thresholds}")
+        kind = getattr(self, "kind", None)
+        for k, t in enumerate(self.thresholds):
+            why = threshold_problem(kind, t) if kind is not None else (
+                None if math.isfinite(t) else "must be finite")
+            if why is not None:
+                raise ValueError(f"threshold {k} is {t:g}: {why} (thresholds "
+                                 f"{self.thresholds})")
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -162,10 +170,11 @@ class ExitPolicy:
     def _from_dict(cls, data: dict[str, Any]) -> ExitPolicy:
         return cls(list(data["thresholds"]))
 
-    def save(self, path: str, costs: Costs | None = None, budget: float | None = None,
-             meta: dict[str, Any] | None = None) -> None:
+    def save(self, path: str, costs: Costs | None = None,
+             budget: float | Budget | None = None, meta: dict[str, Any] | None = None) -> None:
         """Write the policy file (module docstring), with the costs it was fitted with, the
-        budget and free-form ``meta`` (JSON-able)."""
+        budget (a fraction of the full model, or an :class:`eenet.budget.Budget` in the
+        costs' unit) and free-form ``meta`` (JSON-able)."""
         write_policy_file(path, self, costs, budget, meta)
 
     @classmethod
@@ -177,6 +186,16 @@ class ExitPolicy:
     def __repr__(self) -> str:
         ts = ", ".join(f"{t:.4g}" for t in self.thresholds)
         return f"{type(self).__name__}(thresholds=[{ts}])"
+
+
+def threshold_problem(kind: str, threshold: float) -> str | None:
+    """Why the ``exit_score`` op refuses ``threshold`` for policy ``kind`` (finite; in [0, 1]
+    or NEVER_EXIT for the probability-like scores, >= 0 for patience streaks), or None."""
+    high = math.inf if kind == "patience" else NEVER_EXIT
+    if math.isfinite(threshold) and 0.0 <= threshold <= high:
+        return None
+    where = ">= 0" if high == math.inf else "in [0, 1] or NEVER_EXIT (a closed exit)"
+    return f"a {kind!r} threshold must be finite and {where}"
 
 
 def first_exit(scores: torch.Tensor, thresholds: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,21 +211,31 @@ def first_exit(scores: torch.Tensor, thresholds: list[float]) -> tuple[torch.Ten
 
 
 def write_policy_file(path: str, policy: ExitPolicy, costs: Costs | None = None,
-                      budget: float | None = None, meta: dict[str, Any] | None = None) -> None:
+                      budget: float | Budget | None = None,
+                      meta: dict[str, Any] | None = None) -> None:
     """Write ``policy`` as a policy file (format ``eenet-policy``, ``format_version`` 1),
-    whole or not at all (:func:`eenet.files.write_whole`)."""
+    whole or not at all (:func:`eenet.files.write_whole`). ``budget``: a fraction of the
+    full model or a :class:`eenet.budget.Budget`; with ``costs``, it must be one they can
+    meet (:meth:`eenet.budget.Budget.absolute`), else ValueError and nothing is written."""
+    if costs is not None and len(costs.values) != policy.num_exits:
+        raise ValueError(f"the policy has {policy.num_exits} exits but the costs "
+                         f"{len(costs.values)}")
+    if budget is not None and costs is not None:
+        as_budget(budget).absolute(costs)
     data = {"format": POLICY_FORMAT, "format_version": POLICY_FORMAT_VERSION,
             "policy": policy.to_dict(), "costs": costs.to_dict() if costs is not None else None,
-            "budget": budget, "meta": dict(meta or {})}
+            "budget": budget_to_json(budget) if budget is not None else None,
+            "meta": dict(meta or {})}
     text = json.dumps(data, indent=2).encode()  # first: a bad meta writes nothing
     write_whole(path, lambda f: f.write(text))
 
 
 def read_policy_file(path: str, cls: type[ExitPolicy] = ExitPolicy
                      ) -> tuple[ExitPolicy, Costs | None, dict[str, Any]]:
-    """(policy, its costs or None, the whole file as a dict) of a policy file; ``cls``
-    restricts the policy class. Raises ``ValueError`` on anything but this format and
-    version, and on a file whose costs do not have one value per exit."""
+    """(policy, its costs or None, the whole file as a dict, with its ``"budget"`` entry
+    read as an :class:`eenet.budget.Budget` or None) of a policy file; ``cls`` restricts the policy
+    class. Raises ``ValueError`` on anything but this format and version, on a file whose
+    costs do not have one value per exit, and on a budget its costs cannot meet."""
     try:
         with open(path) as f:
             data = json.load(f)
@@ -244,4 +273,11 @@ def read_policy_file(path: str, cls: type[ExitPolicy] = ExitPolicy
         if len(costs.values) != policy.num_exits:
             raise ValueError(f"{path}: the policy has {policy.num_exits} exits but its costs "
                              f"{len(costs.values)}")
+    if data.get("budget") is not None:
+        try:
+            data["budget"] = budget_from_json(data["budget"])
+            if costs is not None:
+                data["budget"].absolute(costs)
+        except ValueError as exc:
+            raise ValueError(f"{path}: bad 'budget' entry: {exc}") from exc
     return policy, costs, data

@@ -21,6 +21,10 @@ def thresholds_for_fractions(scores: torch.Tensor, fractions: list[float] | torc
     """Greedy per-exit thresholds so that about ``fractions[k]`` of all N samples exit at k.
 
     scores (N, K) float32 (NaN never exits); fractions (K,) (the last one is implied).
+    The targets are cumulative: exit k takes what brings the samples gone by exit k to
+    about ``sum(fractions[:k + 1]) * N``, so a shortfall at one exit (too few samples with a
+    score there: NaN scores, which never exit) moves on to the next exit instead of to the
+    last, and tied samples taken beyond a target are taken off the next.
     ``never`` is the threshold used where no sample should exit: above every score the
     policy can give (``NEVER_EXIT`` for probability-like scores, which reach 1.0 exactly
     where they saturate); ``floor`` the bottom of the score range (0 for every policy's
@@ -37,12 +41,13 @@ def thresholds_for_fractions(scores: torch.Tensor, fractions: list[float] | torc
     """
     n, k_exits = scores.shape
     remaining = torch.ones(n, dtype=torch.bool, device=scores.device)
-    fr = torch.as_tensor(fractions, dtype=torch.float64).tolist()
+    cumulative = torch.as_tensor(fractions, dtype=torch.float64).cumsum(0).tolist()
     thresholds: list[float] = []
     for k in range(k_exits - 1):
         s = scores[remaining, k]
         s = s[~torch.isnan(s)]
-        want = min(round(fr[k] * n), s.numel())
+        gone = n - int(remaining.sum())
+        want = min(round(cumulative[k] * n) - gone, s.numel())
         if want <= 0:
             t = never
         else:

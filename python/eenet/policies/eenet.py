@@ -125,11 +125,16 @@ class EENet(ExitPolicy):
             if w.numel() != want:
                 raise ValueError(f"sched_weights[{k}] has {w.numel()} values, expected {want} "
                                  f"(C + 2 + k{' + 1' if use_vote else ''})")
+            if not bool(torch.isfinite(w).all()):
+                raise ValueError(f"sched_weights[{k}] has NaN/inf values")
         if weights[0].numel() - extra < 2:
             raise ValueError(f"sched_weights[0] has {weights[0].numel()} values: too few for "
                              f"C >= 2 classes (C + 2{' + 1' if use_vote else ''})")
+        biases = [float(b) for b in sched_biases]
+        if not all(math.isfinite(b) for b in biases):
+            raise ValueError(f"sched_biases must be finite, got {biases}")
         self.sched_weights = weights
-        self.sched_biases = [float(b) for b in sched_biases]
+        self.sched_biases = biases
         self.use_vote = bool(use_vote)
         self.fit_info: dict[str, Any] | None = None
 
@@ -537,10 +542,13 @@ def _prepare(logits: list[torch.Tensor], labels: torch.Tensor, costs: Costs) -> 
     n = base.shape[0]
     if n < 1:
         raise ValueError("EENet needs at least one validation sample")
-    y = labels.detach().to("cpu").long()
-    if y.shape != (n,):
-        raise ValueError(f"labels must have shape ({n},), got {tuple(y.shape)}")
-    return _Data(zs, base, vote, preds == y[:, None])
+    from ..train import check_labels
+
+    if tuple(labels.shape) != (n,):
+        raise ValueError(f"labels must have shape ({n},), got {tuple(labels.shape)}")
+    y = labels.detach().to("cpu")
+    check_labels(y, base.shape[2] - 2, "labels")  # -100 or >= C would count as wrong
+    return _Data(zs, base, vote, preds == y.long()[:, None])
 
 
 def tilted_fractions(pi_mean: torch.Tensor, s: float, gamma: float = 1.0) -> torch.Tensor:

@@ -25,7 +25,6 @@ the survivors out early) and counts every batch (:mod:`.telemetry`).
 
 from __future__ import annotations
 
-import math
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -157,7 +156,7 @@ def check_network(net: torch.nn.Module, policy: ExitPolicy) -> None:
     :class:`~eenet.policies.ExitPolicy` with one rule per exit, thresholds the op takes
     (finite; in [0, 1] or NEVER_EXIT for probability-like scores, >= 0 for patience
     streaks) and (if it has its own class count, as EENet's score heads do) the network's C."""
-    from ..policies.base import ExitPolicy
+    from ..policies.base import ExitPolicy, threshold_problem
 
     classes = check_exit_network(net)
     if not isinstance(policy, ExitPolicy):
@@ -165,12 +164,10 @@ def check_network(net: torch.nn.Module, policy: ExitPolicy) -> None:
                         f"{type(policy).__name__}")
     policy.check_network(len(net.heads))
     for k, rule in enumerate(policy.rules()):
-        t = rule.threshold
-        high = math.inf if rule.policy == "patience" else ek.NEVER_EXIT
-        if not (math.isfinite(t) and 0.0 <= t <= high):
-            where = ">= 0" if high == math.inf else "in [0, 1] or NEVER_EXIT (a closed exit)"
-            raise ValueError(f"policy threshold {k} is {t:g}: a {rule.policy!r} threshold "
-                             f"must be finite and {where} (thresholds {policy.thresholds})")
+        why = threshold_problem(rule.policy, rule.threshold)
+        if why is not None:  # a threshold changed after the policy was made
+            raise ValueError(f"policy threshold {k} is {rule.threshold:g}: {why} "
+                             f"(thresholds {policy.thresholds})")
     policy_classes = getattr(policy, "num_classes", None)
     if policy_classes is not None and policy_classes != classes[0]:
         raise ValueError(f"the {type(policy).__name__} policy's score heads are for "
