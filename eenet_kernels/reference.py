@@ -4,11 +4,13 @@ Shapes: N active rows, D features, S pooled positions, C classes, k earlier exit
 N0 rows of the original batch (output buffers).
 
 All arithmetic happens in float32 whatever the input dtype (fp16/bf16 inputs are upcast),
-so the reference is the "exact" side of every tolerance in the tests.
+also under ``torch.autocast`` (which would otherwise run the matmuls in half precision), so
+the reference is the "exact" side of every tolerance in the tests.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 
@@ -17,15 +19,33 @@ import torch
 from . import checks
 
 
+def autocast_on(t: torch.Tensor) -> bool:
+    """Whether ``torch.autocast`` is on for ``t``'s device type (False for a device type it
+    does not know, e.g. meta)."""
+    try:
+        return torch.is_autocast_enabled(t.device.type)
+    except RuntimeError:
+        return False
+
+
+def fp32_math(t: torch.Tensor) -> contextlib.AbstractContextManager[object]:
+    """A context in which torch ops on ``t``'s device type keep float32 inputs in float32:
+    autocast switched off there where it is on."""
+    if autocast_on(t):
+        return torch.autocast(t.device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def exit_logits(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                 ) -> torch.Tensor:
     """Exit classifier in fp32: feats (N, D) or (N, D, S) mean-pooled over S -> (N, C) float32."""
-    x = feats.float()
-    if x.dim() == 3:
-        x = x.mean(dim=2)
-    logits = x @ weight.float().t()
-    if bias is not None:
-        logits = logits + bias.float()
+    with fp32_math(feats):
+        x = feats.float()
+        if x.dim() == 3:
+            x = x.mean(dim=2)
+        logits = x @ weight.float().t()
+        if bias is not None:
+            logits = logits + bias.float()
     return logits
 
 
@@ -74,6 +94,17 @@ def policy_score(
       exit, k = 0, the vote term is absent rather than 0 times its weight).
     Rows with a NaN/inf logit get a NaN score.
     """
+    with fp32_math(logits):
+        score = _score(logits, policy, prev_scores, prev_preds, sched_weight, sched_bias,
+                       use_vote)
+    finite = torch.isfinite(logits).all(dim=1)
+    return torch.where(finite, score, torch.full_like(score, math.nan))
+
+
+def _score(logits: torch.Tensor, policy: str, prev_scores: torch.Tensor | None,
+           prev_preds: torch.Tensor | None, sched_weight: torch.Tensor | None,
+           sched_bias: float, use_vote: bool) -> torch.Tensor:
+    """:func:`policy_score` before the non-finite rows are set to NaN."""
     p, max_p, conf = softmax_stats(logits)
     pred = logits.argmax(dim=1)
 
@@ -97,9 +128,7 @@ def policy_score(
         score = torch.sigmoid(features @ weight + sched_bias)
     else:
         raise ValueError(f"eenet.policy_score: unknown policy {policy!r}")
-
-    finite = torch.isfinite(logits).all(dim=1)
-    return torch.where(finite, score, torch.full_like(score, math.nan))
+    return score
 
 
 def agreement_streak(pred: torch.Tensor, prev_preds: torch.Tensor) -> torch.Tensor:

@@ -902,6 +902,31 @@ def test_entropy_score_of_uniform_rows_is_zero_not_below(any_backend: str, c: in
     assert out.exit_mask.tolist() == [True, True, True, False]
 
 
+@pytest.mark.parametrize("pooled", (None, 5))
+def test_autocast_leaves_the_classifier_in_fp32(any_backend: str, pooled: int | None) -> None:
+    """Under ``torch.autocast`` (which would run a GEMM inside the op in bf16, ~1e-2 off)
+    both ops give the float64 logits of their fp32 inputs to fp32 rounding."""
+    g = torch.Generator().manual_seed(7)
+    shape = (33, 64) if pooled is None else (33, 64, pooled)
+    feats, weight, bias = (torch.randn(*shape, generator=g), torch.randn(5, 64, generator=g),
+                           torch.randn(5, generator=g))
+    pooled_feats = feats.double() if pooled is None else feats.double().mean(dim=2)
+    want = pooled_feats @ weight.double().t() + bias.double()
+    out_logits = torch.zeros(40, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = ek.exit_score(feats, weight, bias, policy="max_prob", threshold=0.5,
+                              backend=any_backend)
+        ek.exit_score_write(feats, weight, bias, policy="max_prob", threshold=0.5,
+                            is_last=True, row_index=torch.arange(33), exit_index=0,
+                            out_logits=out_logits, out_score=torch.zeros(40),
+                            out_exit=torch.full((40,), -1), backend=any_backend)
+    for got in (plain.logits, out_logits[:33]):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(plain.score.double(), torch.softmax(want, 1).amax(1),
+                               rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("policy", ("entropy", "max_prob", "eenet"))
 def test_never_exit_closes_an_exit_with_saturated_scores(any_backend: str, policy: str) -> None:
     """A softmax (or the scheduler's sigmoid) saturated in float32 scores exactly 1.0, so a

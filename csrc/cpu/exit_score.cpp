@@ -10,6 +10,7 @@
 #include <ATen/ops/mm.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -179,6 +180,8 @@ Prepared prepare(const at::Tensor& feats, const at::Tensor& weight,
                  const std::optional<at::Tensor>& prev_preds,
                  const std::optional<at::Tensor>& sched_weight, double sched_bias,
                  bool use_vote) {
+  // under torch.autocast the dispatcher would run the GEMM below in half precision
+  const c10::impl::ExcludeDispatchKeyGuard fp32_gemm(c10::autocast_dispatch_keyset);
   Prepared p;
   at::Tensor x = feats.to(at::kFloat);
   if (x.dim() == 3) x = x.mean(2);

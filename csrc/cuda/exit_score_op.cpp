@@ -10,6 +10,7 @@
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -82,7 +83,9 @@ ExitResult run_exit(const at::Tensor& feats, const at::Tensor& weight,
   TORCH_CHECK_VALUE(c < std::numeric_limits<int32_t>::max(), "eenet.", op,
                     ": weight must have C < 2^31 - 1 classes on CUDA, got C = ", c);
 
-  // 1-2. pooled / upcast features, then the fp32 GEMM (cuBLAS through ATen)
+  // 1-2. pooled / upcast features, then the fp32 GEMM (cuBLAS through ATen; autocast off,
+  // which would run it in half precision)
+  const c10::impl::ExcludeDispatchKeyGuard fp32_gemm(c10::autocast_dispatch_keyset);
   const at::Tensor x = feats.dim() == 3 ? mean_pool(feats, stream) : feats.to(at::kFloat);
   const at::Tensor w_t = weight.to(at::kFloat).t();
   at::Tensor logits = bias ? at::addmm(bias->to(at::kFloat), x, w_t) : at::mm(x, w_t);

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from .heads import TOKEN_POOLS, ExitHead, FirstToken, MaskedMeanPool, TokenPooler, head_row_inputs
+from .heads import (
+    TOKEN_POOLS,
+    ExitHead,
+    FirstToken,
+    MaskedMeanPool,
+    TokenPooler,
+    classifier_operands,
+    head_row_inputs,
+)
 from .hf import HF_HEADS, HFEncoderStage, hf_encoder_exits, pad_token_id
 from .multi_exit import (
     ChainStage,
@@ -29,6 +37,7 @@ __all__ = [
     "TokenPooler",
     "architecture_of",
     "attach_exits",
+    "classifier_operands",
     "conv_head_shape",
     "head_row_inputs",
     "hf_encoder_exits",

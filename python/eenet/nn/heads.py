@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from eenet_kernels.reference import autocast_on
+
 __all__ = ["TOKEN_POOLS", "ExitHead", "FirstToken", "MaskedMeanPool", "TokenPooler",
            "head_row_inputs"]
 
@@ -92,6 +94,22 @@ def head_row_inputs(head: Any, row_inputs: Mapping[str, torch.Tensor]
     that attribute) among those the batch carries: what to pass to ``head.features``."""
     names: Sequence[str] = getattr(head, "row_inputs", ())
     return {name: row_inputs[name] for name in names if name in row_inputs}
+
+
+def classifier_operands(head: Any, feats: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(feats, weight, bias)`` as the fused exit op takes them for ``head.classifier``:
+    one floating dtype. Under ``torch.autocast`` a stage's output, and so the features, can
+    come in another dtype than the classifier's parameters (bf16 features, fp32 weights);
+    there all three are cast to their promoted dtype, which loses nothing (the op computes in
+    fp32, as :func:`eenet_kernels.reference.exit_logits` does on the upcast values). Outside
+    autocast they are passed as they are, and the op refuses a mismatch."""
+    weight, bias = head.classifier.weight, head.classifier.bias
+    if (feats.dtype == weight.dtype or not feats.is_floating_point()
+            or not autocast_on(feats)):
+        return feats, weight, bias
+    dtype = torch.promote_types(feats.dtype, weight.dtype)
+    return (feats.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
 
 
 class ExitHead(nn.Module):

@@ -40,7 +40,7 @@ import torch
 
 import eenet_kernels as ek
 
-from ..nn.heads import head_row_inputs
+from ..nn.heads import classifier_operands, head_row_inputs
 
 COMPILE_BACKENDS: tuple[str, ...] = ("inductor", "aot_eager", "eager")
 """Backends of ``Engine(mode="compiled", compile_backend=...)``: ``inductor`` (default:
@@ -85,7 +85,8 @@ class CompactLoop(torch.nn.Module):
         last = len(self.stages) - 1
         for k, (stage, head) in enumerate(zip(self.stages, self.heads, strict=True)):
             h = stage(h, **inputs)
-            f = head.features(h, **head_row_inputs(head, inputs))
+            f, weight, bias = classifier_operands(
+                head, head.features(h, **head_row_inputs(head, inputs)))
             n = index.shape[0]
             prev_scores = prev_preds = None
             if self.needs_scores:
@@ -95,7 +96,7 @@ class CompactLoop(torch.nn.Module):
                 prev_preds = (torch.stack(preds, dim=1) if preds else
                               torch.zeros((n, 0), dtype=torch.int64, device=device))
             res = ek.exit_score_write(
-                f, head.classifier.weight, head.classifier.bias, row_index=index,
+                f, weight, bias, row_index=index,
                 exit_index=k, out_logits=out_logits, out_score=out_score, out_exit=out_exit,
                 prev_scores=prev_scores, prev_preds=prev_preds, **self.stage_kwargs[k])
             if k == last:

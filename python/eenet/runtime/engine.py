@@ -25,6 +25,7 @@ the survivors out early) and counts every batch (:mod:`.telemetry`).
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -35,7 +36,7 @@ import torch
 
 import eenet_kernels as ek
 
-from ..nn.heads import head_row_inputs
+from ..nn.heads import classifier_operands, head_row_inputs
 from .compiled import COMPILE_BACKENDS, CompactLoop, CompiledLoop
 from .graphs import DEFAULT_BUCKETS, CudaGraphs, GraphLoop, check_bucket_choice, check_buckets
 from .guard import BudgetGuard, GuardLedger
@@ -234,9 +235,14 @@ class _Buffers:
         """Bytes held, kept up to date as stage buffers are allocated."""
 
     def stage(self, k: int, like: torch.Tensor) -> torch.Tensor:
-        """Stage k's output buffer (B, *like.shape[1:]), like's dtype."""
+        """Stage k's output buffer (B, *like.shape[1:]), like's dtype and device; allocated
+        anew when stage k's output no longer fits the one held (the network was cast to
+        another dtype, or runs under autocast, since the buffers were made)."""
         buf = self.stage_out.get(k)
-        if buf is None:
+        if buf is None or (buf.dtype, buf.shape[1:], buf.device) != (
+                like.dtype, like.shape[1:], like.device):
+            if buf is not None:
+                self.nbytes -= _nbytes(buf)
             buf = like.new_empty((self.size, *like.shape[1:]))
             self.stage_out[k] = buf
             self.nbytes += _nbytes(buf)
@@ -293,9 +299,9 @@ class _MaskStep:
 
     def exit(self, k: int, h: torch.Tensor, rows: RowState) -> ek.ExitScore:
         head = self.heads[k]
-        res = ek.exit_score(exit_features(k, head, h, rows.rows, rows.inputs),
-                            head.classifier.weight, head.classifier.bias,
-                            prev_scores=rows.prev_scores(k),
+        f, weight, bias = classifier_operands(
+            head, exit_features(k, head, h, rows.rows, rows.inputs))
+        res = ek.exit_score(f, weight, bias, prev_scores=rows.prev_scores(k),
                             prev_preds=rows.prev_preds(k), **self.stage_kwargs[k])
         self._write(k, res, res.exit_mask & self.active)
         return res
@@ -343,10 +349,10 @@ class _CompactStep:
 
     def exit(self, k: int, h: torch.Tensor, rows: RowState) -> ek.ExitScore:
         head = self.heads[k]
+        f, weight, bias = classifier_operands(
+            head, exit_features(k, head, h, rows.rows, rows.inputs))
         return ek.exit_score_write(
-            exit_features(k, head, h, rows.rows, rows.inputs), head.classifier.weight,
-            head.classifier.bias,
-            row_index=rows.index, exit_index=k, out_logits=self.out.logits,
+            f, weight, bias, row_index=rows.index, exit_index=k, out_logits=self.out.logits,
             out_score=self.out.score, out_exit=self.out.exit_index,
             prev_scores=rows.prev_scores(k), prev_preds=rows.prev_preds(k),
             **self.stage_kwargs[k])
@@ -390,6 +396,10 @@ class Engine:
     ``features(h, **row_inputs)`` ((N, D) or (N, D, S)) and ``classifier`` (the Linear the
     fused kernel consumes). ``engine(x)`` returns an :class:`EngineOutput`.
 
+    Policy: the engine serves a copy of ``policy`` taken when it is made (:attr:`policy`
+    returns a copy of that copy), so every mode applies the same rules whatever later
+    happens to the object passed in; to serve changed thresholds, make a new engine.
+
     Row inputs: ``engine(x, name=t, ...)`` passes per-row side inputs t, each (N, ...) on x's
     device, to every stage as ``stage(h, name=t)`` (e.g. the ``attention_mask`` of padded
     transformer batches), and to every exit head that reads them (its ``row_inputs``
@@ -418,7 +428,15 @@ class Engine:
     dtype or shape the network does not take) comes back as ``TypeError`` (x's dtype is not
     the stage's parameters' dtype) or ``ValueError``, naming x, chained to the original; an
     exit head whose features do not fit its classifier raises ``ValueError`` naming the
-    head.
+    head. ``backend`` must be None or a name of :data:`eenet_kernels.BACKENDS`
+    (``ValueError`` at construction; whether it runs on x's device is known at the call).
+
+    Autocast and dtypes: under ``torch.autocast`` every mode runs the stages as autocast
+    has them, and an exit's features in another dtype than its classifier are cast with its
+    weights to their promoted dtype (:func:`eenet.nn.classifier_operands`), so the fused op
+    and the reference score in fp32 as without autocast. A network cast to another dtype
+    after the engine was made is served in the new dtype: compact mode's buffers and graph
+    mode's graphs follow it.
 
     Buffers: compact mode keeps its stage and row-state buffers per bucket of input shapes:
     the batch size rounded up by :func:`bucket_rows` (at most 1/8 more rows), the other
@@ -506,15 +524,17 @@ class Engine:
             if guard is not None and (costs.values, costs.unit) != (guard.costs.values,
                                                                      guard.costs.unit):
                 raise ValueError("costs differ from the guard's costs; give one of them")
+        if backend is not None and backend not in ek.BACKENDS:
+            raise ValueError(f"backend must be None or one of {ek.BACKENDS}, got {backend!r}")
         self.net = net.eval()
-        self.policy = policy
+        self._policy = copy.deepcopy(policy)  # served by every mode, whatever policy becomes
         self.mode = mode
         self.backend = backend
         self.guard = guard
         self.compile_backend = compile_backend
         self._compiled: dict[torch.device, CompiledLoop] = {}
         self._graphs: dict[torch.device, GraphLoop] = {}
-        self._rules = policy.rules()
+        self._rules = self._policy.rules()
         self._cache = _BufferCache(cache_shapes, cache_bytes)
         self._stage_kwargs_by_device: dict[torch.device, list[dict[str, Any]]] = {}
         self._lock = threading.Lock()
@@ -525,6 +545,11 @@ class Engine:
     @property
     def num_exits(self) -> int:
         return len(self.net.heads)
+
+    @property
+    def policy(self) -> ExitPolicy:
+        """A copy of the policy this engine serves (changing it changes nothing here)."""
+        return copy.deepcopy(self._policy)
 
     @property
     def buffer_bytes(self) -> int:
@@ -580,7 +605,7 @@ class Engine:
         try:
             with torch.no_grad():
                 if self.mode == "full":
-                    out = simulate(self.net, self.policy, x, guard=self.guard, **row_inputs)
+                    out = simulate(self.net, self._policy, x, guard=self.guard, **row_inputs)
                 elif self.mode == "mask":
                     out = self._run_mask(x, row_inputs)
                 elif self.mode == "compiled":
@@ -613,8 +638,8 @@ class Engine:
             raise ValueError(f"{purpose} the dispatcher's kernels "
                              f"({ek.ops.dispatcher_backend(device)!r} on {device}); backend "
                              f"{chosen!r} was requested")
-        return CompactLoop(self.net, stage_kwargs, self.policy.needs_scores,
-                           self.policy.needs_preds)
+        return CompactLoop(self.net, stage_kwargs, self._policy.needs_scores,
+                           self._policy.needs_preds)
 
     def exit_op_kwargs(self, device: torch.device) -> list[dict[str, Any]]:
         """Per exit, the keyword arguments of ``eenet_kernels.exit_score`` /
@@ -647,9 +672,9 @@ class Engine:
         rows = RowState(
             torch.arange(n, device=device),
             (torch.zeros(k, n, dtype=torch.float32, device=device)
-             if self.policy.needs_scores else None),
+             if self._policy.needs_scores else None),
             (torch.zeros(k, n, dtype=torch.int64, device=device)
-             if self.policy.needs_preds else None),
+             if self._policy.needs_preds else None),
             dict(row_inputs))
         run_stages(guarded_stages(self.net), x, rows, _MaskStep(
             self.net.heads, out, self.exit_op_kwargs(device), self._ledger(n)))
@@ -680,8 +705,8 @@ class Engine:
         if loop is None:
             choice = self.graph_bucket_choice
             backend = CudaGraphs(device, conditional=choice == "device")
-            loop = GraphLoop(self.net, self.exit_op_kwargs(device), self.policy.needs_scores,
-                             self.policy.needs_preds, backend, self.graph_buckets, choice,
+            loop = GraphLoop(self.net, self.exit_op_kwargs(device), self._policy.needs_scores,
+                             self._policy.needs_preds, backend, self.graph_buckets, choice,
                              max_signatures=self._cache.max_entries)
             self._graphs[device] = loop
         logits, exit_index, score = loop(x, row_inputs)
@@ -696,7 +721,7 @@ class Engine:
         size = bucket_rows(n0)
         key = (size, tuple(x.shape[1:]), x.dtype, device,
                tuple((name, tuple(t.shape[1:]), t.dtype) for name, t in row_inputs.items()))
-        buffers = self._cache.get(key, lambda: _Buffers(size, self.num_exits, self.policy,
+        buffers = self._cache.get(key, lambda: _Buffers(size, self.num_exits, self._policy,
                                                         device, row_inputs))
         stage_kwargs = self.exit_op_kwargs(device)
         try:

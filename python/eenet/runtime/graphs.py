@@ -20,9 +20,12 @@ survives.
 Graphs are captured on first use of a (stage, bucket) for an input signature (the trailing
 shapes and dtypes of x and of every row input); :attr:`GraphLoop.captures` counts them and
 :attr:`GraphLoop.nbytes` reports the static buffers' memory plus, on CUDA, what the
-captures reserved in their memory pool. A stage that cannot be captured (it synchronises
-with the host or allocates in a way CUDA graphs forbid) raises ``RuntimeError`` naming the
-stage and bucket.
+captures reserved in their memory pool. A graph reads the network's parameters and buffers
+where they were when it was captured: when one of them has moved since (``net.to`` another
+dtype or device, a ``.data`` replaced; an in-place ``load_state_dict`` moves nothing), every
+signature's graphs and buffers are dropped and captured again. A stage that cannot be
+captured (it synchronises with the host or allocates in a way CUDA graphs forbid) raises
+``RuntimeError`` naming the stage and bucket.
 
 Bucket choice on the device (``bucket_choice="device"``): instead of one graph per (stage,
 bucket) and a host read between stages, one graph per first-stage bucket holds the whole
@@ -69,7 +72,7 @@ import torch
 import eenet_kernels as ek
 from eenet_kernels import cuda_graphs
 
-from ..nn.heads import head_row_inputs
+from ..nn.heads import classifier_operands, head_row_inputs
 
 __all__ = ["BUCKET_CHOICES", "DEFAULT_BUCKETS", "IF_NODE_SOURCES", "CudaGraphs", "EagerGraphs",
            "GraphBackend", "GraphLoop", "choose_bucket", "conditional_nodes_missing",
@@ -346,6 +349,8 @@ class GraphLoop:
             raise ValueError(f"max_signatures must be a positive int, got {max_signatures!r}")
         self.stages = list(net.stages)
         self.heads = list(net.heads)
+        self._weights = [*net.parameters(), *net.buffers()]
+        self._weights_at: tuple = ()  # where they were when the plans were made
         self.stage_kwargs = [dict(kw) for kw in stage_kwargs]
         self.needs_scores = needs_scores
         self.needs_preds = needs_preds
@@ -368,6 +373,10 @@ class GraphLoop:
 
     def __call__(self, x: torch.Tensor, row_inputs: dict[str, torch.Tensor]
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        weights_at = tuple((t.data_ptr(), t.dtype) for t in self._weights)
+        if weights_at != self._weights_at:  # the graphs would read freed or retyped memory
+            self._plans.clear()
+            self._weights_at = weights_at
         n_all = x.shape[0]
         step = self.buckets[-1]
         parts = [self._run_chunk(x[i:i + step], {k: v[i:i + step] for k, v in
@@ -454,9 +463,10 @@ class GraphLoop:
         inputs = {name: t[:b] for name, t in src.inputs.items()}
         h = self.stages[k](src.x[:b], **inputs)
         head = self.heads[k]
-        f = head.features(h, **head_row_inputs(head, inputs))
+        f, weight, bias = classifier_operands(
+            head, head.features(h, **head_row_inputs(head, inputs)))
         res = ek.exit_score_write(
-            f, head.classifier.weight, head.classifier.bias, row_index=src.index[:b],
+            f, weight, bias, row_index=src.index[:b],
             exit_index=k, out_logits=plan.out_logits, out_score=plan.out_score,
             out_exit=plan.out_exit,
             prev_scores=None if src.scores is None else src.scores[:k, :b].t(),

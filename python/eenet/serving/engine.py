@@ -135,6 +135,7 @@ import torch
 
 import eenet_kernels as ek
 
+from ..nn.heads import classifier_operands
 from ..runtime.engine import Engine, check_network, exit_features, guarded_stages
 from .stats import ServingStats, StatsRecorder
 
@@ -596,15 +597,15 @@ class ServingEngine:
         if params and net_device != device:
             raise ValueError(f"the network is on {net_device} but config.device is {device}; "
                              "move the network there first")
+        batched = Engine(net, policy, telemetry=False)
         self.net = net.eval()
-        self.policy = policy
+        self.policy = batched.policy
         self.config = config
         self.device = device
         self.num_exits = len(net.heads)
         self.num_classes = net.heads[-1].classifier.out_features
         # the per-exit arguments of the fused op, exactly as the batched engine builds them
-        self._exit_kwargs: list[dict[str, Any]] = Engine(
-            net, policy, telemetry=False).exit_op_kwargs(device)
+        self._exit_kwargs: list[dict[str, Any]] = batched.exit_op_kwargs(device)
         self._stages = guarded_stages(net)
         self._heads = list(net.heads)
         first = next((p for p in net.stages[0].parameters() if p.is_floating_point()), None)
@@ -1118,9 +1119,8 @@ class ServingEngine:
                           torch.empty(n, 0, dtype=torch.int64, device=device))
         h = self._stages[k](x, **inputs)
         head = self._heads[k]
-        feats = exit_features(k, head, h, n, inputs)
-        res = ek.exit_score(feats, head.classifier.weight, head.classifier.bias,
-                            prev_scores=prev_scores, prev_preds=prev_preds,
+        feats, weight, bias = classifier_operands(head, exit_features(k, head, h, n, inputs))
+        res = ek.exit_score(feats, weight, bias, prev_scores=prev_scores, prev_preds=prev_preds,
                             **self._exit_kwargs[k])
         packed = torch.cat((res.logits.float(), res.score[:, None],
                             res.exit_mask[:, None].float()), dim=1)
@@ -1288,9 +1288,9 @@ class ServingEngine:
                          prev_s: torch.Tensor | None = prev_s,
                          prev_p: torch.Tensor | None = prev_p) -> torch.Tensor:
                     out = self._stages[k](h, **inputs)
-                    f = exit_features(k, head, out, b, inputs)
-                    res = ek.exit_score(f, head.classifier.weight, head.classifier.bias,
-                                        prev_scores=prev_s, prev_preds=prev_p,
+                    f, weight, bias = classifier_operands(
+                        head, exit_features(k, head, out, b, inputs))
+                    res = ek.exit_score(f, weight, bias, prev_scores=prev_s, prev_preds=prev_p,
                                         **self._exit_kwargs[k])
                     res.score.cpu()
                     return out
