@@ -114,6 +114,8 @@ def test_attack_defaults_are_the_papers() -> None:
     ({"clip": (1.0, 0.0)}, ValueError, "low < high"),
     ({"clip": (0.0,)}, ValueError, r"clip must be \(low, high\)"),
     ({"seed": 1.5}, TypeError, "seed must be an int"),
+    ({"seed": 2**63}, ValueError, r"seed must lie in \[-2\*\*63, 2\*\*63\)"),
+    ({"seed": -2**63 - 1}, ValueError, "seed must lie in"),
     ({"eps": "0.1"}, TypeError, "eps must be a number"),
 ])
 def test_config_rejects_bad_values(kwargs: dict, error: type, match: str) -> None:
@@ -338,6 +340,22 @@ def test_eps_zero_returns_x(trained: Trained) -> None:
                                exit_index=k), x)
 
 
+def test_inputs_within_the_slack_keep_the_eps_ball(trained: Trained) -> None:
+    """Inputs accepted a rounding's width outside the clip range: the result stays in the
+    eps ball (eps 0 returns x) and goes no further outside the range than x does."""
+    x, y = trained.x_val[:16].clone(), trained.y_val[:16]
+    x[:, :, 0, :] = -5e-6   # standardising rounding below 0 ...
+    x[:, :, 1, :] = 1 + 5e-6   # ... and above 1
+    assert torch.equal(pgd(trained.net, x, y, "average", AttackConfig(0.0, 0.01, 3)), x)
+    for eps in (0.1, 1e-6):
+        x_adv = pgd(trained.net, x, y, "average", AttackConfig(eps, eps / 4, 3))
+        assert float((x_adv - x).abs().max()) <= eps * (1 + 1e-6)
+        assert bool((x_adv >= torch.clamp(x, max=0.0)).all())
+        assert bool((x_adv <= torch.clamp(x, min=1.0)).all())
+        inside = (x >= 0) & (x <= 1)
+        assert bool(((x_adv >= 0) & (x_adv <= 1))[inside].all())
+
+
 def test_single_output_model_counts_as_one_exit(trained: Trained) -> None:
     model = single_exit(trained.net, reinit=False)
     x, y = trained.x_val[:8], trained.y_val[:8]
@@ -446,3 +464,19 @@ def test_on_cuda(trained: Trained, form: str, k: int | None) -> None:
             acc_gpu = _acc(net, x_adv, yc)
             acc_cpu = _acc(trained.net, _attack(trained.net, x, y, form, k), y)
         assert max(abs(a - b) for a, b in zip(acc_gpu, acc_cpu, strict=True)) <= 0.1
+
+
+@pytest.mark.parametrize(("labels", "match"), [
+    ([0, -100, 1], r"class labels in \[0, 4\), got -100"),
+    ([0, 4, 1], r"got 4"),
+    ([0.0, 1.0, 1.0], "integer labels"),
+])
+def test_summed_exit_loss_refuses_labels_it_cannot_score(labels: list, match: str) -> None:
+    """Cross-entropy gives a row labelled -100 no loss at all; the summed loss refuses it,
+    as pgd does, and takes int32 labels as int64."""
+    logits = [torch.randn(3, 4, generator=torch.Generator().manual_seed(k)) for k in range(2)]
+    with pytest.raises(ValueError, match=match):
+        summed_exit_loss(logits, torch.tensor(labels))
+    y = torch.tensor([0, 3, 1])
+    want = sum(torch.nn.functional.cross_entropy(z, y, reduction="none") for z in logits)
+    torch.testing.assert_close(summed_exit_loss(logits, y.int()), want)

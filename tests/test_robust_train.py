@@ -135,6 +135,26 @@ def test_rdi_train_deterministic_and_rng_neutral() -> None:
     assert all(torch.equal(s0[key], s1[key]) for key in s0)
 
 
+def test_batch_seeds_wrap_at_the_top_of_the_seed_range(monkeypatch: pytest.MonkeyPatch
+                                                       ) -> None:
+    """Batch b is attacked with seed + b, wrapped into [-2**63, 2**63): the largest seed an
+    AttackConfig takes trains on past its first batch."""
+    from eenet.robust import train as robust_train
+
+    seeds: list[int] = []
+
+    def recording(*args, **kwargs):
+        seeds.append(args[4].seed)
+        return pgd(*args, **kwargs)
+
+    monkeypatch.setattr(robust_train, "pgd", recording)
+    x, y = _digits()
+    torch.manual_seed(0)
+    rdi_train(_net(), _loader(x[:150], y[:150]), 1, AttackConfig(EPS, 0.1, 1, seed=2**63 - 2),
+              progress=False)
+    assert seeds == [2**63 - 2, 2**63 - 1, -2**63]
+
+
 def test_progress_prints_a_line_per_epoch(capsys: pytest.CaptureFixture[str]) -> None:
     x, y = _digits()
     loader = _loader(x[:50], y[:50])

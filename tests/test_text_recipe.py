@@ -107,6 +107,38 @@ def test_evaluate_policies_bookkeeping() -> None:
         assert abs(r.cost_flops - r.budget) < 0.1
 
 
+def test_report_of_a_reused_run_states_that_run(tmp_path, monkeypatch: pytest.MonkeyPatch
+                                                ) -> None:
+    """The report of a run read back (3 exits, 120 dev sentences, trained with 2 threads
+    elsewhere) states that run's split sizes, exit count, threads, CPU and torch, not the
+    defaults or the evaluating machine's; the evaluation's own go under "report"."""
+    from eenet.text import report as report_mod
+    from eenet.text.recipe import LOGITS_FILE, SST2Config
+
+    trained = SST2Config(out=str(tmp_path), exits_after=(2, 4), threads=2, dev_limit=120)
+    values = [0.34, 0.67, 1.0]
+    torch.save({"dev": _synthetic(120, 0).to_dict(), "test": _synthetic(90, 1).to_dict(),
+                "costs_flops": Costs([v * 1e6 for v in values], "flops").to_dict(),
+                "costs_ms": Costs([v * 2 for v in values], "ms", {"batch_size": 32}).to_dict(),
+                "history": [], "train_seconds": 60.0, "config": trained.to_dict(),
+                "cpu": "a training CPU", "torch": "9.9.9"}, tmp_path / LOGITS_FILE)
+    titles: list[str] = []
+    draw = report_mod.draw_accuracy_vs_cost
+    monkeypatch.setattr(report_mod, "draw_accuracy_vs_cost",
+                        lambda ax, curves, title: (titles.append(title), draw(ax, curves, title)))
+    content = report_mod.reproduce(SST2Config(out=str(tmp_path), threads=1), budgets=(0.6,),
+                                   resamples=100, eenet_options={"epochs": 3, "restarts": 1},
+                                   reuse=True, progress=False)
+    text = (tmp_path / "sst2.md").read_text()
+    assert "dev sentences (120)" in text and "test sentences (90)" in text
+    assert "on a training CPU with 2 thread(s) (torch 9.9.9)" in text
+    assert titles == ["SST-2 test: accuracy vs achieved cost (MiniLM-L6, 3 exits)"]
+    assert (content["threads"], content["cpu"], content["torch"]) == (2, "a training CPU",
+                                                                      "9.9.9")
+    assert content["report"]["threads"] == 1
+    assert content["report"]["torch"] == torch.__version__
+
+
 def test_compare_picks_the_best_heuristic_and_says_which_way() -> None:
     assert (verdict(0.01, 0.05), verdict(-0.02, 0.03), verdict(-0.05, -0.01)) == (
         "wins", "ties", "loses")

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .modes import eval_mode
 from .runtime.timing import time_fn
 
 if TYPE_CHECKING:
@@ -141,8 +142,6 @@ def measure(net: MultiExitNetwork, example_batch: torch.Tensor, repeats: int = 1
     for name, value, least in (("repeats", repeats, 1), ("warmup", warmup, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
-    was_training = net.training
-    net.eval()
     device = example_batch.device
     n = max(1, example_batch.shape[0])
 
@@ -151,11 +150,11 @@ def measure(net: MultiExitNetwork, example_batch: torch.Tensor, repeats: int = 1
 
     stage_ms, head_ms = [], []
     h = example_batch
-    for stage, head in zip(net.stages, net.heads, strict=True):
-        stage_ms.append(per_sample_ms(lambda stage=stage, h=h: stage(h, **row_inputs)))
-        h = stage(h, **row_inputs)
-        head_ms.append(per_sample_ms(lambda head=head, h=h: head(h, **row_inputs)))
-    net.train(was_training)
+    with eval_mode(net):
+        for stage, head in zip(net.stages, net.heads, strict=True):
+            stage_ms.append(per_sample_ms(lambda stage=stage, h=h: stage(h, **row_inputs)))
+            h = stage(h, **row_inputs)
+            head_ms.append(per_sample_ms(lambda head=head, h=h: head(h, **row_inputs)))
     values = list(itertools.accumulate(s + t for s, t in zip(stage_ms, head_ms, strict=True)))
     return Costs(values, "ms", {"batch_size": n, "device": str(device), "repeats": repeats,
                                 "stage_ms": stage_ms, "head_ms": head_ms})

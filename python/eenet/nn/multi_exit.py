@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..modes import eval_mode
 from .flops import FlopFormula, check_counted, count_call
 from .heads import ExitHead
 
@@ -170,8 +171,6 @@ class MultiExitNetwork(nn.Module):
         (an op without a formula), and warns when it counts fewer than 2 per matrix value
         (:func:`eenet.nn.flops.check_counted`).
         """
-        was_training = self.training
-        self.eval()
         n = max(1, int(example_input.shape[0]))
         counts: dict[str, list[float]] = {"stage": [], "head": []}
 
@@ -184,13 +183,11 @@ class MultiExitNetwork(nn.Module):
             check_counted(f"{what} {k}", module, total / n, call, formulas)
             return out
 
-        try:
+        with eval_mode(self):
             h = example_input
             for k, (stage, head) in enumerate(zip(self.stages, self.heads, strict=True)):
                 h = counted("stage", k, stage, h)
                 counted("head", k, head, h)
-        finally:
-            self.train(was_training)
         return ExitFlops(counts["stage"], counts["head"])
 
 

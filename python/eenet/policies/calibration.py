@@ -14,6 +14,7 @@ import torch
 
 from ..batches import check_padding, split_batch
 from ..budget import Costs
+from ..modes import eval_mode
 
 
 def thresholds_for_fractions(scores: torch.Tensor, fractions: list[float] | torch.Tensor,
@@ -135,23 +136,21 @@ def collect_exit_logits(net: torch.nn.Module, loader) -> tuple[list[torch.Tensor
     staged = getattr(net, "stages", None) is not None and getattr(net, "heads", None) is not None
     if staged:
         check_exit_network(net)
-    was_training = net.training
-    net.eval()
     per_exit: list[list[torch.Tensor]] = []
     labels = []
     first = next(net.parameters(), None)
     device = first.device if first is not None else torch.device("cpu")
-    for batch in loader:
-        x, y, row_inputs = split_batch(batch)
-        check_padding(net, x, row_inputs)
-        x, row_inputs = x.to(device), {k: v.to(device) for k, v in row_inputs.items()}
-        outs = every_exit_logits(net, x, row_inputs) if staged else net(x, **row_inputs)
-        if not per_exit:
-            per_exit = [[] for _ in outs]
-        for k, z in enumerate(outs):
-            per_exit[k].append(z.float().cpu())
-        labels.append(y.cpu())
-    net.train(was_training)
+    with eval_mode(net):
+        for batch in loader:
+            x, y, row_inputs = split_batch(batch)
+            check_padding(net, x, row_inputs)
+            x, row_inputs = x.to(device), {k: v.to(device) for k, v in row_inputs.items()}
+            outs = every_exit_logits(net, x, row_inputs) if staged else net(x, **row_inputs)
+            if not per_exit:
+                per_exit = [[] for _ in outs]
+            for k, z in enumerate(outs):
+                per_exit[k].append(z.float().cpu())
+            labels.append(y.cpu())
     if not per_exit:
         raise ValueError("the loader yielded no batches")
     return [torch.cat(z) for z in per_exit], torch.cat(labels).long()

@@ -39,15 +39,16 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..modes import eval_mode
 from ..nn import MultiExitNetwork
+from ..train import check_labels
 
 __all__ = ["CLIP_SLACK", "DEFAULTS", "FORMS", "SLOWDOWN_OBJECTIVES", "AttackConfig",
            "attack_defaults", "exit_logits", "pgd", "slowdown", "summed_exit_loss"]
@@ -65,8 +66,8 @@ class AttackConfig:
 
     ``random_start``: start uniform in the eps ball (else at x). ``clip``: the input range
     ``(low, high)`` every adversarial example is clipped to (inputs must lie inside it, up to
-    :data:`CLIP_SLACK` of its width), or None for no clipping. ``seed`` seeds the random
-    start. All in the input's units.
+    :data:`CLIP_SLACK` of its width), or None for no clipping. ``seed`` (in [-2**63, 2**63))
+    seeds the random start. All in the input's units.
     """
 
     eps: float
@@ -92,6 +93,9 @@ class AttackConfig:
             object.__setattr__(self, name, int(value))
         if self.steps < 0:
             raise ValueError(f"AttackConfig.steps must be >= 0, got {self.steps}")
+        if not -2**63 <= self.seed < 2**63:  # torch's generators take 64 bits; training
+            # derives seed + batch number, which must stay within them too
+            raise ValueError(f"AttackConfig.seed must lie in [-2**63, 2**63), got {self.seed}")
         if not isinstance(self.random_start, bool):
             raise TypeError(f"AttackConfig.random_start must be a bool, got "
                             f"{self.random_start!r}")
@@ -179,8 +183,17 @@ def exit_logits(net: nn.Module, x: torch.Tensor, upto: int | None = None
 
 
 def summed_exit_loss(logits: Sequence[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
-    """Per-sample cross-entropy summed over the exits: K tensors (N, C), y (N,) int64 ->
-    (N,) float32. The max-average attack's criterion."""
+    """Per-sample cross-entropy summed over the exits: K tensors (N, C), y (N,) integer
+    labels in [0, C) (``ValueError`` otherwise: cross-entropy would give a row labelled -100
+    no loss) -> (N,) float32. The max-average attack's criterion."""
+    if not logits:
+        raise ValueError("summed_exit_loss needs the logits of at least one exit")
+    check_labels(y, logits[0].shape[1])
+    return _summed_ce(logits, y.long())
+
+
+def _summed_ce(logits: Sequence[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+    """:func:`summed_exit_loss` on labels already checked (the attacks' inner loops)."""
     return torch.stack([F.cross_entropy(z.float(), y, reduction="none") for z in logits]).sum(0)
 
 
@@ -191,20 +204,8 @@ def _num_exits(net: nn.Module, x: torch.Tensor) -> int | None:
         return k
     if x.shape[0] == 0:
         return None
-    with _eval_mode(net), torch.no_grad():   # eval: no batch-norm statistics update
+    with eval_mode(net), torch.no_grad():   # eval: no batch-norm statistics update
         return len(exit_logits(net, x))
-
-
-@contextmanager
-def _eval_mode(net: nn.Module) -> Iterator[None]:
-    """Every submodule in eval mode for the block; each one's previous mode restored."""
-    modes = [(m, m.training) for m in net.modules()]
-    net.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 def _check_config(config: AttackConfig) -> None:
@@ -241,25 +242,28 @@ Ball = tuple[torch.Tensor, torch.Tensor]
 
 
 def _ball(x: torch.Tensor, config: AttackConfig) -> Ball:
-    """The eps ball around x as its (low, high) bounds in x's dtype: x -+ eps taken in
-    float64 and rounded toward x (in fp16/bf16 arithmetic eps itself is rounded first, and
-    the nearest value of x's dtype to x -+ eps may lie just outside the ball). Computed once
-    per attack: every projection of its steps uses it."""
+    """Where an adversarial example of x may lie, as (low, high) bounds in x's dtype: the
+    eps ball around x, x -+ eps taken in float64 and rounded toward x (in fp16/bf16
+    arithmetic eps itself is rounded first, and the nearest value of x's dtype to x -+ eps
+    may lie just outside the ball), intersected with the clip range, which is widened to
+    x where x lies (within the accepted slack) outside it: the result never leaves the
+    ball to reach the clip range, and never goes further outside it than x. The
+    intersection holds x. Computed once per attack: every projection of its steps uses
+    it."""
     wide = x.double()
     low, high = wide - config.eps, wide + config.eps
     lo, hi = low.to(x.dtype), high.to(x.dtype)
     lo = torch.where(lo.double() < low, torch.nextafter(lo, x), lo)
     hi = torch.where(hi.double() > high, torch.nextafter(hi, x), hi)
+    if config.clip is not None:
+        lo = torch.maximum(lo, x.clamp(max=config.clip[0]))
+        hi = torch.minimum(hi, x.clamp(min=config.clip[1]))
     return lo, hi
 
 
-def _project(x_adv: torch.Tensor, ball: Ball, config: AttackConfig) -> torch.Tensor:
-    """Onto the eps ball (:func:`_ball`), then into the clip range (x lies in it, so the
-    result stays in the ball)."""
-    x_adv = torch.minimum(torch.maximum(x_adv, ball[0]), ball[1])
-    if config.clip is not None:
-        x_adv = x_adv.clamp(config.clip[0], config.clip[1])
-    return x_adv
+def _project(x_adv: torch.Tensor, ball: Ball) -> torch.Tensor:
+    """Into the bounds of :func:`_ball`: the eps ball and the clip range."""
+    return torch.minimum(torch.maximum(x_adv, ball[0]), ball[1])
 
 
 def _plain(t: torch.Tensor) -> torch.Tensor:
@@ -276,7 +280,7 @@ def _start(x: torch.Tensor, ball: Ball, config: AttackConfig) -> torch.Tensor:
     g = torch.Generator(device="cpu").manual_seed(config.seed)
     noise = torch.rand(x.shape, generator=g, dtype=torch.float32)
     noise = ((2.0 * noise - 1.0) * config.eps).to(device=x.device, dtype=x.dtype)
-    return _project(x + noise, ball, config)
+    return _project(x + noise, ball)
 
 
 Objective = Callable[[list[torch.Tensor]], torch.Tensor]
@@ -292,7 +296,7 @@ def _ascend(net: nn.Module, ball: Ball, start: torch.Tensor, objective: Objectiv
             x_adv = x_adv.detach().requires_grad_(True)
             value = objective(exit_logits(net, x_adv, upto)).sum()
             (grad,) = torch.autograd.grad(value, x_adv)
-            x_adv = _project(x_adv.detach() + config.step * grad.sign(), ball, config)
+            x_adv = _project(x_adv.detach() + config.step * grad.sign(), ball)
     return x_adv.detach()
 
 
@@ -309,7 +313,7 @@ def _exit_ce(k: int, y: torch.Tensor, top: int) -> Objective:
 
 
 def _average_ce(y: torch.Tensor, top: int) -> Objective:
-    return lambda outs: summed_exit_loss(_labels_fit(outs, top), y) / len(outs)
+    return lambda outs: _summed_ce(_labels_fit(outs, top), y) / len(outs)
 
 
 # -- the attacks ---------------------------------------------------------------------------
@@ -324,7 +328,9 @@ def pgd(net: nn.Module, x: torch.Tensor, y: torch.Tensor, form: str, config: Att
     :data:`FORMS`;
     ``exit_index`` (0 <= k < K) only and always for ``"single"``. Returns x_adv, detached,
     with x's shape, dtype and device, ``|x_adv - x| <= eps`` elementwise and inside the clip
-    range. N = 0 returns an empty tensor. Raises ``ValueError`` on a bad argument.
+    range (where x itself lies within :data:`CLIP_SLACK` outside it, no further outside
+    than x: the eps ball comes first). N = 0 returns an empty tensor. Raises
+    ``ValueError`` on a bad argument.
     """
     if form not in FORMS:
         raise ValueError(f"unknown attack form {form!r}; one of {FORMS}")
@@ -356,7 +362,7 @@ def pgd(net: nn.Module, x: torch.Tensor, y: torch.Tensor, form: str, config: Att
     if low < 0:  # cross_entropy would skip a row labelled -100 (its ignore_index): no attack
         raise ValueError(f"y must hold class labels >= 0, got {low}")
     ball = _ball(x, config)
-    with _eval_mode(net):
+    with eval_mode(net):
         if config.steps == 0:  # no ascent step checks the labels against the classes
             with torch.no_grad():
                 _labels_fit(exit_logits(net, x), top)
@@ -371,7 +377,7 @@ def pgd(net: nn.Module, x: torch.Tensor, y: torch.Tensor, form: str, config: Att
         candidates = [_ascend(net, ball, start, _exit_ce(k, y, top), config, k)
                       for k in range(k_exits)]
         with torch.no_grad():
-            losses = torch.stack([summed_exit_loss(exit_logits(net, c), y)
+            losses = torch.stack([_summed_ce(exit_logits(net, c), y)
                                   for c in candidates], dim=1)         # (N, K)
         best = losses.argmax(dim=1)
         rows = torch.arange(x.shape[0], device=x.device)
@@ -438,5 +444,5 @@ def slowdown(net: nn.Module, x: torch.Tensor, config: AttackConfig,
 
     x = _plain(x)
     ball = _ball(x, config)
-    with _eval_mode(net):
+    with eval_mode(net):
         return _ascend(net, ball, _start(x, ball, config), value, config, max(targets))

@@ -20,12 +20,12 @@ from torch import nn
 
 from .. import budget as budget_mod
 from ..demo import bootstrap_interval
+from ..modes import eval_mode
 from ..nn import MultiExitNetwork
 from ..policies import ExitPolicy
 from ..runtime import BudgetGuard, Engine
 from .attacks import (
     AttackConfig,
-    _eval_mode,
     _num_exits,
     exit_logits,
     pgd,
@@ -125,14 +125,14 @@ def attack_inputs(net: nn.Module, x: torch.Tensor, y: torch.Tensor, config: Atta
 def exit_predictions(net: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     """Every exit's prediction on x: K tensors (N,) int64 (one for a single-output model);
     in eval mode, every submodule's mode restored afterwards."""
-    with _eval_mode(net):
+    with eval_mode(net):
         return [z.argmax(dim=1) for z in exit_logits(net, x)]
 
 
 @torch.no_grad()
 def summed_losses(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """(N,) cross-entropy summed over the exits (:func:`summed_exit_loss`), eval mode."""
-    with _eval_mode(net):
+    with eval_mode(net):
         return summed_exit_loss(exit_logits(net, x), y)
 
 
@@ -162,10 +162,16 @@ def serve(net: MultiExitNetwork, policy: ExitPolicy, x: torch.Tensor,
           ) -> Served:
     """Serve x (N, ...) in batches of ``batch_size`` with the runtime engine in compact
     mode under ``policy`` (and ``guard``, if any), as deployed; ``costs`` price the exits
-    for the telemetry."""
+    for the telemetry. The engine runs the network in eval mode; every submodule's mode is
+    restored afterwards."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    engine = Engine(net, policy, mode="compact", guard=guard, costs=costs)
+    with eval_mode(net):
+        return _serve(Engine(net, policy, mode="compact", guard=guard, costs=costs), x,
+                      batch_size)
+
+
+def _serve(engine: Engine, x: torch.Tensor, batch_size: int) -> Served:
     preds: list[torch.Tensor] = []
     exits: list[torch.Tensor] = []
     forced: list[torch.Tensor] = []

@@ -110,9 +110,10 @@ def rdi_train(net: nn.Module, loader: Iterable[Any], epochs: int, attack: Attack
 
     ``loader`` yields ``(x, y)``: x inside ``attack.clip``, y (N,) int labels. ``attack``:
     the training attack; batch b (counted from 0 over the whole run) is attacked with seed
-    ``attack.seed + b``. ``lr``: default 0.033 for ``"sgd"`` (momentum, weight decay as
-    given), 1e-3 for ``"adam"`` (weight decay as L2). ``seed`` seeds torch's RNG for the run
-    (shuffling, dropout) in a forked RNG state (None: the current RNG). ``device``: default
+    ``attack.seed + b`` (wrapped into [-2**63, 2**63)). ``lr``: default 0.033 for
+    ``"sgd"`` (momentum, weight decay as given), 1e-3 for ``"adam"`` (weight decay as L2).
+    ``seed`` seeds torch's RNG for the run (shuffling, dropout) in a forked RNG state (None:
+    the current RNG). ``device``: default
     where the parameters are (``net`` is moved there). ``progress``: on stderr, a tqdm bar
     on a terminal showing the running clean and adversarial loss, else one line per epoch.
 
@@ -213,7 +214,9 @@ def _epoch(model: nn.Module, loader: Iterable[Any], attack: AttackConfig, form: 
             y = y.long()  # floating-point labels are refused (pgd), never cut to integers
         if y.shape[0] == 0:
             continue
-        cfg = dataclasses.replace(attack, seed=attack.seed + batch_index + batches)
+        # wrapped into the 64 bits a seed may hold, as a generator would wrap it
+        seed = (attack.seed + batch_index + batches + 2**63) % 2**64 - 2**63
+        cfg = dataclasses.replace(attack, seed=seed)
         batches += 1
         model.train()
         x_adv = pgd(model, x, y, form, cfg)   # in eval mode, mode restored

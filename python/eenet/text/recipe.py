@@ -28,6 +28,7 @@ from .. import train
 from ..files import write_whole
 from ..nn import MultiExitNetwork, hf_encoder_exits
 from ..policies import collect_exit_logits
+from ..runtime.timing import cpu_name
 from ..saving import save_model
 from ..threads import intra_op_threads
 from . import data
@@ -175,7 +176,8 @@ def exit_costs(net: MultiExitNetwork, batch: dict[str, torch.Tensor], threads: i
 def run(cfg: SST2Config, progress: bool = True) -> dict[str, Any]:
     """Train, save the model, collect dev/test logits and costs; returns (and saves to
     ``<out>/sst2_logits.pt``) ``{"dev", "test": SplitLogits dicts, "costs_flops",
-    "costs_ms": Costs dicts, "history", "train_seconds", "config"}``."""
+    "costs_ms": Costs dicts, "history", "train_seconds", "config", "cpu", "torch"}`` (the
+    last two: where it trained and timed)."""
     os.makedirs(cfg.out, exist_ok=True)
     dev = data.read_sst2("dev", cfg.data_dir, limit=cfg.dev_limit, seed=cfg.seed)
     test = data.read_sst2("test", cfg.data_dir, limit=cfg.test_limit, seed=cfg.seed)
@@ -189,6 +191,7 @@ def run(cfg: SST2Config, progress: bool = True) -> dict[str, Any]:
         "dev": split_logits(net, dev_ids, pad, cfg).to_dict(),
         "test": split_logits(net, test_ids, pad, cfg).to_dict(),
         "costs_flops": flops.to_dict(), "costs_ms": ms.to_dict(),
-        "history": history, "train_seconds": seconds, "config": cfg.to_dict()}
+        "history": history, "train_seconds": seconds, "config": cfg.to_dict(),
+        "cpu": cpu_name(), "torch": str(torch.__version__)}
     write_whole(os.path.join(cfg.out, LOGITS_FILE), lambda f: torch.save(result, f))
     return result

@@ -75,7 +75,7 @@ def _auc_table(aucs: dict[str, list[float]]) -> str:
     return "\n".join(lines)
 
 
-def _plot(rows: list[PolicyRow], path: str) -> None:
+def _plot(rows: list[PolicyRow], exits: int, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -85,7 +85,7 @@ def _plot(rows: list[PolicyRow], path: str) -> None:
     curves = {name: [(r.cost_flops, r.accuracy, r.low, r.high) for r in rows
                      if r.policy == name] for name in dict.fromkeys(r.policy for r in rows)}
     draw_accuracy_vs_cost(ax, curves,
-                          "SST-2 test: accuracy vs achieved cost (MiniLM-L6, 5 exits)")
+                          f"SST-2 test: accuracy vs achieved cost (MiniLM-L6, {exits} exits)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -128,7 +128,9 @@ def reproduce(cfg: SST2Config, report: str | None = None,
     """Run the recipe (or, with ``reuse``, read ``<out>/sst2_logits.pt`` of an earlier
     run with :func:`load_run`, which raises when there is none), fit every policy on dev
     and evaluate on test at ``budgets``; writes ``report`` (default ``<out>/sst2.md``) with
-    ``.json`` and ``.png`` beside it. Returns the JSON content."""
+    ``.json`` and ``.png`` beside it. Returns the JSON content: its ``threads``, ``cpu`` and
+    ``torch`` are the run's (where it trained and timed the exits), ``report`` this
+    evaluation's (``threads``, ``cpu``, ``torch``) and ``seconds`` its wall time."""
     start = time.perf_counter()
     result = load_run(cfg.out) if reuse else run(cfg, progress)
     dev, test = SplitLogits.from_dict(result["dev"]), SplitLogits.from_dict(result["test"])
@@ -143,17 +145,21 @@ def reproduce(cfg: SST2Config, report: str | None = None,
     report = report or os.path.join(cfg.out, "sst2.md")
     base = os.path.splitext(report)[0]
     os.makedirs(os.path.dirname(os.path.abspath(report)), exist_ok=True)
-    _plot(rows, base + ".png")
+    _plot(rows, len(test.logits), base + ".png")
+    cfg_d = result["config"]
+    # where the run trained and timed its costs (not recorded by older runs)
+    trained_on = result.get("cpu", "an unrecorded CPU")
+    trained_with = result.get("torch", "unrecorded")
     content = {"config": result["config"], "train_seconds": result["train_seconds"],
                "history": result["history"], "costs_flops": result["costs_flops"],
                "costs_ms": result["costs_ms"], "dev_exit_accuracy": exit_accuracies(dev),
                "test_exit_accuracy": exit_accuracies(test), "rows": rows_to_dicts(rows),
-               "comparisons": rows_to_dicts(comps), "score_auc": aucs, "threads": cfg.threads,
-               "cpu": cpu_name(), "torch": torch.__version__,
-               "seconds": time.perf_counter() - start}
+               "comparisons": rows_to_dicts(comps), "score_auc": aucs,
+               "threads": cfg_d["threads"], "cpu": trained_on, "torch": trained_with,
+               "seconds": time.perf_counter() - start,
+               "report": {"threads": cfg.threads, "cpu": cpu_name(), "torch": torch.__version__}}
     with open(base + ".json", "w") as f:
         json.dump(content, f, indent=1)
-    cfg_d = result["config"]
     text = "\n".join([
         "# SST-2: every exit policy on a multi-exit all-MiniLM-L6-v2",
         "",
@@ -162,12 +168,12 @@ def reproduce(cfg: SST2Config, report: str | None = None,
         f"{'on' if cfg_d['autocast'] else 'off'}, word embeddings "
         f"{'frozen' if cfg_d['freeze_word_embeddings'] else 'trained'}, {cfg_d['head']}-pool "
         f"exit heads after layers {', '.join(map(str, cfg_d['exits_after']))} and 6; training "
-        f"took {result['train_seconds'] / 60:.1f} min on {cpu_name()} with "
-        f"{cfg_d['threads']} thread(s) (torch {torch.__version__}).",
-        "Policies are fitted on the dev sentences (872) and evaluated on the test sentences "
-        f"({len(test.labels)}); budgets are fractions of the full model's FLOPs; the latency "
-        f"costs were measured at batch {result['costs_ms']['meta'].get('batch_size')} on dev "
-        "sentences of median length.",
+        f"took {result['train_seconds'] / 60:.1f} min on {trained_on} with "
+        f"{cfg_d['threads']} thread(s) (torch {trained_with}).",
+        f"Policies are fitted on the dev sentences ({len(dev.labels)}) and evaluated on the "
+        f"test sentences ({len(test.labels)}); budgets are fractions of the full model's "
+        "FLOPs; the latency costs were measured at batch "
+        f"{result['costs_ms']['meta'].get('batch_size')} on dev sentences of median length.",
         "",
         "## The exits",
         "",
