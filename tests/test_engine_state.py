@@ -123,6 +123,30 @@ def test_graphs_are_captured_again_when_the_weights_move() -> None:
 # -- autocast --------------------------------------------------------------------------------
 
 
+def test_graphs_under_autocast_are_another_signature() -> None:
+    """Graphs captured under autocast run its half-precision kernels: the autocast dtype is
+    part of the signature, so a batch without autocast (or with another dtype) gets graphs
+    of its own, each matching compact mode under the same autocast."""
+    net = _mlp_net(seed=2)
+    policy = _median_policy(MaxProb, net, torch.randn(64, 10))
+    engine = Engine(net, policy, mode="compact")
+    loop = GraphLoop(net, engine.exit_op_kwargs(torch.device("cpu")), False, False,
+                     EagerGraphs(), (4, 16))
+    x = torch.randn(13, 10, generator=torch.Generator().manual_seed(2))
+    counts = []
+    with torch.no_grad():
+        for dtype in (None, torch.bfloat16, torch.float16, None, torch.bfloat16):
+            with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                logits, exit_index, score = loop(x, {})
+                want = engine(x)
+            assert exit_index.tolist() == want.exit_index.tolist(), dtype
+            torch.testing.assert_close(logits, want.logits, rtol=0, atol=0)
+            counts.append(loop.captures)
+    assert counts[0] < counts[1] < counts[2] == counts[3] == counts[4]
+
+
+
+
 def test_reference_scores_in_fp32_under_autocast() -> None:
     """The reference's classifier and EENet scheduler keep fp32 under autocast (which would
     run their matmuls in bf16, ~1e-2 off), against a float64 computation."""

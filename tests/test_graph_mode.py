@@ -9,6 +9,7 @@ booleans. The CUDA tests run the engine's ``mode="graph"`` itself."""
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 
 import pytest
@@ -465,3 +466,35 @@ def test_cuda_device_choice_runs_without_host_syncs(choice: str) -> None:
         torch.cuda.set_sync_debug_mode(0)
     for out, pattern in zip(outs, patterns, strict=True):
         assert out.exit_index.cpu().tolist() == pattern
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("choice", BUCKET_CHOICES)
+def test_cuda_graph_mode_under_autocast(choice: str) -> None:
+    """Captured under autocast, the graphs cast the weights themselves: autocast's cast
+    cache, whose bf16 copies are freed when its region ends (here overwritten with NaN by
+    the allocations that follow), is off during the capture. Autocast off is another
+    signature, captured anew in fp32."""
+    _needs_cuda(choice)
+    net = switch_net().cuda()
+    engine = Engine(net, MaxProb([0.9] * 3), mode="graph", graph_buckets=(1, 2, 4, 8),
+                    graph_bucket_choice=choice)
+    pattern = [0, 1, 2, 2, 1, 0, 2]
+    x = _switch_batch(pattern).cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        first = engine(x)  # captures
+    width = x.shape[1]
+    junk = [torch.full((width, width), math.nan, device="cuda", dtype=torch.bfloat16)
+            for _ in range(256)]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        captured = engine.graph_captures
+        again = engine(x)  # replays
+        assert engine.graph_captures == captured
+    plain = engine(x)
+    assert engine.graph_captures > captured
+    del junk
+    for out in (first, again, plain):
+        assert out.exit_index.cpu().tolist() == pattern
+        assert bool(torch.isfinite(out.logits).all())
+    torch.testing.assert_close(again.logits, first.logits, rtol=0, atol=0)
+    torch.testing.assert_close(plain.logits, first.logits, rtol=0, atol=0)

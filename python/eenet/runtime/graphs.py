@@ -18,14 +18,14 @@ compacts the survivors over the first of them, so no stale index of an earlier b
 survives.
 
 Graphs are captured on first use of a (stage, bucket) for an input signature (the trailing
-shapes and dtypes of x and of every row input); :attr:`GraphLoop.captures` counts them and
-:attr:`GraphLoop.nbytes` reports the static buffers' memory plus, on CUDA, what the
-captures reserved in their memory pool. A graph reads the network's parameters and buffers
-where they were when it was captured: when one of them has moved since (``net.to`` another
-dtype or device, a ``.data`` replaced; an in-place ``load_state_dict`` moves nothing), every
-signature's graphs and buffers are dropped and captured again. A stage that cannot be
-captured (it synchronises with the host or allocates in a way CUDA graphs forbid) raises
-``RuntimeError`` naming the stage and bucket.
+shapes and dtypes of x and of every row input, and the autocast dtype if autocast is on);
+:attr:`GraphLoop.captures` counts them and :attr:`GraphLoop.nbytes` reports the static
+buffers' memory plus, on CUDA, what the captures reserved in their memory pool. A graph
+reads the network's parameters and buffers where they were when it was captured: when one of
+them has moved since (``net.to`` another dtype or device, a ``.data`` replaced; an in-place
+``load_state_dict`` moves nothing), every signature's graphs and buffers are dropped and
+captured again. A stage that cannot be captured (it synchronises with the host or allocates
+in a way CUDA graphs forbid) raises ``RuntimeError`` naming the stage and bucket.
 
 Bucket choice on the device (``bucket_choice="device"``): instead of one graph per (stage,
 bucket) and a host read between stages, one graph per first-stage bucket holds the whole
@@ -71,6 +71,7 @@ import torch
 
 import eenet_kernels as ek
 from eenet_kernels import cuda_graphs
+from eenet_kernels.reference import autocast_on
 
 from ..nn.heads import classifier_operands, head_row_inputs
 
@@ -202,11 +203,22 @@ class _WithBodies:
         self.graph.replay()
 
 
+def _uncached_casts() -> contextlib.AbstractContextManager[object]:
+    """Under CUDA autocast, autocast again with its cast cache off: a graph captured with
+    the cache on would read the bf16/fp16 copies of the weights that the cache holds, which
+    are freed when the caller's autocast region ends, instead of casting them itself."""
+    if torch.is_autocast_enabled("cuda") and torch.is_autocast_cache_enabled():
+        return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"),
+                              cache_enabled=False)
+    return contextlib.nullcontext()
+
+
 class CudaGraphs:
     """``torch.cuda.CUDAGraph`` capture on ``device``: two warm-up calls on a side stream
     (lazy initialisations and autotuning happen outside the capture), then the capture into
     a memory pool that every graph of this backend shares (they replay one after another on
-    one stream, and their temporaries are dead between replays). ``conditional=True``
+    one stream, and their temporaries are dead between replays). Under autocast the capture
+    runs with autocast's cast cache off (the graph casts the weights itself). ``conditional=True``
     enables :meth:`branch`, with IF nodes from ``if_nodes`` (one of
     :data:`IF_NODE_SOURCES`; ``RuntimeError`` saying what is missing where that source has
     none)."""
@@ -245,14 +257,15 @@ class CudaGraphs:
         current.wait_stream(stream)
 
     def capture(self, fn: Callable[[], None]) -> Replayable:
-        self._run_on(self.stream, fn, times=2)
-        before = torch.cuda.memory_reserved(self.device)
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph, pool=self.pool):
-                fn()
-        finally:
-            bodies, self._bodies = self._bodies, []
+        with _uncached_casts():
+            self._run_on(self.stream, fn, times=2)
+            before = torch.cuda.memory_reserved(self.device)
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph, pool=self.pool):
+                    fn()
+            finally:
+                bodies, self._bodies = self._bodies, []
         self._reserved += max(0, torch.cuda.memory_reserved(self.device) - before)
         return _WithBodies(graph, bodies) if bodies else graph
 
@@ -494,7 +507,8 @@ class GraphLoop:
 
     def _plan(self, x: torch.Tensor, row_inputs: dict[str, torch.Tensor]) -> _Plan:
         key = (tuple(x.shape[1:]), x.dtype, x.device,
-               tuple((name, tuple(t.shape[1:]), t.dtype) for name, t in row_inputs.items()))
+               tuple((name, tuple(t.shape[1:]), t.dtype) for name, t in row_inputs.items()),
+               torch.get_autocast_dtype(x.device.type) if autocast_on(x) else None)
         plan = self._plans.pop(key, None)
         if plan is None:
             while len(self._plans) >= self.max_signatures:
