@@ -141,6 +141,7 @@ def test_graphs_under_autocast_are_another_signature() -> None:
                 want = engine(x)
             assert exit_index.tolist() == want.exit_index.tolist(), dtype
             torch.testing.assert_close(logits, want.logits, rtol=0, atol=0)
+            torch.testing.assert_close(score, want.score, rtol=0, atol=0)
             counts.append(loop.captures)
     assert counts[0] < counts[1] < counts[2] == counts[3] == counts[4]
 

@@ -976,6 +976,44 @@ def test_bad_inputs_raise_at_submit_or_fail_their_own_future() -> None:
     assert stats.failed == 2 and stats.answered == 9 and stats.submitted == 11
 
 
+def test_submit_keeps_its_own_copy_of_the_sample() -> None:
+    """A caller refilling its buffer right after submit (a preallocated input buffer) does
+    not change the queued request: the worker is held in stage 0 by an earlier request while
+    the buffers are submitted and then overwritten."""
+    net = _mlp()
+    gate = _Gate()
+    net.stages[0] = _Wrap(net.stages[0], gate)
+    g = torch.Generator().manual_seed(3)
+    x, xs = torch.randn(WIDTH, generator=g), torch.randn(6, WIDTH, generator=g)
+    want = simulate(_mlp(), _never_exits(), torch.cat([x[None], xs]))
+    with ServingEngine(net, _never_exits(), ServingConfig(max_batch=8)) as engine:
+        first = engine.submit(torch.zeros(WIDTH))
+        assert gate.entered.wait(10)
+        buf, bufs = x.clone(), xs.clone()
+        one, many = engine.submit(buf), engine.submit_many(bufs)
+        buf.fill_(7.0)
+        bufs.fill_(-7.0)
+        gate.open.set()
+        assert isinstance(first.result(timeout=10), Answer)
+        for i, fut in enumerate([one, *many]):
+            _check(fut.result(timeout=10), want, i)
+
+
+def test_deadlines_take_any_real_number() -> None:
+    """NumPy scalars and 0-dim tensors are numbers of seconds too; bools, 1-element
+    tensors of another shape, NaN and values <= 0 are refused naming the argument."""
+    np = pytest.importorskip("numpy")
+    with ServingEngine(_mlp(), _never_exits()) as engine:
+        for deadline in (np.float32(30), np.int64(30), torch.tensor(30.0), torch.tensor(30),
+                         30, 30.0):
+            assert isinstance(engine.submit(torch.randn(WIDTH), deadline_s=deadline
+                                            ).result(timeout=10), Answer), deadline
+        for bad in (True, torch.tensor([30.0]), torch.tensor(True), np.float32("nan"),
+                    torch.tensor(0.0), -1, "30", math.inf):
+            with pytest.raises(ValueError, match="deadline_s must be None or a finite real"):
+                engine.submit(torch.randn(WIDTH), deadline_s=bad)
+
+
 def test_config_is_checked() -> None:
     for bad in ({"max_batch": 0}, {"buckets": (4, 2)}, {"max_wait_ms": -1},
                 {"queue_size": 0}, {"on_full": "drop"}, {"retries": -1}, {"max_profiles": 0},

@@ -327,6 +327,9 @@ def test_parse_predict_units() -> None:
         (b'{"input_ids": [[1, 2]], "attention_mask": [[1]]}', "must match"),
         (b'{"input_ids": [[1, 2]], "attention_mask": [[1, 2]]}', "0 (padding) and 1"),
         (b'{"input_ids": [[[1, 2]]]}', "(n, L) token ids"),
+        (b'{"input_ids": [[]]}', "input_ids holds no values"),
+        (b'{"input_ids": [[]], "attention_mask": [[]]}', "input_ids holds no values"),
+        (b'{"input_ids": [[1]], "deadline_ms": 5e-324}', "deadline_ms must be a positive"),
     ]:
         with pytest.raises(BadRequest, match=message.replace("(", r"\(").replace(")", r"\)")):
             parse_predict(body, InputSpec("input_ids", (None,)))

@@ -122,6 +122,32 @@ def test_build_app_checks_the_files_in_the_caller(files, tmp_path: os.PathLike) 
         build_app(model, policy, max_batch=0)
 
 
+@needs_ray
+def test_failed_samples_leave_no_unretrieved_future_behind(files, caplog) -> None:
+    """A call whose samples fail (a 1 ns deadline) is answered 504, and asyncio has nothing
+    to complain about when the futures it waited on are collected (it logged "Future
+    exception was never retrieved" once per failed sample)."""
+    import asyncio
+    import gc
+    import json
+
+    from eenet.serving import ray_app
+    from eenet.serving.http import parse_predict
+
+    model, policy, _, _, x = files
+    replica = ray_app.EENetReplica(model, policy, {"max_batch": 4}, metrics_interval_s=0)
+    try:
+        call = parse_predict(json.dumps({"inputs": x[:3].tolist(), "deadline_ms": 1e-6}),
+                             replica.spec)
+        with caplog.at_level("ERROR", logger="asyncio"):
+            (status, reply), = asyncio.run(replica._run_batch([call]))
+            gc.collect()
+        assert status == 504 and reply["type"] == "DeadlineExceeded"
+        assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
+    finally:
+        replica.engine.close()
+
+
 def test_missing_ray_names_the_serve_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     from eenet.serving import ray_app
 

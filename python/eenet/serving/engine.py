@@ -122,6 +122,7 @@ from __future__ import annotations
 import atexit
 import itertools
 import math
+import numbers
 import threading
 import time
 import weakref
@@ -218,6 +219,24 @@ def _is_int(v: object) -> bool:
 
 def _is_real(v: object) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _seconds(v: object) -> float | None:
+    """``v`` as a finite float: a real number (int, float, a NumPy scalar) or a 0-dim real
+    tensor; None for anything else (a bool, a string, NaN, inf)."""
+    if isinstance(v, torch.Tensor):
+        if v.dim() != 0 or v.dtype == torch.bool or v.is_complex():
+            return None
+        v = v.item()
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        return None
+    f = float(v)
+    return f if math.isfinite(f) else None
+
+
+def _private(t: torch.Tensor) -> torch.Tensor:
+    """A copy of a submitted tensor that the caller cannot change."""
+    return t.detach().clone()
 
 
 @dataclass(frozen=True)
@@ -723,10 +742,11 @@ class ServingEngine:
                **row_inputs: torch.Tensor) -> Future:
         """Queue one sample ``x`` (no batch dimension, e.g. (1, 28, 28) or (L,) token ids)
         with its row inputs (no batch dimension, e.g. ``attention_mask`` (L,)); returns a
-        ``Future[Answer]``. ``deadline_s``: seconds from now (see ``on_deadline``);
-        ``callback(future)`` runs once when the future is done (answered, failed or
-        cancelled). Raises ``QueueFull``, ``EngineClosed`` or an input error (class
-        docstring)."""
+        ``Future[Answer]``. ``deadline_s``: seconds from now, a real number > 0 (see
+        ``on_deadline``); ``callback(future)`` runs once when the future is done (answered,
+        failed or cancelled). The engine keeps a copy of ``x`` and the row inputs, so the
+        caller may refill its buffers as soon as ``submit`` returns. Raises ``QueueFull``,
+        ``EngineClosed`` or an input error (class docstring)."""
         submitted = time.monotonic()
         deadline = self._deadline(submitted, deadline_s)
         self._check_tensor("x", x)
@@ -735,7 +755,8 @@ class ServingEngine:
             self._check_tensor(f"row input {name!r}", t)
         if callback is not None and not callable(callback):
             raise TypeError(f"callback must be callable, got {type(callback).__name__}")
-        row = self._make_row(x, dict(row_inputs), submitted, deadline, callback)
+        row = self._make_row(_private(x), {name: _private(t) for name, t in row_inputs.items()},
+                             submitted, deadline, callback)
         self._admit([row])
         return row.fut
 
@@ -743,7 +764,8 @@ class ServingEngine:
                     callback: Callable[[Future], object] | None = None,
                     **row_inputs: torch.Tensor) -> list[Future]:
         """:meth:`submit` of each of the n samples of ``xs`` (n, ...), with the matching rows
-        of every row input (n, ...): n futures, admitted all together or not at all."""
+        of every row input (n, ...): n futures, admitted all together or not at all (the
+        engine keeps a copy of ``xs`` and the row inputs, as ``submit`` does)."""
         submitted = time.monotonic()
         deadline = self._deadline(submitted, deadline_s)
         self._check_tensor("xs", xs)
@@ -758,7 +780,9 @@ class ServingEngine:
                                  f"({n}, ...), got {tuple(t.shape)}")
         if callback is not None and not callable(callback):
             raise TypeError(f"callback must be callable, got {type(callback).__name__}")
-        rows = [self._make_row(xs[i], {name: t[i] for name, t in row_inputs.items()},
+        xs = _private(xs)
+        inputs = {name: _private(t) for name, t in row_inputs.items()}
+        rows = [self._make_row(xs[i], {name: t[i] for name, t in inputs.items()},
                                submitted, deadline, callback) for i in range(n)]
         self._admit(rows)
         return [r.fut for r in rows]
@@ -771,10 +795,12 @@ class ServingEngine:
     def _deadline(now: float, deadline_s: float | None) -> float:
         if deadline_s is None:
             return math.inf
-        if not _is_real(deadline_s) or deadline_s <= 0:
-            raise ValueError(f"deadline_s must be None or a finite number of seconds > 0, got "
+        seconds = _seconds(deadline_s)
+        if seconds is None or seconds <= 0:
+            raise ValueError(f"deadline_s must be None or a finite real number of seconds > 0 "
+                             f"(an int, a float, a NumPy scalar or a 0-dim tensor), got "
                              f"{deadline_s!r}")
-        return now + float(deadline_s)
+        return now + seconds
 
     def _check_tensor(self, what: str, t: object) -> None:
         if not isinstance(t, torch.Tensor):

@@ -232,6 +232,8 @@ def _tensor(value: Any, name: str, integer: bool, dtype: torch.dtype = torch.flo
                          f"{str(exc).splitlines()[0]}") from None
     if t.dtype == torch.bool:
         t = t.to(torch.int64)
+    if t.numel() == 0:  # (an empty list parses as float32, whatever it stands for)
+        raise BadRequest(f"{name} holds no values: every sample needs at least one")
     if integer:
         if t.dtype.is_floating_point or t.dtype.is_complex:
             raise BadRequest(f"{name} must hold integers")
@@ -298,11 +300,11 @@ def parse_predict(body: bytes | str, spec: InputSpec | None = None,
                 else math.nan
         except OverflowError:
             value = math.inf
-        if not (math.isfinite(value) and value > 0):
+        deadline_s = value / 1000.0
+        if not (math.isfinite(value) and deadline_s > 0):  # (5e-324 ms is 0 s)
             shown = repr(ms) if len(repr(ms)) <= 40 else repr(ms)[:37] + "..."
             raise BadRequest(f"deadline_ms must be a positive, finite number of milliseconds, "
                              f"got {shown}")
-        deadline_s = value / 1000.0
     return Predict(x, rows, deadline_s)
 
 

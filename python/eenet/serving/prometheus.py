@@ -51,7 +51,8 @@ def require_prometheus() -> Any:
 _COUNTERS = (
     ("submitted", "Requests submitted to the engine (one per sample)."),
     ("answered", "Requests answered."),
-    ("failed", "Requests whose stage run failed (StageFailed)."),
+    ("failed", "Requests that failed: StageFailed, DeadlineExceeded, EngineClosed or an "
+               "internal error (deadline_errors_total counts the DeadlineExceeded ones)."),
     ("cancelled", "Requests cancelled before they were answered."),
     ("rejected", "Requests refused because the admission queue was full (QueueFull)."),
     ("deadline_forced", "Requests answered at an earlier exit because their deadline "

@@ -233,7 +233,10 @@ class EENetReplica:
             return error_reply(futs)
         timeout = call_timeout(call, self.request_timeout_s)
         wrapped = [asyncio.wrap_future(f) for f in futs]
-        _, pending = await asyncio.wait(wrapped, timeout=timeout)
+        done, pending = await asyncio.wait(wrapped, timeout=timeout)
+        for w in done:  # the answers are read from futs: mark the wrappers' failures seen,
+            if not w.cancelled():  # or asyncio logs each one when it is collected
+                w.exception()
         if pending:
             for w in pending:
                 w.cancel()
