@@ -13,6 +13,7 @@ from eenet.policies import (
     Entropy,
     MaxProb,
     Patience,
+    collect_exit_logits,
     first_exit,
     geometric_scan,
     thresholds_for_fractions,
@@ -363,3 +364,45 @@ def test_costs_expected_and_measure_check_their_arguments() -> None:
                         ({"repeats": 2.5}, "repeats must be an integer")):
         with pytest.raises(ValueError, match=why):
             measure(_mlp(), torch.randn(4, 10), **kwargs)
+
+
+def test_report_keeps_the_budget_asked() -> None:
+    """A budget above the full model's cost is asked as given (ratio against it); what a
+    policy can spend is the full cost (``effective``)."""
+    costs = Costs([1.0, 2.0, 3.0], "flops")
+    r = report(costs, torch.tensor([2, 2]), Budget(6.0, "flops"))
+    assert (r["asked"], r["effective"], r["achieved"]) == (6.0, 3.0, 3.0)
+    assert r["ratio"] == pytest.approx(0.5) and r["fraction_of_full"] == pytest.approx(1.0)
+    r = report(costs, torch.tensor([0, 2]), 0.5)
+    assert (r["asked"], r["effective"]) == (1.5, 1.5) and r["ratio"] == pytest.approx(4 / 3)
+
+
+def test_calibration_data_must_hold_samples_with_integer_labels() -> None:
+    """A loader of empty batches fits no policy (every budget would look met on 0 samples,
+    and the fit would close every early exit); float labels are refused, not cut."""
+    net = _mlp()
+    costs = Costs([1.0, 2.0, 3.0], "flops")
+    empty = [(torch.zeros(0, 10), torch.zeros(0, dtype=torch.int64))] * 2
+    with pytest.raises(ValueError, match="yielded no samples"):
+        MaxProb.fit(net, empty, costs, 0.5)
+    for cls in (MaxProb, Entropy, Patience):
+        with pytest.raises(ValueError, match="needs at least one validation sample"):
+            cls.fit_logits([torch.zeros(0, 7)] * 3, costs, 0.5)
+    with pytest.raises(ValueError, match="labels must be integers"):
+        collect_exit_logits(net, [(torch.randn(3, 10), torch.tensor([1.0, 2.5, 3.0]))])
+
+
+def test_thresholds_for_fractions_checks_the_fractions() -> None:
+    scores = torch.rand(20, 3)
+    assert len(thresholds_for_fractions(scores, [0.3, 0.3], NEVER_EXIT)) == 3
+    assert len(thresholds_for_fractions(scores, [0.3, 0.3, 0.4], NEVER_EXIT)) == 3
+    for bad in ([0.3], [0.3, 0.3, 0.2, 0.2], [math.nan, 0.5], [-0.1, 0.5], [math.inf, 0.0]):
+        with pytest.raises(ValueError, match="fractions must be 2 or 3 finite numbers"):
+            thresholds_for_fractions(scores, bad, NEVER_EXIT)
+
+
+def test_costs_need_an_example_with_rows() -> None:
+    net = _mlp()
+    for fn in (count_flops, measure):
+        with pytest.raises(ValueError, match="at least one row"):
+            fn(net, torch.zeros(0, 10))

@@ -492,3 +492,30 @@ def test_holdout_single_exit_and_no_side_effects() -> None:
     assert bool((single.decide(logits[:1])[0] == 0).all())
     assert isinstance(single.rules()[0], ExitRule)
 
+
+
+def test_hand_edited_entries_are_refused_by_name(tmp_path) -> None:
+    """A policy file's ``use_vote`` must be a JSON bool (the string "false" is truthy and
+    would read the weights as one class fewer), its ``meta`` an object; a fit needs gammas."""
+    from eenet.policies.base import read_policy_file
+
+    weights = [torch.randn(C + 3 + k) for k in range(K)]
+    policy = EENet([0.5] * K, weights, [0.0] * K, use_vote=True)
+    path = tmp_path / "p.json"
+    policy.save(str(path), COSTS, 0.5)
+    good = json.loads(path.read_text())
+    for edit, match in (({"use_vote": "false"}, "use_vote must be true or false"),
+                        ({"use_vote": 1}, "use_vote must be true or false")):
+        bad = json.loads(json.dumps(good))
+        bad["policy"].update(edit)
+        path.write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=match):
+            read_policy_file(str(path))
+    for meta in ([1, 2], "digits"):
+        path.write_text(json.dumps({**good, "meta": meta}))
+        with pytest.raises(ValueError, match="'meta' entry must be a JSON object"):
+            read_policy_file(str(path))
+    logits, labels = synthetic_exits(200, 5)
+    for gammas in ((), (math.nan,), (-1.0,)):
+        with pytest.raises(ValueError, match="gammas must be one or more finite numbers"):
+            EENet.fit_logits(logits, labels, COSTS, 0.5, epochs=1, restarts=1, gammas=gammas)

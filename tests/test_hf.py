@@ -257,8 +257,8 @@ def test_head_factory_and_bad_heads() -> None:
         hf_encoder_exits(model, (2,), C, head="max")
     with pytest.raises(TypeError, match=r"must return an eenet\.nn\.ExitHead"):
         hf_encoder_exits(model, (2,), C, head=lambda hidden, classes: torch.nn.Identity())
-    with pytest.raises(TypeError, match="takes the row input attention_mask only"):
-        net.stages[0](_ids(2), attention_mask=torch.ones(2, 12), token_type_ids=_ids(2))
+    with pytest.raises(TypeError, match="attention_mask and token_type_ids only"):
+        net.stages[0](_ids(2), attention_mask=torch.ones(2, 12), position_ids=_ids(2))
 
 
 def test_flops_and_latency_costs_take_the_mask() -> None:
@@ -270,3 +270,47 @@ def test_flops_and_latency_costs_take_the_mask() -> None:
     assert len(flops.values) == 3 and flops.values[0] < flops.values[1] < flops.values[2]
     ms = budget.measure(net, ids, repeats=2, warmup=1, attention_mask=mask)
     assert len(ms.values) == 3 and ms.unit == "ms"
+
+
+def test_segment_ids_reach_the_embeddings_through_every_mode() -> None:
+    """A tokenizer's ``token_type_ids`` (sentence pairs: segment 1 on the second part) go
+    to the embeddings and change the result as in the encoder itself; the engine carries
+    them as a row input in every mode."""
+    model = _tiny("bert")
+    ids, mask = _padded(6)
+    segments = (torch.arange(12)[None, :] >= 5).long().expand(6, 12).contiguous()
+    net = hf_encoder_exits(model, (2,), C).eval()
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask, token_type_ids=segments).last_hidden_state
+        h = ids
+        for stage in net.stages:
+            h = stage(h, attention_mask=mask, token_type_ids=segments)
+        without = net.stages[1](net.stages[0](ids, attention_mask=mask), attention_mask=mask)
+    real = mask.bool()
+    torch.testing.assert_close(h[real], want[real], rtol=1e-5, atol=1e-5)
+    assert float((without - want)[real].abs().max()) > 1e-3
+    policy = MaxProb([0.6, 0.0])
+    oracle = simulate(net, policy, ids, attention_mask=mask, token_type_ids=segments)
+    for mode in ("mask", "compact"):
+        out = Engine(net, policy, mode=mode)(ids, attention_mask=mask, token_type_ids=segments)
+        assert torch.equal(out.exit_index, oracle.exit_index), mode
+        torch.testing.assert_close(out.logits, oracle.logits, rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError, match="attention_mask and token_type_ids only"):
+        net.stages[0](ids, position_ids=ids)
+
+
+def test_attention_implementation_survives_save_and_load(tmp_path) -> None:
+    """eager and sdpa attention round to different last bits: the file records which one
+    the model used, and the reloaded network gives identical outputs."""
+    torch.manual_seed(0)
+    config = _tiny("bert").config
+    model = transformers.BertModel._from_config(config, attn_implementation="eager").eval()
+    net = hf_encoder_exits(model, (2,), C).eval()
+    save_model(net, str(tmp_path / "eager.pt"))
+    loaded, _ = load_model(str(tmp_path / "eager.pt"))
+    assert loaded.stages[0].blocks[1].attention.self.config._attn_implementation == "eager"
+    ids, mask = _padded(5)
+    with torch.no_grad():
+        for a, b in zip(net(ids, attention_mask=mask), loaded(ids, attention_mask=mask),
+                        strict=True):
+            assert torch.equal(a, b)

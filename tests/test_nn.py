@@ -556,3 +556,23 @@ def test_head_placed_like_a_module() -> None:
     assert head.classifier.weight.dtype == torch.float64 and not head.training
     assert ExitHead.linear(3, 4).placed_like(torch.nn.ReLU()).classifier.weight.dtype == (
         torch.float32)
+
+
+def test_an_in_place_block_after_a_cut_trains_as_without_in_place() -> None:
+    """VGG-style Sequentials put ReLU(inplace=True) right after a conv: with an exit after
+    the conv, the head saved the conv output for its backward pass. The stage after the cut
+    runs the in-place block on a copy, so the gradients equal those of the same network with
+    inplace=False (and autograd raises nothing)."""
+    grads = []
+    x = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    for inplace in (True, False):
+        torch.manual_seed(0)
+        backbone = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(inplace=inplace),
+                                 nn.Conv2d(4, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1),
+                                 nn.Flatten(), nn.Linear(4, C))
+        net = attach_exits(backbone, ["0"], C, example_input=x[:2])
+        assert net.stages[1].copies_input is inplace
+        sum(z.square().sum() for z in net(x)).backward()
+        grads.append([p.grad.clone() for p in net.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)

@@ -142,8 +142,11 @@ def measure(net: MultiExitNetwork, example_batch: torch.Tensor, repeats: int = 1
     for name, value, least in (("repeats", repeats, 1), ("warmup", warmup, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+    if example_batch.dim() == 0 or example_batch.shape[0] == 0:
+        raise ValueError("measure needs an example_batch with at least one row (costs are "
+                         f"per sample), got shape {tuple(example_batch.shape)}")
     device = example_batch.device
-    n = max(1, example_batch.shape[0])
+    n = example_batch.shape[0]
 
     def per_sample_ms(fn: Callable[[], object]) -> float:
         return time_fn(fn, warmup=warmup, repeats=repeats, device=device).median * 1e3 / n
@@ -173,14 +176,18 @@ def count_flops(net: MultiExitNetwork, example_batch: torch.Tensor,
     counted = net.flops(example_batch, formulas, **row_inputs)
     values = list(itertools.accumulate(s + h for s, h in zip(counted.stages, counted.heads,
                                                              strict=True)))
-    return Costs(values, "flops", {"batch_size": max(1, example_batch.shape[0]),
+    return Costs(values, "flops", {"batch_size": example_batch.shape[0],
                                    "stage_flops": counted.stages,
                                    "head_flops": counted.heads})
 
 
 def report(costs: Costs, exit_index: torch.Tensor, budget: float | Budget) -> dict[str, float]:
-    """Achieved vs asked cost of an exit assignment: absolute values and their ratio."""
-    asked = as_budget(budget).absolute(costs)
+    """Achieved vs asked cost of an exit assignment, in the costs' unit: ``asked`` (the
+    budget as given), ``effective`` (what a policy can spend: asked, capped at the full
+    model's cost), ``achieved``, ``ratio`` (achieved / asked) and ``fraction_of_full``."""
+    b = as_budget(budget)
+    effective = b.absolute(costs)  # also refuses a budget no policy can meet
+    asked = b.value * costs.full if b.unit == "fraction" else b.value
     achieved = costs.expected(exit_index)
-    return {"asked": asked, "achieved": achieved, "ratio": achieved / asked,
-            "fraction_of_full": achieved / costs.full}
+    return {"asked": asked, "effective": effective, "achieved": achieved,
+            "ratio": achieved / asked, "fraction_of_full": achieved / costs.full}

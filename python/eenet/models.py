@@ -164,8 +164,8 @@ def _attached(backbone: dict[str, Any], after: list[str], num_classes: int, head
 def _hf_encoder(model: dict[str, Any], after_layers: list[int], num_classes: int,
                 head: str = "first") -> MultiExitNetwork:
     """:func:`eenet.nn.hf_encoder_exits` on a randomly initialised transformers model
-    ``{"class": name in transformers, "config": its config as a dict}`` (the weights come
-    from the file)."""
+    ``{"class": name in transformers, "config": its config as a dict, "attn_implementation":
+    its attention implementation}`` (the weights come from the file)."""
     try:
         import transformers
     except ModuleNotFoundError as exc:
@@ -175,5 +175,7 @@ def _hf_encoder(model: dict[str, Any], after_layers: list[int], num_classes: int
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)
             and hasattr(cls, "config_class")):
         raise ValueError(f"{model.get('class')!r} is not a transformers model class")
-    encoder = cls(cls.config_class.from_dict(model["config"])).eval()
+    attention = model.get("attn_implementation")  # (files of earlier versions lack it)
+    extra = {"attn_implementation": attention} if isinstance(attention, str) else {}
+    encoder = cls(cls.config_class.from_dict(model["config"], **extra)).eval()
     return hf_encoder_exits(encoder, after_layers, num_classes, head=head)

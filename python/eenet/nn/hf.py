@@ -34,21 +34,25 @@ def additive_attention_mask(attention_mask: torch.Tensor, dtype: torch.dtype) ->
 class HFEncoderStage(ChainStage):
     """A stage of a Hugging Face encoder: optionally the embeddings, then encoder layers.
 
-    ``forward(h, attention_mask=None)``: h is (N, L) input ids for the stage holding the
-    embeddings, else (N, L, H) hidden states; ``attention_mask`` (N, L) (1 = token, 0 =
-    padding) reaches every layer in HF's additive form. Without it every token attends to
-    every other, which is exact for unpadded batches.
+    ``forward(h, attention_mask=None, token_type_ids=None)``: h is (N, L) input ids for the
+    stage holding the embeddings, else (N, L, H) hidden states; ``attention_mask`` (N, L)
+    (1 = token, 0 = padding) reaches every layer in HF's additive form. Without it every
+    token attends to every other, which is exact for unpadded batches. ``token_type_ids``
+    (N, L), the segment ids a tokenizer and its collator produce, go to the embeddings
+    (the stages after them ignore it).
     """
 
     def forward(self, h: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                **row_inputs: torch.Tensor) -> torch.Tensor:
+                token_type_ids: torch.Tensor | None = None, **row_inputs: torch.Tensor
+                ) -> torch.Tensor:
         if row_inputs:
-            raise TypeError(f"the encoder stage of {_show(self.names, 4)} takes the row input "
-                            f"attention_mask only, got {sorted(row_inputs)} as well")
+            raise TypeError(f"the encoder stage of {_show(self.names, 4)} takes the row inputs "
+                            f"attention_mask and token_type_ids only, got {sorted(row_inputs)} "
+                            "as well")
         additive = None
         for block, name, unwrap in zip(self.blocks, self.names, self.unwrap, strict=True):
             if name == "embeddings":
-                h = block(h)
+                h = block(h) if token_type_ids is None else _embed(block, h, token_type_ids)
                 continue
             if attention_mask is not None and additive is None:
                 additive = additive_attention_mask(attention_mask, h.dtype)
@@ -56,6 +60,17 @@ class HFEncoderStage(ChainStage):
             if unwrap and isinstance(h, tuple):
                 h = h[0]
         return h
+
+
+def _embed(embeddings: nn.Module, ids: torch.Tensor, token_type_ids: torch.Tensor
+           ) -> torch.Tensor:
+    try:
+        return embeddings(ids, token_type_ids=token_type_ids)
+    except TypeError as exc:
+        if "token_type_ids" not in str(exc):
+            raise
+        raise TypeError(f"this encoder's embeddings ({type(embeddings).__name__}) take no "
+                        "token_type_ids; leave them out of the batch") from exc
 
 
 def _layers_of(model: nn.Module) -> nn.ModuleList:
@@ -188,7 +203,9 @@ def _make_head(head: str | HeadFactory, hidden: int, num_classes: int, k: int) -
 def _record(net: MultiExitNetwork, model: nn.Module, cuts: list[int], num_classes: int,
             head: str | HeadFactory) -> None:
     """Record how to rebuild ``net``: the transformers class and its config (self-describing:
-    no registration needed), the cuts, the classes and the heads' name."""
+    no registration needed) with its attention implementation (``eager``, ``sdpa``, ...,
+    which ``config.to_dict`` leaves out and which changes the outputs' last bits), the cuts,
+    the classes and the heads' name."""
     cls = type(model)
     config = getattr(model, "config", None)
     if not cls.__module__.startswith("transformers.") or not callable(
@@ -201,7 +218,8 @@ def _record(net: MultiExitNetwork, model: nn.Module, cuts: list[int], num_classe
             "its exit heads come from a head factory, which cannot be saved by name"))
         return
     record_architecture(net, "hf_encoder_exits", {
-        "model": {"class": cls.__name__, "config": config.to_dict()},
+        "model": {"class": cls.__name__, "config": config.to_dict(),
+                  "attn_implementation": getattr(config, "_attn_implementation", None)},
         "after_layers": list(cuts), "num_classes": num_classes, "head": head})
 
 

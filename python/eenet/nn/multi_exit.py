@@ -171,7 +171,10 @@ class MultiExitNetwork(nn.Module):
         (an op without a formula), and warns when it counts fewer than 2 per matrix value
         (:func:`eenet.nn.flops.check_counted`).
         """
-        n = max(1, int(example_input.shape[0]))
+        if example_input.dim() == 0 or example_input.shape[0] == 0:
+            raise ValueError("flops needs an example_input with at least one row (FLOPs are "
+                             f"counted per sample), got shape {tuple(example_input.shape)}")
+        n = int(example_input.shape[0])
         counts: dict[str, list[float]] = {"stage": [], "head": []}
 
         def counted(what: str, k: int, module: nn.Module, h: torch.Tensor) -> torch.Tensor:
@@ -191,12 +194,23 @@ class MultiExitNetwork(nn.Module):
         return ExitFlops(counts["stage"], counts["head"])
 
 
+def _starts_in_place(block: nn.Module) -> bool:
+    """Whether the first module ``block`` runs (down the first children of Sequentials)
+    works in place (an ``inplace=True`` activation or dropout)."""
+    while isinstance(block, nn.Sequential) and len(block) > 0:
+        block = block[0]
+    return bool(getattr(block, "inplace", False))
+
+
 class ChainStage(nn.Module):
     """A stage cut out of a backbone: its blocks (the backbone's own module objects, not
     copies) applied in order. Blocks that are elements of an ``nn.ModuleList`` (transformer
     layers) may return tuples (HF ``BertLayer`` does); their output is unwrapped to ``[0]``.
 
-    ``names`` are the blocks' dotted paths in the backbone.
+    ``names`` are the blocks' dotted paths in the backbone. A stage whose first block works
+    in place (``nn.ReLU(inplace=True)`` right after a cut, as in VGG-style Sequentials) runs
+    it on a copy of its input while autograd records: the exit head before the cut saved
+    that input for its backward pass, which the in-place block would overwrite.
     """
 
     def __init__(self, blocks: Sequence[nn.Module], names: Sequence[str],
@@ -207,6 +221,7 @@ class ChainStage(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.names: tuple[str, ...] = tuple(names)
         self.unwrap: tuple[bool, ...] = tuple(bool(u) for u in unwrap)
+        self.copies_input = bool(blocks) and _starts_in_place(blocks[0])
 
     def forward(self, h: torch.Tensor, **row_inputs: torch.Tensor) -> torch.Tensor:
         if row_inputs:
@@ -215,6 +230,8 @@ class ChainStage(nn.Module):
                 f"{sorted(row_inputs)}: attach_exits chains blocks that take the activation "
                 "only; for a padded Hugging Face encoder use eenet.nn.hf_encoder_exits, or "
                 "write a stage that takes these keyword arguments")
+        if self.copies_input and torch.is_grad_enabled() and h.requires_grad:
+            h = h.clone()
         for block, unwrap in zip(self.blocks, self.unwrap, strict=True):
             h = block(h)
             if unwrap and isinstance(h, tuple):

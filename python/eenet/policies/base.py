@@ -263,6 +263,9 @@ def read_policy_file(path: str, cls: type[ExitPolicy] = ExitPolicy
     entry = data.get("policy")
     if not isinstance(entry, dict):
         raise ValueError(f"{path}: the policy file has no 'policy' entry")
+    if data.get("meta") is not None and not isinstance(data["meta"], dict):
+        raise ValueError(f"{path}: its 'meta' entry must be a JSON object, got "
+                         f"{type(data['meta']).__name__}")
     policy = cls.from_dict(entry)
     costs = None
     if data.get("costs") is not None:

@@ -41,8 +41,13 @@ def thresholds_for_fractions(scores: torch.Tensor, fractions: list[float] | torc
     between them) is the threshold v itself. Thresholds are float32-representable.
     """
     n, k_exits = scores.shape
+    wanted = torch.as_tensor(fractions, dtype=torch.float64).flatten()
+    if wanted.numel() not in (k_exits - 1, k_exits) or not bool(
+            (torch.isfinite(wanted) & (wanted >= 0)).all()):
+        raise ValueError(f"fractions must be {k_exits - 1} or {k_exits} finite numbers >= 0 "
+                         f"(one per exit, the last optional), got {wanted.tolist()}")
     remaining = torch.ones(n, dtype=torch.bool, device=scores.device)
-    cumulative = torch.as_tensor(fractions, dtype=torch.float64).cumsum(0).tolist()
+    cumulative = wanted.cumsum(0).tolist()
     thresholds: list[float] = []
     for k in range(k_exits - 1):
         s = scores[remaining, k]
@@ -129,7 +134,8 @@ def collect_exit_logits(net: torch.nn.Module, loader) -> tuple[list[torch.Tensor
     ``MultiExitNetwork``) gives the logits the engine computes
     (:func:`eenet.runtime.engine.every_exit_logits`: fp32 heads, also for an fp16/bf16
     network), so that thresholds set on them split the samples as the engine does; any
-    other ``net(x, **row_inputs)`` must return the list of its K exits' logits.
+    other ``net(x, **row_inputs)`` must return the list of its K exits' logits. Raises
+    ``ValueError`` for a loader without samples and for labels that are not integers.
     """
     from ..runtime.engine import check_exit_network, every_exit_logits
 
@@ -153,4 +159,10 @@ def collect_exit_logits(net: torch.nn.Module, loader) -> tuple[list[torch.Tensor
             labels.append(y.cpu())
     if not per_exit:
         raise ValueError("the loader yielded no batches")
-    return [torch.cat(z) for z in per_exit], torch.cat(labels).long()
+    y = torch.cat(labels)
+    if y.numel() == 0:
+        raise ValueError("the loader yielded no samples (every batch had 0 rows)")
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise ValueError(f"the loader's labels must be integers, got {y.dtype} (a float label "
+                         "would be cut to an integer)")
+    return [torch.cat(z) for z in per_exit], y.long()

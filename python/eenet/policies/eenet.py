@@ -73,6 +73,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -197,6 +198,9 @@ class EENet(ExitPolicy):
             raise ValueError("epochs, restarts, batch_size and phase_epochs must be >= 1")
         if not 0.0 <= holdout < 1.0:
             raise ValueError(f"holdout must lie in [0, 1), got {holdout}")
+        if not gammas or not all(isinstance(v, numbers.Real) and not isinstance(v, bool)
+                                 and math.isfinite(v) and v >= 0 for v in gammas):
+            raise ValueError(f"gammas must be one or more finite numbers >= 0, got {gammas!r}")
         n = data.n
         g = torch.Generator().manual_seed(seed)
         perm = torch.randperm(n, generator=g)
@@ -286,8 +290,10 @@ class EENet(ExitPolicy):
     def _from_dict(cls, data: dict[str, Any]) -> EENet:
         try:
             weights = [torch.tensor(w, dtype=torch.float32) for w in data["sched_weights"]]
-            return cls(list(data["thresholds"]), weights, list(data["sched_biases"]),
-                       bool(data.get("use_vote", False)))
+            use_vote = data.get("use_vote", False)
+            if not isinstance(use_vote, bool):
+                raise ValueError(f"use_vote must be true or false, got {use_vote!r}")
+            return cls(list(data["thresholds"]), weights, list(data["sched_biases"]), use_vote)
         except (KeyError, TypeError) as exc:
             raise ValueError(f"not a valid EENet policy entry: {exc!r}") from exc
 

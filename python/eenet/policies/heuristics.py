@@ -37,6 +37,9 @@ class HeuristicPolicy(ExitPolicy):
                              f"{len(costs.values)} values")
         probe = cls([0.0] * len(logits))
         scores = probe.scores(logits)
+        if scores.shape[0] == 0:
+            raise ValueError(f"{cls.__name__} needs at least one validation sample to set "
+                             "thresholds for a budget")
         b = as_budget(budget).absolute(costs)
         thresholds = geometric_scan(scores, costs, b, never=probe.never_threshold(len(logits)))
         return cls(thresholds)
