@@ -300,19 +300,43 @@ inline void check_exit_values(const char* op, const at::Tensor* sched_weight,
   }
 }
 
-// Conservative aliasing test: same storage and intersecting byte ranges (strided and
-// expanded tensors included, where at::get_overlap_status gives up).
+// The float32 threshold the kernels compare the float32 scores with: the smallest float32
+// >= threshold (>= 0, checked), so that score >= t32 holds exactly where score >= threshold
+// does; a positive threshold below the smallest normal float32 is raised to it (a device
+// flushing denormals would read it as 0). eenet_kernels/checks.py: threshold_as_float32.
+inline float threshold_as_float(double threshold) {
+  constexpr float tiny = std::numeric_limits<float>::min();
+  if (threshold <= 0.0) return 0.0f;
+  if (threshold < static_cast<double>(tiny)) return tiny;
+  if (threshold > static_cast<double>(std::numeric_limits<float>::max()))
+    return std::numeric_limits<float>::infinity();
+  float t32 = static_cast<float>(threshold);
+  if (static_cast<double>(t32) < threshold)
+    t32 = std::nextafter(t32, std::numeric_limits<float>::infinity());
+  return t32;
+}
+
+// Conservative aliasing test: intersecting byte ranges in memory (strided and expanded
+// tensors included, where at::get_overlap_status gives up). Ranges are compared by address,
+// so two storages over one buffer (two from_blob / from_numpy / DLPack views of it) are
+// caught too; tensors without data (meta) overlap only within one storage.
 inline bool byte_spans_overlap(const at::Tensor& a, const at::Tensor& b) {
-  if (a.numel() == 0 || b.numel() == 0) return false;
-  if (a.storage().data() != b.storage().data()) return false;
-  auto span = [](const at::Tensor& t) {
+  if (a.numel() == 0 || b.numel() == 0 || a.device() != b.device()) return false;
+  const void* data_a = a.storage().data();
+  const void* data_b = b.storage().data();
+  if ((data_a == nullptr || data_b == nullptr) &&
+      a.storage().unsafeGetStorageImpl() != b.storage().unsafeGetStorageImpl()) {
+    return false;
+  }
+  auto span = [](const at::Tensor& t, const void* data) {
     int64_t extent = 0;
     for (int64_t d = 0; d < t.dim(); ++d) extent += (t.size(d) - 1) * t.stride(d);
-    const int64_t start = t.storage_offset() * t.element_size();
+    const int64_t start = static_cast<int64_t>(reinterpret_cast<intptr_t>(data)) +
+                          t.storage_offset() * t.element_size();
     return std::make_pair(start, start + (extent + 1) * t.element_size());
   };
-  const auto [a0, a1] = span(a);
-  const auto [b0, b1] = span(b);
+  const auto [a0, a1] = span(a, data_a);
+  const auto [b0, b1] = span(b, data_b);
   return a0 < b1 && b0 < a1;
 }
 

@@ -4,7 +4,12 @@
 // compares them).
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/GradMode.h>
+#include <c10/core/InferenceMode.h>
 #include <torch/library.h>
+
+#include <string>
+#include <vector>
 
 // No Python here: the module init of `eenet_kernels._C` is csrc/python_module.cpp, part of the
 // Python extension only, so that the CMake library `eenet_ops` links libtorch alone.
@@ -30,12 +35,51 @@ TORCH_LIBRARY(eenet, m) {
 
 namespace {
 
+bool writes(const c10::Argument& arg) {
+  const c10::AliasInfo* alias = arg.alias_info();
+  if (alias == nullptr) return false;
+  if (alias->isWrite()) return true;
+  for (const c10::AliasInfo& inner : alias->containedTypes())  // Tensor(a!)[]
+    if (inner.isWrite()) return true;
+  return false;
+}
+
 // The ops are inference ops: below autograd, so that no output requires grad and nothing is
-// recorded, whatever the backend and whether the caller is Python or C++.
+// recorded, whatever the backend and whether the caller is Python or C++. The buffers an op
+// writes (its Tensor(a!) arguments) have their version counters bumped, as an in-place torch
+// op's are: autograd then refuses a backward through a value the op overwrote, and an
+// inference tensor written outside inference mode is refused.
 void run_below_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
                         torch::jit::Stack* stack) {
-  at::AutoDispatchBelowADInplaceOrView guard;
-  op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+  const auto& args = op.schema().arguments();
+  const size_t first = stack->size() - args.size();
+  std::vector<at::Tensor> written;
+  for (size_t i = 0; i < args.size(); ++i) {
+    if (!writes(args[i])) continue;
+    const c10::IValue& value = (*stack)[first + i];
+    if (value.isTensor()) {
+      written.push_back(value.toTensor());
+    } else if (value.isTensorList()) {
+      for (const at::Tensor& t : value.toTensorList()) written.push_back(t);
+    }
+  }
+  const std::string& full = op.schema().name();
+  const std::string name = full.substr(full.find("::") + 2);
+  for (const at::Tensor& t : written) {  // before the kernel runs: nothing written if refused
+    TORCH_CHECK_VALUE(!t.is_inference() || c10::InferenceMode::is_enabled(), "eenet.", name,
+                      ": an output buffer is an inference tensor (made under "
+                      "torch.inference_mode) and the call runs outside inference mode, where "
+                      "it cannot be written");
+    TORCH_CHECK_VALUE(!(c10::GradMode::is_enabled() && t.requires_grad()), "eenet.", name,
+                      ": an output buffer requires grad; the op writes it without recording "
+                      "the write for autograd: pass a buffer that does not require grad, or "
+                      "call under torch.no_grad()");
+  }
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+  }
+  for (const at::Tensor& t : written) t.unsafeGetTensorImpl()->bump_version();
 }
 
 }  // namespace

@@ -16,6 +16,7 @@ device sync; on CUDA the kernels skip out-of-range rows instead.
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Sequence
 
 import torch
@@ -65,6 +66,30 @@ def _check_device(op: str, name: str, t: torch.Tensor, device: torch.device) -> 
     if t.device != device:
         _fail(op, f"{name} is on {t.device} but feats is on {device}; all tensors must share one "
               "device")
+
+
+FLOAT32_TINY = 1.1754943508222875e-38
+"""The smallest normal float32."""
+
+
+def threshold_as_float32(threshold: float) -> float:
+    """The float32 threshold every kernel compares the float32 scores with: the smallest
+    float32 >= ``threshold`` (>= 0, checked), so that ``score >= t32`` holds exactly where
+    ``score >= threshold`` does (rounding to the nearest float32 would let a score just
+    below the threshold exit). A positive threshold below the smallest normal float32 is
+    raised to it, which devices flushing denormals to zero would otherwise read as 0."""
+    if threshold <= 0.0:
+        return 0.0
+    if threshold < FLOAT32_TINY:
+        return FLOAT32_TINY
+    try:
+        (t32,) = struct.unpack("<f", struct.pack("<f", threshold))  # to nearest
+    except OverflowError:
+        return math.inf
+    if t32 < threshold:
+        (bits,) = struct.unpack("<I", struct.pack("<f", t32))
+        (t32,) = struct.unpack("<f", struct.pack("<I", bits + 1))  # the next float32 up
+    return t32
 
 
 def check_exit_score(
@@ -307,17 +332,22 @@ def check_compact(
 
 
 def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Conservative aliasing test: the same storage and intersecting byte ranges (strided
-    and expanded tensors included). Storages are compared by identity, which also holds for
-    meta and fake tensors (whose data pointers are all 0). With symbolic sizes (tracing) an
-    undecidable overlap counts as none: the eager call decides it on concrete sizes."""
-    if a.untyped_storage()._cdata != b.untyped_storage()._cdata:
+    """Conservative aliasing test: intersecting byte ranges in memory (strided and expanded
+    tensors included). Real tensors are compared by address, so two storages over one
+    buffer (two ``torch.from_numpy`` / ``frombuffer`` / DLPack views of it) are caught too;
+    meta and fake tensors (no data, data pointers all 0) overlap only within one storage.
+    With symbolic sizes (tracing) an undecidable overlap counts as none: the eager call
+    decides it on concrete sizes."""
+    if a.device != b.device:
         return False
     if guard_or_false(a.numel() == 0) or guard_or_false(b.numel() == 0):
         return False
+    addressed = not (a.device.type == "meta" or is_fake(a) or is_fake(b))
+    if not addressed and a.untyped_storage()._cdata != b.untyped_storage()._cdata:
+        return False
 
     def span(t: torch.Tensor) -> tuple[int, int]:
-        start = t.storage_offset() * t.element_size()
+        start = t.data_ptr() if addressed else t.storage_offset() * t.element_size()
         extent = sum((s - 1) * st for s, st in zip(t.shape, t.stride(), strict=True))
         return start, start + (extent + 1) * t.element_size()
 

@@ -28,6 +28,7 @@ exit before the last exit (its score is NaN), so the default path costs no host 
 
 from __future__ import annotations
 
+import numbers
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -112,15 +113,68 @@ def _lazy_cuda_kernel(name: str) -> Callable:
     return kernel
 
 
+def written_tensors(name: str, args: Sequence[Any], kwargs: dict[str, Any]
+                    ) -> tuple[list[str], list[torch.Tensor]]:
+    """The buffers a call of op ``name`` writes, its ``Tensor(a!)`` arguments by schema:
+    (their names, e.g. ``"dst[1]"``, the tensors)."""
+    schema = getattr(torch.ops.eenet, name).default._schema
+    names: list[str] = []
+    out: list[torch.Tensor] = []
+    for i, arg in enumerate(schema.arguments):
+        if arg.alias_info is None or not arg.alias_info.is_write:
+            continue
+        value = kwargs[arg.name] if arg.name in kwargs else args[i]
+        if isinstance(value, list | tuple):
+            names += [f"{arg.name}[{j}]" for j in range(len(value))]
+            out += list(value)
+        else:
+            names.append(arg.name)
+            out.append(value)
+    return names, out
+
+
+def _bump_versions(tensors: Sequence[torch.Tensor]) -> None:
+    """What an in-place torch op does to the tensors it writes: autograd then refuses a
+    backward through a value saved before the write."""
+    for t in tensors:
+        torch.autograd.graph.increment_version(t)
+
+
+def _check_writable(op: str, names: Sequence[str], tensors: Sequence[torch.Tensor]) -> None:
+    """Refused before anything is written, as torch refuses its own in-place ops there: an
+    inference tensor (made under ``torch.inference_mode``) outside inference mode, and, with
+    grad mode on, a buffer that requires grad (the op writes below autograd, so a gradient
+    through it would silently ignore the write). Not while torch.compile traces (it cannot
+    trace these queries, and the traced graph reaches the dispatcher's kernels, whose
+    Autograd step checks the same)."""
+    if torch.compiler.is_compiling():
+        return
+    inference = torch.is_inference_mode_enabled()
+    grad = torch.is_grad_enabled()
+    for name, t in zip(names, tensors, strict=True):
+        if not inference and t.is_inference():
+            raise ValueError(f"eenet.{op}: {name} is an inference tensor (made under "
+                             "torch.inference_mode) and the call runs outside inference "
+                             "mode, where it cannot be written")
+        if grad and t.requires_grad:
+            raise ValueError(f"eenet.{op}: {name} requires grad; the op writes it without "
+                             "recording the write for autograd: pass a buffer that does not "
+                             "require grad, or call under torch.no_grad()")
+
+
 def _below_autograd(name: str) -> Callable:
     """Autograd kernel: run the op without recording it, so that no output requires grad on
     any backend (the reference alone would otherwise differentiate, the compiled kernels
-    not)."""
+    not), and bump the versions of the buffers it writes (csrc/ops.cpp when built)."""
     op = getattr(torch.ops.eenet, name)
 
     def kernel(*args: Any, **kwargs: Any) -> Any:
+        names, written = written_tensors(name, args, kwargs)
+        _check_writable(name, names, written)
         with torch._C._AutoDispatchBelowAutograd():
-            return op(*args, **kwargs)
+            result = op(*args, **kwargs)
+        _bump_versions(written)
+        return result
 
     return kernel
 
@@ -255,6 +309,12 @@ def op_target(name: str, device: torch.device, backend: str | None = None) -> Ca
     return kernel
 
 
+def _bypasses_the_dispatcher(target: Callable, name: str) -> bool:
+    """Whether ``target`` (from :func:`op_target`) writes outside the dispatcher and torch's
+    in-place ops: a Triton launcher called directly, whose writes bump no version."""
+    return target is not getattr(torch.ops.eenet, name) and target is not _REFERENCE_IMPLS[name]
+
+
 # ---------------------------------------------------------------------------------------
 # Public functions.
 
@@ -358,6 +418,9 @@ def exit_score_write(
         _check_finite_inputs("exit_score_write", feats, weight, bias)
     args = (feats, weight, bias, policy, float(threshold), is_last, prev_scores, prev_preds,
             sched_weight, float(sched_bias), use_vote)
+    if isinstance(exit_index, bool) or not isinstance(exit_index, numbers.Integral):
+        raise TypeError(f"eenet.exit_score_write: exit_index must be an int, got "
+                        f"{exit_index!r}")
     outs = {"row_index": row_index, "exit_index": int(exit_index), "out_logits": out_logits,
             "out_score": out_score, "out_exit": out_exit}
     if not _INT64_MIN <= outs["exit_index"] <= _INT64_MAX:
@@ -367,7 +430,13 @@ def exit_score_write(
                                 sched_bias=float(sched_bias))
         checks.check_exit_write(feats, weight, row_index, outs["exit_index"], out_logits,
                                 out_score, out_exit)
-    return ExitScore(*op_target("exit_score_write", feats.device, backend)(*args, **outs))
+    _check_writable("exit_score_write", ("out_logits", "out_score", "out_exit"),
+                    (out_logits, out_score, out_exit))
+    target = op_target("exit_score_write", feats.device, backend)
+    result = ExitScore(*target(*args, **outs))
+    if _bypasses_the_dispatcher(target, "exit_score_write"):
+        _bump_versions((out_logits, out_score, out_exit))
+    return result
 
 
 def compact(
@@ -396,18 +465,37 @@ def compact(
         kept, count = op_target("compact", keep.device, backend)(keep, src)
         return list(kept), count
     dst = list(out)
-    return dst, op_target("compact_out", keep.device, backend)(keep, src, dst)
+    _check_writable("compact_out", [f"dst[{i}]" for i in range(len(dst))], dst)
+    target = op_target("compact_out", keep.device, backend)
+    count = target(keep, src, dst)
+    if _bypasses_the_dispatcher(target, "compact_out"):
+        _bump_versions(dst)
+    return dst, count
 
 
 def take(kept: Sequence[torch.Tensor], count: torch.Tensor) -> list[torch.Tensor]:
     """The first ``count`` rows of each compacted buffer: the one host sync of a stage.
 
-    Under ``torch.compile`` the count becomes an unbacked symbolic size (set
+    ``count``: the 0-dim integer tensor :func:`compact` returns; ``TypeError`` for anything
+    else, ``ValueError`` for a count outside [0, rows] of a buffer (a slice would silently
+    take all but the last rows for a negative one, or fewer rows than asked for one too
+    large). Under ``torch.compile`` the count becomes an unbacked symbolic size (set
     ``torch._dynamo.config.capture_scalar_outputs = True`` for ``fullgraph=True``).
     """
+    if not isinstance(count, torch.Tensor) or count.dim() != 0 or count.dtype not in (
+            torch.int64, torch.int32):
+        what = (f"a {count.dim()}-dim {count.dtype} tensor" if isinstance(count, torch.Tensor)
+                else type(count).__name__)
+        raise TypeError(f"eenet.take: count must be the 0-dim int64 tensor compact returns, "
+                        f"got {what}")
     n = count.item()
-    if torch.compiler.is_compiling():  # bounds for the unbacked size; eager slicing needs none
+    if torch.compiler.is_compiling():  # bounds for the unbacked size
         torch._check(n >= 0)
         for t in kept:
             torch._check(n <= t.shape[0])
+    else:
+        for i, t in enumerate(kept):
+            if not 0 <= n <= t.shape[0]:
+                raise ValueError(f"eenet.take: count {n} is outside [0, {t.shape[0]}], the "
+                                 f"rows of kept[{i}]")
     return [t[:n] for t in kept]

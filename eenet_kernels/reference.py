@@ -160,7 +160,8 @@ def _decide(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if is_last:
         exit_mask = torch.ones(score.shape, dtype=torch.bool, device=score.device)
     else:
-        exit_mask = score >= threshold  # NaN compares False
+        # in float32 against the smallest float32 >= threshold: exactly score >= threshold
+        exit_mask = score >= checks.threshold_as_float32(threshold)  # NaN compares False
     return logits, score, exit_mask, logits.argmax(dim=1), ~exit_mask
 
 

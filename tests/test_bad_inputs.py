@@ -237,6 +237,22 @@ def _feats_and_out_score() -> dict[str, Callable[[], Any]]:
     return {"feats": lambda: base.view(N, D), "out_score": lambda: base[:N0]}
 
 
+def _two_storages(numel: int, dtype: torch.dtype = torch.float32
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two tensors of ``numel`` values with storages of their own over one buffer (as two
+    ``torch.from_numpy`` or DLPack views of it are)."""
+    buf = bytearray(numel * torch.empty((), dtype=dtype).element_size())
+    a, b = torch.frombuffer(buf, dtype=dtype), torch.frombuffer(buf, dtype=dtype)
+    assert a.untyped_storage()._cdata != b.untyped_storage()._cdata
+    return a, b
+
+
+def _feats_and_out_logits_of_one_buffer() -> dict[str, Callable[[], Any]]:
+    """feats and out_logits over one buffer through two storages, out_logits one row on."""
+    a, b = _two_storages(N0 * C + C)
+    return {"feats": lambda: a[:N * D].view(N, D), "out_logits": lambda: b[C:].view(N0, C)}
+
+
 def _bias_and_out_score() -> dict[str, Callable[[], Any]]:
     """bias and out_score sharing one element."""
     base = torch.zeros(C + N0 - 1)
@@ -300,6 +316,9 @@ def _write_cases() -> list[Case]:
              row_index=lambda: torch.tensor([5, 3, 0, 3])),
         case("out_score_overlaps_feats", ValueError,
              "out_score overlaps feats; pass a separate buffer", **_feats_and_out_score()),
+        case("out_logits_overlaps_feats_through_another_storage", ValueError,
+             "out_logits overlaps feats; pass a separate buffer",
+             **_feats_and_out_logits_of_one_buffer()),
         case("out_exit_overlaps_row_index", ValueError,
              "out_exit overlaps row_index; pass a separate buffer", **_row_index_and_out_exit()),
         case("out_score_overlaps_out_logits", ValueError,
@@ -384,6 +403,11 @@ def _compact_cases(op: str) -> list[Case]:
         base = torch.zeros(N, 2)  # 32 bytes: also the (N,) int64 buffer of src[1]
         return {"dst": [base, base.view(-1).view(torch.int64)]}
 
+    def overlap_other_storage() -> dict[str, Any]:
+        a, b = _two_storages(2 * (N + 1))
+        return {"src": [a[:2 * N].view(N, 2), torch.arange(N)],
+                "dst": [b[2:].view(N, 2), torch.zeros(N, dtype=torch.int64)]}
+
     def same() -> dict[str, Any]:
         src = [torch.zeros(N, 2), torch.arange(N)]
         return {"src": src, "dst": src}
@@ -418,6 +442,9 @@ def _compact_cases(op: str) -> list[Case]:
              "its own source is not supported, pass a separate buffer", overlap_strided),
         case("dst_overlaps_keep", ValueError, "dst[0] overlaps keep; pass a separate buffer",
              overlap_keep),
+        case("dst_overlaps_src_through_another_storage", ValueError, "dst[0] overlaps src[0]; "
+             "compaction into its own source is not supported, pass a separate buffer",
+             overlap_other_storage),
         case("dst_overlaps_dst", ValueError, "dst[1] overlaps dst[0]; pass a separate buffer",
              overlap_dst),
     ]

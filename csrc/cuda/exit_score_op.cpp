@@ -105,7 +105,7 @@ ExitResult run_exit(const at::Tensor& feats, const at::Tensor& weight,
   p.c = static_cast<int32_t>(c);
   p.log_c = std::log(static_cast<float>(c));
   p.policy = policy_code(policy);
-  p.threshold = static_cast<float>(threshold);
+  p.threshold = threshold_as_float(threshold);
   p.is_last = is_last;
   at::Tensor sched_w;
   if (p.policy == cuda::kEENet) {

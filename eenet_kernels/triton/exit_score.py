@@ -421,7 +421,7 @@ def launch(
         sched_weight, float(sched_bias),
         row_index, out_logits, out_score, out_exit, int(exit_index), n0,
         stats, istats, n_chunks, chunk_c,
-        float(threshold), 1.0 / s, 1.0 / math.log(c),
+        checks.threshold_as_float32(threshold), 1.0 / s, 1.0 / math.log(c),
         n, d, c, s, k,
     )
     meta = {

@@ -227,10 +227,11 @@ class _Buffers:
     def __init__(self, rows: int, exits: int, policy: ExitPolicy, device: torch.device,
                  row_inputs: dict[str, torch.Tensor]) -> None:
         self.size = rows
-        self.row_numbers = torch.arange(rows, device=device)
         self.stage_out: dict[int, torch.Tensor] = {}
-        self.state = (_StateBuffers.allocate(rows, exits, policy, device, row_inputs),
-                      _StateBuffers.allocate(rows, exits, policy, device, row_inputs))
+        with torch.inference_mode(False):  # (see stage)
+            self.row_numbers = torch.arange(rows, device=device)
+            self.state = (_StateBuffers.allocate(rows, exits, policy, device, row_inputs),
+                          _StateBuffers.allocate(rows, exits, policy, device, row_inputs))
         self.nbytes = _nbytes(self.row_numbers) + self.state[0].nbytes + self.state[1].nbytes
         """Bytes held, kept up to date as stage buffers are allocated."""
 
@@ -243,7 +244,10 @@ class _Buffers:
                 like.dtype, like.shape[1:], like.device):
             if buf is not None:
                 self.nbytes -= _nbytes(buf)
-            buf = like.new_empty((self.size, *like.shape[1:]))
+            # ordinary tensors, also when made under torch.inference_mode: a later call
+            # outside inference mode writes them too
+            with torch.inference_mode(False):
+                buf = like.new_empty((self.size, *like.shape[1:]))
             self.stage_out[k] = buf
             self.nbytes += _nbytes(buf)
         return buf

@@ -506,6 +506,8 @@ class GraphLoop:
     # -- static buffers per input signature ------------------------------------------------
 
     def _plan(self, x: torch.Tensor, row_inputs: dict[str, torch.Tensor]) -> _Plan:
+        """The plan of x's signature, made on first use (its static buffers ordinary tensors,
+        also under torch.inference_mode: later calls outside it write them too)."""
         key = (tuple(x.shape[1:]), x.dtype, x.device,
                tuple((name, tuple(t.shape[1:]), t.dtype) for name, t in row_inputs.items()),
                torch.get_autocast_dtype(x.device.type) if autocast_on(x) else None)
@@ -513,7 +515,8 @@ class GraphLoop:
         if plan is None:
             while len(self._plans) >= self.max_signatures:
                 self._plans.popitem(last=False)  # its graphs and buffers go with it
-            plan = self._allocate(x, row_inputs)
+            with torch.inference_mode(False):
+                plan = self._allocate(x, row_inputs)
         self._plans[key] = plan  # most recently used last
         return plan
 
