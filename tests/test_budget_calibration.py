@@ -406,3 +406,18 @@ def test_costs_need_an_example_with_rows() -> None:
     for fn in (count_flops, measure):
         with pytest.raises(ValueError, match="at least one row"):
             fn(net, torch.zeros(0, 10))
+
+
+def test_costs_take_numbers_and_a_unit_name() -> None:
+    for values in ([1.0, True], ["1", 2.0], "12"):
+        with pytest.raises(TypeError, match="costs must be a list of numbers"):
+            Costs(values, "flops")
+    for unit in (5, "", None):
+        with pytest.raises(TypeError, match="a cost unit must be a non-empty string"):
+            Costs([1.0, 2.0], unit)
+    with pytest.raises(TypeError, match="a cost unit must be a non-empty string"):
+        Costs.from_dict({"values": [1.0, 2.0], "unit": 5})  # (was read as the unit "5")
+    from eenet.policies import EENet
+
+    with pytest.raises(TypeError, match="sched_biases must be numbers"):
+        EENet([0.5, 0.0], [torch.zeros(4), torch.zeros(5)], ["0.5", 0.0])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,11 @@ class Costs:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if isinstance(self.values, str | bytes) or not all(
+                isinstance(v, numbers.Real) and not isinstance(v, bool) for v in self.values):
+            raise TypeError(f"costs must be a list of numbers, got {self.values!r}")
+        if not isinstance(self.unit, str) or not self.unit:
+            raise TypeError(f"a cost unit must be a non-empty string, got {self.unit!r}")
         self.values = [float(v) for v in self.values]
         if not self.values:
             raise ValueError("Costs needs one value per exit, got none")
@@ -68,7 +74,7 @@ class Costs:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Costs:
-        return cls(list(data["values"]), str(data["unit"]), dict(data.get("meta", {})))
+        return cls(list(data["values"]), data["unit"], dict(data.get("meta", {})))
 
 
 @dataclass(frozen=True)

@@ -131,6 +131,9 @@ class EENet(ExitPolicy):
         if weights[0].numel() - extra < 2:
             raise ValueError(f"sched_weights[0] has {weights[0].numel()} values: too few for "
                              f"C >= 2 classes (C + 2{' + 1' if use_vote else ''})")
+        if not all(isinstance(b, numbers.Real) and not isinstance(b, bool)
+                   for b in sched_biases):
+            raise TypeError(f"sched_biases must be numbers, got {list(sched_biases)!r}")
         biases = [float(b) for b in sched_biases]
         if not all(math.isfinite(b) for b in biases):
             raise ValueError(f"sched_biases must be finite, got {biases}")
