@@ -70,6 +70,8 @@ def _check_device(op: str, name: str, t: torch.Tensor, device: torch.device) -> 
 
 FLOAT32_TINY = 1.1754943508222875e-38
 """The smallest normal float32."""
+FLOAT32_MAX = 3.4028234663852886e38
+"""The largest finite float32."""
 
 
 def threshold_as_float32(threshold: float) -> float:
@@ -161,8 +163,8 @@ def check_exit_score(
             _fail(op, f"sched_weight must have shape ({want},) = C + 2 + k"
                   f"{' + 1 (vote)' if use_vote else ''} with C = {c}, k = {history}, got "
                   f"{tuple(sched_weight.shape)}")
-        if not math.isfinite(sched_bias):
-            _fail(op, f"sched_bias must be finite, got {sched_bias:g}")
+        if not abs(sched_bias) <= FLOAT32_MAX:  # (NaN fails too) the kernels add it in fp32
+            _fail(op, f"sched_bias must be finite in float32, got {sched_bias:g}")
     if policy == "patience" or use_vote:
         if prev_preds is None:
             _fail(op, f"prev_preds is required for {'the vote feature' if use_vote else 'policy'}"

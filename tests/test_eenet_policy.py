@@ -412,8 +412,10 @@ def test_constructor_validates_heads() -> None:
     bad_w = [w[0], torch.full((C + 3,), math.nan), *w[2:]]
     with pytest.raises(ValueError, match=r"sched_weights\[1\] has NaN/inf values"):
         EENet([0.5] * K, bad_w, [0.0] * K)
-    with pytest.raises(ValueError, match=r"sched_biases must be finite, got \[0\.0, inf"):
-        EENet([0.5] * K, w, [0.0, math.inf, 0.0, 0.0])
+    for bias in (math.inf, 1e39):  # 1e39 is inf in the op's float32
+        with pytest.raises(ValueError, match=r"sched_biases must be finite in float32, got "
+                                             r"\[0\.0, (inf|1e\+39)"):
+            EENet([0.5] * K, w, [0.0, bias, 0.0, 0.0])
     with pytest.raises(ValueError, match=r"threshold 0 is 1\.5: a 'eenet' threshold must be "
                                          r"finite and in \[0, 1\] or NEVER_EXIT"):
         ExitPolicy.from_dict({"class": "EENet", "thresholds": [1.5] + [0.5] * (K - 1),

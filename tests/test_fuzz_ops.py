@@ -253,7 +253,7 @@ def test_non_finite_scheduler_parameters_are_rejected() -> None:
 
     good = torch.zeros(5 + 2 + 1)
     assert_same_error(call(good, math.inf), ValueError,
-                      "eenet.exit_score: sched_bias must be finite, got inf")
+                      "eenet.exit_score: sched_bias must be finite in float32, got inf")
     bad = good.clone()
     bad[-1] = math.inf  # the vote weight at k = 0 (the reference gave NaN, the others exited)
     assert_same_error(call(bad, 0.0), ValueError,

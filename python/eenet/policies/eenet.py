@@ -80,6 +80,7 @@ import torch
 from torch import nn
 
 from eenet_kernels import NEVER_EXIT, reference
+from eenet_kernels.checks import FLOAT32_MAX
 
 from ..budget import Budget, Costs, as_budget
 from ..threads import intra_op_threads
@@ -135,8 +136,8 @@ class EENet(ExitPolicy):
                    for b in sched_biases):
             raise TypeError(f"sched_biases must be numbers, got {list(sched_biases)!r}")
         biases = [float(b) for b in sched_biases]
-        if not all(math.isfinite(b) for b in biases):
-            raise ValueError(f"sched_biases must be finite, got {biases}")
+        if not all(abs(b) <= FLOAT32_MAX for b in biases):  # what the op takes (NaN fails)
+            raise ValueError(f"sched_biases must be finite in float32, got {biases}")
         self.sched_weights = weights
         self.sched_biases = biases
         self.use_vote = bool(use_vote)
