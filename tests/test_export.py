@@ -304,3 +304,54 @@ def test_loaded_package_rejects_bad_inputs_clearly(
     with pytest.raises(ValueError, match="one row per row of x"):
         engine(x, scale=torch.rand(4, 1))
     assert engine(x, scale=scale)[0].shape == (3, 7)
+
+
+class _EmbeddingStage(torch.nn.Module):
+    """Linear + an embedding of the per-row input ``kind`` (ids in [0, 5))."""
+
+    def __init__(self, width: int = 10) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(width, width)
+        self.embed = torch.nn.Embedding(5, width)
+
+    def forward(self, h: torch.Tensor, kind: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.linear(h) + self.embed(kind))
+
+
+def test_rows_gone_leave_a_placeholder_of_real_values() -> None:
+    """Every row leaves at exit 0: the compiled loop and the program still run the later
+    stages on one placeholder row, which must hold a real row's values (uninitialised
+    memory as an embedding index raised IndexError, or read out of bounds in a package)."""
+    from eenet.nn import ExitHead, MultiExitNetwork
+
+    torch.manual_seed(0)
+    net = MultiExitNetwork([_EmbeddingStage() for _ in range(3)],
+                           [ExitHead.linear(10, 7) for _ in range(3)]).eval()
+    policy = MaxProb([0.0, 0.0, 0.0])
+    compact = Engine(net, policy, mode="compact")
+    compiled = Engine(net, policy, mode="compiled", compile_backend="aot_eager")
+    program = export_engine(net, policy, torch.randn(4, 10), kind=torch.randint(0, 5, (4,)))
+    for n in (2, 5, 64):
+        torch.full((1 << 16,), 1 << 40, dtype=torch.int64)  # garbage for the allocator
+        x, kind = torch.randn(n, 10), torch.randint(0, 5, (n,))
+        with torch.no_grad():
+            want = compact(x, kind=kind)
+            assert bool((want.exit_index == 0).all())
+            for out in (compiled(x, kind=kind), EngineOutput(*program.module()(x, kind=kind))):
+                assert torch.equal(out.exit_index, want.exit_index)
+                torch.testing.assert_close(out.logits, want.logits, rtol=1e-6, atol=1e-6)
+
+
+def test_export_gives_the_network_its_modes_back_and_the_engine_refuses_train_mode() -> None:
+    net = _mlp_net()
+    net.train()
+    net.heads[0].eval()  # a frozen head
+    modes = {name: m.training for name, m in net.named_modules()}
+    export_engine(net, MaxProb([0.5] * 3), torch.randn(4, 10))
+    assert {name: m.training for name, m in net.named_modules()} == modes
+    engine = Engine(net, MaxProb([0.5] * 3))
+    assert not net.training
+    engine(torch.randn(3, 10))
+    net.train()
+    with pytest.raises(RuntimeError, match="the network is in train mode"):
+        engine(torch.randn(3, 10))

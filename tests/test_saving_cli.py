@@ -139,6 +139,12 @@ def test_load_model_runs_no_code_and_refuses_damaged_files(
     with pytest.raises(ValueError, match="objects other than tensors") as info:
         load_model(evil)
     assert "weights_only" not in str(info.value) and not os.path.exists(marker)
+    text = os.path.join(tmp_path, "policy.json")
+    with open(text, "w") as f:
+        f.write('{"format": "eenet-policy"}')
+    with pytest.raises(ValueError, match=r"not an eenet model file: not a file torch\.save "
+                                         r"wrote"):
+        load_model(text)  # not "Python objects other than tensors"
     blob = torch.load(model_file, weights_only=True)
     damaged = os.path.join(tmp_path, "damaged.pt")
     for change in ({"state_dict": None}, {"config": [1]}, {"arch": 3},
@@ -273,6 +279,22 @@ def test_attach_exits_round_trip(kind: str, example: bool, head: str, backbones:
     assert architecture_of(loaded)["arch"] == "attach_exits"
     assert fingerprint(loaded) == fingerprint(net)
     _same_outputs(loaded, net, x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
+def test_attach_exits_round_trip_in_another_dtype(dtype: torch.dtype, backbones: dict,
+                                                  tmp_path: os.PathLike) -> None:
+    """The example input is rebuilt in its dtype, and the backbone with it (a float32
+    rebuild failed on a float64 example: the file could be neither saved nor loaded)."""
+    builder, config, after, x = backbones["resnet"]
+    torch.manual_seed(2)
+    net = attach_exits(builder(**config).to(dtype), after, 4,
+                       example_input=x.to(dtype)).eval()
+    path = os.path.join(tmp_path, "net.pt")
+    save_model(net, path)
+    loaded, _ = load_model(path)
+    assert {p.dtype for p in loaded.parameters()} == {dtype}
+    _same_outputs(loaded, net, x.to(dtype))
 
 
 def test_attach_exits_head_options_round_trip(backbones: dict, tmp_path: os.PathLike) -> None:
@@ -451,6 +473,7 @@ def test_cli_calibrate_and_report(model_file: str, tmp_path: os.PathLike,
                      "digits"]) == 0
     out = capsys.readouterr().out
     assert "accuracy" in out and "samples per exit" in out
+    assert "(asked 0.6 of the full model)" in out
 
 
 def _error(capsys: pytest.CaptureFixture[str], command: str) -> str:
@@ -529,6 +552,8 @@ def test_cli_report_refuses_another_models_costs(model_file: str, tmp_path: os.P
     (["--model", "{tmp}/missing.pt"], "argument --model: {tmp}/missing.pt does not exist"),
     (["--dataset", "cifar"], "argument --dataset: invalid choice: 'cifar'"),
     (["--out", "{tmp}/model.pt"], "--out {tmp}/model.pt is the model file"),
+    (["--out", ""], "argument --out: expected a file name, got ''"),
+    (["--out", "{tmp}/"], "argument --out: expected a file name"),
 ])
 def test_cli_calibrate_checks_arguments_first(args: list[str], message: str, model_file: str,
                                              tmp_path: os.PathLike,
@@ -555,6 +580,12 @@ def test_cli_usage_errors(model_file: str, tmp_path: os.PathLike,
     assert "not an eenet policy file" in _error(capsys, "report")
     assert cli.main(["demo", "--epochs", "0"]) == 2
     assert "argument --epochs" in _error(capsys, "demo")
+    out = os.path.join(tmp_path, "demo_out")
+    for command in ("demo", "robust"):
+        assert cli.main([command, "--seed", "-1", "--out", out]) == 2
+        assert "argument --seed: expected an integer seed in [0, 2**63), got -1" in _error(
+            capsys, command)
+        assert not os.path.exists(out)  # refused before anything was made
     assert cli.main(["train"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("eenet: error: argument COMMAND: invalid choice: 'train'"), err

@@ -183,3 +183,25 @@ def test_training_bad_inputs() -> None:
     x, y = batches[0]
     with pytest.raises(ValueError, match="integer labels"):
         multi_exit(_net(), [(x, y.float() + 0.9)], epochs=1, progress=False)
+
+
+def test_autocast_takes_the_dtypes_autocast_runs_in() -> None:
+    """float32 / float64 would silently train in float32 (torch warns once per batch and
+    disables autocast); a string is not a dtype."""
+    net = _net()
+    loader = DataLoader(_data(n=16), batch_size=8)
+    for bad in (torch.float32, torch.float64, "bfloat16"):
+        with pytest.raises(ValueError, match="autocast"):
+            multi_exit(net, loader, epochs=1, progress=False, autocast=bad)
+    multi_exit(net, loader, epochs=1, progress=False, autocast=torch.bfloat16)
+
+
+def test_a_seeded_run_reseeds_no_other_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The seed goes to the CPU generator (and the training GPU's): torch.manual_seed would
+    also reseed every CUDA device, changing the caller's GPU random state."""
+    net, loader = _net(), DataLoader(_data(n=16), batch_size=8)  # (_net seeds torch)
+    calls: list[int] = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: calls.append(seed))
+    before = torch.random.get_rng_state()
+    multi_exit(net, loader, epochs=1, progress=False, seed=5)
+    assert calls == [] and torch.equal(before, torch.random.get_rng_state())

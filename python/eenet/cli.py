@@ -87,6 +87,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed >= 0, got {text!r}") from None
+    if not 0 <= value < 2**63:  # (the splits' NumPy generator refuses negative seeds)
+        raise argparse.ArgumentTypeError(f"expected an integer seed in [0, 2**63), got {value}")
+    return value
+
+
 def _fraction(text: str) -> float:
     try:
         value = float(text)
@@ -155,6 +165,8 @@ def _existing_file(text: str) -> str:
 
 
 def _output_file(text: str) -> str:
+    if not text.strip() or text.endswith(("/", os.sep)):
+        raise argparse.ArgumentTypeError(f"expected a file name, got {text!r}")
     folder = os.path.dirname(os.path.abspath(text))
     if os.path.isdir(text):
         raise argparse.ArgumentTypeError(f"{text} is a directory, not a file name")
@@ -350,8 +362,12 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(f"{policy} on {dataset} test ({len(y)} samples, mode {args.mode})")
     print(f"  accuracy {acc:.4f} [95% CI {low:.4f}, {high:.4f}]")
     print(f"  samples per exit {counts}")
+    asked = info.get("budget")
+    asked_text = ("no budget recorded" if asked is None else
+                  f"asked {asked.value:.4g} of the full model" if asked.unit == "fraction" else
+                  f"asked {asked.value:.4g} {asked.unit}")
     print(f"  achieved cost {achieved:.4g} {costs.unit} = {achieved / costs.full:.1%} of the "
-          f"full model (asked {info.get('budget')})")
+          f"full model ({asked_text})")
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -397,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="datasets to run the demo on")
     p.add_argument("--epochs", type=_positive_int, default=demo.EPOCHS,
                    help="training epochs per model")
-    p.add_argument("--seed", type=int, default=0, help="seed of the splits and the training")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the splits and the training")
     p.add_argument("--out", type=_output_dir, default="demo_out",
                    help="directory for the models and the plot (created if missing)")
     p.add_argument("--no-progress", action="store_true",
@@ -458,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use only the first N training samples (default: all)")
     p.add_argument("--test-samples", type=_positive_int, default=None,
                    help="use only the first N test samples (default: all)")
-    p.add_argument("--seed", type=int, default=defaults.seed,
+    p.add_argument("--seed", type=_seed, default=defaults.seed,
                    help="seed of the splits, the initialisation and the training")
     p.add_argument("--out", type=_output_dir, default="robust_out",
                    help="directory for robust.md and robust.json (created if missing)")

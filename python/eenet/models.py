@@ -156,6 +156,8 @@ def _attached(backbone: dict[str, Any], after: list[str], num_classes: int, head
     x = None
     if example_input is not None:
         x = torch.zeros(example_input["shape"], dtype=getattr(torch, example_input["dtype"]))
+        if x.is_floating_point():  # a float64 / bf16 network ran its example in its dtype
+            model.to(x.dtype)
     return attach_exits(model, after, num_classes, head=head, example_input=x,
                         head_width=head_width, head_stride=head_stride)
 

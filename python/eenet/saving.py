@@ -86,7 +86,11 @@ def save_model(net: MultiExitNetwork, path: str, arch: str | None = None,
 
 
 def _check_rebuilds(arch: str, config: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
-    rebuilt = build(arch, config).state_dict()
+    try:
+        rebuilt = build(arch, config).state_dict()
+    except (TypeError, KeyError, AttributeError, RuntimeError) as exc:
+        raise ValueError(f"architecture {arch!r} with config {config} cannot rebuild this "
+                         f"network: {type(exc).__name__}: {exc}") from exc
     missing = sorted(set(rebuilt) - set(state))
     unexpected = sorted(set(state) - set(rebuilt))
     shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(rebuilt[k].shape)}"
@@ -122,7 +126,7 @@ def load_model(path: str) -> tuple[MultiExitNetwork, dict[str, Any]]:
                          "NaN or infinite values")
     try:
         net = build(arch, config)
-    except (TypeError, KeyError, AttributeError) as exc:
+    except (TypeError, KeyError, AttributeError, RuntimeError) as exc:
         raise ValueError(f"{path}: architecture {arch!r} cannot be built from config "
                          f"{config}: {type(exc).__name__}: {exc}") from exc
     if not isinstance(net, MultiExitNetwork):
@@ -149,9 +153,15 @@ def load_plain(path: str, what: str) -> Any:
     except (FileNotFoundError, IsADirectoryError, PermissionError):
         raise
     except pickle.UnpicklingError as exc:
-        raise ValueError(f"{path} is not {what}: it holds Python objects other than tensors "
-                         "and plain data, which are not loaded (that would run code from "
-                         "the file)") from exc
+        why = str(exc)
+        if "global" in why.lower():  # weights_only refused a class or function to import
+            raise ValueError(f"{path} is not {what}: it holds Python objects other than "
+                             "tensors and plain data, which are not loaded (that would run "
+                             "code from the file)") from exc
+        detail = [line for line in why.split("WeightsUnpickler error:")[-1].splitlines()
+                  if line.strip()]
+        raise ValueError(f"{path} is not {what}: not a file torch.save wrote "
+                         f"({detail[0].strip() if detail else type(exc).__name__})") from exc
     except Exception as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ValueError(f"{path} is not {what} ({first})") from exc

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .batches import check_padding, split_batch
 from .nn import MultiExitNetwork
+from .rng import seeded
 
 __all__ = ["Progress", "device_of", "multi_exit", "multi_exit_loss"]
 
@@ -157,6 +158,20 @@ class Progress:
         self.close()
 
 
+def _check_autocast(dtype: object, device: torch.device) -> None:
+    """``dtype`` None or a dtype autocast runs in on ``device``'s type (CUDA: float16 and
+    bfloat16; CPU: bfloat16 and float16)."""
+    if dtype is None:
+        return
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"autocast must be None or a torch.dtype (torch.bfloat16), got "
+                         f"{dtype!r}")
+    supported = (torch.float16, torch.bfloat16)
+    if dtype not in supported:
+        raise ValueError(f"autocast runs in {supported} on {device.type}, not {dtype}; pass "
+                         "None to train in the weights' dtype")
+
+
 def multi_exit(net: MultiExitNetwork, train_loader: Iterable[Any], epochs: int = 10,
                lr: float = 1e-3, weight_decay: float = 5e-4, distill_temperature: float = 3.0,
                distill_weight: float = 0.5, device: str | torch.device | None = None,
@@ -164,19 +179,24 @@ def multi_exit(net: MultiExitNetwork, train_loader: Iterable[Any], epochs: int =
                autocast: torch.dtype | None = None) -> list[dict[str, Any]]:
     """Train every exit of ``net`` jointly with :func:`multi_exit_loss` (Adam, constant lr).
 
-    ``train_loader`` yields batches in any form of :mod:`eenet.batches`: ``(x, y)``,
-    ``(x, y, row_inputs)`` or a dict (``{"input_ids", "attention_mask", "labels"}``); x is
+    ``train_loader`` yields batches in any form of :mod:`eenet.batches`: ``(x, y)``, ``(x,
+    y, row_inputs)`` or a dict (``{"input_ids", "attention_mask", "labels"}``); x is
     whatever the first stage takes, y (N,) int labels, and the row inputs go to every stage
     and head (padded token ids without their ``attention_mask`` are refused). ``device``:
-    where to train (default: where ``net``'s parameters are; ``net`` is
-    moved there). ``seed`` seeds torch's RNG for the run (the loader's shuffling, dropout)
-    inside a forked RNG state, so the caller's global RNG is left untouched; ``None`` keeps
-    the current RNG. ``progress`` reports on stderr: a tqdm bar when stderr is a terminal,
-    else (CI logs, a pipe) one line per epoch, ``multi-exit training: epoch 3/8 loss 0.4125
-    train acc per exit 0.81 0.88 0.90 0.91``. ``autocast``: a dtype (``torch.bfloat16``)
-    to run the forward pass under ``torch.autocast`` on the training device (the weights and
-    the optimiser stay in their dtype; the loss is computed in float32); None (default)
-    runs in the weights' dtype. Parameters with ``requires_grad=False`` are frozen.
+    where to train (default: where ``net``'s parameters are; ``net`` is moved there).
+    ``seed`` seeds torch's CPU generator and the training device's for the run (dropout, and
+    a loader's shuffling when the loader draws from the global RNG) inside a forked RNG
+    state (:func:`eenet.rng.seeded`), so the caller's random state is left untouched;
+    ``None`` keeps the current RNG. A loader with a generator of its own (``DataLoader(...,
+    generator=g)``, as :meth:`eenet.data.Splits.loader` makes) shuffles from that generator,
+    which ``seed`` does not reset: pass a fresh loader to repeat a run. ``progress`` reports
+    on stderr: a tqdm bar when stderr is a terminal, else (CI logs, a pipe) one line per
+    epoch, ``multi-exit training: epoch 3/8 loss 0.4125 train acc per exit 0.81 0.88 0.90
+    0.91``. ``autocast``: a dtype (``torch.bfloat16``) to run the forward pass under
+    ``torch.autocast`` on the training device (the weights and the optimiser stay in their
+    dtype; the loss is computed in float32), one the training device's autocast supports
+    (``ValueError`` otherwise: torch would silently run in float32); None (default) runs in
+    the weights' dtype. Parameters with ``requires_grad=False`` are frozen.
 
     Returns one dict per epoch: ``{"epoch": int (1-based), "loss": float (mean per sample),
     "acc_per_exit": [float, ...] (training accuracy of each exit, in train mode)}``.
@@ -189,12 +209,10 @@ def multi_exit(net: MultiExitNetwork, train_loader: Iterable[Any], epochs: int =
     if not lr > 0:
         raise ValueError(f"lr must be positive, got {lr}")
     dev = torch.device(device) if device is not None else device_of(net)
+    _check_autocast(autocast, dev)
     net.to(dev)
-    forked = [dev.index or 0] if dev.type == "cuda" else []
     history: list[dict[str, Any]] = []
-    with torch.random.fork_rng(devices=forked, enabled=seed is not None):
-        if seed is not None:
-            torch.manual_seed(seed)
+    with seeded(seed, dev):
         opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=lr,
                                weight_decay=weight_decay)
         with Progress("multi-exit training", train_loader, epochs, progress) as report:

@@ -83,6 +83,7 @@ from eenet_kernels import NEVER_EXIT, reference
 from eenet_kernels.checks import FLOAT32_MAX
 
 from ..budget import Budget, Costs, as_budget
+from ..rng import seeded
 from ..threads import intra_op_threads
 from .base import ExitPolicy, ExitRule, first_exit
 from .calibration import collect_exit_logits, thresholds_for_fractions
@@ -220,8 +221,7 @@ class EENet(ExitPolicy):
         best_state: dict[str, torch.Tensor] | None = None
         best_where: dict[str, int] = {}
         for restart in range(restarts):
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed * 7919 + restart)
+            with seeded(seed * 7919 + restart):
                 sched = Scheduler(data.num_classes, data.num_exits, use_vote)
             sched.set_stats(train.base, train.vote)
             opt_score = torch.optim.AdamW(sched.score_parameters(), lr=lr,

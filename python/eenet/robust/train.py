@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn import MultiExitNetwork
+from ..rng import seeded
 from ..train import Progress, check_labels, device_of, used_up
 from .attacks import AttackConfig, exit_logits, pgd
 
@@ -72,9 +73,7 @@ def single_exit(net: MultiExitNetwork, reinit: bool = True, seed: int | None = 0
         raise TypeError(f"net must be an eenet.nn.MultiExitNetwork, got {type(net).__name__}")
     model = SingleExit(copy.deepcopy(list(net.stages)), copy.deepcopy(net.heads[-1]))
     if reinit:
-        with torch.random.fork_rng(devices=[], enabled=seed is not None):
-            if seed is not None:
-                torch.manual_seed(seed)
+        with seeded(seed):
             for m in model.modules():
                 reset = getattr(m, "reset_parameters", None)
                 if callable(reset):
@@ -177,12 +176,9 @@ def _robust_train(model: nn.Module, loader: Iterable[Any], epochs: int, attack: 
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
-    forked = [dev.index or 0] if dev.type == "cuda" else []
     history: list[dict[str, Any]] = []
     batch_index = 0
-    with torch.random.fork_rng(devices=forked, enabled=seed is not None):
-        if seed is not None:
-            torch.manual_seed(seed)
+    with seeded(seed, dev):
         opt = _make_optimizer(params, optimizer, lr, momentum, weight_decay)
         with Progress(what, loader, epochs, progress) as report:
             try:

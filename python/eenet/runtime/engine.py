@@ -404,6 +404,10 @@ class Engine:
     returns a copy of that copy), so every mode applies the same rules whatever later
     happens to the object passed in; to serve changed thresholds, make a new engine.
 
+    Mode: making an engine puts ``net`` in eval mode (``net.eval()``, inference needs it);
+    a call while ``net`` is in train mode again (``net.train()`` since) raises
+    ``RuntimeError`` rather than serving with dropout and batch-norm updates.
+
     Row inputs: ``engine(x, name=t, ...)`` passes per-row side inputs t, each (N, ...) on x's
     device, to every stage as ``stage(h, name=t)`` (e.g. the ``attention_mask`` of padded
     transformer batches), and to every exit head that reads them (its ``row_inputs``
@@ -601,6 +605,10 @@ class Engine:
 
     def __call__(self, x: torch.Tensor, **row_inputs: torch.Tensor) -> EngineOutput:
         _check_input(x, row_inputs)
+        if self.net.training:
+            raise RuntimeError("eenet.runtime.Engine: the network is in train mode (net.train() "
+                               "was called after the engine was made); call net.eval() "
+                               "before running the engine")
         if not self._lock.acquire(blocking=False):
             raise RuntimeError(
                 "eenet.runtime.Engine: this engine is already running a batch (called from "

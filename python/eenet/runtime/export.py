@@ -24,7 +24,9 @@ loaded the ``eenet_ops`` library of the CMake build (``examples/cpp``), with no 
 process; it gets no such checks (``loader.get_metadata()`` holds the same JSON).
 
 Fixed at export: the policy (rules, thresholds and scheduler weights are constants of the
-graph), the network's weights (parameters of the program), x's dtype, device and
+graph), the network's weights (parameters of the program, shared with ``net`` until the
+program is saved: an in-place change to ``net``'s weights changes what the program computes,
+and ``torch.export.save`` writes them as they are then), x's dtype, device and
 non-batch dimensions, the names, dtypes and non-batch dimensions of the row inputs. Not
 in the program: the budget guard, the telemetry, the input checks and the empty batch (the
 program takes >= 1 rows; ``Engine`` and :class:`PackagedEngine` return an empty result
@@ -46,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..modes import eval_mode
 from .compiled import CompactLoop
 from .engine import EngineOutput
 
@@ -275,7 +278,14 @@ def export_engine(net: torch.nn.Module, policy: ExitPolicy, example_x: torch.Ten
     ``example_row_inputs`` (each (N, ...)) fix everything but the batch size. The network
     and the policy go through the engine's checks (``TypeError`` / ``ValueError`` naming the
     culprit), the example inputs through its input checks; the ops run the dispatcher's
-    kernels (an ``EENET_BACKEND`` override to another raises ``ValueError``)."""
+    kernels (an ``EENET_BACKEND`` override to another raises ``ValueError``). The loop is
+    recorded in eval mode; every submodule of ``net`` gets its own mode back afterwards."""
+    with eval_mode(net):
+        return _export(net, policy, example_x, example_row_inputs)
+
+
+def _export(net: torch.nn.Module, policy: ExitPolicy, example_x: torch.Tensor,
+            example_row_inputs: dict[str, torch.Tensor]) -> torch.export.ExportedProgram:
     from .engine import Engine, _check_input
 
     engine = Engine(net, policy, mode="compact", telemetry=False)  # the engine's checks
