@@ -365,9 +365,9 @@ def exit_report(rows: list[dict[str, Any]], device: torch.device, stamp: dict[st
         Section("Ratios and throughput",
                 "ours/X = t(X) / t(ours_write) (> 1: ours faster). GB/s = compulsory bytes "
                 "(feats, weight, bias read; logits, score, exit written) / median time; "
-                "GFLOP/s = 2NDC / median time. 'agree' = fraction of rows whose exit decision "
-                "equals eager's; 'max diff' = max |logits(ours) - F.linear logits| (plain "
-                "torch in the same dtype).", piv,
+                "GFLOP/s = 2NDC / median time. 'agree' = fraction of rows whose written exit "
+                "equals eager's and torch.compile's (the lower of the two); 'max diff' = "
+                "max |logits(ours) - F.linear logits| (plain torch in the same dtype).", piv,
                 [Column("n", "N"), Column("d", "D"), Column("c", "C"), Column("dtype", "dtype"),
                  Column("eager:ours_over_this", "ours/eager", _x),
                  Column("compile:ours_over_this", "ours/compile", _x),
