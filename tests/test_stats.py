@@ -124,3 +124,15 @@ def test_bad_options_raise() -> None:
         paired_bootstrap(torch.ones(5), torch.ones(4))
     with pytest.raises(ValueError, match="b must be finite"):
         paired_bootstrap(torch.ones(2), torch.tensor([0.0, float("nan")]))
+
+
+def test_options_take_numpy_numbers() -> None:
+    """A seed, sample count or level computed with NumPy works as the Python number does."""
+    np = pytest.importorskip("numpy")
+    values = torch.arange(10.0)
+    want = bootstrap_ci(values, num_samples=50, level=0.9, seed=3)
+    got = bootstrap_ci(values, num_samples=np.int64(50), level=np.float32(0.9), seed=np.int32(3))
+    assert got == pytest.approx(want)
+    for bad in ({"seed": True}, {"level": np.float64(1.5)}, {"num_samples": np.int64(0)}):
+        with pytest.raises(ValueError):
+            bootstrap_ci(values, **{"num_samples": 50, **bad})

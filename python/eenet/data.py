@@ -11,6 +11,7 @@ with the ``demo`` extra (``pip install "eenet-kernels[demo]"``); without it, loa
 from __future__ import annotations
 
 import importlib
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -95,7 +96,7 @@ def load(name: str, val_fraction: float = 0.2, test_fraction: float = 0.2, seed:
     [0, 1) with a sum below 1; raises ``ValueError`` otherwise, or when they leave the
     train split empty."""
     for what, f in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-        if isinstance(f, bool) or not isinstance(f, int | float) or not 0 <= f < 1:
+        if isinstance(f, bool) or not isinstance(f, numbers.Real) or not 0 <= f < 1:
             raise ValueError(f"{what} must be a number in [0, 1), got {f!r}")
     if val_fraction + test_fraction >= 1:
         raise ValueError(f"val_fraction + test_fraction must be below 1 (train needs the "

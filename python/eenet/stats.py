@@ -11,6 +11,8 @@ a time), so 2,000 resamples of 10,000 values stay well under 100 MB. Computation
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 # resampled values per chunk: int64 indices + float64 gathered values = 16 bytes each
@@ -18,7 +20,8 @@ CHUNK_ELEMENTS = 1 << 21
 
 
 def _is_int(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+    """An int, NumPy's included (not a bool)."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 def _check_values(values: object, name: str) -> torch.Tensor:
@@ -36,14 +39,17 @@ def _check_values(values: object, name: str) -> torch.Tensor:
     return out
 
 
-def _check_options(num_samples: object, level: object, seed: object) -> None:
+def _check_options(num_samples: object, level: object, seed: object
+                   ) -> tuple[int, float, int]:
+    """The options as Python numbers (NumPy ones converted), checked."""
     if not _is_int(num_samples) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
-    if (isinstance(level, bool) or not isinstance(level, (int, float))
+    if (isinstance(level, bool) or not isinstance(level, numbers.Real)
             or not 0.0 < level < 1.0):
         raise ValueError(f"level must be a number in (0, 1), got {level!r}")
     if not _is_int(seed):
         raise ValueError(f"seed must be an int, got {seed!r}")
+    return int(num_samples), float(level), int(seed)
 
 
 def _resampled_means(values: torch.Tensor, num_samples: int, seed: int) -> torch.Tensor:
@@ -76,7 +82,7 @@ def bootstrap_ci(values: torch.Tensor, num_samples: int = 2000, level: float = 0
     the resample means.
     """
     x = _check_values(values, "values")
-    _check_options(num_samples, level, seed)
+    num_samples, level, seed = _check_options(num_samples, level, seed)
     means = _resampled_means(x, num_samples, seed)
     low, high = _interval(means, level)
     return float(x.mean()), low, high
@@ -96,7 +102,7 @@ def paired_bootstrap(a: torch.Tensor, b: torch.Tensor, num_samples: int = 2000,
     if x.numel() != y.numel():
         raise ValueError(f"a and b must have the same length (paired samples), got "
                          f"{x.numel()} and {y.numel()}")
-    _check_options(num_samples, level, seed)
+    num_samples, level, seed = _check_options(num_samples, level, seed)
     d = x - y
     if not bool(torch.isfinite(d).all()):
         raise ValueError("a - b overflows (not finite)")
