@@ -113,7 +113,7 @@ def _lazy_cuda_kernel(name: str) -> Callable:
     return kernel
 
 
-def written_tensors(name: str, args: Sequence[Any], kwargs: dict[str, Any]
+def _written_tensors(name: str, args: Sequence[Any], kwargs: dict[str, Any]
                     ) -> tuple[list[str], list[torch.Tensor]]:
     """The buffers a call of op ``name`` writes, its ``Tensor(a!)`` arguments by schema:
     (their names, e.g. ``"dst[1]"``, the tensors)."""
@@ -169,7 +169,7 @@ def _below_autograd(name: str) -> Callable:
     op = getattr(torch.ops.eenet, name)
 
     def kernel(*args: Any, **kwargs: Any) -> Any:
-        names, written = written_tensors(name, args, kwargs)
+        names, written = _written_tensors(name, args, kwargs)
         _check_writable(name, names, written)
         with torch._C._AutoDispatchBelowAutograd():
             result = op(*args, **kwargs)
