@@ -647,3 +647,24 @@ def test_demo_short_run(tmp_path: os.PathLike, capsys: pytest.CaptureFixture[str
     assert os.path.exists(os.path.join(tmp_path, "accuracy_vs_cost.png"))
     net, meta = load_model(os.path.join(tmp_path, "digits_model.pt"))
     assert meta["dataset"] == "digits" and net.num_exits == 4
+
+
+def test_policy_meta_tells_the_same_weights_in_another_architecture_apart(
+        tmp_path: os.PathLike) -> None:
+    """Calibration records the weights' fingerprint and the architecture: a network with the
+    same weights but another recorded architecture (a head stride, which has no weights) is
+    not the model the policy was fitted on; the same model is."""
+    from eenet.nn import record_architecture
+    from eenet.saving import model_mismatch, model_record
+
+    net = models.small_cnn(image_size=12, widths=(4, 8), head_width=4)
+    meta = json.loads(json.dumps(model_record(net)))  # as read back from a policy file
+    assert model_mismatch(meta, net) is None and model_mismatch({}, net) is None
+    twin = models.small_cnn(image_size=12, widths=(4, 8), head_width=4)
+    twin.load_state_dict(net.state_dict())
+    spec = architecture_of(twin)
+    record_architecture(twin, spec["arch"], {**spec["config"], "head_stride_from": 99})
+    assert fingerprint(twin) == fingerprint(net)
+    assert "architecture (heads, cuts) differs" in model_mismatch(meta, twin)
+    other = models.small_cnn(image_size=12, widths=(4, 8), head_width=4)
+    assert "fingerprint" in model_mismatch(meta, other)

@@ -22,8 +22,9 @@ local Ray (:mod:`eenet.serving.ray_app`), until Ctrl-C.
 
 Every argument is checked before any data is loaded or trained on, and the files are
 checked against each other: a model trained on another dataset, a policy calibrated on
-another dataset or for another model (its recorded fingerprint or its FLOP costs differ)
-is refused. Usage errors print one line, ``eenet <command>: error: <what>``, and exit 2.
+another dataset or for another model (its recorded weights' fingerprint or architecture, or
+its FLOP costs, differ) is refused. Usage errors print one line, ``eenet <command>: error:
+<what>``, and exit 2.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from . import data, demo
 from .nn import MultiExitNetwork, architecture_of
 from .policies import EENet, collect_exit_logits
 from .runtime import MODES, Engine
-from .saving import fingerprint, load_model, load_policy, save_policy
+from .saving import load_model, load_policy, model_mismatch, model_record, save_policy
 
 POLICY_NAMES: tuple[str, ...] = tuple(c.__name__ for c in demo.POLICY_CLASSES)
 EXIT_USAGE = 2
@@ -241,17 +242,16 @@ def _check_inputs(net: MultiExitNetwork, splits: data.Splits, model_path: str) -
 
 
 def _check_policy(args: argparse.Namespace, info: dict[str, Any], dataset: str,
-                  net_fingerprint: str) -> None:
+                  net: MultiExitNetwork) -> None:
     meta = info.get("meta") or {}
     if meta.get("dataset") is not None and meta["dataset"] != dataset:
         raise UsageError(f"{args.policy} was calibrated on {meta['dataset']!r}, not on "
                          f"{dataset!r}")
-    recorded = meta.get("model_fingerprint")
-    if recorded is not None and recorded != net_fingerprint:
+    why = model_mismatch(meta, net)
+    if why is not None:
         raise UsageError(f"{args.policy} was calibrated for another model than {args.model} "
-                         f"(model fingerprint {str(recorded)[:12]}..., this one "
-                         f"{net_fingerprint[:12]}...; calibrated with "
-                         f"{meta.get('model', 'another file')}): run eenet calibrate on it")
+                         f"({why}; calibrated with {meta.get('model', 'another file')}): run "
+                         "eenet calibrate on it")
 
 
 def _check_costs(args: argparse.Namespace, costs: budget_mod.Costs, net: MultiExitNetwork,
@@ -337,7 +337,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     policy = demo.fit_policy(cls, logits, labels, costs, args.budget)
     save_policy(policy, args.out, costs, args.budget,
                 {"dataset": dataset, "model": os.path.basename(args.model),
-                 "model_fingerprint": fingerprint(net)})
+                 **model_record(net)})
     exit_index, _ = policy.decide(logits)
     r = budget_mod.report(costs, exit_index, args.budget)
     print(f"{policy}\nvalidation: achieved {r['achieved']:.4g} {costs.unit} for asked "
@@ -348,7 +348,7 @@ def cmd_report(args: argparse.Namespace) -> None:
     net, meta = load_model(args.model)
     policy, costs, info = load_policy(args.policy, num_exits=net.num_exits)
     dataset = _dataset_for(args, meta)
-    _check_policy(args, info, dataset, fingerprint(net))
+    _check_policy(args, info, dataset, net)
     data.require_dataset(dataset)
     splits = data.load(dataset, seed=meta.get("seed", 0))
     _check_inputs(net, splits, args.model)

@@ -36,7 +36,7 @@ from .policies.base import read_policy_file, write_policy_file
 MODEL_FORMAT = "eenet-model/1"
 
 __all__ = ["MODEL_FORMAT", "fingerprint", "load_model", "load_plain", "load_policy",
-           "save_model", "save_policy"]
+           "model_mismatch", "model_record", "save_model", "save_policy"]
 
 
 def save_model(net: MultiExitNetwork, path: str, arch: str | None = None,
@@ -176,6 +176,27 @@ def fingerprint(net: nn.Module) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def model_record(net: nn.Module) -> dict[str, Any]:
+    """What a policy file's meta records of the model it was calibrated on: the weights'
+    :func:`fingerprint` and the architecture (:func:`eenet.nn.architecture_of`, JSON), so
+    that a model with the same weights but other heads or cuts is told apart too."""
+    return {"model_fingerprint": fingerprint(net),
+            "model_architecture": json.loads(json.dumps(architecture_of(net)))}
+
+
+def model_mismatch(meta: dict[str, Any], net: nn.Module) -> str | None:
+    """Why ``net`` is not the model a policy file's ``meta`` (:func:`model_record`) was
+    calibrated on, or None (also when the meta records nothing)."""
+    recorded = meta.get("model_fingerprint")
+    if recorded is not None and recorded != fingerprint(net):
+        return (f"its model fingerprint {str(recorded)[:12]}... differs from this model's "
+                f"{fingerprint(net)[:12]}...")
+    arch = meta.get("model_architecture")
+    if arch is not None and arch != json.loads(json.dumps(architecture_of(net))):
+        return "the same weights, but its model architecture (heads, cuts) differs"
+    return None
 
 
 def save_policy(policy: ExitPolicy, path: str, costs: Costs,

@@ -410,15 +410,15 @@ def load_engine(model_path: str, policy_path: str, **config: Any) -> Any:
     :class:`~eenet.serving.ServingConfig` fields (the costs and budget come from the policy
     file unless given). Raises ``ValueError`` for a policy fitted for another number of exits
     or, by its recorded fingerprint or dataset, for another model."""
-    from ..saving import fingerprint, load_model, load_policy
+    from ..saving import load_model, load_policy, model_mismatch
     from . import ServingConfig, ServingEngine
 
     net, meta = load_model(model_path)
     policy, costs, info = load_policy(policy_path, num_exits=net.num_exits)
-    recorded = (info.get("meta") or {}).get("model_fingerprint")
-    if recorded is not None and recorded != fingerprint(net):
+    why = model_mismatch(info.get("meta") or {}, net)
+    if why is not None:
         raise ValueError(f"{policy_path} was calibrated for another model than {model_path} "
-                         f"(its model fingerprint differs): run eenet calibrate on this model")
+                         f"({why}): run eenet calibrate on this model")
     fitted_on = (info.get("meta") or {}).get("dataset")
     if fitted_on is not None and meta.get("dataset") not in (None, fitted_on):
         raise ValueError(f"{policy_path} was calibrated on {fitted_on!r}, {model_path} trained "
