@@ -340,6 +340,8 @@ def test_rows_gone_leave_a_placeholder_of_real_values() -> None:
             for out in (compiled(x, kind=kind), EngineOutput(*program.module()(x, kind=kind))):
                 assert torch.equal(out.exit_index, want.exit_index)
                 torch.testing.assert_close(out.logits, want.logits, rtol=1e-6, atol=1e-6)
+        # with grad mode on, as a caller may run the program: no buffer of it requires grad
+        assert torch.equal(program.module()(x, kind=kind)[1], want.exit_index)
 
 
 def test_export_gives_the_network_its_modes_back_and_the_engine_refuses_train_mode() -> None:
