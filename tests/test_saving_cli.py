@@ -339,6 +339,17 @@ def test_register_records_every_argument() -> None:
     with pytest.raises(ValueError, match="does not take config"):
         models.build("small_cnn", {"depth": 3})
 
+    def by_position(width: int, /, classes: int = 3) -> nn.Module:
+        return nn.Linear(width, classes)
+
+    def variadic(*widths: int) -> nn.Module:
+        return nn.Linear(widths[0], 3)
+
+    for builder, names in ((by_position, r"\['width'\]"), (variadic, r"\['widths'\]")):
+        with pytest.raises(ValueError, match=f"takes {names} by position only"):
+            models.register(f"test_{builder.__name__}", builder)
+        assert f"test_{builder.__name__}" not in models.ARCHITECTURES
+
 
 # -- policy files ----------------------------------------------------------------------------
 

@@ -50,7 +50,8 @@ def register(name: str, builder: F | None = None, *, replace: bool = False
     """Register ``builder`` (``builder(**config) -> nn.Module``, config JSON-able) under
     ``name``; usable as a decorator (``@register("name")``). Returns the wrapped builder:
     call that one (or :func:`build`) so that the modules it returns record how they were
-    built. Registering a taken name raises ``ValueError`` unless ``replace``.
+    built. Registering a taken name raises ``ValueError`` unless ``replace``, and so does a
+    builder with positional-only parameters or ``*args`` (a file rebuilds with keywords).
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"an architecture name must be a non-empty string, got {name!r}")
@@ -62,6 +63,12 @@ def register(name: str, builder: F | None = None, *, replace: bool = False
             raise ValueError(f"architecture {name!r} is already registered (pass replace=True "
                              "to replace it)")
         signature = inspect.signature(fn)
+        by_position = [p.name for p in signature.parameters.values()
+                       if p.kind in (p.POSITIONAL_ONLY, p.VAR_POSITIONAL)]
+        if by_position:  # a file rebuilds the module with keyword arguments only
+            raise ValueError(f"builder for {name!r} takes {by_position} by position only; a "
+                             "saved module is rebuilt as builder(**config): make them "
+                             "ordinary or keyword parameters")
 
         @functools.wraps(fn)
         def recorded(*args: Any, **kwargs: Any) -> nn.Module:
