@@ -41,11 +41,13 @@ from .runner import (
     CacheFlusher,
     Column,
     Section,
+    copy_bandwidth,
     count_syncs,
     cuda_missing,
     environment,
     graph_replay_seconds,
     host_seconds,
+    last_level_cache_bytes,
     load_note,
     set_cpu_threads,
     time_many,
@@ -312,7 +314,8 @@ def compact_report(rows: list[dict[str, Any]], device: torch.device, stamp: dict
                 "ours/X = t(X) / t(ours) (> 1: ours faster); ours/roofline = t(copy) / t(ours) "
                 "(1.0 = as fast as a plain copy of the kept bytes); t(ours) / t(trivial): "
                 "ours against one trivial kernel launch (target: <= 1.5x at N <= 256 on a "
-                "GPU). GB/s = 2 x kept bytes / median time.", piv,
+                "GPU). GB/s = 2 x kept bytes / median time; % of copy BW = GB/s over the plain "
+                "device copy's measured bandwidth (notes).", piv,
                 [Column("n", "N"), Column("row_bytes", "row bytes"),
                  Column("bool_index:ours_over_this", "ours/x[keep]", _x),
                  Column("nonzero_static:ours_over_this", "ours/nonzero_static", _x),
@@ -321,6 +324,7 @@ def compact_report(rows: list[dict[str, Any]], device: torch.device, stamp: dict
                  Column("compact_nosync:over_trivial", "t(ours w/o count read) / t(trivial)",
                         _x),
                  *[Column(f"{m}:gbps", f"{m} GB/s", "{:.2f}") for m in COMPACT_METHODS],
+                 Column("compact:bw_fraction", "ours % of copy BW", "{:.0%}"),
                  Column("compact:syncs", "syncs: ours"),
                  Column("bool_index:syncs", "x[keep]"),
                  Column("nonzero_static:syncs", "nonzero_static")]),
@@ -364,7 +368,8 @@ def exit_report(rows: list[dict[str, Any]], device: torch.device, stamp: dict[st
                                                          "{:.1f}")]),
         Section("Ratios and throughput",
                 "ours/X = t(X) / t(ours_write) (> 1: ours faster). GB/s = compulsory bytes "
-                "(feats, weight, bias read; logits, score, exit written) / median time; "
+                "(feats, weight, bias read; logits, score, exit written) / median time, "
+                "% of copy BW the same over the measured device-copy bandwidth (notes); "
                 "GFLOP/s = 2NDC / median time. 'agree' = fraction of rows whose written exit "
                 "equals eager's and torch.compile's (the lower of the two); 'max diff' = "
                 "max |logits(ours) - F.linear logits| (plain torch in the same dtype).", piv,
@@ -372,6 +377,7 @@ def exit_report(rows: list[dict[str, Any]], device: torch.device, stamp: dict[st
                  Column("eager:ours_over_this", "ours/eager", _x),
                  Column("compile:ours_over_this", "ours/compile", _x),
                  Column("ours_write:gbps", "ours GB/s", "{:.2f}"),
+                 Column("ours_write:bw_fraction", "ours % of copy BW", "{:.0%}"),
                  Column("ours_write:gflops", "ours GFLOP/s", "{:.1f}"),
                  Column("eager:gflops", "eager GFLOP/s", "{:.1f}"),
                  Column("compile:gflops", "compile GFLOP/s", "{:.1f}"),
@@ -421,6 +427,15 @@ def exit_report(rows: list[dict[str, Any]], device: torch.device, stamp: dict[st
 # Entry point.
 
 
+def _with_bandwidth_fraction(rows: list[dict[str, Any]], peak_gbps: float
+                             ) -> list[dict[str, Any]]:
+    """Each timed row with ``bw_fraction``, its GB/s over the measured copy bandwidth."""
+    for row in rows:
+        if row.get("gbps") is not None:
+            row["bw_fraction"] = row["gbps"] / peak_gbps
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -456,9 +471,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"machine: {os.cpu_count()} logical cores, shared with other work at times; torch "
         f"intra-op threads: {torch.get_num_threads()} (--threads; bench/README.md).",
     ]
+    peak = copy_bandwidth(device)
+    common.append(f"copy bandwidth (the '% of copy BW' reference): a plain device copy of "
+                  f"{max(8 * last_level_cache_bytes(device), 64 << 20) >> 20} MiB reaches "
+                  f"{peak:.1f} GB/s (read + write), measured in this run.")
     if args.only in (None, "compact"):
         start = time.perf_counter()
-        rows = bench_compact(device, args.repeats, args.warmup, args.backend)
+        rows = _with_bandwidth_fraction(bench_compact(device, args.repeats, args.warmup,
+                                                      args.backend), peak)
         compact_report(rows, device, stamp, suffix, [
             "N rows of `row bytes` float32 each, exactly 50% kept at scattered positions; "
             f"caches flushed before every run ({CacheFlusher(device).nbytes >> 20} MiB "
@@ -468,8 +488,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             *common, f"{load_note()}; wall time {time.perf_counter() - start:.0f} s."])
     if args.only in (None, "exit_score"):
         start = time.perf_counter()
-        rows = bench_exit_score(device, args.repeats, args.warmup,
-                                use_compile=not args.no_compile, backend=args.backend)
+        rows = _with_bandwidth_fraction(
+            bench_exit_score(device, args.repeats, args.warmup,
+                             use_compile=not args.no_compile, backend=args.backend), peak)
         errors = sorted({r["error"] for r in rows if r.get("error")})
         exit_report(rows, device, stamp, suffix, [
             "feats (N, D), weight (C, D) scaled so that max-prob scores spread; threshold = "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import itertools
+import math
 import re
 import sys
 from pathlib import Path
@@ -118,6 +119,22 @@ def test_cache_flusher_and_llc() -> None:
     flush = runner.CacheFlusher("cpu", nbytes=1 << 20)
     flush()
     assert flush.nbytes == 1 << 20
+
+
+def test_copy_bandwidth_and_the_fraction_of_it() -> None:
+    """The reference bandwidth is a timed device copy (read + write bytes over its median
+    time): positive, and in the range of a slower and a faster copy of the same buffer."""
+    from bench import micro
+
+    gbps = runner.copy_bandwidth("cpu", nbytes=1 << 24, repeats=3)
+    assert math.isfinite(gbps) and gbps > 0
+    src = torch.ones((1 << 24) // 4)
+    dst = torch.empty_like(src)
+    stats = runner.time_many({"copy": lambda: dst.copy_(src)}, warmup=1, repeats=5)
+    hand = 2.0 * (1 << 24) / stats["copy"].median / 1e9
+    assert hand / 5 < gbps < hand * 5  # the same quantity, on a machine shared with others
+    rows = micro._with_bandwidth_fraction([{"gbps": 3.0}, {"gbps": None}], 12.0)
+    assert rows[0]["bw_fraction"] == pytest.approx(0.25) and "bw_fraction" not in rows[1]
 
 
 def test_results_writer_stamps_every_file(tmp_path: Path) -> None:
