@@ -309,10 +309,15 @@ def op_target(name: str, device: torch.device, backend: str | None = None) -> Ca
     return kernel
 
 
-def _bypasses_the_dispatcher(target: Callable, name: str) -> bool:
-    """Whether ``target`` (from :func:`op_target`) writes outside the dispatcher and torch's
-    in-place ops: a Triton launcher called directly, whose writes bump no version."""
-    return target is not getattr(torch.ops.eenet, name) and target is not _REFERENCE_IMPLS[name]
+def _bumps_nothing(target: Callable, name: str) -> bool:
+    """Whether a call of ``target`` (from :func:`op_target`) leaves the written buffers'
+    versions as they were: a Triton launcher called directly, or the dispatcher's kernels
+    under ``torch.inference_mode``, which skips the Autograd step that bumps them (torch's
+    own in-place ops still bump a normal tensor there); the reference's in-place writes bump
+    them in any mode."""
+    if target is _REFERENCE_IMPLS[name] or torch.compiler.is_compiling():
+        return False  # (a traced graph's mutations are functionalised)
+    return target is not getattr(torch.ops.eenet, name) or torch.is_inference_mode_enabled()
 
 
 # ---------------------------------------------------------------------------------------
@@ -434,7 +439,7 @@ def exit_score_write(
                     (out_logits, out_score, out_exit))
     target = op_target("exit_score_write", feats.device, backend)
     result = ExitScore(*target(*args, **outs))
-    if _bypasses_the_dispatcher(target, "exit_score_write"):
+    if _bumps_nothing(target, "exit_score_write"):
         _bump_versions((out_logits, out_score, out_exit))
     return result
 
@@ -468,7 +473,7 @@ def compact(
     _check_writable("compact_out", [f"dst[{i}]" for i in range(len(dst))], dst)
     target = op_target("compact_out", keep.device, backend)
     count = target(keep, src, dst)
-    if _bypasses_the_dispatcher(target, "compact_out"):
+    if _bumps_nothing(target, "compact_out"):
         _bump_versions(dst)
     return dst, count
 

@@ -421,3 +421,13 @@ def test_costs_take_numbers_and_a_unit_name() -> None:
 
     with pytest.raises(TypeError, match="sched_biases must be numbers"):
         EENet([0.5, 0.0], [torch.zeros(4), torch.zeros(5)], ["0.5", 0.0])
+
+
+def test_costs_and_biases_take_0_dim_tensors() -> None:
+    from eenet.policies import EENet
+
+    assert Costs(torch.tensor([1.0, 2.0]), "flops").values == [1.0, 2.0]
+    assert EENet([0.5, 0.0], [torch.zeros(4), torch.zeros(5)],
+                 [torch.tensor(0.25), 0.0]).sched_biases == [0.25, 0.0]
+    with pytest.raises(TypeError, match="costs must be a list of numbers"):
+        Costs([torch.tensor(True), torch.tensor(2.0)], "flops")

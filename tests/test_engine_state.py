@@ -12,7 +12,7 @@ from test_compiled_mode import _median_policy, _mlp_net, _switch_batch, _switch_
 from test_engine import _hand_loop
 
 from eenet.nn import MultiExitNetwork, classifier_operands
-from eenet.policies import EENet, MaxProb
+from eenet.policies import EENet, MaxProb, Patience
 from eenet.runtime import Engine, EngineOutput, simulate
 from eenet.runtime.graphs import EagerGraphs, GraphLoop
 from eenet_kernels import reference
@@ -227,3 +227,17 @@ def every_logits(net: MultiExitNetwork, x: torch.Tensor) -> list[torch.Tensor]:
         logits.append((f @ head.classifier.weight.double().t()
                        + head.classifier.bias.double()).float())
     return logits
+
+
+def test_a_threshold_between_float32_values_decides_alike_offline_and_in_every_mode() -> None:
+    """Patience scores are exact integers, computed alike everywhere: a threshold of 1 + 1e-9
+    (1.0 when rounded to the nearest float32) keeps a streak of 1 from leaving, offline
+    (policy.decide, full mode) as in the kernels (exact score >= threshold)."""
+    net = _switch_net()  # every exit predicts class 0: the streak is k at exit k
+    x = _switch_batch([2] * 6)
+    policy = Patience([1 + 1e-9, 1 + 1e-9, 0.0])
+    with torch.no_grad():
+        offline = policy.decide([z.float() for z in net(x)])[0]
+    assert offline.tolist() == [2] * 6  # a nearest-rounded threshold would take exit 1
+    for mode in EAGER_MODES:
+        assert Engine(net, policy, mode=mode)(x).exit_index.tolist() == [2] * 6, mode

@@ -314,3 +314,15 @@ def test_attention_implementation_survives_save_and_load(tmp_path) -> None:
         for a, b in zip(net(ids, attention_mask=mask), loaded(ids, attention_mask=mask),
                         strict=True):
             assert torch.equal(a, b)
+
+
+def test_the_model_record_of_a_network_matches_it_after_save_and_load(tmp_path) -> None:
+    """What a policy file records of the model (weights, architecture) matches the network
+    the model file gives back, so that a policy recorded in memory serves the saved file."""
+    from eenet.saving import model_mismatch, model_record
+
+    net = hf_encoder_exits(_tiny("bert"), (2,), C).eval()
+    save_model(net, str(tmp_path / "m.pt"))
+    loaded, _ = load_model(str(tmp_path / "m.pt"))
+    assert model_mismatch(model_record(net), loaded) is None
+    assert model_mismatch(model_record(loaded), net) is None

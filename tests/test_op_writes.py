@@ -154,3 +154,14 @@ def test_exit_index_must_be_an_int() -> None:
                                 exit_index=bad, out_logits=torch.zeros(N, C),
                                 out_score=torch.zeros(N),
                                 out_exit=torch.zeros(N, dtype=torch.int64))
+
+
+def test_writes_under_inference_mode_bump_ordinary_buffers(any_backend: str) -> None:
+    """Inference mode skips the dispatcher's Autograd step; an ordinary buffer written there
+    still gets its version bumped, as by torch's own in-place ops."""
+    outs = _outs()
+    dst = torch.zeros(N, 2)
+    with torch.inference_mode():
+        _write(any_backend, *outs)
+        _compact_out(any_backend, dst)
+    assert all(t._version > 0 for t in (*outs, dst))

@@ -26,6 +26,14 @@ if TYPE_CHECKING:
     from .nn.flops import FlopFormula
 
 
+def is_number(v: object) -> bool:
+    """A real number: an int or float (NumPy's included) or a 0-dim real tensor, not a bool
+    (which ``float()`` would read as 0 or 1) nor a string (which it would parse)."""
+    if isinstance(v, torch.Tensor):
+        return v.dim() == 0 and not (v.dtype == torch.bool or v.is_complex())
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
 @dataclass
 class Costs:
     """Cumulative per-exit costs (K values, increasing) and their unit (``ms`` or ``flops``)."""
@@ -35,8 +43,7 @@ class Costs:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if isinstance(self.values, str | bytes) or not all(
-                isinstance(v, numbers.Real) and not isinstance(v, bool) for v in self.values):
+        if isinstance(self.values, str | bytes) or not all(is_number(v) for v in self.values):
             raise TypeError(f"costs must be a list of numbers, got {self.values!r}")
         if not isinstance(self.unit, str) or not self.unit:
             raise TypeError(f"a cost unit must be a non-empty string, got {self.unit!r}")

@@ -186,5 +186,6 @@ def _hf_encoder(model: dict[str, Any], after_layers: list[int], num_classes: int
         raise ValueError(f"{model.get('class')!r} is not a transformers model class")
     attention = model.get("attn_implementation")  # (files of earlier versions lack it)
     extra = {"attn_implementation": attention} if isinstance(attention, str) else {}
-    encoder = cls(cls.config_class.from_dict(model["config"], **extra)).eval()
+    encoder = cls(cls.config_class.from_dict(dict(model["config"]), **extra)).eval()  # (a copy:
+    # from_dict writes into the dict it is given, which the record keeps)
     return hf_encoder_exits(encoder, after_layers, num_classes, head=head)

@@ -217,8 +217,10 @@ def _record(net: MultiExitNetwork, model: nn.Module, cuts: list[int], num_classe
         record_architecture(net, None, None, reason=(
             "its exit heads come from a head factory, which cannot be saved by name"))
         return
+    settings = config.to_dict()
+    settings.pop("attn_implementation", None)  # recorded beside it, as the model resolved it
     record_architecture(net, "hf_encoder_exits", {
-        "model": {"class": cls.__name__, "config": config.to_dict(),
+        "model": {"class": cls.__name__, "config": settings,
                   "attn_implementation": getattr(config, "_attn_implementation", None)},
         "after_layers": list(cuts), "num_classes": num_classes, "head": head})
 

@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 import torch
 
 from eenet_kernels import NEVER_EXIT, reference
+from eenet_kernels.checks import threshold_as_float32
 
 from ..budget import Budget, Costs, as_budget, budget_from_json, budget_to_json
 from ..files import write_whole
@@ -202,9 +203,17 @@ def first_exit(scores: torch.Tensor, thresholds: list[float]) -> tuple[torch.Ten
     """First exit k with scores[:, k] >= thresholds[k] (the last exit takes the rest).
 
     scores (N, K) float32 -> (exit_index (N,) int64, score (N,) float32). NaN never passes.
+    The comparison is the kernels' (:func:`eenet_kernels.checks.threshold_as_float32`: the
+    smallest float32 >= each threshold), so the offline decision is the engine's also for a
+    threshold that is not a float32 value; scores of another dtype compare exactly.
     """
-    t = torch.tensor(thresholds, dtype=scores.dtype, device=scores.device)
-    passes = scores >= t
+    if scores.dtype == torch.float32:
+        t = torch.tensor([threshold_as_float32(v) for v in thresholds], dtype=torch.float32,
+                         device=scores.device)
+        passes = scores >= t
+    else:
+        passes = scores.double() >= torch.tensor(thresholds, dtype=torch.float64,
+                                                 device=scores.device)
     passes[:, -1] = True
     exit_index = passes.to(torch.uint8).argmax(dim=1)
     return exit_index, scores.gather(1, exit_index[:, None]).squeeze(1)

@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from eenet_kernels.checks import threshold_as_float32
+
 from ..batches import check_padding, split_batch
 from ..budget import Costs
 from ..modes import eval_mode
@@ -64,7 +66,7 @@ def thresholds_for_fractions(scores: torch.Tensor, fractions: list[float] | torc
                 lower = s[s < v]
                 t = _between(float(lower.max()) if lower.numel() else floor, v)
         thresholds.append(t)
-        remaining &= ~(scores[:, k] >= t)
+        remaining &= ~(scores[:, k] >= threshold_as_float32(t))  # as the kernels compare
     thresholds.append(0.0)
     return thresholds
 

@@ -82,7 +82,7 @@ from torch import nn
 from eenet_kernels import NEVER_EXIT, reference
 from eenet_kernels.checks import FLOAT32_MAX
 
-from ..budget import Budget, Costs, as_budget
+from ..budget import Budget, Costs, as_budget, is_number
 from ..rng import seeded
 from ..threads import intra_op_threads
 from .base import ExitPolicy, ExitRule, first_exit
@@ -133,8 +133,7 @@ class EENet(ExitPolicy):
         if weights[0].numel() - extra < 2:
             raise ValueError(f"sched_weights[0] has {weights[0].numel()} values: too few for "
                              f"C >= 2 classes (C + 2{' + 1' if use_vote else ''})")
-        if not all(isinstance(b, numbers.Real) and not isinstance(b, bool)
-                   for b in sched_biases):
+        if not all(is_number(b) for b in sched_biases):
             raise TypeError(f"sched_biases must be numbers, got {list(sched_biases)!r}")
         biases = [float(b) for b in sched_biases]
         if not all(abs(b) <= FLOAT32_MAX for b in biases):  # what the op takes (NaN fails)

@@ -73,7 +73,7 @@ def single_exit(net: MultiExitNetwork, reinit: bool = True, seed: int | None = 0
         raise TypeError(f"net must be an eenet.nn.MultiExitNetwork, got {type(net).__name__}")
     model = SingleExit(copy.deepcopy(list(net.stages)), copy.deepcopy(net.heads[-1]))
     if reinit:
-        with seeded(seed):
+        with seeded(seed, device_of(model)):
             for m in model.modules():
                 reset = getattr(m, "reset_parameters", None)
                 if callable(reset):
