@@ -24,10 +24,10 @@ buffers' memory plus, on CUDA, what the captures reserved in their memory pool. 
 reads the network's parameters and buffers where they were when it was captured: when one of
 them has moved since (``net.to`` another dtype or device, a ``.data`` replaced; an in-place
 ``load_state_dict`` moves nothing), every signature's graphs and buffers are dropped and
-captured again (checked on every call, some 0.16 us per parameter or buffer on a CPU host;
-a parameter replaced by a new object, ``module.weight = nn.Parameter(...)``, is not seen:
-make a new engine then). A stage that cannot be captured (it synchronises with the host or allocates
-in a way CUDA graphs forbid) raises ``RuntimeError`` naming the stage and bucket.
+captured again (checked on every call, some 0.16 us per parameter or buffer on a CPU host; a
+parameter replaced by a new object, ``module.weight = nn.Parameter(...)``, is not seen: make
+a new engine then). A stage that cannot be captured (it synchronises with the host or
+allocates in a way CUDA graphs forbid) raises ``RuntimeError`` naming the stage and bucket.
 
 Bucket choice on the device (``bucket_choice="device"``): instead of one graph per (stage,
 bucket) and a host read between stages, one graph per first-stage bucket holds the whole
