@@ -270,7 +270,7 @@ def _pivot(rows: list[dict[str, Any]], keys: Sequence[str]) -> list[dict[str, An
         d = out.setdefault(key, {k: r[k] for k in keys})
         for f in ("p50_us", "p10_us", "p90_us", "gbps", "gflops", "syncs", "ours_over_this",
                   "over_trivial", "compile_s", "error", "exit_agree", "max_logit_diff",
-                  "host_us", "graph_us"):
+                  "host_us", "graph_us", "bw_fraction"):
             if f in r:
                 d[f"{r['method']}:{f}"] = r[f]
         d["backend"] = r["backend"]
