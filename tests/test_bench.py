@@ -136,7 +136,8 @@ def test_copy_bandwidth_and_the_fraction_of_it() -> None:
     rows = micro._with_bandwidth_fraction([{"gbps": 3.0}, {"gbps": None}], 12.0)
     assert rows[0]["bw_fraction"] == pytest.approx(0.25) and "bw_fraction" not in rows[1]
     # and the report's tables carry it (their pivot keeps the field)
-    piv = micro._pivot([{"n": 8, "method": "compact", "gbps": 3.0, "bw_fraction": 0.25}], ("n",))
+    piv = micro._pivot([{"n": 8, "method": "compact", "backend": "cpp", "runs": 1,
+                        "gbps": 3.0, "bw_fraction": 0.25}], ("n",))
     assert piv[0]["compact:bw_fraction"] == 0.25
 
 
