@@ -122,15 +122,20 @@ def _parse_size(text: str) -> int:
     return int(m.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[m.group(2).upper()]
 
 
+def copy_bandwidth_bytes(device: str | torch.device = "cpu") -> int:
+    """The size :func:`copy_bandwidth` copies by default: 8 x the last-level cache, at least
+    64 MiB, so that the copy streams from memory."""
+    return max(8 * last_level_cache_bytes(device), 64 << 20)
+
+
 def copy_bandwidth(device: str | torch.device = "cpu", nbytes: int | None = None,
                    repeats: int = 10) -> float:
     """The memory bandwidth the device reaches on a plain copy, GB/s: ``dst.copy_(src)`` of
-    ``nbytes`` (default 8 x the last-level cache, at least 64 MiB, so that the copy streams
-    from memory), counted as read + write (2 x nbytes), median of ``repeats`` runs. The
-    reference the benchmarks' "% of copy bandwidth" columns divide by: what this machine
-    delivers, rather than a datasheet peak it does not reach."""
+    ``nbytes`` (default :func:`copy_bandwidth_bytes`), counted as read + write (2 x nbytes),
+    median of ``repeats`` runs. The reference the benchmarks' "% of copy bandwidth" columns
+    divide by: what this machine delivers, rather than a datasheet peak it does not reach."""
     dev = torch.device(device)
-    size = int(nbytes or max(8 * last_level_cache_bytes(dev), 64 << 20))
+    size = int(nbytes or copy_bandwidth_bytes(dev))
     src = torch.ones(size // 4, dtype=torch.float32, device=dev)
     dst = torch.empty_like(src)
     stats = time_many({"copy": lambda: dst.copy_(src)}, warmup=2, repeats=repeats, device=dev)

@@ -182,19 +182,24 @@ def model_record(net: nn.Module) -> dict[str, Any]:
     """What a policy file's meta records of the model it was calibrated on: the weights'
     :func:`fingerprint` and the architecture (:func:`eenet.nn.architecture_of`, JSON), so
     that a model with the same weights but other heads or cuts is told apart too."""
-    return {"model_fingerprint": fingerprint(net),
-            "model_architecture": json.loads(json.dumps(architecture_of(net)))}
+    return {"model_fingerprint": fingerprint(net), "model_architecture": _architecture(net)}
+
+
+def _architecture(net: nn.Module) -> Any:
+    """:func:`eenet.nn.architecture_of` as a policy file holds it (through JSON: tuples
+    become lists)."""
+    return json.loads(json.dumps(architecture_of(net)))
 
 
 def model_mismatch(meta: dict[str, Any], net: nn.Module) -> str | None:
     """Why ``net`` is not the model a policy file's ``meta`` (:func:`model_record`) was
     calibrated on, or None (also when the meta records nothing)."""
     recorded = meta.get("model_fingerprint")
-    if recorded is not None and recorded != fingerprint(net):
+    if recorded is not None and recorded != (ours := fingerprint(net)):
         return (f"its model fingerprint {str(recorded)[:12]}... differs from this model's "
-                f"{fingerprint(net)[:12]}...")
+                f"{ours[:12]}...")
     arch = meta.get("model_architecture")
-    if arch is not None and arch != json.loads(json.dumps(architecture_of(net))):
+    if arch is not None and arch != _architecture(net):
         return "the same weights, but its model architecture (heads, cuts) differs"
     return None
 

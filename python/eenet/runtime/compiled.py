@@ -107,11 +107,11 @@ class CompactLoop(torch.nn.Module):
                 preds.append(res.pred)
             src = [h, index, *(inputs[name] for name in names), *scores, *preds]
             dst = [torch.empty(t.shape, dtype=t.dtype, device=device) for t in src]
-            for i, (t, d) in enumerate(zip(src, dst, strict=True)):
-                if i != 1:  # the placeholder row below holds real values (a row input may
-                    # be indices into an embedding), not whatever was there; detached, so
-                    # that the buffer never requires grad (the op refuses to write one)
-                    d[:1].copy_(t[:1].detach())
+            for t, d in zip(src, dst, strict=True):
+                # the placeholder row below holds real values (a row input may be indices
+                # into an embedding), not whatever was there; detached, so that the buffer
+                # never requires grad (the op refuses to write one)
+                d[:1].copy_(t[:1].detach())
             dst[1] = torch.full((n,), n0, dtype=torch.int64, device=device)  # rows >= count
             count = ek.compact(res.keep, src, out=dst,
                                backend=self.stage_kwargs[k]["backend"])[1]

@@ -122,7 +122,6 @@ from __future__ import annotations
 import atexit
 import itertools
 import math
-import numbers
 import threading
 import time
 import weakref
@@ -136,6 +135,7 @@ import torch
 
 import eenet_kernels as ek
 
+from ..budget import is_number
 from ..nn.heads import classifier_operands
 from ..runtime.engine import Engine, check_network, exit_features, guarded_stages
 from .stats import ServingStats, StatsRecorder
@@ -222,15 +222,12 @@ def _is_real(v: object) -> bool:
 
 
 def _seconds(v: object) -> float | None:
-    """``v`` as a finite float: a real number (int, float, a NumPy scalar) or a 0-dim real
-    tensor; None for anything else (a bool, a string, NaN, inf)."""
-    if isinstance(v, torch.Tensor):
-        if v.dim() != 0 or v.dtype == torch.bool or v.is_complex():
-            return None
-        v = v.item()
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+    """``v`` as a finite float when it is a number (:func:`eenet.budget.is_number`: an int,
+    a float, a NumPy scalar, a 0-dim real tensor); None for anything else (a bool, a string,
+    NaN, inf)."""
+    if not is_number(v):
         return None
-    f = float(v)
+    f = float(v)  # type: ignore[arg-type]
     return f if math.isfinite(f) else None
 
 
