@@ -212,6 +212,20 @@ def test_reference_scores_equal_the_trained_scheduler(use_vote: bool) -> None:
 
 
 @pytest.mark.parametrize("use_vote", [False, True], ids=["plain", "vote"])
+def test_scores_follow_the_logits_device(use_vote: bool) -> None:
+    """The scheduler weights stay on the CPU; logits on another device (meta stands in for
+    a GPU here) are scored there, as the CPU logits are."""
+    policy = fitted(0.5, use_vote)
+    logits, _ = data("val")
+    assert all(r.sched_weight.device.type == "cpu" for r in policy.rules())
+    scores = policy.scores([z.to("meta") for z in logits])
+    assert scores.device.type == "meta" and scores.shape == (logits[0].shape[0], K)
+    exits, score = policy.decide([z.to("meta") for z in logits])
+    assert exits.device.type == score.device.type == "meta"
+    assert exits.shape == score.shape == (logits[0].shape[0],)
+
+
+@pytest.mark.parametrize("use_vote", [False, True], ids=["plain", "vote"])
 def test_decide_reproduces_the_training_time_evaluation(use_vote: bool) -> None:
     policy = fitted(0.5, use_vote)
     info = policy.fit_info

@@ -136,9 +136,11 @@ class ExitPolicy:
         preds = torch.empty(n, len(logits), dtype=torch.int64, device=logits[0].device)
         for k, (z, rule) in enumerate(zip(logits, rules, strict=True)):
             z = z.float()
+            # the policy keeps its scheduler weights on the CPU; the logits may be elsewhere
+            weight = None if rule.sched_weight is None else rule.sched_weight.to(z.device)
             scores[:, k] = reference.policy_score(
                 z, rule.policy, prev_scores=scores[:, :k], prev_preds=preds[:, :k],
-                sched_weight=rule.sched_weight, sched_bias=rule.sched_bias,
+                sched_weight=weight, sched_bias=rule.sched_bias,
                 use_vote=rule.use_vote)
             preds[:, k] = z.argmax(dim=1)
         return scores
