@@ -61,6 +61,7 @@ from .runner import (
     Column,
     Section,
     Segmented,
+    TimeLimit,
     count_syncs,
     cuda_missing,
     environment,
@@ -565,7 +566,8 @@ def _log(msg: str) -> None:
 
 def measure_workload(w: Workload, device: torch.device, rates: Sequence[float] = RATES,
                      engine_modes: Sequence[str] = (),
-                     failed: dict[str, str] | None = None) -> list[dict[str, Any]]:
+                     failed: dict[str, str] | None = None,
+                     limit: TimeLimit | None = None) -> list[dict[str, Any]]:
     """All modes at every batch size and exit rate of ``w``: one row per measurement.
 
     An engine mode beside compact (``engine_modes``) that raises on its first run (a graph
@@ -577,80 +579,86 @@ def measure_workload(w: Workload, device: torch.device, rates: Sequence[float] =
     of B rows with their row inputs), and the exit rates are set exactly on that stream, so
     every run does the same work. Per (B, rate), every mode and the ideal are timed
     interleaved, run by run (:func:`bench.runner.time_many`); each batch of each run is
-    timed too (the latency percentiles).
+    timed too (the latency percentiles). ``limit``: no new (B, rate) starts once it is spent
+    or after a SIGINT; the rows measured until then are returned.
     """
     start = time.perf_counter()
     failed = {} if failed is None else failed
+    limit = TimeLimit() if limit is None else limit
     net = w.net
     k_exits = len(net.heads)
     rows: list[dict[str, Any]] = []
-    for b in w.batches:
-        reps, size, stream = w.repeats[b], w.stream_size(b), w.streams[b]
-        acts, logits = pool_pass(net, stream)
-        spans = list(itertools.pairwise([0, *itertools.accumulate(
-            x.shape[0] for x, _ in stream)]))
-        chosen = torch.stack(logits, dim=1)
-        policies = {r: ForcedRate.calibrate(logits, r) for r in rates}
-        exits = {r: p.decide(logits)[0] for r, p in policies.items()}
-        mid = min(rates, key=lambda r: abs(r - 0.5))
-        x0, inputs0 = stream[0]
-        table = peers.profile_costs(net, policies[mid], x0, row_inputs=inputs0, device=device,
-                                    warmup=1, repeats=w.profile_repeats)
-        base = {"workload": w.name, "batch": b, "stream": size, "runs": reps,
-                "warmup": w.warmup}
-        _log(f"[{w.name}] batch {b}: stream of {size} samples; profiled BatchCond's table "
-             f"({time.perf_counter() - start:.0f} s)")
-        for r in rates:
-            modes = [m for m in peers.MODES if m != "batch1" or b <= w.batch1_max]
-            modes += [m for m in engine_modes if m not in failed]
-            runners = {m: peers.make_runner(m, net, policies[r], table=table) for m in modes}
-            info = {}
-            for m, run in list(runners.items()):  # _check: also the first warm-up run
-                try:
-                    info[m] = _check(m, run, stream, exits[r], chosen, device)
-                except RuntimeError as exc:
-                    if m not in engine_modes:
-                        raise
-                    failed[m] = f"{type(exc).__name__}: {exc}"
-                    del runners[m]
-                    _log(f"[{w.name}] {m} failed, not timed from here on: {failed[m]}")
-            fns: dict[str, Any] = {
-                m: Segmented(lambda run=run, stream=stream: [functools.partial(run, x, **ri)
-                                                             for x, ri in stream])
-                for m, run in runners.items()}
-            inputs = [peers.survivor_inputs(acts[j], exits[r][lo:hi], stream[j][1])
-                      for j, (lo, hi) in enumerate(spans)]
-            fns["ideal"] = Segmented(lambda inputs=inputs: [peers.ideal_segments(net, inp)
-                                                            for inp in inputs])
-            per_batch: dict[str, list[float]] = {}
-            stats = time_many(fns, warmup=max(0, w.warmup - 1), repeats=reps, device=device,
-                              item_samples=per_batch)
-            found = exit_fractions(exits[r], k_exits)
-            t_ours, t_full = stats[peers.OURS].median, stats["full"].median
-            group = []
-            for m, st in stats.items():
-                lat = Stats.from_samples(per_batch[m])
-                group.append({
-                    **base, "rate": r, "mode": m, "exit_fractions": "/".join(
-                        f"{f:.0%}" for f in found),
-                    "run_s": st.median, "run_ms": st.median * 1e3, "run_p10_ms": st.p10 * 1e3,
-                    "run_p90_ms": st.p90 * 1e3, "throughput": size / st.median,
-                    "p50_ms": lat.median * 1e3, "p99_ms": lat.p99 * 1e3,
-                    **info.get(m, {"syncs": None, "agree": None}),
-                    "speedup_vs_full": t_full / st.median,
-                    "ours_over_this": st.median / t_ours})  # > 1: ours is faster
-            rows += group
-            _log(f"[{w.name}] batch {b} rate {r:.0%}: " + ", ".join(
-                f"{g['mode']} {g['run_ms']:.1f}" for g in group) +
-                f" ms per stream ({time.perf_counter() - start:.0f} s)")
+    with limit.interruptible():  # a SIGINT ends the loop; the rows measured are kept
+        for b in limit.each(w.batches, f"{w.name} batch sizes"):
+            reps, size, stream = w.repeats[b], w.stream_size(b), w.streams[b]
+            acts, logits = pool_pass(net, stream)
+            spans = list(itertools.pairwise([0, *itertools.accumulate(
+                x.shape[0] for x, _ in stream)]))
+            chosen = torch.stack(logits, dim=1)
+            policies = {r: ForcedRate.calibrate(logits, r) for r in rates}
+            exits = {r: p.decide(logits)[0] for r, p in policies.items()}
+            mid = min(rates, key=lambda r: abs(r - 0.5))
+            x0, inputs0 = stream[0]
+            table = peers.profile_costs(net, policies[mid], x0, row_inputs=inputs0, device=device,
+                                        warmup=1, repeats=w.profile_repeats)
+            base = {"workload": w.name, "batch": b, "stream": size, "runs": reps,
+                    "warmup": w.warmup}
+            _log(f"[{w.name}] batch {b}: stream of {size} samples; profiled BatchCond's table "
+                 f"({time.perf_counter() - start:.0f} s)")
+            for r in limit.each(rates, f"{w.name} batch {b} exit rates"):
+                modes = [m for m in peers.MODES if m != "batch1" or b <= w.batch1_max]
+                modes += [m for m in engine_modes if m not in failed]
+                runners = {m: peers.make_runner(m, net, policies[r], table=table) for m in modes}
+                info = {}
+                for m, run in list(runners.items()):  # _check: also the first warm-up run
+                    try:
+                        info[m] = _check(m, run, stream, exits[r], chosen, device)
+                    except RuntimeError as exc:
+                        if m not in engine_modes:
+                            raise
+                        failed[m] = f"{type(exc).__name__}: {exc}"
+                        del runners[m]
+                        _log(f"[{w.name}] {m} failed, not timed from here on: {failed[m]}")
+                fns: dict[str, Any] = {
+                    m: Segmented(lambda run=run, stream=stream: [functools.partial(run, x, **ri)
+                                                                 for x, ri in stream])
+                    for m, run in runners.items()}
+                inputs = [peers.survivor_inputs(acts[j], exits[r][lo:hi], stream[j][1])
+                          for j, (lo, hi) in enumerate(spans)]
+                fns["ideal"] = Segmented(lambda inputs=inputs: [peers.ideal_segments(net, inp)
+                                                                for inp in inputs])
+                per_batch: dict[str, list[float]] = {}
+                stats = time_many(fns, warmup=max(0, w.warmup - 1), repeats=reps, device=device,
+                                  item_samples=per_batch)
+                found = exit_fractions(exits[r], k_exits)
+                t_ours, t_full = stats[peers.OURS].median, stats["full"].median
+                group = []
+                for m, st in stats.items():
+                    lat = Stats.from_samples(per_batch[m])
+                    group.append({
+                        **base, "rate": r, "mode": m, "exit_fractions": "/".join(
+                            f"{f:.0%}" for f in found),
+                        "run_s": st.median, "run_ms": st.median * 1e3, "run_p10_ms": st.p10 * 1e3,
+                        "run_p90_ms": st.p90 * 1e3, "throughput": size / st.median,
+                        "p50_ms": lat.median * 1e3, "p99_ms": lat.p99 * 1e3,
+                        **info.get(m, {"syncs": None, "agree": None}),
+                        "speedup_vs_full": t_full / st.median,
+                        "ours_over_this": st.median / t_ours})  # > 1: ours is faster
+                rows += group
+                _log(f"[{w.name}] batch {b} rate {r:.0%}: " + ", ".join(
+                    f"{g['mode']} {g['run_ms']:.1f}" for g in group) +
+                    f" ms per stream ({time.perf_counter() - start:.0f} s)")
     return rows
 
 
 def _check(mode: str, run: peers.Runner, stream: Sequence[Batch], exits: torch.Tensor,
            chosen: torch.Tensor, device: torch.device) -> dict[str, Any]:
     """One pass over the stream, the first batch profiled: host syncs per batch, agreement
-    of the exits with the oracle, max logit error, and BatchCond's drop decisions."""
+    of the exits with the oracle, max logit error, and BatchCond's drop decisions. The first
+    batch is run once before it is profiled, so that one-time work (a CUDA graph capture, a
+    compilation) is not counted as the batch's syncs."""
     (x0, inputs0), rest = stream[0], stream[1:]
+    run(x0, **inputs0)
     syncs, first = count_syncs(lambda: run(x0, **inputs0), device)
     outs = [first, *(run(x, **ri) for x, ri in rest)]
     got = torch.cat([o.exit_index for o in outs])
@@ -853,7 +861,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "graph_device where CUDA graph conditional nodes exist; none on "
                          "cpu; compiled compiles a graph per batch size first)")
     ap.add_argument("--name", default=None, help="results name (default e2e, e2e_quick)")
+    ap.add_argument("--time-limit", type=float, default=None, metavar="S",
+                    help="start no new (batch size, exit rate) after S seconds; the report "
+                         "has what was measured and says where it stopped (also after a "
+                         "SIGINT)")
     args = ap.parse_args(argv)
+    if args.time_limit is not None and not args.time_limit > 0:
+        ap.error(f"--time-limit must be > 0, got {args.time_limit}")
+    limit = TimeLimit(args.time_limit)
     if cuda_missing("bench.e2e", args.device):
         return 2
     device = torch.device(args.device)
@@ -886,19 +901,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                  "(graph and graph_device need --device cuda)")
     workloads, rows = [], []
     failed: dict[str, str] = {}
-    for n in names:
-        started = time.perf_counter()
-        try:
-            w = WORKLOADS[n](device, gpu, args.quick, data_dir=args.data_dir)
-        except WorkloadUnavailable as exc:
-            skipped.append(f"{n} skipped: {exc}")
-            _log(f"note: {skipped[-1]}")
-            continue
-        workloads.append(w)
-        rows += measure_workload(w, device, engine_modes=engine_modes, failed=failed)
-        _log(f"[{n}] done in {time.perf_counter() - started:.0f} s")
+    with limit.interruptible():  # a SIGINT while a workload is built
+        for n in limit.each(names, "workloads"):
+            started = time.perf_counter()
+            try:
+                w = WORKLOADS[n](device, gpu, args.quick, data_dir=args.data_dir)
+            except WorkloadUnavailable as exc:
+                skipped.append(f"{n} skipped: {exc}")
+                _log(f"note: {skipped[-1]}")
+                continue
+            measured = measure_workload(w, device, engine_modes=engine_modes, failed=failed,
+                                        limit=limit)
+            if measured:
+                workloads.append(w)
+                rows += measured
+            _log(f"[{n}] done in {time.perf_counter() - started:.0f} s")
+    for note in limit.notes():
+        _log(f"bench.e2e: {note}")
     if not workloads:
-        _log("bench.e2e: no workload could be run; nothing written")
+        _log("bench.e2e: no workload was measured; nothing written")
         return 2
     notes = [
         "modes: full = every exit on every row (Engine full); mask = Engine mask (batch waits "
@@ -921,6 +942,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"bench/README.md); {load_note()}",
         f"total wall time {time.perf_counter() - start:.0f} s.",
         *skipped,
+        *limit.notes(),
     ]
     notes += [f"{m} failed on its first run and was not timed from then on: {why}"
               for m, why in failed.items()]

@@ -41,6 +41,7 @@ from .runner import (
     CacheFlusher,
     Column,
     Section,
+    TimeLimit,
     copy_bandwidth,
     copy_bandwidth_bytes,
     count_syncs,
@@ -61,7 +62,7 @@ EXIT_D: tuple[int, ...] = (256, 768)
 EXIT_C: tuple[int, ...] = (10, 100, 1000)
 BF16_SIZE: tuple[int, int, int] = (512, 768, 100)
 # the GPU set (the project's kernel targets): every N x D x C in half and bfloat16
-GPU_EXIT_D: tuple[int, ...] = (256, 768, 2048)
+GPU_EXIT_D: tuple[int, ...] = (768, 256, 2048)  # BERT's hidden size first: see exit_sizes
 GPU_EXIT_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16)
 COMPACT_METHODS: tuple[str, ...] = ("compact", "bool_index", "nonzero_static", "copy")
 # timed with them, for the small-N target (compact <= 1.5x one trivial launch)
@@ -104,33 +105,37 @@ def compact_inputs(n: int, row_bytes: int, device: torch.device | str,
 
 
 def bench_compact(device: torch.device, repeats: int, warmup: int,
-                  backend: str | None = None) -> list[dict[str, Any]]:
+                  backend: str | None = None, limit: TimeLimit | None = None
+                  ) -> list[dict[str, Any]]:
     flush = CacheFlusher(device)
     resolved = ek.resolve_backend(device, backend)
-    rows = []
+    limit = TimeLimit() if limit is None else limit
+    rows: list[dict[str, Any]] = []
     g = torch.Generator().manual_seed(0)
-    for n, row_bytes in itertools.product(COMPACT_N, ROW_BYTES):
-        src, keep = compact_inputs(n, row_bytes, device, g)
-        kept = n // 2
-        dst, pad = torch.empty_like(src), torch.empty_like(src)
-        fns = compact_fns(src, keep, dst, pad, kept, backend)
-        out = ek.take(*ek.compact(keep, [src], out=[dst], backend=backend))[0]
-        assert torch.equal(out, src[keep]), "compact disagrees with x[keep]"
-        syncs = {m: count_syncs(fn, device)[0].total for m, fn in fns.items()}
-        stats = time_many(fns, warmup=warmup, repeats=repeats, device=device, flush=flush)
-        moved = 2.0 * kept * row_bytes
-        base = {"n": n, "row_bytes": row_bytes, "kept": kept, "backend": resolved,
-                "runs": repeats}
-        t_ours, t_trivial = stats["compact"].median, stats["trivial"].median
-        for m in (*COMPACT_METHODS, *LAUNCH_METHODS):
-            st = stats[m]
-            rows.append({**base, "method": m, "p50_us": st.median * 1e6,
-                         "p10_us": st.p10 * 1e6, "p90_us": st.p90 * 1e6,
-                         "gbps": moved / st.median / 1e9 if m in COMPACT_METHODS else None,
-                         "syncs": syncs[m], "ours_over_this": st.median / t_ours,
-                         "over_trivial": st.median / t_trivial})
-        _log(f"compact N={n:>6} row={row_bytes:>4} B: " + ", ".join(
-            f"{m} {stats[m].median * 1e6:.1f} us" for m in (*COMPACT_METHODS, *LAUNCH_METHODS)))
+    with limit.interruptible():  # a SIGINT ends the loop; the sizes done are kept
+        for n, row_bytes in limit.each(list(itertools.product(COMPACT_N, ROW_BYTES)),
+                                       "compact sizes"):
+            src, keep = compact_inputs(n, row_bytes, device, g)
+            kept = n // 2
+            dst, pad = torch.empty_like(src), torch.empty_like(src)
+            fns = compact_fns(src, keep, dst, pad, kept, backend)
+            out = ek.take(*ek.compact(keep, [src], out=[dst], backend=backend))[0]
+            assert torch.equal(out, src[keep]), "compact disagrees with x[keep]"
+            syncs = {m: count_syncs(fn, device)[0].total for m, fn in fns.items()}
+            stats = time_many(fns, warmup=warmup, repeats=repeats, device=device, flush=flush)
+            moved = 2.0 * kept * row_bytes
+            base = {"n": n, "row_bytes": row_bytes, "kept": kept, "backend": resolved,
+                    "runs": repeats}
+            t_ours, t_trivial = stats["compact"].median, stats["trivial"].median
+            rows += [{**base, "method": m, "p50_us": stats[m].median * 1e6,
+                      "p10_us": stats[m].p10 * 1e6, "p90_us": stats[m].p90 * 1e6,
+                      "gbps": moved / stats[m].median / 1e9 if m in COMPACT_METHODS else None,
+                      "syncs": syncs[m], "ours_over_this": stats[m].median / t_ours,
+                      "over_trivial": stats[m].median / t_trivial}
+                     for m in (*COMPACT_METHODS, *LAUNCH_METHODS)]
+            _log(f"compact N={n:>6} row={row_bytes:>4} B: " + ", ".join(
+                f"{m} {stats[m].median * 1e6:.1f} us"
+                for m in (*COMPACT_METHODS, *LAUNCH_METHODS)))
     return rows
 
 
@@ -165,97 +170,103 @@ def exit_inputs(n: int, d: int, c: int, dtype: torch.dtype, device: torch.device
 
 
 def exit_sizes(device: torch.device) -> list[tuple[int, int, int, torch.dtype]]:
-    """(N, D, C, dtype) of the exit_score benchmark: on CUDA the full GPU set, on CPU fp32
-    at D in EXIT_D plus one bfloat16 size (a CPU run of the GPU set would take an hour)."""
+    """(N, D, C, dtype) of the exit_score benchmark: on CUDA the full GPU set, D outermost
+    (a run stopped by its time limit has covered whole D = 768 first), on CPU fp32 at D in
+    EXIT_D plus one bfloat16 size (a CPU run of the GPU set would take an hour)."""
     if device.type == "cuda":
-        return list(itertools.product(EXIT_N, GPU_EXIT_D, EXIT_C, GPU_EXIT_DTYPES))
+        return [(n, d, c, dtype) for d, n, c, dtype
+                in itertools.product(GPU_EXIT_D, EXIT_N, EXIT_C, GPU_EXIT_DTYPES)]
     sizes = [(n, d, c, torch.float32) for n, d, c in itertools.product(EXIT_N, EXIT_D, EXIT_C)]
     return [*sizes, (*BF16_SIZE, torch.bfloat16)]
 
 
 def bench_exit_score(device: torch.device, repeats: int, warmup: int,
                      sizes: Sequence[tuple[int, int, int, torch.dtype]] | None = None,
-                     use_compile: bool = True, backend: str | None = None
-                     ) -> list[dict[str, Any]]:
+                     use_compile: bool = True, backend: str | None = None,
+                     limit: TimeLimit | None = None) -> list[dict[str, Any]]:
     resolved = ek.resolve_backend(device, backend)
     if sizes is None:
         sizes = exit_sizes(device)
-    rows = []
+    limit = TimeLimit() if limit is None else limit
+    rows: list[dict[str, Any]] = []
     g = torch.Generator().manual_seed(0)
-    for n, d, c, dtype in sizes:
-        feats, weight, bias, row_index = exit_inputs(n, d, c, dtype, device, g)
-        ref_logits = ek.reference.exit_logits(feats, weight, bias)
-        # ~50% exit; the midpoint of the two middle scores, so that no row sits on it
-        mid = torch.softmax(ref_logits, 1).amax(1).sort().values[max(0, n // 2 - 1):n // 2 + 1]
-        threshold = float(mid.mean())
-        bufs = {m: (torch.zeros(n, c, device=device), torch.zeros(n, device=device),
-                    torch.full((n,), -1, dtype=torch.int64, device=device))
-                for m in ("ours_write", "eager", "compile")}
-        kw = {"policy": "max_prob", "threshold": threshold, "check_finite": False,
-              "backend": backend}
+    with limit.interruptible():  # a SIGINT ends the loop; the sizes done are kept
+        for n, d, c, dtype in limit.each(list(sizes), "exit_score sizes"):
+            feats, weight, bias, row_index = exit_inputs(n, d, c, dtype, device, g)
+            ref_logits = ek.reference.exit_logits(feats, weight, bias)
+            # ~50% exit; the midpoint of the two middle scores, so that no row sits on it
+            mid = torch.softmax(ref_logits, 1).amax(1).sort().values[max(0, n // 2 - 1):n // 2 + 1]
+            threshold = float(mid.mean())
+            bufs = {m: (torch.zeros(n, c, device=device), torch.zeros(n, device=device),
+                        torch.full((n,), -1, dtype=torch.int64, device=device))
+                    for m in ("ours_write", "eager", "compile")}
+            kw = {"policy": "max_prob", "threshold": threshold, "check_finite": False,
+                  "backend": backend}
 
-        def ours_write(b: tuple = bufs["ours_write"], f: torch.Tensor = feats,
-                       w: torch.Tensor = weight, bb: torch.Tensor = bias,
-                       r: torch.Tensor = row_index, kw: dict = kw) -> object:
-            return ek.exit_score_write(f, w, bb, row_index=r, exit_index=1, out_logits=b[0],
-                                       out_score=b[1], out_exit=b[2], **kw)
+            def ours_write(b: tuple = bufs["ours_write"], f: torch.Tensor = feats,
+                           w: torch.Tensor = weight, bb: torch.Tensor = bias,
+                           r: torch.Tensor = row_index, kw: dict = kw) -> object:
+                return ek.exit_score_write(f, w, bb, row_index=r, exit_index=1, out_logits=b[0],
+                                           out_score=b[1], out_exit=b[2], **kw)
 
-        fns: dict[str, Callable[[], object]] = {
-            "ours_write": ours_write,
-            "ours_score": (lambda f=feats, w=weight, bb=bias, kw=kw:
-                           ek.exit_score(f, w, bb, **kw)),
-            "eager": (lambda b=bufs["eager"], f=feats, w=weight, bb=bias, r=row_index,
-                      t=threshold: eager_exit(f, w, bb, r, *b, t, 1)),
-        }
-        compile_s, compile_err = None, None
-        if use_compile:
-            torch._dynamo.reset()  # one static compile per size, no recompile limit
-            compiled = torch.compile(eager_exit)
-            cb = bufs["compile"]
-            try:
-                t0 = time.perf_counter()
-                compiled(feats, weight, bias, row_index, *cb, threshold, 1)
-                compile_s = time.perf_counter() - t0
-                fns["compile"] = (lambda fn=compiled, b=cb, f=feats, w=weight, bb=bias,
-                                  r=row_index, t=threshold: fn(f, w, bb, r, *b, t, 1))
-            except Exception as exc:  # record, do not crash
-                compile_err = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
-        # agreement of ours with every peer that ran (the exits each wrote): the least of them
-        for fn in fns.values():
-            fn()
-        exit_agree = min(float((bufs["ours_write"][2] == bufs[m][2]).float().mean())
-                         for m in ("eager", "compile") if m in fns)
-        ours_logits = ek.exit_score(feats, weight, bias, **kw).logits
-        logit_err = float((ours_logits - F.linear(feats, weight, bias).float()).abs().max())
-        syncs = {m: count_syncs(fn, device)[0].total for m, fn in fns.items()}
-        stats = time_many(fns, warmup=warmup, repeats=repeats, device=device)
-        # launch cost apart from the kernels: host time per call, and on CUDA the time per
-        # call replayed from a CUDA graph (no launch overhead)
-        host = {m: host_seconds(fns[m], device) for m in ("ours_write", "ours_score")}
-        graph = {m: graph_replay_seconds(fns[m], device) for m in ("ours_write", "ours_score")}
-        es = feats.element_size()
-        moved = es * (n * d + c * d + c) + 4 * n * c + 4 * n + 8 * n
-        flops = 2.0 * n * d * c
-        base = {"n": n, "d": d, "c": c, "dtype": str(dtype).replace("torch.", ""),
-                "backend": resolved, "runs": repeats, "exit_agree": exit_agree,
-                "max_logit_diff": logit_err}
-        t_ours = stats["ours_write"].median
-        for m in EXIT_METHODS:
-            if m not in stats:
-                rows.append({**base, "method": m, "error": compile_err or "not run"})
-                continue
-            st = stats[m]
-            rows.append({**base, "method": m, "p50_us": st.median * 1e6, "p10_us": st.p10 * 1e6,
-                         "p90_us": st.p90 * 1e6, "gbps": moved / st.median / 1e9,
-                         "gflops": flops / st.median / 1e9, "syncs": syncs[m],
-                         "ours_over_this": st.median / t_ours,
-                         "compile_s": compile_s if m == "compile" else None,
-                         "host_us": host[m] * 1e6 if m in host else None,
-                         "graph_us": (graph[m] * 1e6 if graph.get(m) is not None
-                                      else None)})
-        _log(f"exit_score N={n:>4} D={d:>3} C={c:>4} {base['dtype']}: " + ", ".join(
-            f"{m} {stats[m].median * 1e6:.1f} us" for m in EXIT_METHODS if m in stats)
-            + (f" (compile failed: {compile_err})" if compile_err else ""))
+            fns: dict[str, Callable[[], object]] = {
+                "ours_write": ours_write,
+                "ours_score": (lambda f=feats, w=weight, bb=bias, kw=kw:
+                               ek.exit_score(f, w, bb, **kw)),
+                "eager": (lambda b=bufs["eager"], f=feats, w=weight, bb=bias, r=row_index,
+                          t=threshold: eager_exit(f, w, bb, r, *b, t, 1)),
+            }
+            compile_s, compile_err = None, None
+            if use_compile:
+                torch._dynamo.reset()  # one static compile per size, no recompile limit
+                compiled = torch.compile(eager_exit)
+                cb = bufs["compile"]
+                try:
+                    t0 = time.perf_counter()
+                    compiled(feats, weight, bias, row_index, *cb, threshold, 1)
+                    compile_s = time.perf_counter() - t0
+                    fns["compile"] = (lambda fn=compiled, b=cb, f=feats, w=weight, bb=bias,
+                                      r=row_index, t=threshold: fn(f, w, bb, r, *b, t, 1))
+                except Exception as exc:  # record, do not crash
+                    compile_err = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+            # agreement of ours with every peer that ran (the exits each wrote): the least of them
+            for fn in fns.values():
+                fn()
+            exit_agree = min(float((bufs["ours_write"][2] == bufs[m][2]).float().mean())
+                             for m in ("eager", "compile") if m in fns)
+            ours_logits = ek.exit_score(feats, weight, bias, **kw).logits
+            logit_err = float((ours_logits - F.linear(feats, weight, bias).float()).abs().max())
+            syncs = {m: count_syncs(fn, device)[0].total for m, fn in fns.items()}
+            stats = time_many(fns, warmup=warmup, repeats=repeats, device=device)
+            # launch cost apart from the kernels: host time per call, and on CUDA the time per
+            # call replayed from a CUDA graph (no launch overhead)
+            host = {m: host_seconds(fns[m], device) for m in ("ours_write", "ours_score")}
+            graph = {m: graph_replay_seconds(fns[m], device) for m in ("ours_write", "ours_score")}
+            es = feats.element_size()
+            moved = es * (n * d + c * d + c) + 4 * n * c + 4 * n + 8 * n
+            flops = 2.0 * n * d * c
+            base = {"n": n, "d": d, "c": c, "dtype": str(dtype).replace("torch.", ""),
+                    "backend": resolved, "runs": repeats, "exit_agree": exit_agree,
+                    "max_logit_diff": logit_err}
+            t_ours = stats["ours_write"].median
+            size_rows = []
+            for m in EXIT_METHODS:
+                if m not in stats:
+                    size_rows.append({**base, "method": m, "error": compile_err or "not run"})
+                    continue
+                st = stats[m]
+                size_rows.append({
+                    **base, "method": m, "p50_us": st.median * 1e6, "p10_us": st.p10 * 1e6,
+                    "p90_us": st.p90 * 1e6, "gbps": moved / st.median / 1e9,
+                    "gflops": flops / st.median / 1e9, "syncs": syncs[m],
+                    "ours_over_this": st.median / t_ours,
+                    "compile_s": compile_s if m == "compile" else None,
+                    "host_us": host[m] * 1e6 if m in host else None,
+                    "graph_us": graph[m] * 1e6 if graph.get(m) is not None else None})
+            rows += size_rows
+            _log(f"exit_score N={n:>4} D={d:>3} C={c:>4} {base['dtype']}: " + ", ".join(
+                f"{m} {stats[m].median * 1e6:.1f} us" for m in EXIT_METHODS if m in stats)
+                + (f" (compile failed: {compile_err})" if compile_err else ""))
     return rows
 
 
@@ -448,7 +459,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     ap.add_argument("--backend", default="auto", choices=ek.BACKENDS,
                     help="backend of ours (results get a _<backend> suffix unless auto)")
+    ap.add_argument("--time-limit", type=float, default=None, metavar="S",
+                    help="start no new size after S seconds; the report says how far the run "
+                         "got (also after a SIGINT)")
     args = ap.parse_args(argv)
+    if args.time_limit is not None and not args.time_limit > 0:
+        ap.error(f"--time-limit must be > 0, got {args.time_limit}")
+    limit = TimeLimit(args.time_limit)
     if cuda_missing("bench.micro", args.device):
         return 2
     device = torch.device(args.device)
@@ -477,28 +494,35 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{peak:.1f} GB/s (read + write), measured in this run.")
     if args.only in (None, "compact"):
         start = time.perf_counter()
-        rows = _with_bandwidth_fraction(bench_compact(device, args.repeats, args.warmup,
-                                                      args.backend), peak)
-        compact_report(rows, device, stamp, suffix, [
-            "N rows of `row bytes` float32 each, exactly 50% kept at scattered positions; "
-            f"caches flushed before every run ({CacheFlusher(device).nbytes >> 20} MiB "
-            "read-modify-write).",
-            "nonzero_static uses size=N (sync-free without knowing the count), so it gathers "
-            "N rows, twice the kept bytes.",
-            *common, f"{load_note()}; wall time {time.perf_counter() - start:.0f} s."])
+        rows = _with_bandwidth_fraction(
+            bench_compact(device, args.repeats, args.warmup, args.backend, limit), peak)
+        if rows:
+            compact_report(rows, device, stamp, suffix, [
+                "N rows of `row bytes` float32 each, exactly 50% kept at scattered positions; "
+                f"caches flushed before every run ({CacheFlusher(device).nbytes >> 20} MiB "
+                "read-modify-write).",
+                "nonzero_static uses size=N (sync-free without knowing the count), so it "
+                "gathers N rows, twice the kept bytes.",
+                *common, *limit.notes(),
+                f"{load_note()}; wall time {time.perf_counter() - start:.0f} s."])
     if args.only in (None, "exit_score"):
         start = time.perf_counter()
         rows = _with_bandwidth_fraction(
-            bench_exit_score(device, args.repeats, args.warmup,
-                             use_compile=not args.no_compile, backend=args.backend), peak)
+            bench_exit_score(device, args.repeats, args.warmup, use_compile=not args.no_compile,
+                             backend=args.backend, limit=limit), peak)
         errors = sorted({r["error"] for r in rows if r.get("error")})
-        exit_report(rows, device, stamp, suffix, [
-            "feats (N, D), weight (C, D) scaled so that max-prob scores spread; threshold = "
-            "median score (about half the rows exit); row_index a permutation of the N rows.",
-            "torch.compile: mode default, one static compile per size (torch._dynamo.reset() "
-            "between sizes); 'compile s' = the first call's wall time."
-            + (f" Failures: {errors}" if errors else ""),
-            *common, f"{load_note()}; wall time {time.perf_counter() - start:.0f} s."])
+        if rows:
+            exit_report(rows, device, stamp, suffix, [
+                "feats (N, D), weight (C, D) scaled so that max-prob scores spread; threshold "
+                "= median score (about half the rows exit); row_index a permutation of the N "
+                "rows.",
+                "torch.compile: mode default, one static compile per size "
+                "(torch._dynamo.reset() between sizes); 'compile s' = the first call's wall "
+                "time." + (f" Failures: {errors}" if errors else ""),
+                *common, *limit.notes(),
+                f"{load_note()}; wall time {time.perf_counter() - start:.0f} s."])
+    for note in limit.notes():
+        _log(f"bench.micro: {note}")
     return 0
 
 

@@ -286,6 +286,64 @@ def graph_replay_seconds(fn: Callable[[], object], device: str | torch.device,
     return float(np.median(times))
 
 
+class TimeLimit:
+    """A wall-clock allowance for a benchmark run, so that a run cut short still reports what
+    it measured. Loops take their items through :meth:`each`, which stops handing them out
+    once ``seconds`` (None: no limit) have passed since construction or after the run was
+    interrupted inside :meth:`interruptible` (SIGINT, e.g. from ``timeout --signal=INT``);
+    :meth:`notes` then say which loops stopped where and why.
+
+    Usage::
+
+        limit = TimeLimit(args.time_limit)
+        with limit.interruptible():
+            for size in limit.each(sizes, "exit_score sizes"):
+                rows += measure(size)  # one statement: a size's rows land whole or not
+    """
+
+    def __init__(self, seconds: float | None = None,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        if seconds is not None and not seconds > 0:
+            raise ValueError(f"TimeLimit: seconds must be > 0 or None, got {seconds!r}")
+        self.seconds = seconds
+        self.clock = clock
+        self.start = clock()
+        self.stopped: str | None = None  # why items stopped being handed out
+        self._progress: dict[str, list[int]] = {}  # loop -> [done, total]
+
+    def allows(self) -> bool:
+        """Whether a new measurement may start (records the reason once it may not)."""
+        if (self.stopped is None and self.seconds is not None
+                and self.clock() - self.start >= self.seconds):
+            self.stopped = f"the time limit of {self.seconds:g} s was reached"
+        return self.stopped is None
+
+    def each(self, items: Sequence[Any], what: str) -> Iterator[Any]:
+        """The items while :meth:`allows`; an item counts as done when the loop asks for the
+        next one (or ends), so one cut off by an interruption does not."""
+        progress = self._progress.setdefault(what, [0, 0])
+        progress[1] += len(items)
+        for item in items:
+            if not self.allows():
+                return
+            yield item
+            progress[0] += 1
+
+    @contextlib.contextmanager
+    def interruptible(self) -> Iterator[None]:
+        """Ends the block at a KeyboardInterrupt, recorded as the reason to stop."""
+        try:
+            yield
+        except KeyboardInterrupt:
+            self.stopped = "the run was interrupted (SIGINT)"
+
+    def notes(self) -> list[str]:
+        """One line per loop that did not get through its items: how far it got, and why."""
+        return [f"{what}: {done} of {total} measured, then stopped: {self.stopped}"
+                for what, (done, total) in self._progress.items()
+                if done < total and self.stopped is not None]
+
+
 @dataclass(frozen=True)
 class SyncCount:
     """Host syncs of one call (see the module docstring for what counts) and the counted

@@ -42,7 +42,15 @@ from eenet.runtime import simulate
 from eenet.serving import ServingConfig, ServingEngine
 
 from .e2e import WORKLOADS, ForcedRate, pool_pass
-from .runner import Column, Section, environment, load_note, set_cpu_threads, write_results
+from .runner import (
+    Column,
+    Section,
+    TimeLimit,
+    environment,
+    load_note,
+    set_cpu_threads,
+    write_results,
+)
 
 CONFIGS: tuple[str, ...] = ("full", "compact", "rebatch", "rebatch_wait")
 LOADS: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0, 1.5)
@@ -119,7 +127,11 @@ def poisson_stream(engine: ServingEngine, pool: torch.Tensor, rate: float, reque
 
 def measure(workload: str, device: torch.device, loads: Sequence[float], requests: int,
             seconds: float, max_batch: int, max_wait_ms: float, quick: bool,
-            long_wait_ms: float = 10.0) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+            long_wait_ms: float = 10.0, limit: TimeLimit | None = None
+            ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Rows of (load, configuration) and the run's facts (capacity, plans, workload).
+    ``limit``: no new offered load starts once it is spent or after a SIGINT."""
+    limit = TimeLimit() if limit is None else limit
     w = WORKLOADS[workload](device, device.type == "cuda", quick)
     net = w.net
     pool = torch.cat([x for x, _ in w.streams[max(w.streams)]])[:max(64, max_batch)]
@@ -146,31 +158,32 @@ def measure(workload: str, device: torch.device, loads: Sequence[float], request
         base = caps["full"]
         print("[serve] capacity (samples/s, closed loop): " + ", ".join(
             f"{c} {v:.0f}" for c, v in caps.items()), flush=True)
-        for load in loads:
-            rate = load * base
-            for j, (c, e) in enumerate(engines.items()):
-                before = e.snapshot()
-                res = poisson_stream(e, pool, rate, requests, seconds, seed=j)
-                after = e.snapshot()
-                expected = oracle[settings[c][0]]
-                agree = [a.exit_index == int(expected[i % pool.shape[0]])
-                         for i, a in enumerate(res["answers"]) if a is not None]
-                runs = [b - a for a, b in zip(before.stage_runs, after.stage_runs, strict=True)]
-                rws = [b - a for a, b in zip(before.stage_rows, after.stage_rows, strict=True)]
-                lat = res["latencies"]
-                rows.append({
-                    "workload": workload, "load": load, "offered": rate, "config": c,
-                    "sent": res["sent"], "rejected": res["rejected"],
-                    "throughput": len(lat) / res["window_s"],
-                    "p50_ms": float(np.percentile(lat, 50)) * 1e3 if len(lat) else None,
-                    "p99_ms": float(np.percentile(lat, 99)) * 1e3 if len(lat) else None,
-                    "batch_per_stage": "/".join(f"{r / n:.1f}" if n else "-"
-                                                for r, n in zip(rws, runs, strict=True)),
-                    "agree": float(np.mean(agree)) if agree else None})
-                r = rows[-1]
-                print(f"[serve] load {load:.2f} ({rate:.0f}/s) {c}: {r['throughput']:.0f}/s "
-                      f"p50 {r['p50_ms']:.1f} ms p99 {r['p99_ms']:.1f} ms batches "
-                      f"{r['batch_per_stage']}", flush=True)
+        with limit.interruptible():  # a SIGINT ends the loop; the rows measured are kept
+            for load in limit.each(loads, "offered loads"):
+                rate = load * base
+                for j, (c, e) in enumerate(engines.items()):
+                    before = e.snapshot()
+                    res = poisson_stream(e, pool, rate, requests, seconds, seed=j)
+                    after = e.snapshot()
+                    expected = oracle[settings[c][0]]
+                    agree = [a.exit_index == int(expected[i % pool.shape[0]])
+                             for i, a in enumerate(res["answers"]) if a is not None]
+                    runs = [b - a for a, b in zip(before.stage_runs, after.stage_runs, strict=True)]
+                    rws = [b - a for a, b in zip(before.stage_rows, after.stage_rows, strict=True)]
+                    lat = res["latencies"]
+                    rows.append({
+                        "workload": workload, "load": load, "offered": rate, "config": c,
+                        "sent": res["sent"], "rejected": res["rejected"],
+                        "throughput": len(lat) / res["window_s"],
+                        "p50_ms": float(np.percentile(lat, 50)) * 1e3 if len(lat) else None,
+                        "p99_ms": float(np.percentile(lat, 99)) * 1e3 if len(lat) else None,
+                        "batch_per_stage": "/".join(f"{r / n:.1f}" if n else "-"
+                                                    for r, n in zip(rws, runs, strict=True)),
+                        "agree": float(np.mean(agree)) if agree else None})
+                    r = rows[-1]
+                    print(f"[serve] load {load:.2f} ({rate:.0f}/s) {c}: {r['throughput']:.0f}/s "
+                          f"p50 {r['p50_ms']:.1f} ms p99 {r['p99_ms']:.1f} ms batches "
+                          f"{r['batch_per_stage']}", flush=True)
     finally:
         for e in engines.values():
             e.close(drain=False)
@@ -214,14 +227,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="the rebatch_wait configuration's wait")
     ap.add_argument("--quick", action="store_true", help="two loads, short streams")
     ap.add_argument("--name", default=None, help="results name (default serve)")
+    ap.add_argument("--time-limit", type=float, default=None, metavar="S",
+                    help="start no new offered load after S seconds (the capacity pass "
+                         "first); the report says where it stopped (also after a SIGINT)")
     args = ap.parse_args(argv)
+    if args.time_limit is not None and not args.time_limit > 0:
+        ap.error(f"--time-limit must be > 0, got {args.time_limit}")
+    limit = TimeLimit(args.time_limit)
     device = torch.device(args.device)
     set_cpu_threads(args.threads, device)
     loads = (0.5, 1.0) if args.quick else LOADS
     requests, seconds = (200, 0.5) if args.quick else (args.requests, args.seconds)
     stamp = environment(device)
     rows, info = measure(args.workload, device, loads, requests, seconds, args.max_batch,
-                         args.max_wait_ms, args.quick, args.long_wait_ms)
+                         args.max_wait_ms, args.quick, args.long_wait_ms, limit)
+    for note in limit.notes():
+        print(f"bench.serve: {note}", flush=True)
+    if not rows:
+        print("bench.serve: no load was measured; nothing written", flush=True)
+        return 2
     notes = [load_note(), f"workload: {info['workload']}; {info['pool']} distinct samples; "
              f"exit mix of the early-exit policy {info['exit_fractions']}",
              "closed-loop capacity (samples/s): " + ", ".join(
@@ -230,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
              f"max_batch {args.max_batch}, max_wait_ms {args.max_wait_ms} (rebatch_wait: "
              f"{args.long_wait_ms}), "
              f"{args.threads} torch thread(s); streams of at most {requests} requests / "
-             f"{seconds:g} s of arrivals"]
+             f"{seconds:g} s of arrivals", *limit.notes()]
     columns = [Column("load", "load (x full capacity)", "{:.2f}"),
                Column("offered", "offered /s", "{:.0f}"), Column("config", "config"),
                Column("throughput", "answers /s", "{:.0f}"), Column("p50_ms", "p50 ms", "{:.1f}"),

@@ -105,7 +105,10 @@ step "running ops_check (installed)"
 if [[ ${EENET_CUDA:-0} == 1 ]]; then
   header=$tmp/install/include/eenet/cuda/graph_if.h
   [[ -f $header ]] || { echo "cmake-check: $header was not installed" >&2; exit 1; }
-  if ! nm -DC --defined-only "$lib" | grep -q 'eenet::cuda::capture_if_node'; then
+  # nm's whole output first: grep -q stops reading at the match, and under pipefail the
+  # SIGPIPE that ends nm would fail the test
+  symbols=$(nm -DC --defined-only "$lib")
+  if ! grep -q 'eenet::cuda::capture_if_node' <<<"$symbols"; then
     echo "cmake-check: $lib does not export eenet::cuda::capture_if_node" >&2
     exit 1
   fi

@@ -18,7 +18,9 @@
 # each under `timeout` with what is left of GPU_SESSION_S seconds counted from the script's
 # start, the build included (default 570: a 10-minute call less time to pack and send the
 # results back), and the results tarball is rewritten after every part, so a call cut short
-# still brings back what finished.
+# still brings back what finished. Each benchmark gets --time-limit (its cap less 25 s): it
+# starts no new size after that and writes what it measured, and a SIGINT at the cap still
+# leaves a report of the sizes done; one that finds no time left is named in the log.
 #
 # Every step builds the extension with its CUDA kernels first (EENET_CUDA=1; a few minutes on
 # a fresh host) and leaves its log,
@@ -80,33 +82,35 @@ case "$step" in
         status=$((status || PIPESTATUS[0]))
       done
     fi
-    tar czf "$OUT/results-$step.tgz" bench/results --exclude bench/results/cpu
+    tar czf "$OUT/results-$step.tgz" --exclude bench/results/cpu bench/results
     exit "$status"
     ;;
   all)
     deadline=${GPU_SESSION_S:-570}  # SECONDS counts from the script's start
     status=0
-    part() {  # seconds cap, then the command; its output into the log
-      local cap=$1 left=$((deadline - SECONDS))
-      shift
-      ((left > 20)) || { echo "gpu_session: no time left for: $*" | tee -a "$log"; status=1; return; }
+    part() {  # seconds cap, the kind (bench: it gets --time-limit), then the command
+      local cap=$1 kind=$2 left=$((deadline - SECONDS))
+      shift 2
+      ((left > 30)) || { echo "gpu_session: no time left for: $*" | tee -a "$log"; status=1; return; }
       ((cap < left)) || cap=$left
+      # a benchmark starts no new size after its limit and writes what it measured; the
+      # SIGINT at the cap (pytest then still prints what failed so far) is the backstop
+      [[ $kind == bench ]] && set -- "$@" --time-limit $((cap - 25))
       echo "gpu_session: [$((deadline - SECONDS)) s left] $* (at most $cap s)" | tee -a "$log"
-      # SIGINT first: pytest then stops and still prints what failed so far
       timeout --signal=INT --kill-after=15 "$cap" "$@" 2>&1 | tee -a "$log"
       local rc=${PIPESTATUS[0]}
       ((rc == 0)) || { echo "gpu_session: exit $rc: $*" | tee -a "$log"; status=1; }
-      tar czf "$OUT/results-all.tgz" bench/results --exclude bench/results/cpu
+      tar czf "$OUT/results-all.tgz" --exclude bench/results/cpu bench/results
     }
-    # the CMake CUDA check compiles on 8 of the host's cores while the gpu tests run (4
+    # the CMake CUDA check compiles on 8 of the host's cores while the gpu tests run (6
     # workers: their Triton and inductor compiles side by side), and is waited for before
     # the benchmarks, whose host timings a compile beside them would distort
     cmake_cap=$((deadline - SECONDS - 60))
-    ((cmake_cap < 300)) || cmake_cap=300
+    ((cmake_cap < 240)) || cmake_cap=240
     timeout --kill-after=15 "$cmake_cap" bash -c "$(declare -f cmake_check); cmake_check" \
       >"$OUT/cmake.log" 2>&1 &
     cmake_pid=$!
-    part 180 python3 -m pytest -q -rfE --durations=15 -n 4 -m gpu -p no:cacheprovider tests
+    part 170 test python3 -m pytest -q -rfE --durations=15 -n 6 -m gpu -p no:cacheprovider tests
     wait "$cmake_pid"
     rc=$?
     tail -n 30 "$OUT/cmake.log" | tee -a "$log"
@@ -114,10 +118,11 @@ case "$step" in
       echo "gpu_session: exit $rc: the CMake CUDA check ($OUT/cmake.log)" | tee -a "$log"
       status=1
     fi
-    part 120 python3 -m bench.micro --device cuda
-    part 90 python3 -m bench.micro --device cuda --backend triton --no-compile
-    part 240 python3 -m bench.e2e --device cuda --workloads bert  # graph, graph_device by default
-    part 120 python3 -m bench.serve --device cuda
+    # bench.micro's CUDA sizes run D = 768 first; bench.e2e's batch sizes ascend (1, 8 first)
+    part 110 bench python3 -m bench.micro --device cuda
+    part 75 bench python3 -m bench.micro --device cuda --backend triton --no-compile
+    part 170 bench python3 -m bench.e2e --device cuda --workloads bert  # graph, graph_device
+    part 90 bench python3 -m bench.serve --device cuda --seconds 2
     exit "$status"
     ;;
   *)

@@ -28,7 +28,8 @@ EENET_SANITIZE=1 "$PYTHON" setup.py -q build_ext --inplace >"$tmp/build.log" 2>&
   exit 1
 }
 so=$(ls eenet_kernels/_C*.so)
-ldd "$so" | grep -q libasan || { echo "test-asan: $so is not linked against libasan" >&2; exit 1; }
+libs=$(ldd "$so")  # whole, then grep -q (a pipe into grep -q can end ldd with SIGPIPE)
+grep -q libasan <<<"$libs" || { echo "test-asan: $so is not linked against libasan" >&2; exit 1; }
 
 libasan=$(gcc -print-file-name=libasan.so)
 [ -e "$libasan" ] || { echo "test-asan: gcc has no libasan.so" >&2; exit 1; }

@@ -445,6 +445,107 @@ def test_e2e_refuses_engine_modes_it_cannot_run(mode: str, capsys: pytest.Captur
 # -- benchmark drivers (smoke: tiny sizes, one run, nothing written) -------------------------
 
 
+class _Clock:
+    """A settable clock for :class:`bench.runner.TimeLimit` (no real time in tests)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_time_limit_hands_out_items_until_spent_or_interrupted() -> None:
+    from bench.runner import TimeLimit
+
+    clock = _Clock()
+    limit = TimeLimit(10.0, clock=clock)
+    got = []
+    for item in limit.each([1, 2, 3, 4], "sizes"):
+        got.append(item)
+        if item == 2:
+            clock.now = 10.0  # spent while item 2 ran: item 2 counts, 3 does not start
+    assert got == [1, 2] and limit.stopped == "the time limit of 10 s was reached"
+    assert limit.notes() == ["sizes: 2 of 4 measured, then stopped: the time limit of 10 s "
+                             "was reached"]
+    assert list(limit.each([5], "rates")) == []  # a later loop starts nothing
+
+    limit = TimeLimit(None, clock=clock)
+    done = []
+    with limit.interruptible():
+        for item in limit.each(["a", "b", "c"], "loads"):
+            if item == "b":
+                raise KeyboardInterrupt
+            done.append(item)
+    assert done == ["a"] and limit.stopped == "the run was interrupted (SIGINT)"
+    # the item cut off by the interruption is not counted
+    assert limit.notes() == ["loads: 1 of 3 measured, then stopped: the run was interrupted "
+                             "(SIGINT)"]
+    unlimited = TimeLimit()
+    assert list(unlimited.each([1, 2], "x")) == [1, 2] and unlimited.notes() == []
+    for bad in (0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="seconds must be > 0"):
+            TimeLimit(bad)
+
+
+def test_micro_keeps_the_sizes_measured_before_a_stop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SIGINT in the middle of a size keeps the sizes before it whole; a spent limit stops
+    the next loop from starting."""
+    from bench import micro
+    from bench.runner import TimeLimit
+
+    monkeypatch.setattr(micro, "COMPACT_N", (64, 96, 128))
+    monkeypatch.setattr(micro, "ROW_BYTES", (16,))
+    monkeypatch.setattr(micro, "CacheFlusher", lambda device: (lambda: None))
+    calls = []
+    real = micro.time_many
+
+    def time_many(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(micro, "time_many", time_many)
+    limit = TimeLimit()
+    rows = micro.bench_compact(torch.device("cpu"), repeats=1, warmup=0, limit=limit)
+    assert {r["n"] for r in rows} == {64}
+    assert len(rows) == len(micro.COMPACT_METHODS) + len(micro.LAUNCH_METHODS)
+    assert limit.notes() == ["compact sizes: 1 of 3 measured, then stopped: the run was "
+                             "interrupted (SIGINT)"]
+    assert micro.bench_exit_score(torch.device("cpu"), repeats=1, warmup=0,
+                                  sizes=[(16, 8, 4, torch.float32)], use_compile=False,
+                                  limit=limit) == []
+
+
+def test_e2e_keeps_the_rates_measured_before_the_limit(monkeypatch: pytest.MonkeyPatch
+                                                       ) -> None:
+    from bench import e2e
+    from bench.runner import TimeLimit
+
+    clock = _Clock()
+    limit = TimeLimit(5.0, clock=clock)
+    w = e2e.Workload.from_pool("tiny", "tiny MLP", _mlp_net(), torch.randn(16, 12),
+                               batches=(1, 8), repeats={1: 1, 8: 1}, stream=4, warmup=1,
+                               profile_repeats=1)
+    real_log = e2e._log
+
+    def log(msg: str) -> None:  # the limit is spent once the first rate is measured
+        if " rate " in msg:
+            clock.now = 5.0
+        real_log(msg)
+
+    monkeypatch.setattr(e2e, "_log", log)
+    rows = e2e.measure_workload(w, torch.device("cpu"), rates=(0.0, 0.5), limit=limit)
+    assert {(r["batch"], r["rate"]) for r in rows} == {(1, 0.0)}
+    assert limit.notes() == [
+        "tiny batch sizes: 1 of 2 measured, then stopped: the time limit of 5 s was reached",
+        "tiny batch 1 exit rates: 1 of 2 measured, then stopped: the time limit of 5 s was "
+        "reached"]
+
+
+
+
 def test_micro_drivers_smoke(monkeypatch: pytest.MonkeyPatch) -> None:
     from bench import micro
 
