@@ -303,6 +303,13 @@ def op_target(name: str, device: torch.device, backend: str | None = None) -> Ca
         return getattr(torch.ops.eenet, name)
     if chosen == "reference":
         return _REFERENCE_IMPLS[name]
+    if torch.compiler.is_compiling():
+        # the launcher reads data pointers and storage offsets, which torch.compile cannot
+        # trace; only the dispatcher's op has a fake kernel
+        raise RuntimeError(
+            f"eenet: backend 'triton' cannot be traced by torch.compile on {device.type} "
+            f"tensors, where the dispatcher's kernels are '{dispatcher_backend(device)}': "
+            "under torch.compile leave backend unset (or 'auto')")
     kernel = triton_kernel(name)
     if kernel is None:  # resolve_backend checked that triton imports; kept for -O runs
         raise RuntimeError("eenet: backend 'triton' was requested but triton cannot be imported")

@@ -732,21 +732,46 @@ def test_gpu_opcheck_cuda_ops(cuda_backend: str) -> None:
 
 @pytest.mark.gpu
 def test_gpu_torch_compile_fullgraph(cuda_backend: str) -> None:
-    """A stage (exit_score + compact) compiles with fullgraph=True and matches eager."""
+    """A stage (exit_score + compact) compiles with fullgraph=True and matches eager, through
+    the dispatcher's kernels: the Triton ones in a build without the CUDA kernels, which is
+    where backend='triton' names the dispatcher's choice (with CUDA kernels it cannot be
+    traced: a clear error, tested on CPU in test_triton_override_under_compile_is_refused)."""
     torch.manual_seed(0)
     feats, weight, bias = (t.cuda() for t in make_head(256, 768, 100, torch.bfloat16, None,
                                                        True))
+    backend = "auto" if ops.HAVE_CUDA_KERNELS else "triton"
 
     def stage(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = ek.exit_score(x, weight, bias, policy="entropy", threshold=0.2,
-                            check_finite=False, backend="triton")
-        kept, count = ek.compact(~out.exit_mask, [x, out.logits], backend="triton")
+                            check_finite=False, backend=backend)
+        kept, count = ek.compact(~out.exit_mask, [x, out.logits], backend=backend)
         return out.score, kept[0], kept[1], count
 
     eager = stage(feats)
     compiled = torch.compile(stage, fullgraph=True)(feats)
     for e, c in zip(eager, compiled, strict=True):
         assert torch.equal(e, c)
+
+
+def test_triton_override_under_compile_is_refused() -> None:
+    """backend='triton' where the dispatcher's kernels are another backend's (here the C++
+    CPU kernels under the interpreter) calls the launcher directly, which torch.compile cannot
+    trace: the error says so and what to do, instead of failing inside the launcher."""
+    if not INTERPRET or not ops.HAVE_EXTENSION:
+        pytest.skip("needs the Triton interpreter and the C++ CPU kernels")
+    keep = torch.tensor([True, False, True])
+    x = torch.randn(3, 4)
+
+    def stage(x: torch.Tensor) -> torch.Tensor:
+        return ek.compact(keep, [x], backend="triton")[0][0]
+
+    torch._dynamo.reset()
+    with pytest.raises(Exception) as info:
+        torch.compile(stage, fullgraph=True)(x)
+    assert ("backend 'triton' cannot be traced by torch.compile on cpu tensors, where the "
+            "dispatcher's kernels are 'cpp'") in str(info.value)
+    # eager, the override works
+    assert torch.equal(ek.take(*ek.compact(keep, [x], backend="triton"))[0], x[keep])
 
 
 @pytest.mark.gpu
