@@ -9,9 +9,11 @@ import re
 import threading
 from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
+from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
 from eenet.budget import Costs
@@ -193,7 +195,6 @@ def test_engine_empty_batch() -> None:
 
 # -- what a compact stage costs ------------------------------------------------------------
 
-FRAME = re.compile(r"\.py\(\d+\): ")
 RUNTIME_FILE = re.compile(r"eenet/runtime/(\w+\.py)\(")
 VIEW_OPS = {"aten::slice", "aten::t", "aten::transpose", "aten::select", "aten::unbind",
             "aten::as_strided", "aten::alias", "aten::view"}
@@ -204,8 +205,8 @@ TELEMETRY_OPS = Counter({"aten::isfinite": 1, "aten::all": 1, "aten::unsqueeze":
 and their addition to the running totals."""
 
 
-def _profile(fn: Callable[[], object], with_stack: bool = False) -> list:
-    with profile(activities=[ProfilerActivity.CPU], with_stack=with_stack) as prof:
+def _profile(fn: Callable[[], object]) -> list:
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
     return list(prof.events())
 
@@ -214,18 +215,25 @@ def _runtime_ops(fn: Callable[[], object]) -> dict[str, Counter[str]]:
     """The aten ops that eenet.runtime's own code issues in one call of ``fn`` (not those
     of the network's modules or inside the eenet ops), by module file and name: each aten
     event whose nearest enclosing Python frame lies in eenet/runtime/ and that no other op
-    encloses."""
+    encloses. Read from the profiler's event tree, which holds the Python frames on every
+    torch this suite runs on (the flat event list lacks them before torch 2.13)."""
+    with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
+        fn()
     names: dict[str, Counter[str]] = {}
-    for ev in _profile(fn, with_stack=True):
-        if not ev.name.startswith("aten::"):
-            continue
-        parent = ev.cpu_parent
-        while parent is not None and not FRAME.search(parent.name) and not (
-                parent.name.startswith(("aten::", "eenet::"))):
-            parent = parent.cpu_parent  # the Python tracer's C-call events
-        where = None if parent is None else RUNTIME_FILE.search(parent.name)
-        if where is not None and FRAME.search(parent.name):
-            names.setdefault(where.group(1), Counter())[ev.name] += 1
+
+    def walk(ev: Any, frame: str | None) -> None:
+        if ev.tag == _EventType.PyCall:
+            frame = ev.name
+        elif ev.tag == _EventType.TorchOp:
+            where = None if frame is None else RUNTIME_FILE.search(frame)
+            if ev.name.startswith("aten::") and where is not None:
+                names.setdefault(where.group(1), Counter())[ev.name] += 1
+            frame = None  # the ops inside an op are not a frame's own
+        for child in ev.children:
+            walk(child, frame)
+
+    for root in prof.profiler.kineto_results.experimental_event_tree():
+        walk(root, None)
     return names
 
 

@@ -222,6 +222,9 @@ def _between(scores: torch.Tensor, q: float) -> float:
 
 @pytest.mark.parametrize("mode", ["compact", "mask", "compiled"])
 def test_engine_hands_the_mask_to_mean_heads(mode: str) -> None:
+    if mode == "compiled" and torch.__version__ < "2.13":
+        pytest.skip("compiled mode with an attention mask needs torch >= 2.13 (older torch's "
+                    "attention kernel choice guards on the unbacked survivor count)")
     model = _tiny()
     net = hf_encoder_exits(model, (1, 2), C, head="mean").eval()
     ids, mask = _padded(40)

@@ -121,7 +121,9 @@ class CompactLoop(torch.nn.Module):
             torch._check(index.shape[0] >= 1)
             inputs = dict(zip(names, rest[:len(names)], strict=True))
             rest = rest[len(names):]
-            scores, preds = rest[:len(scores)], rest[len(scores):]
+            # lists, appended to at the next stage (torch 2.11's dynamo unpacks *rest as a
+            # tuple)
+            scores, preds = list(rest[:len(scores)]), list(rest[len(scores):])
         return out_logits[:n0], out_exit[:n0], out_score[:n0]
 
 
