@@ -11,8 +11,8 @@
 #                                       # CUDA tensors from C++, the installed IF-node header
 #   bash scripts/gpu_session.sh all     # one call: build, then the gpu tests (the CMake CUDA
 #                                       # check beside them), bench.micro on CUDA and Triton,
-#                                       # bench.e2e on bert with both graph modes, each
-#                                       # bounded, within GPU_SESSION_S seconds
+#                                       # bench.e2e on bert with both graph modes, bench.serve,
+#                                       # each bounded, within GPU_SESSION_S seconds
 #
 # `all` is for a session whose device time allows one call: the parts run in order of value,
 # each under `timeout` with what is left of GPU_SESSION_S seconds counted from the script's
