@@ -62,6 +62,7 @@ from .runner import (
     Section,
     Segmented,
     TimeLimit,
+    add_time_limit_argument,
     count_syncs,
     cuda_missing,
     environment,
@@ -861,13 +862,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "graph_device where CUDA graph conditional nodes exist; none on "
                          "cpu; compiled compiles a graph per batch size first)")
     ap.add_argument("--name", default=None, help="results name (default e2e, e2e_quick)")
-    ap.add_argument("--time-limit", type=float, default=None, metavar="S",
-                    help="start no new (batch size, exit rate) after S seconds; the report "
-                         "has what was measured and says where it stopped (also after a "
-                         "SIGINT)")
+    add_time_limit_argument(ap, "(batch size, exit rate)")
     args = ap.parse_args(argv)
-    if args.time_limit is not None and not args.time_limit > 0:
-        ap.error(f"--time-limit must be > 0, got {args.time_limit}")
     limit = TimeLimit(args.time_limit)
     if cuda_missing("bench.e2e", args.device):
         return 2

@@ -42,6 +42,7 @@ from .runner import (
     Column,
     Section,
     TimeLimit,
+    add_time_limit_argument,
     copy_bandwidth,
     copy_bandwidth_bytes,
     count_syncs,
@@ -459,12 +460,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     ap.add_argument("--backend", default="auto", choices=ek.BACKENDS,
                     help="backend of ours (results get a _<backend> suffix unless auto)")
-    ap.add_argument("--time-limit", type=float, default=None, metavar="S",
-                    help="start no new size after S seconds; the report says how far the run "
-                         "got (also after a SIGINT)")
+    add_time_limit_argument(ap, "size")
     args = ap.parse_args(argv)
-    if args.time_limit is not None and not args.time_limit > 0:
-        ap.error(f"--time-limit must be > 0, got {args.time_limit}")
     limit = TimeLimit(args.time_limit)
     if cuda_missing("bench.micro", args.device):
         return 2

@@ -34,6 +34,7 @@ working tree differs from it).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import csv
 import datetime
@@ -342,6 +343,24 @@ class TimeLimit:
         return [f"{what}: {done} of {total} measured, then stopped: {self.stopped}"
                 for what, (done, total) in self._progress.items()
                 if done < total and self.stopped is not None]
+
+
+def _time_limit_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds > 0, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected seconds > 0, got {value:g}")
+    return value
+
+
+def add_time_limit_argument(ap: argparse.ArgumentParser, unit: str) -> None:
+    """``--time-limit S`` (default None: no limit) for :class:`TimeLimit`; ``unit``: what a
+    run starts no more of after S seconds (for the help text)."""
+    ap.add_argument("--time-limit", type=_time_limit_seconds, default=None, metavar="S",
+                    help=f"start no new {unit} after S seconds; the report holds what was "
+                         "measured and says where the run stopped (also after a SIGINT)")
 
 
 @dataclass(frozen=True)

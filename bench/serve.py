@@ -46,6 +46,7 @@ from .runner import (
     Column,
     Section,
     TimeLimit,
+    add_time_limit_argument,
     environment,
     load_note,
     set_cpu_threads,
@@ -227,12 +228,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="the rebatch_wait configuration's wait")
     ap.add_argument("--quick", action="store_true", help="two loads, short streams")
     ap.add_argument("--name", default=None, help="results name (default serve)")
-    ap.add_argument("--time-limit", type=float, default=None, metavar="S",
-                    help="start no new offered load after S seconds (the capacity pass "
-                         "first); the report says where it stopped (also after a SIGINT)")
+    add_time_limit_argument(ap, "offered load")
     args = ap.parse_args(argv)
-    if args.time_limit is not None and not args.time_limit > 0:
-        ap.error(f"--time-limit must be > 0, got {args.time_limit}")
     limit = TimeLimit(args.time_limit)
     device = torch.device(args.device)
     set_cpu_threads(args.threads, device)

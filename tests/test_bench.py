@@ -488,6 +488,19 @@ def test_time_limit_hands_out_items_until_spent_or_interrupted() -> None:
             TimeLimit(bad)
 
 
+@pytest.mark.parametrize("program", ["micro", "e2e", "serve"])
+def test_time_limit_option_refuses_non_positive_seconds(program: str,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    import importlib
+
+    main = importlib.import_module(f"bench.{program}").main
+    for bad in ("0", "-1", "nan", "soon"):
+        with pytest.raises(SystemExit) as stop:
+            main(["--time-limit", bad])
+        assert stop.value.code == 2
+        assert "argument --time-limit: expected seconds > 0" in capsys.readouterr().err
+
+
 def test_micro_keeps_the_sizes_measured_before_a_stop(monkeypatch: pytest.MonkeyPatch) -> None:
     """A SIGINT in the middle of a size keeps the sizes before it whole; a spent limit stops
     the next loop from starting."""
